@@ -472,9 +472,15 @@ pub fn all_schemas() -> Vec<(&'static str, &'static str)> {
         (MessageAccepted::FULL_NAME, MessageAccepted::schema_text()),
         (MessageRendered::FULL_NAME, MessageRendered::schema_text()),
         (MessageRouted::FULL_NAME, MessageRouted::schema_text()),
-        (DeliveryAttempted::FULL_NAME, DeliveryAttempted::schema_text()),
+        (
+            DeliveryAttempted::FULL_NAME,
+            DeliveryAttempted::schema_text(),
+        ),
         (ReceiptReceived::FULL_NAME, ReceiptReceived::schema_text()),
-        (MessageSuppressed::FULL_NAME, MessageSuppressed::schema_text()),
+        (
+            MessageSuppressed::FULL_NAME,
+            MessageSuppressed::schema_text(),
+        ),
         (MessageCanceled::FULL_NAME, MessageCanceled::schema_text()),
         (MessageFailed::FULL_NAME, MessageFailed::schema_text()),
         (DelayScheduled::FULL_NAME, DelayScheduled::schema_text()),

@@ -10,7 +10,12 @@ use herald_schemas::*;
 fn same_shape<T: AvroSchema + Event>() {
     let derived = T::get_schema().canonical_form();
     let file = T::schema().canonical_form();
-    assert_eq!(derived, file, "{} drifted from its .avsc file", T::FULL_NAME);
+    assert_eq!(
+        derived,
+        file,
+        "{} drifted from its .avsc file",
+        T::FULL_NAME
+    );
 }
 
 #[test]
@@ -38,7 +43,12 @@ fn every_schema_is_backward_compatible_with_its_released_copy() {
             .map(|e| e.unwrap().path())
             .find(|p| {
                 std::fs::read_to_string(p)
-                    .map(|t| t.contains(&format!("\"name\": \"{}\"", name.rsplit('.').next().unwrap())))
+                    .map(|t| {
+                        t.contains(&format!(
+                            "\"name\": \"{}\"",
+                            name.rsplit('.').next().unwrap()
+                        ))
+                    })
                     .unwrap_or(false)
                     && p.extension().is_some_and(|e| e == "avsc")
             })
@@ -90,7 +100,10 @@ fn events_round_trip_through_their_schema_files() {
             params: HashMap::new(),
             timezone: Some("Asia/Shanghai".into()),
         }],
-        content: Some(Content { subject: Some("hi".into()), ..Default::default() }),
+        content: Some(Content {
+            subject: Some("hi".into()),
+            ..Default::default()
+        }),
         send_at: Some(1_700_000_000_000),
         priority: Priority::High,
         expires_at: None,
@@ -98,7 +111,11 @@ fn events_round_trip_through_their_schema_files() {
         requested_at: 1_700_000_000_000,
     };
     let schema = SendRequested::schema();
-    let bytes = GenericDatumWriter::builder(schema).build().unwrap().write_ser_to_vec(&req).unwrap();
+    let bytes = GenericDatumWriter::builder(schema)
+        .build()
+        .unwrap()
+        .write_ser_to_vec(&req)
+        .unwrap();
     let back: SendRequested = GenericDatumReader::builder(schema)
         .build()
         .unwrap()
@@ -120,7 +137,11 @@ fn events_round_trip_through_their_schema_files() {
         request_id: None,
     };
     let schema = DeadLettered::schema();
-    let bytes = GenericDatumWriter::builder(schema).build().unwrap().write_ser_to_vec(&dl).unwrap();
+    let bytes = GenericDatumWriter::builder(schema)
+        .build()
+        .unwrap()
+        .write_ser_to_vec(&dl)
+        .unwrap();
     let back: DeadLettered = GenericDatumReader::builder(schema)
         .build()
         .unwrap()

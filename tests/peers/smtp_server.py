@@ -7,6 +7,7 @@ and --tls-cert/--tls-key (offers STARTTLS)."""
 import argparse
 import asyncio
 import mailbox
+import os
 import ssl
 
 from aiosmtpd.controller import Controller
@@ -15,6 +16,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 class MaildirHandler:
     def __init__(self, path):
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
         self.box = mailbox.Maildir(path, create=True)
 
     async def handle_DATA(self, server, session, envelope):

@@ -1,1 +1,21 @@
-pub fn _x() {}
+//! Herald's shared core. Every stage crate depends on this and on `herald-schemas`, never on
+//! another stage.
+//!
+//! - [`transport`]: the consume/commit/publish interface and its Kafka and Redis Streams
+//!   implementations (ARCHITECTURE.md §5).
+//! - [`codec`]: Avro in the Confluent wire format behind a schema resolver.
+//! - [`worker`]: the batch loop (consume → handle → commit) with rebuild-on-failure, and the
+//!   dead-letter helpers that keep promise 5 (bad input never stops a stage).
+//! - [`config`], [`telemetry`], [`shutdown`], [`util`].
+
+pub mod codec;
+pub mod config;
+pub mod readmodel;
+pub mod runtime;
+pub mod shutdown;
+pub mod telemetry;
+pub mod transport;
+pub mod util;
+pub mod worker;
+
+pub use herald_schemas as schemas;

@@ -1,0 +1,400 @@
+//! HTTP gateway and read API (CONTRACT.md §2), on axum.
+//!
+//! `POST /v1/messages` publishes a `SendRequested` to `herald.requests.v1` and answers 202 only
+//! once the broker acknowledged it (promise 1); bad requests get a 4xx with a machine-readable
+//! reason and publish nothing (promise 5). `GET /v1/messages/{id}` reads the projector's tables.
+//! Every `/v1` route needs app authentication ([`auth`]).
+
+pub mod auth;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herald_core::runtime::Deps;
+use herald_core::telemetry::names;
+use herald_core::util::{message_id, now_ms, random_id};
+use herald_core::worker::{StageError, record};
+use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topics};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+pub const STAGE: &str = "api";
+
+pub struct ApiState {
+    pub deps: Deps,
+    pub db: Client,
+    pub nonces: auth::NonceCache,
+    pub secrets: HashMap<String, String>,
+    pub http: reqwest::Client,
+}
+
+/// A 4xx/5xx with `{"error": {"code", "message", "field"}}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(mut self, f: impl Into<String>) -> Self {
+        self.field = Some(f.into());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn authenticate(
+    state: &ApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<String, ApiError> {
+    let req = auth::Request {
+        app: header(headers, "x-herald-app"),
+        timestamp: header(headers, "x-herald-timestamp"),
+        nonce: header(headers, "x-herald-nonce"),
+        signature: header(headers, "x-herald-signature"),
+        method: method.as_str(),
+        path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        body,
+    };
+    let window = state.deps.config.api.signature_window_secs as i64;
+    auth::verify(
+        &req,
+        |a| state.secrets.get(a).cloned(),
+        &state.nonces,
+        now_ms() / 1000,
+        window,
+    )
+    .map_err(|e| {
+        metrics::counter!(names::API_REQUESTS, "route" => "auth", "outcome" => e.code())
+            .increment(1);
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            e.code(),
+            format!("authentication failed: {e:?}"),
+        )
+    })
+}
+
+/// `POST /v1/messages` body: `SendRequested` as JSON, `request_id` and `requested_at` optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendBody {
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub app_id: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub channel: Channel,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub params: HashMap<String, String>,
+    pub recipients: Vec<Recipient>,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub send_at: Option<i64>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+    #[serde(default)]
+    pub requested_at: Option<i64>,
+}
+
+async fn send(
+    State(state): State<Arc<ApiState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let b: SendBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    if b.app_id.as_ref().is_some_and(|a| *a != app) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "app_mismatch",
+            "app_id differs from X-Herald-App",
+        )
+        .field("app_id"));
+    }
+    let cfg = &state.deps.config;
+    if b.recipients.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "no_recipients",
+            "recipients is empty",
+        )
+        .field("recipients"));
+    }
+    if b.recipients.len() > cfg.pipeline.max_recipients {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_recipients",
+            format!("at most {}", cfg.pipeline.max_recipients),
+        )
+        .field("recipients"));
+    }
+    if let Some(t) = &b.template
+        && !cfg.templates.iter().any(|x| &x.code == t)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_template",
+            format!("template {t:?} is not defined"),
+        )
+        .field("template"));
+    }
+    for (i, r) in b.recipients.iter().enumerate() {
+        if r.address.trim().is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_recipient",
+                "empty address",
+            )
+            .field(format!("recipients[{i}].address")));
+        }
+    }
+    let request_id = b.request_id.clone().unwrap_or_else(random_id);
+    let req = SendRequested {
+        request_id: request_id.clone(),
+        app_id: app.clone(),
+        idempotency_key: b
+            .idempotency_key
+            .or_else(|| header(&headers, "idempotency-key").map(str::to_owned)),
+        channel: b.channel,
+        template: b.template,
+        params: b.params,
+        recipients: b.recipients,
+        content: b.content,
+        send_at: b.send_at,
+        priority: b.priority,
+        expires_at: b.expires_at,
+        metadata: b.metadata,
+        requested_at: b.requested_at.unwrap_or_else(now_ms),
+    };
+    let trace = header(&headers, "traceparent")
+        .map(str::to_owned)
+        .unwrap_or_else(random_id);
+    let rec = record(
+        &state.deps.codec,
+        topics::REQUESTS,
+        &request_id,
+        &trace,
+        &req,
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registry_unavailable",
+            e.to_string(),
+        )
+    })?;
+    let publisher = state.deps.transport.publisher().map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transport_unavailable",
+            e.to_string(),
+        )
+    })?;
+    publisher.publish(vec![rec]).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transport_unavailable",
+            e.to_string(),
+        )
+    })?;
+    metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
+    let ids: Vec<String> = (0..req.recipients.len())
+        .map(|i| message_id(&app, &request_id, i))
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"request_id": request_id, "message_ids": ids})),
+    )
+        .into_response())
+}
+
+async fn get_message(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let db_err = |e: tokio_postgres::Error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            e.to_string(),
+        )
+    };
+    let row = state
+        .db
+        .query_opt(
+            "SELECT message_id, request_id, app_id, channel, recipient_masked, status, provider, attempts, template,
+                    template_version, (extract(epoch from created_at) * 1000)::bigint, (extract(epoch from updated_at) * 1000)::bigint
+             FROM messages WHERE message_id = $1 AND app_id = $2",
+            &[&id, &app],
+        )
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "message_not_found", format!("no message {id}")))?;
+    let events = state
+        .db
+        .query(
+            "SELECT status, (extract(epoch from at) * 1000)::bigint, provider, attempt, reason_code, reason_message
+             FROM message_events WHERE message_id = $1 ORDER BY at, status",
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?;
+    let timeline: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let code: Option<String> = e.get(4);
+            json!({
+                "status": e.get::<_, String>(0),
+                "at": e.get::<_, i64>(1),
+                "provider": e.get::<_, Option<String>>(2),
+                "attempt": e.get::<_, i32>(3),
+                "reason": code.map(|c| json!({"code": c, "message": e.get::<_, Option<String>>(5)})),
+            })
+        })
+        .collect();
+    metrics::counter!(names::API_REQUESTS, "route" => "get_message", "outcome" => "ok")
+        .increment(1);
+    Ok(Json(json!({
+        "message_id": row.get::<_, String>(0),
+        "request_id": row.get::<_, String>(1),
+        "app_id": row.get::<_, String>(2),
+        "channel": row.get::<_, String>(3),
+        "recipient": row.get::<_, Option<String>>(4),
+        "status": row.get::<_, String>(5),
+        "provider": row.get::<_, Option<String>>(6),
+        "attempts": row.get::<_, i32>(7),
+        "template": row.get::<_, Option<String>>(8),
+        "template_version": row.get::<_, Option<i32>>(9),
+        "created_at": row.get::<_, i64>(10),
+        "updated_at": row.get::<_, i64>(11),
+        "timeline": timeline,
+    }))
+    .into_response())
+}
+
+/// `GET /health`: each dependency's state.
+pub async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    let deps = &state.deps;
+    let kafka_or_redis = deps.transport.ping().await;
+    let pg = state.db.simple_query("SELECT 1").await;
+    let registry = state
+        .http
+        .get(format!(
+            "{}/subjects",
+            deps.config.registry.url.trim_end_matches('/')
+        ))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false);
+    let up = |ok: bool| json!({"status": if ok { "UP" } else { "DOWN" }});
+    let transport_key = deps.transport.kind();
+    let all = kafka_or_redis.is_ok() && pg.is_ok() && registry;
+    let body = json!({
+        "status": if all { "UP" } else { "DOWN" },
+        "services": {
+            transport_key: up(kafka_or_redis.is_ok()),
+            "registry": up(registry),
+            "postgres": up(pg.is_ok()),
+        }
+    });
+    let code = if all {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let limit = state.deps.config.api.max_body_bytes;
+    Router::new()
+        .route("/v1/messages", post(send))
+        .route("/v1/messages/{id}", get(get_message))
+        .route("/health", get(health))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let mut db = deps
+        .postgres()
+        .await
+        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    // The read model's tables may not exist yet when the API starts before the projector.
+    herald_core::runtime::migrate(&mut db, herald_core::readmodel::SCHEMA)
+        .await
+        .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
+    let secrets = deps
+        .config
+        .apps
+        .iter()
+        .map(|a| (a.id.clone(), a.secret.clone()))
+        .collect();
+    let listen = deps.config.api.listen.clone();
+    let state = Arc::new(ApiState {
+        deps,
+        db,
+        nonces: auth::NonceCache::default(),
+        secrets,
+        http: reqwest::Client::new(),
+    });
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| StageError::Fatal(format!("api listen {listen}: {e}")))?;
+    tracing::info!(%listen, "api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|e| StageError::Fatal(format!("api: {e}")))
+}

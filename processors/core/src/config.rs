@@ -1,0 +1,545 @@
+//! Operator configuration: one TOML file, environment overrides for endpoints and secrets,
+//! validated at start with every problem listed (CONTRACT.md §4).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use herald_schemas::Channel;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("cannot parse {0}: {1}")]
+    Parse(String, String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    #[default]
+    Kafka,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Which transport carries the stages: `kafka` (production) or `redis` (lightweight).
+    pub transport: TransportKind,
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub admin: AdminConfig,
+    pub api: ApiConfig,
+    pub pipeline: PipelineConfig,
+    pub apps: Vec<AppConfig>,
+    pub providers: Vec<ProviderConfig>,
+    pub templates: Vec<TemplateConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            transport: TransportKind::Kafka,
+            kafka: KafkaConfig::default(),
+            registry: RegistryConfig::default(),
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
+            admin: AdminConfig::default(),
+            api: ApiConfig::default(),
+            pipeline: PipelineConfig::default(),
+            apps: Vec::new(),
+            providers: Vec::new(),
+            templates: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers. Env: HERALD_KAFKA_BROKERS.
+    pub brokers: String,
+    /// Kafka transactions between topics for accept, render, route and delay.
+    pub exactly_once: bool,
+    /// Partitions of the topics Herald creates.
+    pub partitions: i32,
+    /// Raw librdkafka options, applied last.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            exactly_once: true,
+            partitions: 4,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Confluent-compatible schema registry URL. Env: HERALD_REGISTRY_URL.
+    pub url: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            url: "http://127.0.0.1:8081/apis/ccompat/v7".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style connection string. Env: HERALD_POSTGRES_URL.
+    pub url: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "host=127.0.0.1 port=55432 user=herald dbname=herald".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Env: HERALD_REDIS_URL.
+    pub url: String,
+    /// Approximate cap per stream in Redis mode.
+    pub max_len: usize,
+    /// Pending entries idle this long are reclaimed from dead consumers.
+    pub claim_idle_secs: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:56379".into(),
+            max_len: 5_000_000,
+            claim_idle_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics` and `/health`. Env: HERALD_ADMIN_LISTEN.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// HTTP gateway and read API. Env: HERALD_API_LISTEN.
+    pub listen: String,
+    /// Accepted clock skew of `X-Herald-Timestamp`, and how long nonces are remembered.
+    pub signature_window_secs: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            signature_window_secs: 300,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Most records a stage handles (and commits) as one batch.
+    pub batch_max: usize,
+    /// After a batch's first record, how long to keep filling it.
+    pub batch_linger_ms: u64,
+    /// How long a poll waits for a first record.
+    pub poll_wait_ms: u64,
+    /// Largest number of recipients in one request.
+    pub max_recipients: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_max: 2000,
+            batch_linger_ms: 5,
+            poll_wait_ms: 200,
+            max_recipients: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    /// Name of the environment variable holding the app's signing secret.
+    pub secret_env: String,
+    /// Resolved from `secret_env` at load; never logged.
+    #[serde(skip)]
+    pub secret: String,
+    #[serde(default)]
+    pub daily_quota: Option<u64>,
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<u32>,
+    #[serde(default)]
+    pub status_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Smtp,
+    AliyunSms,
+    TencentSms,
+    WecomRobot,
+    WecomApp,
+    DingtalkRobot,
+    FeishuBot,
+    WechatOa,
+    Webhook,
+    Inapp,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Smtp => "smtp",
+            ProviderKind::AliyunSms => "aliyun_sms",
+            ProviderKind::TencentSms => "tencent_sms",
+            ProviderKind::WecomRobot => "wecom_robot",
+            ProviderKind::WecomApp => "wecom_app",
+            ProviderKind::DingtalkRobot => "dingtalk_robot",
+            ProviderKind::FeishuBot => "feishu_bot",
+            ProviderKind::WechatOa => "wechat_oa",
+            ProviderKind::Webhook => "webhook",
+            ProviderKind::Inapp => "inapp",
+        }
+    }
+
+    pub fn channel(self) -> Channel {
+        match self {
+            ProviderKind::Smtp => Channel::Email,
+            ProviderKind::AliyunSms | ProviderKind::TencentSms => Channel::Sms,
+            ProviderKind::WecomRobot | ProviderKind::WecomApp => Channel::Wecom,
+            ProviderKind::DingtalkRobot => Channel::Dingtalk,
+            ProviderKind::FeishuBot => Channel::Feishu,
+            ProviderKind::WechatOa => Channel::Wechat,
+            ProviderKind::Webhook => Channel::Webhook,
+            ProviderKind::Inapp => Channel::Inapp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    /// No TLS (local relays and test servers only).
+    #[default]
+    None,
+    /// STARTTLS, required.
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Unique code, e.g. `smtp-main`.
+    pub code: String,
+    pub kind: ProviderKind,
+    /// Where requests go (overridable so simulators can stand in): `host:port` for SMTP, a URL
+    /// for HTTP providers. Webhook providers may leave it empty: the recipient is the URL.
+    #[serde(default)]
+    pub endpoint: String,
+    /// Lower first.
+    #[serde(default)]
+    pub priority: u32,
+    /// Smooth weighted round robin within a priority group.
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<u32>,
+    #[serde(default)]
+    pub batch_max: Option<usize>,
+    /// Provider call timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// SMTP: sender address.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// Environment variables holding credentials, by name (`username`, `password`, `secret`,
+    /// `access_key_id` …). Resolved at load into `credentials`; never logged.
+    #[serde(default)]
+    pub credentials_env: BTreeMap<String, String>,
+    #[serde(skip)]
+    pub credentials: BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    pub code: String,
+    pub channel: Channel,
+    #[serde(default = "one_i32")]
+    pub version: i32,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub html: Option<String>,
+    #[serde(default)]
+    pub markdown: Option<String>,
+    /// SMS: the provider-side template code and its parameters (each a template).
+    #[serde(default)]
+    pub provider_template: Option<String>,
+    #[serde(default)]
+    pub provider_params: BTreeMap<String, String>,
+}
+
+fn one_i32() -> i32 {
+    1
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides, resolves secrets, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read(p.display().to_string(), e))?;
+                Config::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse(_, m) => ConfigError::Parse(p.display().to_string(), m),
+                    e => e,
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse("config".into(), e.to_string()))
+    }
+
+    /// Environment overrides (endpoints) and secret resolution.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env("HERALD_TRANSPORT") {
+            match v.as_str() {
+                "redis" => self.transport = TransportKind::Redis,
+                "kafka" => self.transport = TransportKind::Kafka,
+                _ => {}
+            }
+        }
+        let set = |slot: &mut String, key: &str| {
+            if let Some(v) = env(key) {
+                *slot = v;
+            }
+        };
+        set(&mut self.kafka.brokers, "HERALD_KAFKA_BROKERS");
+        set(&mut self.registry.url, "HERALD_REGISTRY_URL");
+        set(&mut self.postgres.url, "HERALD_POSTGRES_URL");
+        set(&mut self.redis.url, "HERALD_REDIS_URL");
+        set(&mut self.admin.listen, "HERALD_ADMIN_LISTEN");
+        set(&mut self.api.listen, "HERALD_API_LISTEN");
+        for app in &mut self.apps {
+            app.secret = env(&app.secret_env).unwrap_or_default();
+        }
+        for p in &mut self.providers {
+            p.credentials = p
+                .credentials_env
+                .iter()
+                .filter_map(|(name, var)| Some((name.clone(), env(var)?)))
+                .collect();
+        }
+    }
+
+    /// Every problem, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut seen = HashSet::new();
+        for app in &self.apps {
+            if !seen.insert(&app.id) {
+                problems.push(format!("apps: duplicate id {:?}", app.id));
+            }
+            if app.secret.is_empty() {
+                problems.push(format!(
+                    "apps.{}: secret variable {} is not set",
+                    app.id, app.secret_env
+                ));
+            }
+        }
+        let mut codes = HashSet::new();
+        for p in &self.providers {
+            if !codes.insert(&p.code) {
+                problems.push(format!("providers: duplicate code {:?}", p.code));
+            }
+            if p.weight == 0 {
+                problems.push(format!("providers.{}: weight must be at least 1", p.code));
+            }
+            if p.timeout_ms == 0 {
+                problems.push(format!("providers.{}: timeout_ms must be positive", p.code));
+            }
+            for (name, var) in &p.credentials_env {
+                if !p.credentials.contains_key(name) {
+                    problems.push(format!(
+                        "providers.{}: credential {name} (variable {var}) is not set",
+                        p.code
+                    ));
+                }
+            }
+            match p.kind {
+                ProviderKind::Smtp => {
+                    if p.endpoint.is_empty() {
+                        problems.push(format!(
+                            "providers.{}: smtp needs endpoint host:port",
+                            p.code
+                        ));
+                    }
+                    if p.from.is_none() {
+                        problems.push(format!("providers.{}: smtp needs from", p.code));
+                    }
+                }
+                ProviderKind::Webhook | ProviderKind::Inapp => {}
+                _ => {
+                    if p.endpoint.is_empty() {
+                        problems.push(format!("providers.{}: endpoint is required", p.code));
+                    }
+                }
+            }
+        }
+        let mut tpl = HashSet::new();
+        for t in &self.templates {
+            if !tpl.insert((&t.code, t.version)) {
+                problems.push(format!("templates: duplicate {} v{}", t.code, t.version));
+            }
+            if t.subject.is_none()
+                && t.text.is_none()
+                && t.html.is_none()
+                && t.markdown.is_none()
+                && t.provider_template.is_none()
+            {
+                problems.push(format!("templates.{}: no content", t.code));
+            }
+        }
+        if self.pipeline.batch_max == 0 {
+            problems.push("pipeline.batch_max must be positive".into());
+        }
+        if self.kafka.partitions < 1 {
+            problems.push("kafka.partitions must be positive".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Providers of a channel in routing order (priority, then config order).
+    pub fn providers_for(&self, channel: Channel) -> Vec<&ProviderConfig> {
+        let mut v: Vec<&ProviderConfig> = self
+            .providers
+            .iter()
+            .filter(|p| p.kind.channel() == channel)
+            .collect();
+        v.sort_by_key(|p| p.priority);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_every_problem() {
+        let text = r#"
+            [[apps]]
+            id = "shop"
+            secret_env = "NOPE_SECRET"
+            [[providers]]
+            code = "a"
+            kind = "smtp"
+            weight = 0
+            [[providers]]
+            code = "a"
+            kind = "aliyun_sms"
+        "#;
+        let mut cfg = Config::parse(text).unwrap();
+        cfg.apply_env(|_| None);
+        let ConfigError::Invalid(p) = cfg.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let all = p.join("\n");
+        for needle in [
+            "NOPE_SECRET",
+            "weight",
+            "duplicate code",
+            "needs endpoint",
+            "needs from",
+            "endpoint is required",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(Config::parse("[kafka]\nbrokerz = \"x\"").is_err());
+    }
+
+    #[test]
+    fn env_overrides_endpoints_and_resolves_secrets() {
+        let mut cfg = Config::parse("[[apps]]\nid = \"a\"\nsecret_env = \"S\"").unwrap();
+        cfg.apply_env(|k| match k {
+            "S" => Some("s3cret".into()),
+            "HERALD_KAFKA_BROKERS" => Some("k:1".into()),
+            "HERALD_TRANSPORT" => Some("redis".into()),
+            _ => None,
+        });
+        assert_eq!(cfg.apps[0].secret, "s3cret");
+        assert_eq!(cfg.kafka.brokers, "k:1");
+        assert_eq!(cfg.transport, TransportKind::Redis);
+        cfg.validate().unwrap();
+    }
+}

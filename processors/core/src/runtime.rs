@@ -1,0 +1,147 @@
+//! What a stage is given to run: configuration, codec, transport, and the topic layout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_schemas::{Channel, topics};
+
+use crate::codec::{Codec, RegistryResolver};
+use crate::config::{Config, TransportKind};
+use crate::transport::kafka::{KafkaSettings, KafkaTransport};
+use crate::transport::redis::{RedisSettings, RedisTransport};
+use crate::transport::{Delivery, SourceSpec, TopicSpec, Transport};
+
+/// Delay tiers in seconds. A record due later than the largest tier cycles through it.
+pub const DELAY_TIERS_SECS: [u64; 5] = [1, 10, 60, 600, 3600];
+
+pub fn delay_topic(tier_secs: u64) -> String {
+    format!("{}{tier_secs}s", topics::DELAY_PREFIX)
+}
+
+/// Every topic Herald uses.
+pub fn all_topics(partitions: i32) -> Vec<TopicSpec> {
+    let mut names: Vec<String> = vec![
+        topics::REQUESTS.into(),
+        topics::ACCEPTED.into(),
+        topics::RENDERED.into(),
+        topics::STATUS.into(),
+        topics::DELIVERIES.into(),
+        topics::RECEIPTS.into(),
+        topics::DEAD_LETTERS.into(),
+    ];
+    names.extend(Channel::ALL.iter().map(|c| topics::dispatch(*c)));
+    names.extend(DELAY_TIERS_SECS.iter().map(|t| delay_topic(*t)));
+    names
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions,
+            compact: false,
+        })
+        .collect()
+}
+
+/// Shared dependencies of the stages in one process.
+#[derive(Clone)]
+pub struct Deps {
+    pub config: Arc<Config>,
+    pub codec: Arc<Codec>,
+    pub transport: Arc<dyn Transport>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DepsError {
+    #[error("{0}")]
+    Codec(#[from] crate::codec::CodecError),
+    #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
+}
+
+impl Deps {
+    pub fn new(config: Config) -> Result<Deps, DepsError> {
+        let codec = Arc::new(Codec::new(Arc::new(RegistryResolver::new(
+            &config.registry.url,
+        )?)));
+        let transport: Arc<dyn Transport> = match config.transport {
+            TransportKind::Kafka => {
+                let mut s = KafkaSettings::new(&config.kafka.brokers);
+                s.options = config.kafka.options.clone();
+                Arc::new(KafkaTransport::new(s))
+            }
+            TransportKind::Redis => {
+                let mut s = RedisSettings::new(&config.redis.url);
+                s.max_len = config.redis.max_len;
+                s.claim_idle = Duration::from_secs(config.redis.claim_idle_secs);
+                Arc::new(RedisTransport::new(s)?)
+            }
+        };
+        Ok(Deps {
+            config: Arc::new(config),
+            codec,
+            transport,
+        })
+    }
+
+    /// A source spec with the pipeline's batching settings. Exactly-once is used where asked
+    /// for and enabled in the config.
+    pub fn spec(&self, group: &str, topics: Vec<String>, exactly_once: bool) -> SourceSpec {
+        let p = &self.config.pipeline;
+        let mut spec = SourceSpec::new(format!("herald-{group}"), topics);
+        spec.delivery = if exactly_once && self.config.kafka.exactly_once {
+            Delivery::ExactlyOnce
+        } else {
+            Delivery::AtLeastOnce
+        };
+        spec.instance = instance_id();
+        spec.max_batch = p.batch_max;
+        spec.linger = Duration::from_millis(p.batch_linger_ms);
+        spec.max_wait = Duration::from_millis(p.poll_wait_ms);
+        spec
+    }
+
+    /// A PostgreSQL client (the connection task runs in the background).
+    pub async fn postgres(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect_postgres(&self.config.postgres.url).await
+    }
+}
+
+pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// This worker's stable id: HERALD_INSTANCE, else the host name. Stable across restarts so
+/// Kafka fences a zombie's transactions and Redis hands a restarted worker its pending entries.
+pub fn instance_id() -> String {
+    std::env::var("HERALD_INSTANCE").unwrap_or_else(|_| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "herald-0".into())
+    })
+}
+
+/// Applies DDL under a transaction-scoped advisory lock, so stages starting together in one or
+/// several processes never race on `CREATE … IF NOT EXISTS`.
+pub async fn migrate(db: &mut tokio_postgres::Client, ddl: &str) -> Result<(), String> {
+    let tx = db.transaction().await.map_err(pg_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7262646)", &[])
+        .await
+        .map_err(pg_error)?;
+    tx.batch_execute(ddl).await.map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)
+}
+
+/// A PostgreSQL error with the server's message (tokio-postgres' Display says only "db error").
+pub fn pg_error(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,326 @@
+//! Redis Streams transport: one stream per topic, one consumer group per stage. Reads are batched
+//! (`XREADGROUP COUNT n BLOCK ms`), a batch's outputs (`XADD … MAXLEN ~`) and its acknowledgement
+//! (`XACK`) go in one `MULTI`/`EXEC`, so a crash leaves either both or neither. A restarted worker
+//! first re-reads its own pending entries; entries a dead worker left pending are taken over with
+//! `XAUTOCLAIM` once idle long enough.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{AsyncCommands, Value};
+
+use super::{
+    InRecord, OutRecord, Publisher, Source, SourceSpec, TResult, TopicSpec, Transport,
+    TransportError,
+};
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Approximate cap per stream (`MAXLEN ~`). Size it above the largest backlog you expect:
+    /// trimming drops the oldest entries whether or not they were read.
+    pub max_len: usize,
+    /// A pending entry idle this long is taken over from its (presumed dead) consumer.
+    pub claim_idle: Duration,
+}
+
+impl RedisSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSettings {
+            url: url.into(),
+            max_len: 5_000_000,
+            claim_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct RedisTransport {
+    settings: RedisSettings,
+    client: redis::Client,
+    shared: tokio::sync::OnceCell<MultiplexedConnection>,
+}
+
+impl RedisTransport {
+    pub fn new(settings: RedisSettings) -> TResult<Self> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        Ok(RedisTransport {
+            settings,
+            client,
+            shared: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn shared(&self) -> TResult<MultiplexedConnection> {
+        Ok(self
+            .shared
+            .get_or_try_init(|| self.client.get_multiplexed_async_connection())
+            .await?
+            .clone())
+    }
+}
+
+fn add_xadd(pipe: &mut redis::Pipeline, r: &OutRecord, max_len: usize) {
+    let c = pipe
+        .cmd("XADD")
+        .arg(&r.topic)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*");
+    if let Some(k) = &r.key {
+        c.arg("k").arg(k.as_slice());
+    }
+    c.arg("v").arg(r.payload.as_slice());
+    for (name, value) in &r.headers {
+        c.arg(format!("h.{name}")).arg(value.as_slice());
+    }
+    c.ignore();
+}
+
+fn bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+fn to_in_record(topic: &str, e: &StreamId) -> InRecord {
+    let offset =
+        e.id.split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_default();
+    InRecord {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset,
+        entry_id: Some(e.id.clone()),
+        key: e.map.get("k").and_then(bytes),
+        payload: e.map.get("v").and_then(bytes),
+        headers: e
+            .map
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("h.")?.to_owned(), bytes(v)?)))
+            .collect(),
+    }
+}
+
+pub struct RedisSource {
+    conn: MultiplexedConnection,
+    settings: RedisSettings,
+    spec: SourceSpec,
+    /// Still re-reading this consumer's own pending entries (after a restart).
+    draining_own_pending: bool,
+    last_claim: Instant,
+    unacked: BTreeMap<String, Vec<String>>,
+}
+
+impl RedisSource {
+    async fn read(&mut self, ids: &str, block: Option<Duration>) -> TResult<Vec<InRecord>> {
+        let mut c = redis::cmd("XREADGROUP");
+        c.arg("GROUP")
+            .arg(&self.spec.group)
+            .arg(&self.spec.instance)
+            .arg("COUNT")
+            .arg(self.spec.max_batch);
+        if let Some(b) = block {
+            c.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        c.arg("STREAMS");
+        for t in &self.spec.topics {
+            c.arg(t);
+        }
+        for _ in &self.spec.topics {
+            c.arg(ids);
+        }
+        let reply: Option<StreamReadReply> = c.query_async(&mut self.conn).await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for e in &key.ids {
+                // An entry trimmed while pending comes back without fields: nothing to process,
+                // but it must still be acknowledged.
+                out.push(to_in_record(&key.key, e));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim_abandoned(&mut self) -> TResult<Vec<InRecord>> {
+        let mut out = Vec::new();
+        for t in self.spec.topics.clone() {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&t)
+                .arg(&self.spec.group)
+                .arg(&self.spec.instance)
+                .arg(self.settings.claim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(self.spec.max_batch)
+                .query_async(&mut self.conn)
+                .await?;
+            out.extend(reply.claimed.iter().map(|e| to_in_record(&t, e)));
+        }
+        Ok(out)
+    }
+
+    async fn poll_batch(&mut self) -> TResult<Vec<InRecord>> {
+        let batch = if self.draining_own_pending {
+            let b = self.read("0", None).await?;
+            if b.is_empty() {
+                self.draining_own_pending = false;
+            }
+            b
+        } else if self.last_claim.elapsed() >= self.settings.claim_idle / 2 {
+            self.last_claim = Instant::now();
+            self.claim_abandoned().await?
+        } else {
+            Vec::new()
+        };
+        let batch = if batch.is_empty() {
+            self.read(">", Some(self.spec.max_wait)).await?
+        } else {
+            batch
+        };
+        for r in &batch {
+            if let Some(id) = &r.entry_id {
+                self.unacked
+                    .entry(r.topic.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn commit_batch(&mut self, outputs: Vec<OutRecord>) -> TResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for r in &outputs {
+            add_xadd(&mut pipe, r, self.settings.max_len);
+        }
+        for (topic, ids) in &self.unacked {
+            pipe.cmd("XACK")
+                .arg(topic)
+                .arg(&self.spec.group)
+                .arg(ids)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn).await?;
+        self.unacked.clear();
+        Ok(())
+    }
+}
+
+impl Source for RedisSource {
+    fn poll(&mut self) -> BoxFuture<'_, TResult<Vec<InRecord>>> {
+        Box::pin(self.poll_batch())
+    }
+
+    fn commit(&mut self, outputs: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(self.commit_batch(outputs))
+    }
+
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        // Unacknowledged entries stay pending for this consumer name and are re-read on restart.
+        Box::pin(async {})
+    }
+}
+
+pub struct RedisPublisher {
+    conn: MultiplexedConnection,
+    max_len: usize,
+}
+
+impl Publisher for RedisPublisher {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for r in &records {
+                add_xadd(&mut pipe, r, self.max_len);
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok(())
+        })
+    }
+}
+
+impl Transport for RedisTransport {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn source(&self, spec: SourceSpec) -> BoxFuture<'_, TResult<Box<dyn Source>>> {
+        Box::pin(async move {
+            // A dedicated connection: XREADGROUP BLOCK would stall a shared multiplexed one.
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            for t in &spec.topics {
+                let r: redis::RedisResult<()> =
+                    conn.xgroup_create_mkstream(t, &spec.group, "0").await;
+                if let Err(e) = r
+                    && e.code() != Some("BUSYGROUP")
+                {
+                    return Err(TransportError::Redis(e));
+                }
+            }
+            Ok(Box::new(RedisSource {
+                conn,
+                settings: self.settings.clone(),
+                spec,
+                draining_own_pending: true,
+                last_claim: Instant::now(),
+                unacked: BTreeMap::new(),
+            }) as Box<dyn Source>)
+        })
+    }
+
+    fn publisher(&self) -> TResult<Arc<dyn Publisher>> {
+        // Connecting is async; a publisher connects lazily on first use through this handle.
+        Ok(Arc::new(LazyRedisPublisher {
+            client: self.client.clone(),
+            max_len: self.settings.max_len,
+            inner: tokio::sync::OnceCell::new(),
+        }))
+    }
+
+    fn ensure_topics<'a>(&'a self, _topics: &'a [TopicSpec]) -> BoxFuture<'a, TResult<()>> {
+        // Streams and groups are created on first use (XGROUP CREATE … MKSTREAM).
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(async move {
+            let mut c = self.shared().await?;
+            let _: String = redis::cmd("PING").query_async(&mut c).await?;
+            Ok(())
+        })
+    }
+}
+
+struct LazyRedisPublisher {
+    client: redis::Client,
+    max_len: usize,
+    inner: tokio::sync::OnceCell<RedisPublisher>,
+}
+
+impl Publisher for LazyRedisPublisher {
+    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(async move {
+            let p = self
+                .inner
+                .get_or_try_init(|| async {
+                    Ok::<_, TransportError>(RedisPublisher {
+                        conn: self.client.get_multiplexed_async_connection().await?,
+                        max_len: self.max_len,
+                    })
+                })
+                .await?;
+            p.publish(records).await
+        })
+    }
+}

@@ -1,0 +1,149 @@
+//! Delay stage. Consumes `DelayScheduled` from the tier topics `herald.delay.<n>s`; a record in
+//! tier `n` waits until it has spent `n` seconds there (records in a tier partition are in
+//! arrival order, so waiting on the head never delays a record behind it past its own time),
+//! then is re-published to its `target_topic` when due, or moved to the tier that fits the time
+//! still left. Scheduled sends and retries both ride on it. Exactly-once between topics.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
+use herald_core::transport::{InRecord, OutRecord};
+use herald_core::util::now_ms;
+use herald_core::worker::{
+    BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
+};
+use herald_schemas::{DelayScheduled, headers, topics};
+use tokio_util::sync::CancellationToken;
+
+pub const STAGE: &str = "delay";
+
+/// The largest tier not longer than `remaining_ms` (the smallest for anything shorter).
+pub fn tier_for(remaining_ms: i64) -> u64 {
+    DELAY_TIERS_SECS
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| (*t as i64) * 1000 <= remaining_ms)
+        .unwrap_or(DELAY_TIERS_SECS[0])
+}
+
+/// What to do with a delayed record now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Wait this long, then decide again.
+    Wait(Duration),
+    Release,
+    /// Move to this tier.
+    Retier(u64),
+}
+
+pub fn step(due_at: i64, entered_tier_at: i64, tier_secs: u64, now: i64) -> Step {
+    if now >= due_at {
+        return Step::Release;
+    }
+    let leave_tier = entered_tier_at + tier_secs as i64 * 1000;
+    if now >= leave_tier {
+        return Step::Retier(tier_for(due_at - now));
+    }
+    Step::Wait(Duration::from_millis((due_at.min(leave_tier) - now) as u64))
+}
+
+struct Delay {
+    deps: Deps,
+    shutdown: CancellationToken,
+}
+
+impl BatchHandler for Delay {
+    fn handle<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let codec = &self.deps.codec;
+            let mut out = Vec::with_capacity(batch.len());
+            for input in batch {
+                let Some(mut d) =
+                    decode_or_dead_letter::<DelayScheduled>(codec, STAGE, input, &mut out).await?
+                else {
+                    continue;
+                };
+                let tier: u64 = input
+                    .topic
+                    .strip_prefix(topics::DELAY_PREFIX)
+                    .and_then(|t| t.strip_suffix('s'))
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(DELAY_TIERS_SECS[0]);
+                loop {
+                    match step(d.due_at, d.header.event_time, tier, now_ms()) {
+                        Step::Wait(w) => {
+                            tokio::select! {
+                                // Not committed: the batch is delivered again after restart.
+                                _ = self.shutdown.cancelled() => return Err(StageError::Transient("shutting down while holding a delayed record".into())),
+                                _ = tokio::time::sleep(w) => {}
+                            }
+                        }
+                        Step::Release => {
+                            out.push(OutRecord {
+                                topic: d.target_topic.clone(),
+                                key: d.key.clone(),
+                                payload: std::mem::take(&mut d.payload),
+                                headers: vec![(
+                                    headers::TRACE_ID.into(),
+                                    trace_id(input).into_bytes(),
+                                )],
+                            });
+                            break;
+                        }
+                        Step::Retier(t) => {
+                            d.header.event_time = now_ms();
+                            let key = d.header.message_id.clone();
+                            out.push(
+                                record(codec, &delay_topic(t), &key, &trace_id(input), &d).await?,
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Runs the delay stage until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let tiers = DELAY_TIERS_SECS.iter().map(|t| delay_topic(*t)).collect();
+    let mut spec = deps.spec(STAGE, tiers, true);
+    spec.max_batch = spec.max_batch.min(500);
+    let transport = deps.transport.clone();
+    run_worker(
+        STAGE,
+        transport,
+        spec,
+        Delay {
+            deps,
+            shutdown: shutdown.clone(),
+        },
+        shutdown,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_releases_and_retiers() {
+        assert_eq!(step(5_000, 0, 10, 5_000), Step::Release);
+        assert_eq!(
+            step(5_000, 0, 10, 1_000),
+            Step::Wait(Duration::from_millis(4_000))
+        );
+        // Due in 45 s, entered the 10 s tier 10 s ago: move on to the 10 s tier again.
+        assert_eq!(step(55_000, 0, 10, 10_000), Step::Retier(10));
+        assert_eq!(step(4_000_000, 0, 60, 60_000), Step::Retier(3600));
+        assert_eq!(tier_for(500), 1);
+    }
+}

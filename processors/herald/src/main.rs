@@ -1,0 +1,331 @@
+//! `herald`: runs any set of stages in one process (the local default), plus operations commands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use herald_core::config::Config;
+use herald_core::runtime::{Deps, all_topics};
+use herald_core::telemetry;
+use herald_core::transport::OutRecord;
+use herald_core::util::{now_ms, random_id};
+use herald_core::worker::record;
+use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topics};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+const STAGES: [&str; 8] = [
+    "accept",
+    "render",
+    "route",
+    "send",
+    "delay",
+    "projector",
+    "api",
+    "callback",
+];
+
+#[derive(Parser)]
+#[command(name = "herald", about = "Herald multi-channel message push platform")]
+struct Cli {
+    /// Config file (TOML). Environment overrides apply on top.
+    #[arg(long, short, global = true, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run stages (comma-separated, or `all`) until SIGTERM.
+    Run {
+        #[arg(long, default_value = "all")]
+        stages: String,
+        /// Where the callback endpoints listen.
+        #[arg(long, default_value = "127.0.0.1:8090", env = "HERALD_CALLBACK_LISTEN")]
+        callback_listen: String,
+    },
+    /// Create topics and register schemas (idempotent).
+    Setup,
+    /// Check a config and list every problem.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Publish demo requests (Avro, through the registry) to herald.requests.v1.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+        #[arg(long, default_value = "EMAIL")]
+        channel: String,
+        /// Recipient address; `{i}` is replaced by the message number.
+        #[arg(long, default_value = "user{i}@example.com")]
+        to: String,
+        #[arg(long, default_value = "welcome")]
+        template: String,
+        #[arg(long, default_value = "demo")]
+        app: String,
+        /// Requests per publish batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    Validate,
+}
+
+async fn setup(deps: &Deps) -> anyhow::Result<()> {
+    deps.transport
+        .ensure_topics(&all_topics(deps.config.kafka.partitions))
+        .await
+        .context("creating topics")?;
+    // Registering every schema at start-up (CONTRACT.md §1) also surfaces a broken registry early.
+    let probe = SendRequested {
+        request_id: String::new(),
+        app_id: String::new(),
+        idempotency_key: None,
+        channel: Channel::Email,
+        template: None,
+        params: Default::default(),
+        recipients: vec![],
+        content: None,
+        send_at: None,
+        priority: Priority::Normal,
+        expires_at: None,
+        metadata: Default::default(),
+        requested_at: 0,
+    };
+    deps.codec
+        .encode(topics::REQUESTS, &probe)
+        .await
+        .context("registering schemas")?;
+    Ok(())
+}
+
+async fn admin(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let handle = telemetry::metrics_handle();
+    let listen = deps.config.admin.listen.clone();
+    let transport = deps.transport.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || {
+            let h = handle.clone();
+            async move { h.render() }
+        }))
+        .route("/health", get(move || {
+            let t = transport.clone();
+            async move {
+                let ok = t.ping().await.is_ok();
+                let body = serde_json::json!({"status": if ok {"UP"} else {"DOWN"}, "services": {t.kind(): {"status": if ok {"UP"} else {"DOWN"}}}});
+                (if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
+            }
+        }));
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("admin listen {listen}"))?;
+    info!(%listen, "admin (/metrics, /health) listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Result<()> {
+    let wanted: Vec<&str> = if stages == "all" {
+        STAGES.to_vec()
+    } else {
+        stages.split(',').map(str::trim).collect()
+    };
+    for s in &wanted {
+        if !STAGES.contains(s) {
+            bail!("unknown stage {s:?}; stages are {}", STAGES.join(", "));
+        }
+    }
+    setup(&deps).await?;
+    let shutdown = herald_core::shutdown::on_signals();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let failed = CancellationToken::new();
+    let spawn = |name: &'static str,
+                 fut: futures::future::BoxFuture<'static, Result<(), String>>| {
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = fut.await {
+                error!(stage = name, error = %e, "stage failed; stopping");
+                failed.cancel();
+                shutdown.cancel();
+            }
+        });
+    };
+    let d = deps.clone();
+    let sd = shutdown.clone();
+    spawn(
+        "admin",
+        Box::pin(async move { admin(d, sd).await.map_err(|e| e.to_string()) }),
+    );
+    for s in wanted {
+        let (d, sd) = (deps.clone(), shutdown.clone());
+        let cl = callback_listen.clone();
+        let fut: futures::future::BoxFuture<'static, Result<(), String>> = match s {
+            "accept" => {
+                Box::pin(async move { herald_accept::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "render" => {
+                Box::pin(async move { herald_render::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "route" => {
+                Box::pin(async move { herald_route::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "send" => {
+                Box::pin(async move { herald_send::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "delay" => {
+                Box::pin(async move { herald_delay::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "projector" => Box::pin(async move {
+                herald_projector::run(d, sd)
+                    .await
+                    .map_err(|e| e.to_string())
+            }),
+            "api" => {
+                Box::pin(async move { herald_api::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            _ => Box::pin(async move {
+                herald_callback::run(d, cl, sd)
+                    .await
+                    .map_err(|e| e.to_string())
+            }),
+        };
+        spawn(s_static(s), fut);
+    }
+    tracker.close();
+    shutdown.cancelled().await;
+    info!("draining");
+    if tokio::time::timeout(Duration::from_secs(8), tracker.wait())
+        .await
+        .is_err()
+    {
+        bail!("stages did not drain within 8 s");
+    }
+    if failed.is_cancelled() {
+        bail!("a stage failed");
+    }
+    info!("stopped cleanly");
+    Ok(())
+}
+
+fn s_static(s: &str) -> &'static str {
+    STAGES.iter().find(|x| **x == s).copied().unwrap_or("stage")
+}
+
+async fn demo(
+    deps: &Deps,
+    count: usize,
+    channel: &str,
+    to: &str,
+    template: &str,
+    app: &str,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let channel = Channel::parse(channel).with_context(|| format!("unknown channel {channel}"))?;
+    setup(deps).await?;
+    let publisher = deps.transport.publisher()?;
+    let mut pending: Vec<OutRecord> = Vec::with_capacity(batch);
+    for i in 0..count {
+        let request_id = random_id();
+        let now = now_ms();
+        let req = SendRequested {
+            request_id: request_id.clone(),
+            app_id: app.into(),
+            idempotency_key: None,
+            channel,
+            template: (!template.is_empty()).then(|| template.to_owned()),
+            params: [
+                ("name".to_owned(), format!("user {i}")),
+                ("product".to_owned(), "Herald".to_owned()),
+            ]
+            .into(),
+            recipients: vec![Recipient {
+                address: to.replace("{i}", &i.to_string()),
+                params: Default::default(),
+                timezone: None,
+            }],
+            content: template.is_empty().then(|| Content {
+                subject: Some("Hello".into()),
+                text: Some(format!("Hello from Herald #{i}")),
+                ..Default::default()
+            }),
+            send_at: None,
+            priority: Priority::Normal,
+            expires_at: None,
+            metadata: [("sent_ms".to_owned(), now.to_string())].into(),
+            requested_at: now,
+        };
+        pending.push(
+            record(
+                &deps.codec,
+                topics::REQUESTS,
+                &request_id,
+                &random_id(),
+                &req,
+            )
+            .await?,
+        );
+        if pending.len() >= batch {
+            publisher.publish(std::mem::take(&mut pending)).await?;
+        }
+        println!(
+            "{} {}",
+            request_id,
+            herald_core::util::message_id(app, &request_id, 0)
+        );
+    }
+    publisher.publish(pending).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    telemetry::init_tracing();
+    let cli = Cli::parse();
+    let result = async {
+        let cfg = Config::load(cli.config.as_deref())?;
+        if let Cmd::Config {
+            cmd: ConfigCmd::Validate,
+        } = cli.cmd
+        {
+            println!(
+                "config OK: {} apps, {} providers, {} templates",
+                cfg.apps.len(),
+                cfg.providers.len(),
+                cfg.templates.len()
+            );
+            return Ok(());
+        }
+        telemetry::metrics_handle();
+        let deps = Deps::new(cfg)?;
+        match cli.cmd {
+            Cmd::Run {
+                stages,
+                callback_listen,
+            } => run(deps, &stages, callback_listen).await,
+            Cmd::Setup => setup(&deps).await,
+            Cmd::Demo {
+                count,
+                channel,
+                to,
+                template,
+                app,
+                batch,
+            } => demo(&deps, count, &channel, &to, &template, &app, batch).await,
+            Cmd::Config { .. } => Ok(()),
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("herald: {e:#}");
+        std::process::exit(1);
+    }
+}

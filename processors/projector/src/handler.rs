@@ -1,0 +1,162 @@
+//! Pure projection logic: an event → the status fact it states; facts folded per message so one
+//! batch writes each row once. A status never moves backwards (CONTRACT.md §3).
+
+use std::collections::HashMap;
+
+use herald_schemas::{EventHeader, Reason};
+
+/// Rank of a status: a row only moves to a higher rank. Terminal states share the top rank, so
+/// the first terminal fact wins.
+pub fn rank(status: &str) -> i16 {
+    match status {
+        "accepted" => 1,
+        "scheduled" => 2,
+        "rendered" => 3,
+        "routed" => 4,
+        "sent" => 5,
+        "delivered" | "failed" | "undelivered" | "suppressed" | "canceled" | "expired"
+        | "unknown" => 6,
+        _ => 0,
+    }
+}
+
+/// One status fact about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fact {
+    pub event_id: String,
+    pub message_id: String,
+    pub request_id: String,
+    pub app_id: String,
+    pub channel: String,
+    pub status: String,
+    pub at: i64,
+    pub stage: String,
+    pub attempt: i32,
+    pub provider: Option<String>,
+    pub reason: Option<Reason>,
+    pub recipient_masked: Option<String>,
+    pub template: Option<String>,
+    pub template_version: Option<i32>,
+    pub provider_code: Option<String>,
+    pub latency_ms: Option<i64>,
+}
+
+impl Fact {
+    pub fn new(h: &EventHeader, status: &str) -> Fact {
+        Fact {
+            event_id: h.event_id.clone(),
+            message_id: h.message_id.clone(),
+            request_id: h.request_id.clone(),
+            app_id: h.app_id.clone(),
+            channel: h.channel.as_str().to_owned(),
+            status: status.to_owned(),
+            at: h.event_time,
+            stage: h.stage.clone(),
+            attempt: h.attempt,
+            provider: None,
+            reason: None,
+            recipient_masked: None,
+            template: None,
+            template_version: None,
+            provider_code: None,
+            latency_ms: None,
+        }
+    }
+}
+
+/// The row a batch writes for one message: the highest-ranked fact, with every field any fact
+/// of the batch knew.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRow {
+    pub message_id: String,
+    pub request_id: String,
+    pub app_id: String,
+    pub channel: String,
+    pub status: String,
+    pub rank: i16,
+    pub provider: Option<String>,
+    pub attempts: i32,
+    pub recipient_masked: Option<String>,
+    pub template: Option<String>,
+    pub template_version: Option<i32>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub fn fold(facts: &[Fact]) -> Vec<MessageRow> {
+    let mut rows: HashMap<&str, MessageRow> = HashMap::new();
+    let mut order = Vec::new();
+    for f in facts {
+        let r = rows.entry(&f.message_id).or_insert_with(|| {
+            order.push(f.message_id.as_str());
+            MessageRow {
+                message_id: f.message_id.clone(),
+                request_id: f.request_id.clone(),
+                app_id: f.app_id.clone(),
+                channel: f.channel.clone(),
+                status: f.status.clone(),
+                rank: 0,
+                provider: None,
+                attempts: 0,
+                recipient_masked: None,
+                template: None,
+                template_version: None,
+                created_at: f.at,
+                updated_at: f.at,
+            }
+        });
+        let fr = rank(&f.status);
+        if fr > r.rank {
+            r.rank = fr;
+            r.status = f.status.clone();
+            r.updated_at = r.updated_at.max(f.at);
+        }
+        r.created_at = r.created_at.min(f.at);
+        r.attempts = r.attempts.max(f.attempt);
+        r.provider = f.provider.clone().or(r.provider.take());
+        r.recipient_masked = r.recipient_masked.take().or(f.recipient_masked.clone());
+        r.template = r.template.take().or(f.template.clone());
+        r.template_version = r.template_version.or(f.template_version);
+    }
+    order.into_iter().filter_map(|m| rows.remove(m)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_schemas::Channel;
+
+    fn fact(status: &str, at: i64) -> Fact {
+        let h = EventHeader {
+            event_id: format!("e-{status}"),
+            event_time: at,
+            stage: "s".into(),
+            trace_id: "t".into(),
+            message_id: "m".into(),
+            request_id: "r".into(),
+            app_id: "a".into(),
+            channel: Channel::Email,
+            attempt: 0,
+            metadata: Default::default(),
+        };
+        Fact::new(&h, status)
+    }
+
+    #[test]
+    fn status_never_moves_backwards_whatever_the_order() {
+        let mut routed = fact("routed", 3);
+        routed.provider = Some("p".into());
+        let facts = vec![fact("delivered", 5), routed, fact("accepted", 1)];
+        let rows = fold(&facts);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].status, "delivered");
+        assert_eq!(rows[0].provider.as_deref(), Some("p"));
+        assert_eq!(rows[0].created_at, 1);
+    }
+
+    #[test]
+    fn first_terminal_state_wins() {
+        let rows = fold(&[fact("failed", 5), fact("delivered", 6)]);
+        assert_eq!(rows[0].status, "failed");
+    }
+}

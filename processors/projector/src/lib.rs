@@ -1,0 +1,334 @@
+//! Projector. Consumes every status-bearing topic (`herald.accepted`, `herald.rendered`,
+//! `herald.dispatch.*`, `herald.status`, `herald.deliveries.v1`, `herald.receipts.v1`, the delay
+//! tiers) and maintains PostgreSQL tables: `messages` (current status), `message_events` (the
+//! timeline), `delivery_attempts`.
+//!
+//! Promise 3/4: the consumed position of every (topic, partition) is stored in
+//! `projector_offsets` in the same transaction as the rows, and records at or below it are
+//! skipped, so a replay after a crash applies nothing twice; rows are upserts keyed by event id
+//! and a status only moves up in rank, so out-of-order topics never move a message backwards.
+
+pub mod handler;
+
+use std::collections::HashMap;
+
+use futures::future::BoxFuture;
+use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
+use herald_core::telemetry::names;
+use herald_core::transport::{InRecord, OutRecord};
+use herald_core::worker::{BatchHandler, StageError, dead_letter, run_worker};
+use herald_schemas::*;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use handler::{Fact, fold};
+
+pub const STAGE: &str = "projector";
+
+/// The topics the projector reads.
+pub fn input_topics() -> Vec<String> {
+    let mut t: Vec<String> = vec![
+        topics::ACCEPTED.into(),
+        topics::RENDERED.into(),
+        topics::STATUS.into(),
+        topics::DELIVERIES.into(),
+        topics::RECEIPTS.into(),
+    ];
+    t.extend(Channel::ALL.iter().map(|c| topics::dispatch(*c)));
+    t.extend(DELAY_TIERS_SECS.iter().map(|s| delay_topic(*s)));
+    t
+}
+
+struct Projector {
+    deps: Deps,
+    db: Client,
+    /// Kafka mode: positions already applied, loaded from PostgreSQL.
+    offsets: HashMap<(String, i32), i64>,
+    use_offsets: bool,
+}
+
+impl Projector {
+    async fn fact(
+        &self,
+        input: &InRecord,
+        out: &mut Vec<OutRecord>,
+    ) -> Result<Option<Fact>, StageError> {
+        let codec = &self.deps.codec;
+        let Some(payload) = input.payload.as_deref() else {
+            return Ok(None);
+        };
+        let name = match codec.event_name(payload).await {
+            Ok(n) => n,
+            Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
+            Err(e) => {
+                out.push(
+                    dead_letter(
+                        codec,
+                        STAGE,
+                        input,
+                        Reason::new(e.code(), e.to_string()),
+                        None,
+                        None,
+                    )
+                    .await?,
+                );
+                return Ok(None);
+            }
+        };
+        macro_rules! dec {
+            ($t:ty) => {
+                match codec.decode::<$t>(payload).await {
+                    Ok(v) => v,
+                    Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
+                    Err(e) => {
+                        out.push(
+                            dead_letter(
+                                codec,
+                                STAGE,
+                                input,
+                                Reason::new(e.code(), e.to_string()),
+                                None,
+                                None,
+                            )
+                            .await?,
+                        );
+                        return Ok(None);
+                    }
+                }
+            };
+        }
+        let f = match name.as_str() {
+            MessageAccepted::FULL_NAME => {
+                let e = dec!(MessageAccepted);
+                let mut f = Fact::new(&e.header, "accepted");
+                f.recipient_masked = Some(herald_core::util::mask_address(&e.recipient.address));
+                f.template = e.template;
+                f
+            }
+            DelayScheduled::FULL_NAME => {
+                let e = dec!(DelayScheduled);
+                let status = match e.purpose {
+                    DelayPurpose::ScheduledSend => "scheduled",
+                    DelayPurpose::Retry => "retry_scheduled",
+                };
+                let mut f = Fact::new(&e.header, status);
+                f.reason = e.reason;
+                f
+            }
+            MessageRendered::FULL_NAME => {
+                let e = dec!(MessageRendered);
+                let mut f = Fact::new(&e.header, "rendered");
+                f.template = e.template;
+                f.template_version = e.template_version;
+                f
+            }
+            MessageRouted::FULL_NAME => {
+                let e = dec!(MessageRouted);
+                let mut f = Fact::new(&e.header, "routed");
+                f.provider = Some(e.provider);
+                f
+            }
+            DeliveryAttempted::FULL_NAME => {
+                let e = dec!(DeliveryAttempted);
+                let mut f = Fact::new(&e.header, &e.status);
+                f.provider = e.provider;
+                f.reason = e.reason;
+                f.recipient_masked = Some(e.recipient_masked);
+                f.latency_ms = Some(e.latency_ms);
+                f.provider_code = e.provider_response_code;
+                f
+            }
+            ReceiptReceived::FULL_NAME => {
+                let e = dec!(ReceiptReceived);
+                let mut f = Fact::new(&e.header, &e.status);
+                f.provider = Some(e.provider);
+                f.reason = e.reason;
+                f
+            }
+            MessageSuppressed::FULL_NAME => {
+                let e = dec!(MessageSuppressed);
+                let mut f = Fact::new(&e.header, &e.status);
+                f.reason = Some(e.reason);
+                f
+            }
+            MessageCanceled::FULL_NAME => {
+                let e = dec!(MessageCanceled);
+                let mut f = Fact::new(&e.header, "canceled");
+                f.reason = e.reason;
+                f
+            }
+            MessageFailed::FULL_NAME => {
+                let e = dec!(MessageFailed);
+                let mut f = Fact::new(&e.header, "failed");
+                f.provider = e.provider;
+                f.reason = Some(e.reason);
+                f
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(f))
+    }
+
+    async fn apply(
+        &mut self,
+        facts: &[Fact],
+        positions: &HashMap<(String, i32), i64>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let tx = self.db.transaction().await?;
+        let rows = fold(facts);
+        if !rows.is_empty() {
+            let col =
+                |f: fn(&handler::MessageRow) -> String| rows.iter().map(f).collect::<Vec<_>>();
+            let ids = col(|r| r.message_id.clone());
+            let reqs = col(|r| r.request_id.clone());
+            let apps = col(|r| r.app_id.clone());
+            let chans = col(|r| r.channel.clone());
+            let statuses = col(|r| r.status.clone());
+            let ranks: Vec<i16> = rows.iter().map(|r| r.rank).collect();
+            let providers: Vec<Option<String>> = rows.iter().map(|r| r.provider.clone()).collect();
+            let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+            let masked: Vec<Option<String>> =
+                rows.iter().map(|r| r.recipient_masked.clone()).collect();
+            let tpls: Vec<Option<String>> = rows.iter().map(|r| r.template.clone()).collect();
+            let tvs: Vec<Option<i32>> = rows.iter().map(|r| r.template_version).collect();
+            let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+            let updated: Vec<i64> = rows.iter().map(|r| r.updated_at).collect();
+            tx.execute(
+                "INSERT INTO messages AS m (message_id, request_id, app_id, channel, status, status_rank, provider,
+                                            attempts, recipient_masked, template, template_version, created_at, updated_at)
+                 SELECT u.id, u.req, u.app, u.ch, u.st, u.rk, u.pr, u.at, u.ma, u.tp, u.tv,
+                        to_timestamp(u.cr / 1000.0), to_timestamp(u.up / 1000.0)
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
+                             $8::int[], $9::text[], $10::text[], $11::int[], $12::bigint[], $13::bigint[])
+                      AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up)
+                 ON CONFLICT (message_id) DO UPDATE SET
+                    status = CASE WHEN EXCLUDED.status_rank > m.status_rank THEN EXCLUDED.status ELSE m.status END,
+                    status_rank = GREATEST(m.status_rank, EXCLUDED.status_rank),
+                    updated_at = CASE WHEN EXCLUDED.status_rank > m.status_rank THEN GREATEST(m.updated_at, EXCLUDED.updated_at) ELSE m.updated_at END,
+                    created_at = LEAST(m.created_at, EXCLUDED.created_at),
+                    provider = COALESCE(EXCLUDED.provider, m.provider),
+                    attempts = GREATEST(m.attempts, EXCLUDED.attempts),
+                    recipient_masked = COALESCE(m.recipient_masked, EXCLUDED.recipient_masked),
+                    template = COALESCE(m.template, EXCLUDED.template),
+                    template_version = COALESCE(m.template_version, EXCLUDED.template_version)",
+                &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated],
+            )
+            .await?;
+            let eids: Vec<&str> = facts.iter().map(|f| f.event_id.as_str()).collect();
+            let mids: Vec<&str> = facts.iter().map(|f| f.message_id.as_str()).collect();
+            let sts: Vec<&str> = facts.iter().map(|f| f.status.as_str()).collect();
+            let ats: Vec<i64> = facts.iter().map(|f| f.at).collect();
+            let stages: Vec<&str> = facts.iter().map(|f| f.stage.as_str()).collect();
+            let provs: Vec<Option<&str>> = facts.iter().map(|f| f.provider.as_deref()).collect();
+            let atts: Vec<i32> = facts.iter().map(|f| f.attempt).collect();
+            let rc: Vec<Option<&str>> = facts
+                .iter()
+                .map(|f| f.reason.as_ref().map(|r| r.code.as_str()))
+                .collect();
+            let rm: Vec<Option<&str>> = facts
+                .iter()
+                .map(|f| f.reason.as_ref().map(|r| r.message.as_str()))
+                .collect();
+            tx.execute(
+                "INSERT INTO message_events (event_id, message_id, status, at, stage, provider, attempt, reason_code, reason_message)
+                 SELECT u.e, u.m, u.s, to_timestamp(u.a / 1000.0), u.st, u.p, u.at, u.rc, u.rm
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[], $9::text[])
+                      AS u(e, m, s, a, st, p, at, rc, rm)
+                 ON CONFLICT (event_id) DO NOTHING",
+                &[&eids, &mids, &sts, &ats, &stages, &provs, &atts, &rc, &rm],
+            )
+            .await?;
+        }
+        if self.use_offsets && !positions.is_empty() {
+            let topics: Vec<&str> = positions.keys().map(|k| k.0.as_str()).collect();
+            let parts: Vec<i32> = positions.keys().map(|k| k.1).collect();
+            let next: Vec<i64> = positions.values().map(|o| o + 1).collect();
+            tx.execute(
+                "INSERT INTO projector_offsets (topic, partition, next_offset)
+                 SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)",
+                &[&topics, &parts, &next],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        for (k, v) in positions {
+            self.offsets.insert(k.clone(), v + 1);
+        }
+        Ok(())
+    }
+}
+
+impl BatchHandler for Projector {
+    fn handle<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut facts = Vec::with_capacity(batch.len());
+            let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+            for input in batch {
+                let key = (input.topic.clone(), input.partition);
+                if self.use_offsets {
+                    if self
+                        .offsets
+                        .get(&key)
+                        .is_some_and(|next| input.offset < *next)
+                    {
+                        continue; // applied before a crash; its offset commit was lost
+                    }
+                    let p = positions.entry(key).or_insert(input.offset);
+                    *p = (*p).max(input.offset);
+                }
+                if let Some(f) = self.fact(input, &mut out).await? {
+                    facts.push(f);
+                }
+            }
+            let n = facts.len() as u64;
+            self.apply(&facts, &positions).await.map_err(|e| {
+                StageError::Transient(format!("postgres: {}", herald_core::runtime::pg_error(e)))
+            })?;
+            metrics::counter!(names::PROJECTOR_ROWS).increment(n);
+            Ok(out)
+        })
+    }
+}
+
+/// Runs the projector until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let mut db = deps
+        .postgres()
+        .await
+        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    herald_core::runtime::migrate(&mut db, herald_core::readmodel::SCHEMA)
+        .await
+        .map_err(|e| StageError::Fatal(format!("projector schema: {e}")))?;
+    let rows = db
+        .query(
+            "SELECT topic, partition, next_offset FROM projector_offsets",
+            &[],
+        )
+        .await
+        .map_err(|e| StageError::Fatal(format!("projector offsets: {e}")))?;
+    let offsets = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let use_offsets = deps.transport.kind() == "kafka";
+    let spec = deps.spec(STAGE, input_topics(), false);
+    let transport = deps.transport.clone();
+    run_worker(
+        STAGE,
+        transport,
+        spec,
+        Projector {
+            deps,
+            db,
+            offsets,
+            use_offsets,
+        },
+        shutdown,
+    )
+    .await
+}

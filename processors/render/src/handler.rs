@@ -1,0 +1,229 @@
+//! Pure render logic: templates compiled once, strict about missing variables.
+
+use std::collections::{BTreeMap, HashMap};
+
+use herald_core::config::TemplateConfig;
+use herald_schemas::{Content, MessageAccepted, Reason, RenderedContent};
+use minijinja::{Environment, UndefinedBehavior};
+
+/// Compiled templates: the newest version of each code.
+pub struct Templates {
+    env: Environment<'static>,
+    /// code → (version, which parts exist)
+    index: HashMap<String, TemplateEntry>,
+}
+
+struct TemplateEntry {
+    version: i32,
+    parts: Vec<&'static str>,
+    provider_template: Option<String>,
+    provider_params: Vec<String>,
+}
+
+const PARTS: [&str; 4] = ["subject", "text", "html", "markdown"];
+
+fn name(code: &str, version: i32, part: &str) -> String {
+    format!("{code}@{version}/{part}")
+}
+
+impl Templates {
+    /// Compiles every template; a syntax error is reported with the template's code.
+    pub fn compile(configs: &[TemplateConfig]) -> Result<Templates, String> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut newest: BTreeMap<&str, &TemplateConfig> = BTreeMap::new();
+        for t in configs {
+            if newest
+                .get(t.code.as_str())
+                .is_none_or(|n| n.version < t.version)
+            {
+                newest.insert(&t.code, t);
+            }
+        }
+        let mut index = HashMap::new();
+        for (code, t) in newest {
+            let mut parts = Vec::new();
+            for (part, src) in PARTS
+                .iter()
+                .zip([&t.subject, &t.text, &t.html, &t.markdown])
+            {
+                if let Some(src) = src {
+                    // HTML parts auto-escape variables; text parts do not.
+                    let file = if *part == "html" {
+                        format!("{}.html", name(code, t.version, part))
+                    } else {
+                        name(code, t.version, part)
+                    };
+                    env.add_template_owned(file, src.clone())
+                        .map_err(|e| format!("template {code} v{} {part}: {e}", t.version))?;
+                    parts.push(*part);
+                }
+            }
+            let mut provider_params = Vec::new();
+            for (k, src) in &t.provider_params {
+                env.add_template_owned(name(code, t.version, &format!("param.{k}")), src.clone())
+                    .map_err(|e| format!("template {code} v{} param {k}: {e}", t.version))?;
+                provider_params.push(k.clone());
+            }
+            index.insert(
+                code.to_owned(),
+                TemplateEntry {
+                    version: t.version,
+                    parts,
+                    provider_template: t.provider_template.clone(),
+                    provider_params,
+                },
+            );
+        }
+        Ok(Templates { env, index })
+    }
+
+    fn render_part(&self, file: &str, vars: &HashMap<String, String>) -> Result<String, Reason> {
+        let tmpl = self
+            .env
+            .get_template(file)
+            .map_err(|e| Reason::new("template_error", e.to_string()))?;
+        let mut missing: Vec<String> = tmpl
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| !vars.contains_key(v))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(Reason::new(
+                "missing_variable",
+                format!("missing variable(s): {}", missing.join(", ")),
+            ));
+        }
+        tmpl.render(vars)
+            .map_err(|e| Reason::new("render_error", e.to_string()))
+    }
+
+    /// Renders a message: `(template version, content)` or the reason it cannot be rendered.
+    /// A message is never half-filled: any failing part fails the whole message.
+    pub fn render(&self, m: &MessageAccepted) -> Result<(Option<i32>, RenderedContent), Reason> {
+        let Some(code) = &m.template else {
+            let c: &Content = m
+                .content
+                .as_ref()
+                .ok_or_else(|| Reason::new("no_content", "no template and no content"))?;
+            return Ok((
+                None,
+                RenderedContent {
+                    subject: c.subject.clone(),
+                    text: c.text.clone(),
+                    html: c.html.clone(),
+                    markdown: c.markdown.clone(),
+                    ..Default::default()
+                },
+            ));
+        };
+        let entry = self.index.get(code).ok_or_else(|| {
+            Reason::new(
+                "unknown_template",
+                format!("template {code:?} is not defined"),
+            )
+        })?;
+        let mut out = RenderedContent::default();
+        for part in &entry.parts {
+            let file = if *part == "html" {
+                format!("{}.html", name(code, entry.version, part))
+            } else {
+                name(code, entry.version, part)
+            };
+            let text = self.render_part(&file, &m.params)?;
+            match *part {
+                "subject" => out.subject = Some(text),
+                "text" => out.text = Some(text),
+                "html" => out.html = Some(text),
+                _ => out.markdown = Some(text),
+            }
+        }
+        out.provider_template = entry.provider_template.clone();
+        for k in &entry.provider_params {
+            let v =
+                self.render_part(&name(code, entry.version, &format!("param.{k}")), &m.params)?;
+            out.provider_params.insert(k.clone(), v);
+        }
+        Ok((Some(entry.version), out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_schemas::{Channel, EventHeader, Priority, Recipient};
+
+    fn tpl(version: i32, text: &str) -> TemplateConfig {
+        TemplateConfig {
+            code: "welcome".into(),
+            channel: Channel::Email,
+            version,
+            subject: Some("Hi {{ name }}".into()),
+            text: Some(text.into()),
+            html: Some("<p>{{ name }}</p>".into()),
+            markdown: None,
+            provider_template: None,
+            provider_params: Default::default(),
+        }
+    }
+
+    fn msg(params: &[(&str, &str)]) -> MessageAccepted {
+        MessageAccepted {
+            header: EventHeader {
+                event_id: "e".into(),
+                event_time: 0,
+                stage: "accept".into(),
+                trace_id: "t".into(),
+                message_id: "m".into(),
+                request_id: "r".into(),
+                app_id: "a".into(),
+                channel: Channel::Email,
+                attempt: 0,
+                metadata: Default::default(),
+            },
+            recipient: Recipient {
+                address: "a@x.io".into(),
+                params: Default::default(),
+                timezone: None,
+            },
+            recipient_index: 0,
+            template: Some("welcome".into()),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            content: None,
+            send_at: None,
+            priority: Priority::Normal,
+            expires_at: None,
+            requested_at: 0,
+        }
+    }
+
+    #[test]
+    fn renders_the_newest_version_and_escapes_html_only() {
+        let t = Templates::compile(&[tpl(1, "old"), tpl(2, "Hello {{ name }}, code {{ code }}")])
+            .unwrap();
+        let (v, c) = t
+            .render(&msg(&[("name", "<Ada>"), ("code", "42")]))
+            .unwrap();
+        assert_eq!(v, Some(2));
+        assert_eq!(c.subject.as_deref(), Some("Hi <Ada>"));
+        assert_eq!(c.text.as_deref(), Some("Hello <Ada>, code 42"));
+        assert_eq!(c.html.as_deref(), Some("<p>&lt;Ada&gt;</p>"));
+    }
+
+    #[test]
+    fn a_missing_variable_names_the_variable_and_renders_nothing() {
+        let t = Templates::compile(&[tpl(1, "code {{ code }} for {{ name }}")]).unwrap();
+        let err = t.render(&msg(&[("name", "Ada")])).unwrap_err();
+        assert_eq!(err.code, "missing_variable");
+        assert!(err.message.contains("code"), "{}", err.message);
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_at_compile_time() {
+        assert!(Templates::compile(&[tpl(1, "{{ broken ")]).is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! Route stage. Consumes `MessageRendered` from `herald.rendered`; emits `MessageRouted` to
+//! `herald.dispatch.<channel>` with the chosen provider, `MessageSuppressed` (status `expired`)
+//! for a message past its `expires_at` (never sent late), or `MessageFailed` when the channel has
+//! no provider. Exactly-once between topics.
+
+pub mod handler;
+
+use std::collections::HashMap;
+
+use futures::future::BoxFuture;
+use herald_core::runtime::Deps;
+use herald_core::transport::{InRecord, OutRecord};
+use herald_core::util::{event_id, now_ms};
+use herald_core::worker::{
+    BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
+};
+use herald_schemas::{
+    Channel, MessageFailed, MessageRendered, MessageRouted, MessageSuppressed, Reason, topics,
+};
+use tokio_util::sync::CancellationToken;
+
+use handler::{Balancer, expired};
+
+pub const STAGE: &str = "route";
+
+struct Route {
+    deps: Deps,
+    balancers: HashMap<Channel, Balancer>,
+}
+
+impl BatchHandler for Route {
+    fn handle<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let codec = self.deps.codec.clone();
+            let mut out = Vec::with_capacity(batch.len());
+            for input in batch {
+                let Some(m) =
+                    decode_or_dead_letter::<MessageRendered>(&codec, STAGE, input, &mut out)
+                        .await?
+                else {
+                    continue;
+                };
+                let trace = trace_id(input);
+                let now = now_ms();
+                let mid = m.header.message_id.clone();
+                if expired(m.expires_at, now) {
+                    let ev = MessageSuppressed {
+                        header: m.header.follow(STAGE, event_id(&mid, "expired", 0), now),
+                        status: "expired".into(),
+                        policy: "expires_at".into(),
+                        reason: Reason::new(
+                            "expired",
+                            "expires_at passed before the message could be sent",
+                        ),
+                    };
+                    out.push(record(&codec, topics::STATUS, &mid, &trace, &ev).await?);
+                    continue;
+                }
+                let choice = self
+                    .balancers
+                    .get_mut(&m.header.channel)
+                    .and_then(|b| b.pick(|_| true));
+                let Some((provider, kind)) = choice else {
+                    let ev = MessageFailed {
+                        header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
+                        provider: None,
+                        reason: Reason::new(
+                            "no_provider",
+                            format!("no provider configured for {}", m.header.channel.as_str()),
+                        ),
+                    };
+                    out.push(record(&codec, topics::STATUS, &mid, &trace, &ev).await?);
+                    continue;
+                };
+                let topic = topics::dispatch(m.header.channel);
+                let ev = MessageRouted {
+                    header: m.header.follow(STAGE, event_id(&mid, "routed", 0), now),
+                    recipient: m.recipient,
+                    priority: m.priority,
+                    expires_at: m.expires_at,
+                    template: m.template,
+                    template_version: m.template_version,
+                    content: m.content,
+                    provider,
+                    provider_kind: kind.into(),
+                };
+                out.push(record(&codec, &topic, &ev.recipient.address, &trace, &ev).await?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Runs the route stage until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let balancers = Channel::ALL
+        .iter()
+        .map(|c| (*c, Balancer::new(&deps.config.providers_for(*c))))
+        .collect();
+    let spec = deps.spec(STAGE, vec![topics::RENDERED.into()], true);
+    let transport = deps.transport.clone();
+    run_worker(STAGE, transport, spec, Route { deps, balancers }, shutdown).await
+}

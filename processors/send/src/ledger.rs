@@ -1,0 +1,144 @@
+//! The attempt ledger in PostgreSQL: promise 2 (nothing sent twice). Before a provider call the
+//! (message, attempt) pair is claimed; after it, the outcome is recorded. A redelivered record
+//! finds its claim: with an outcome, the outcome is re-emitted without calling the provider;
+//! without one (the process died mid-call), the outcome is `unknown`, never a silent resend.
+//! One statement per batch for each step: no per-message round trips.
+
+use tokio_postgres::Client;
+
+use crate::providers::CallResult;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS send_ledger (
+    message_id text NOT NULL,
+    attempt int NOT NULL,
+    provider text NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    outcome text,
+    response_code text,
+    provider_message_id text,
+    reason_code text,
+    reason_message text,
+    latency_ms bigint,
+    PRIMARY KEY (message_id, attempt)
+)";
+
+/// What the ledger says about a claimed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prior {
+    /// Never claimed before: call the provider.
+    Fresh,
+    /// Finished before: re-emit this.
+    Finished(CallResult, i64),
+    /// Claimed but never finished: the call may have happened.
+    InFlight,
+}
+
+/// Claims each (message, attempt); answers in input order.
+pub async fn claim(
+    db: &Client,
+    keys: &[(String, i32, String)],
+) -> Result<Vec<Prior>, tokio_postgres::Error> {
+    let ids: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
+    let providers: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    let fresh = db
+        .query(
+            "INSERT INTO send_ledger (message_id, attempt, provider)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[])
+             ON CONFLICT DO NOTHING RETURNING message_id, attempt",
+            &[&ids, &attempts, &providers],
+        )
+        .await?;
+    let fresh: std::collections::HashSet<(String, i32)> =
+        fresh.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let seen: Vec<usize> = (0..keys.len())
+        .filter(|i| !fresh.contains(&(keys[*i].0.clone(), keys[*i].1)))
+        .collect();
+    let mut prior = std::collections::HashMap::new();
+    if !seen.is_empty() {
+        let ids: Vec<&str> = seen.iter().map(|i| keys[*i].0.as_str()).collect();
+        let attempts: Vec<i32> = seen.iter().map(|i| keys[*i].1).collect();
+        let rows = db
+            .query(
+                "SELECT l.message_id, l.attempt, l.outcome, l.response_code, l.provider_message_id,
+                        l.reason_code, l.reason_message, l.latency_ms
+                 FROM send_ledger l JOIN UNNEST($1::text[], $2::int[]) AS k(m, a)
+                   ON l.message_id = k.m AND l.attempt = k.a",
+                &[&ids, &attempts],
+            )
+            .await?;
+        for r in rows {
+            let outcome: Option<String> = r.get(2);
+            let p = match outcome.as_deref().and_then(crate::outcome_from_str) {
+                Some(outcome) => {
+                    let code: Option<String> = r.get(5);
+                    let msg: Option<String> = r.get(6);
+                    Prior::Finished(
+                        CallResult {
+                            outcome,
+                            response_code: r.get(3),
+                            provider_message_id: r.get(4),
+                            reason: code
+                                .map(|c| herald_schemas::Reason::new(c, msg.unwrap_or_default())),
+                        },
+                        r.get::<_, Option<i64>>(7).unwrap_or_default(),
+                    )
+                }
+                None => Prior::InFlight,
+            };
+            prior.insert((r.get::<_, String>(0), r.get::<_, i32>(1)), p);
+        }
+    }
+    Ok(keys
+        .iter()
+        .map(|k| {
+            if fresh.contains(&(k.0.clone(), k.1)) {
+                Prior::Fresh
+            } else {
+                prior.remove(&(k.0.clone(), k.1)).unwrap_or(Prior::InFlight)
+            }
+        })
+        .collect())
+}
+
+/// Records the outcomes of a batch's calls.
+pub async fn finish(
+    db: &Client,
+    done: &[(String, i32, CallResult, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = done.iter().map(|d| d.0.as_str()).collect();
+    let attempts: Vec<i32> = done.iter().map(|d| d.1).collect();
+    let outcomes: Vec<&str> = done
+        .iter()
+        .map(|d| crate::outcome_str(d.2.outcome))
+        .collect();
+    let codes: Vec<Option<&str>> = done.iter().map(|d| d.2.response_code.as_deref()).collect();
+    let pmids: Vec<Option<&str>> = done
+        .iter()
+        .map(|d| d.2.provider_message_id.as_deref())
+        .collect();
+    let rcodes: Vec<Option<&str>> = done
+        .iter()
+        .map(|d| d.2.reason.as_ref().map(|r| r.code.as_str()))
+        .collect();
+    let rmsgs: Vec<Option<&str>> = done
+        .iter()
+        .map(|d| d.2.reason.as_ref().map(|r| r.message.as_str()))
+        .collect();
+    let lat: Vec<i64> = done.iter().map(|d| d.3).collect();
+    db.execute(
+        "UPDATE send_ledger l SET finished_at = now(), outcome = u.o, response_code = u.c,
+                provider_message_id = u.p, reason_code = u.rc, reason_message = u.rm, latency_ms = u.l
+         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[])
+              AS u(m, a, o, c, p, rc, rm, l)
+         WHERE l.message_id = u.m AND l.attempt = u.a",
+        &[&ids, &attempts, &outcomes, &codes, &pmids, &rcodes, &rmsgs, &lat],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Send stage. Consumes `MessageRouted` from `herald.dispatch.<channel>` (one worker per channel
+//! with providers, so a slow channel never holds up another); calls the provider; emits one
+//! `DeliveryAttempted` per attempt to `herald.deliveries.v1`.
+//!
+//! Promise 2: every (message, attempt) is claimed in the PostgreSQL ledger before the call and
+//! its outcome recorded after it (see [`ledger`]); a redelivered record never causes a second
+//! call. Provider-side idempotency keys are passed where the provider has one (webhook-id,
+//! SMTP Message-ID). Calls in a batch run concurrently, bounded per worker.
+
+pub mod ledger;
+pub mod providers;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use herald_core::runtime::Deps;
+use herald_core::telemetry::names;
+use herald_core::transport::{InRecord, OutRecord};
+use herald_core::util::{event_id, mask_address, now_ms};
+use herald_core::worker::{
+    BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
+};
+use herald_schemas::{Channel, DeliveryAttempted, DeliveryOutcome, MessageRouted, Reason, topics};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use ledger::Prior;
+use providers::{CallResult, Provider};
+
+pub const STAGE: &str = "send";
+
+/// Provider calls in flight per worker.
+const CONCURRENCY: usize = 64;
+
+pub fn outcome_str(o: DeliveryOutcome) -> &'static str {
+    match o {
+        DeliveryOutcome::Succeeded => "SUCCEEDED",
+        DeliveryOutcome::FailedPermanent => "FAILED_PERMANENT",
+        DeliveryOutcome::FailedTransient => "FAILED_TRANSIENT",
+        DeliveryOutcome::RateLimited => "RATE_LIMITED",
+        DeliveryOutcome::Unknown => "UNKNOWN",
+    }
+}
+
+pub fn outcome_from_str(s: &str) -> Option<DeliveryOutcome> {
+    Some(match s {
+        "SUCCEEDED" => DeliveryOutcome::Succeeded,
+        "FAILED_PERMANENT" => DeliveryOutcome::FailedPermanent,
+        "FAILED_TRANSIENT" => DeliveryOutcome::FailedTransient,
+        "RATE_LIMITED" => DeliveryOutcome::RateLimited,
+        "UNKNOWN" => DeliveryOutcome::Unknown,
+        _ => return None,
+    })
+}
+
+/// The status a delivery outcome gives the message (CONTRACT.md §3).
+pub fn status_for(outcome: DeliveryOutcome, has_receipts: bool) -> &'static str {
+    match outcome {
+        DeliveryOutcome::Succeeded if has_receipts => "sent",
+        DeliveryOutcome::Succeeded => "delivered",
+        DeliveryOutcome::Unknown => "unknown",
+        _ => "failed",
+    }
+}
+
+struct Send {
+    deps: Deps,
+    db: tokio_postgres::Client,
+    providers: Arc<HashMap<String, Box<dyn Provider>>>,
+}
+
+impl Send {
+    async fn delivery(
+        &self,
+        m: &MessageRouted,
+        attempt: i32,
+        r: CallResult,
+        latency_ms: i64,
+        trace: &str,
+    ) -> Result<OutRecord, StageError> {
+        let has_receipts = self
+            .providers
+            .get(&m.provider)
+            .is_some_and(|p| p.has_receipts());
+        let status = status_for(r.outcome, has_receipts);
+        let mut header = m.header.follow(
+            STAGE,
+            event_id(&m.header.message_id, "attempted", attempt),
+            now_ms(),
+        );
+        header.attempt = attempt;
+        let ev = DeliveryAttempted {
+            header,
+            provider: Some(m.provider.clone()),
+            status: status.into(),
+            outcome: r.outcome,
+            reason: r.reason,
+            provider_message_id: r.provider_message_id,
+            provider_response_code: r.response_code,
+            latency_ms,
+            recipient_masked: mask_address(&m.recipient.address),
+            template: m.template.clone(),
+        };
+        Ok(record(
+            &self.deps.codec,
+            topics::DELIVERIES,
+            &m.header.message_id,
+            trace,
+            &ev,
+        )
+        .await?)
+    }
+}
+
+impl BatchHandler for Send {
+    fn handle<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(batch.len());
+            let mut msgs: Vec<(MessageRouted, i32, String)> = Vec::with_capacity(batch.len());
+            let mut seen = HashSet::new();
+            for input in batch {
+                let Some(m) = decode_or_dead_letter::<MessageRouted>(
+                    &self.deps.codec,
+                    STAGE,
+                    input,
+                    &mut out,
+                )
+                .await?
+                else {
+                    continue;
+                };
+                let attempt = m.header.attempt.max(1);
+                // The same attempt twice in one batch (a redelivery) is one attempt.
+                if seen.insert((m.header.message_id.clone(), attempt)) {
+                    msgs.push((m, attempt, trace_id(input)));
+                }
+            }
+            if msgs.is_empty() {
+                return Ok(out);
+            }
+            let keys: Vec<(String, i32, String)> = msgs
+                .iter()
+                .map(|(m, a, _)| (m.header.message_id.clone(), *a, m.provider.clone()))
+                .collect();
+            let priors = ledger::claim(&self.db, &keys).await.map_err(|e| {
+                StageError::Transient(format!(
+                    "ledger claim: {}",
+                    herald_core::runtime::pg_error(e)
+                ))
+            })?;
+
+            let providers = self.providers.clone();
+            let futs: Vec<BoxFuture<'_, (usize, CallResult, i64, bool)>> = msgs
+                .iter()
+                .zip(priors)
+                .enumerate()
+                .map(|(i, ((m, attempt, _), prior))| {
+                    Box::pin(call_one(providers.as_ref(), m, *attempt, prior, i))
+                        as BoxFuture<'_, _>
+                })
+                .collect();
+            let calls = futures::stream::iter(futs)
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
+
+            let finished: Vec<(String, i32, CallResult, i64)> = calls
+                .iter()
+                .filter(|(_, _, _, record)| *record)
+                .map(|(i, r, l, _)| {
+                    (
+                        msgs[*i].0.header.message_id.clone(),
+                        msgs[*i].1,
+                        r.clone(),
+                        *l,
+                    )
+                })
+                .collect();
+            ledger::finish(&self.db, &finished).await.map_err(|e| {
+                StageError::Transient(format!(
+                    "ledger finish: {}",
+                    herald_core::runtime::pg_error(e)
+                ))
+            })?;
+            let mut calls = calls;
+            calls.sort_by_key(|c| c.0);
+            for (i, r, latency, _) in calls {
+                let (m, attempt, trace) = &msgs[i];
+                debug!(message_id = %m.header.message_id, outcome = outcome_str(r.outcome), "attempt done");
+                out.push(self.delivery(m, *attempt, r, latency, trace).await?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// One provider call, or the ledger's earlier answer. The bool: record the outcome.
+async fn call_one(
+    providers: &HashMap<String, Box<dyn Provider>>,
+    m: &MessageRouted,
+    attempt: i32,
+    prior: Prior,
+    i: usize,
+) -> (usize, CallResult, i64, bool) {
+    match prior {
+        Prior::Finished(r, latency) => (i, r, latency, false),
+        Prior::InFlight => (
+            i,
+            CallResult::fail(
+                DeliveryOutcome::Unknown,
+                None,
+                Reason::new(
+                    "interrupted",
+                    "the process stopped during the provider call; not resent",
+                ),
+            ),
+            0,
+            true,
+        ),
+        Prior::Fresh => {
+            let started = Instant::now();
+            let r = match providers.get(&m.provider) {
+                Some(p) => p.send(m, attempt).await,
+                None => CallResult::fail(
+                    DeliveryOutcome::FailedPermanent,
+                    None,
+                    Reason::new(
+                        "unknown_provider",
+                        format!("provider {} is not configured", m.provider),
+                    ),
+                ),
+            };
+            let elapsed = started.elapsed();
+            metrics::histogram!(names::SEND_SECONDS, "provider" => m.provider.clone())
+                .record(elapsed.as_secs_f64());
+            metrics::counter!(names::SEND_ATTEMPTS, "provider" => m.provider.clone(), "outcome" => outcome_str(r.outcome))
+                .increment(1);
+            (i, r, elapsed.as_millis() as i64, true)
+        }
+    }
+}
+
+/// Runs one send worker per channel that has providers, until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let mut built: HashMap<String, Box<dyn Provider>> = HashMap::new();
+    for p in &deps.config.providers {
+        let client = providers::build(p).map_err(|e| StageError::Fatal(e.to_string()))?;
+        built.insert(p.code.clone(), client);
+    }
+    let providers = Arc::new(built);
+    let mut setup = deps
+        .postgres()
+        .await
+        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    herald_core::runtime::migrate(&mut setup, ledger::SCHEMA)
+        .await
+        .map_err(|e| StageError::Fatal(format!("ledger schema: {e}")))?;
+    let channels: Vec<Channel> = Channel::ALL
+        .into_iter()
+        .filter(|c| !deps.config.providers_for(*c).is_empty())
+        .collect();
+    let mut workers = Vec::new();
+    for channel in channels {
+        let db = deps
+            .postgres()
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+        let spec = deps.spec(
+            &format!("{STAGE}-{}", channel.as_str()),
+            vec![topics::dispatch(channel)],
+            false,
+        );
+        let handler = Send {
+            deps: deps.clone(),
+            db,
+            providers: providers.clone(),
+        };
+        workers.push(tokio::spawn(run_worker(
+            STAGE,
+            deps.transport.clone(),
+            spec,
+            handler,
+            shutdown.clone(),
+        )));
+    }
+    for w in workers {
+        w.await
+            .map_err(|e| StageError::Fatal(format!("send worker: {e}")))??;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_names_round_trip_and_statuses_follow_the_contract() {
+        for o in [
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::FailedPermanent,
+            DeliveryOutcome::FailedTransient,
+            DeliveryOutcome::RateLimited,
+            DeliveryOutcome::Unknown,
+        ] {
+            assert_eq!(outcome_from_str(outcome_str(o)), Some(o));
+        }
+        assert_eq!(status_for(DeliveryOutcome::Succeeded, true), "sent");
+        assert_eq!(status_for(DeliveryOutcome::Succeeded, false), "delivered");
+        assert_eq!(status_for(DeliveryOutcome::Unknown, false), "unknown");
+        assert_eq!(
+            status_for(DeliveryOutcome::FailedTransient, false),
+            "failed"
+        );
+    }
+}
