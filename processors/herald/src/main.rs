@@ -71,6 +71,12 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         batch: usize,
     },
+    /// Signed GET against the read API as an app (e.g. `herald get /v1/messages/<id>`).
+    Get {
+        path: String,
+        #[arg(long, default_value = "demo")]
+        app: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +292,35 @@ async fn demo(
     Ok(())
 }
 
+async fn api_get(deps: &Deps, path: &str, app: &str) -> anyhow::Result<()> {
+    let secret = deps
+        .config
+        .apps
+        .iter()
+        .find(|a| a.id == app)
+        .map(|a| a.secret.clone())
+        .with_context(|| format!("app {app} is not configured"))?;
+    let ts = (now_ms() / 1000).to_string();
+    let nonce = random_id();
+    let sig = herald_api::auth::sign(&secret, "GET", path, &ts, &nonce, b"");
+    let url = format!("http://{}{path}", deps.config.api.listen);
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .header("X-Herald-App", app)
+        .header("X-Herald-Timestamp", ts)
+        .header("X-Herald-Nonce", nonce)
+        .header("X-Herald-Signature", sig)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    println!("{}", resp.text().await?);
+    if !status.is_success() {
+        bail!("HTTP {status}");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     telemetry::init_tracing();
@@ -321,6 +356,7 @@ async fn main() {
                 batch,
             } => demo(&deps, count, &channel, &to, &template, &app, batch).await,
             Cmd::Config { .. } => Ok(()),
+            Cmd::Get { path, app } => api_get(&deps, &path, &app).await,
         }
     }
     .await;

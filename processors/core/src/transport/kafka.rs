@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{
     Delivery, InRecord, OutRecord, Publisher, Source, SourceSpec, TResult, TopicSpec, Transport,
@@ -325,7 +325,8 @@ impl KafkaSource {
             Delivery::AtLeastOnce => {
                 produce_all(&self.producer, &outputs).await?;
                 for ((topic, partition), (_, last)) in self.positions.drain() {
-                    self.consumer.store_offset(&topic, partition, last + 1)?;
+                    // librdkafka stores `last + 1`: the next record to read.
+                    self.consumer.store_offset(&topic, partition, last)?;
                 }
                 Ok(())
             }
@@ -361,8 +362,9 @@ impl Source for KafkaSource {
             let _ = tokio::task::spawn_blocking(move || {
                 if delivery == Delivery::AtLeastOnce {
                     // Offsets stored since the last auto-commit.
-                    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                        debug!(error = %e, "final offset commit");
+                    match consumer.commit_consumer_state(CommitMode::Sync) {
+                        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                        Err(e) => warn!(error = %e, "final offset commit failed"),
                     }
                 }
                 consumer.unsubscribe();
