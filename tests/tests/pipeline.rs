@@ -67,6 +67,11 @@ fn request(to: &str, name: &str) -> SendRequested {
 async fn publish(reqs: &[SendRequested]) {
     let codec = Codec::new(Arc::new(RegistryResolver::new(&registry()).unwrap()));
     let transport = KafkaTransport::new(KafkaSettings::new(brokers()));
+    // The herald process creates them too; on a fresh broker the test may get there first.
+    transport
+        .ensure_topics(&herald_core::runtime::all_topics(4))
+        .await
+        .expect("topics");
     let mut recs = Vec::new();
     for r in reqs {
         recs.push(

@@ -405,7 +405,13 @@ mod tests {
         let value = value.resolve(&newer_schema).unwrap();
         let mut bytes = vec![0];
         bytes.extend_from_slice(&id.to_be_bytes());
-        bytes.extend(apache_avro::to_avro_datum(&newer_schema, value).unwrap());
+        bytes.extend(
+            GenericDatumWriter::builder(&newer_schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(value)
+                .unwrap(),
+        );
         assert_eq!(
             codec.decode::<SendRequested>(&bytes).await.unwrap(),
             request()
