@@ -124,8 +124,11 @@ impl SchemaResolver for RegistryResolver {
 /// An in-process registry for unit and stage tests (no network).
 #[derive(Default)]
 pub struct MemoryResolver {
-    inner: RwLock<(HashMap<(String, String), u32>, HashMap<u32, String>)>,
+    inner: RwLock<MemoryRegistry>,
 }
+
+/// (subject, schema) → id, and id → schema.
+type MemoryRegistry = (HashMap<(String, String), u32>, HashMap<u32, String>);
 
 impl SchemaResolver for MemoryResolver {
     fn register<'a>(
