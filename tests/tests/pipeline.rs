@@ -307,3 +307,53 @@ async fn sigkill_mid_flow_loses_nothing_and_sends_nothing_twice() {
         n - delivered
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_stage_binary_starts_alone_and_drains_on_sigterm() {
+    let _serial = SERIAL.lock().await;
+    for (i, stage) in [
+        "accept",
+        "render",
+        "route",
+        "send",
+        "delay",
+        "projector",
+        "api",
+        "callback",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let bin = herald_bin().with_file_name(format!("herald-{stage}"));
+        assert!(bin.exists(), "{} missing", bin.display());
+        let admin = 19_700 + i as u16;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("--config")
+            .arg(config_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in herald_env(18_300 + 2 * i as u16, admin) {
+            cmd.env(k, v);
+        }
+        let mut child = Herald {
+            child: cmd.spawn().expect("spawn stage binary"),
+        };
+        eventually(
+            Duration::from_secs(60),
+            &format!("herald-{stage} /health"),
+            || async move {
+                let r = reqwest::get(format!("http://127.0.0.1:{admin}/health"))
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            },
+        )
+        .await;
+        child.signal("TERM");
+        assert_eq!(
+            child.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "herald-{stage} did not drain and exit 0"
+        );
+    }
+}

@@ -158,11 +158,12 @@ impl SchemaResolver for MemoryResolver {
     }
 }
 
-/// A writer schema known by id.
+/// A writer schema known by id, with its datum reader built once.
 struct WriterEntry {
     schema: &'static Schema,
     full_name: String,
     canonical: String,
+    reader: GenericDatumReader<'static>,
 }
 
 /// Subject for a topic and record, per the contract: public topics use `<topic>-value`
@@ -185,9 +186,14 @@ pub fn subject_for(topic: &str, full_name: &str) -> String {
 /// The codec shared by all stages of a process.
 pub struct Codec {
     resolver: Arc<dyn SchemaResolver>,
-    ids: RwLock<HashMap<(String, &'static str), u32>>,
+    /// type → topic → registered id.
+    ids: RwLock<HashMap<&'static str, HashMap<String, u32>>>,
     writers: RwLock<HashMap<u32, Arc<WriterEntry>>>,
-    canon: RwLock<HashMap<&'static str, String>>,
+    /// Datum writers of our own event types, built once.
+    encoders: RwLock<HashMap<&'static str, Arc<GenericDatumWriter<'static>>>>,
+    /// (writer id, our type) → a resolving reader when the writer's schema differs from ours;
+    /// `None` when they are the same and the fast path applies.
+    resolvers: RwLock<HashMap<(u32, &'static str), Option<Arc<GenericDatumReader<'static>>>>>,
 }
 
 impl Codec {
@@ -196,14 +202,14 @@ impl Codec {
             resolver,
             ids: RwLock::default(),
             writers: RwLock::default(),
-            canon: RwLock::default(),
+            encoders: RwLock::default(),
+            resolvers: RwLock::default(),
         }
     }
 
     /// Registers `T` for `topic` (idempotent) and returns its id.
     pub async fn schema_id<T: Event>(&self, topic: &str) -> Result<u32, CodecError> {
-        let key = (topic.to_owned(), T::FULL_NAME);
-        if let Some(id) = read(&self.ids).get(&key) {
+        if let Some(id) = read(&self.ids).get(T::FULL_NAME).and_then(|t| t.get(topic)) {
             return Ok(*id);
         }
         let subject = subject_for(topic, T::FULL_NAME);
@@ -211,7 +217,10 @@ impl Codec {
             .resolver
             .register(&subject, T::FULL_NAME, T::schema_text())
             .await?;
-        write(&self.ids).insert(key, id);
+        write(&self.ids)
+            .entry(T::FULL_NAME)
+            .or_default()
+            .insert(topic.to_owned(), id);
         Ok(id)
     }
 
@@ -221,13 +230,24 @@ impl Codec {
         let mut buf = Vec::with_capacity(256);
         buf.push(0u8);
         buf.extend_from_slice(&id.to_be_bytes());
-        let writer = GenericDatumWriter::builder(T::schema())
-            .build()
-            .map_err(|e| CodecError::Encode(T::FULL_NAME, e.to_string()))?;
-        writer
+        self.encoder::<T>()?
+            .as_ref()
             .write_ser(&mut buf, event)
             .map_err(|e| CodecError::Encode(T::FULL_NAME, e.to_string()))?;
         Ok(buf)
+    }
+
+    fn encoder<T: Event>(&self) -> Result<Arc<GenericDatumWriter<'static>>, CodecError> {
+        if let Some(w) = read(&self.encoders).get(T::FULL_NAME) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(
+            GenericDatumWriter::builder(T::schema())
+                .build()
+                .map_err(|e| CodecError::Encode(T::FULL_NAME, e.to_string()))?,
+        );
+        write(&self.encoders).insert(T::FULL_NAME, w.clone());
+        Ok(w)
     }
 
     fn frame(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
@@ -258,10 +278,18 @@ impl Codec {
         let canonical = schema.canonical_form();
         // Bounded: one entry per schema id this process ever sees.
         let schema: &'static Schema = Box::leak(Box::new(schema));
+        let reader =
+            GenericDatumReader::builder(schema)
+                .build()
+                .map_err(|e| CodecError::Undecodable {
+                    id,
+                    detail: e.to_string(),
+                })?;
         let entry = Arc::new(WriterEntry {
             schema,
             full_name,
             canonical,
+            reader,
         });
         write(&self.writers).insert(id, entry.clone());
         Ok(entry)
@@ -273,13 +301,29 @@ impl Codec {
         Ok(self.writer(id).await?.full_name.clone())
     }
 
-    fn local_canonical<T: Event>(&self) -> String {
-        if let Some(c) = read(&self.canon).get(T::FULL_NAME) {
-            return c.clone();
+    /// `None` when `writer` is our own schema for `T` (no resolution needed).
+    fn resolver_for<T: Event>(
+        &self,
+        id: u32,
+        writer: &WriterEntry,
+    ) -> Result<Option<Arc<GenericDatumReader<'static>>>, CodecError> {
+        if let Some(r) = read(&self.resolvers).get(&(id, T::FULL_NAME)) {
+            return Ok(r.clone());
         }
-        let c = T::schema().canonical_form();
-        write(&self.canon).insert(T::FULL_NAME, c.clone());
-        c
+        let r = if writer.canonical == T::schema().canonical_form() {
+            None
+        } else {
+            let reader = GenericDatumReader::builder(writer.schema)
+                .reader_schema(T::schema())
+                .build()
+                .map_err(|e| CodecError::Undecodable {
+                    id,
+                    detail: e.to_string(),
+                })?;
+            Some(Arc::new(reader))
+        };
+        write(&self.resolvers).insert((id, T::FULL_NAME), r.clone());
+        Ok(r)
     }
 
     /// Decodes a framed payload as `T`, resolving an evolved writer schema where needed.
@@ -296,18 +340,12 @@ impl Codec {
             id,
             detail: e.to_string(),
         };
-        if writer.canonical == self.local_canonical::<T>() {
-            let reader = GenericDatumReader::builder(writer.schema)
-                .build()
-                .map_err(undecodable)?;
-            reader.read_deser(&mut body).map_err(undecodable)
-        } else {
-            let reader = GenericDatumReader::builder(writer.schema)
-                .reader_schema(T::schema())
-                .build()
-                .map_err(undecodable)?;
-            let value = reader.read_value(&mut body).map_err(undecodable)?;
-            from_value(&value).map_err(undecodable)
+        match self.resolver_for::<T>(id, &writer)? {
+            None => writer.reader.read_deser(&mut body).map_err(undecodable),
+            Some(resolving) => {
+                let value = resolving.read_value(&mut body).map_err(undecodable)?;
+                from_value(&value).map_err(undecodable)
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //!   dead-letter helpers that keep promise 5 (bad input never stops a stage).
 //! - [`config`], [`telemetry`], [`shutdown`], [`util`].
 
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod readmodel;

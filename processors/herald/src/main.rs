@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::routing::get;
 use clap::{Parser, Subcommand};
 use herald_core::config::Config;
-use herald_core::runtime::{Deps, all_topics};
+use herald_core::runtime::Deps;
 use herald_core::telemetry;
 use herald_core::transport::OutRecord;
 use herald_core::util::{now_ms, random_id};
@@ -85,58 +84,9 @@ enum ConfigCmd {
 }
 
 async fn setup(deps: &Deps) -> anyhow::Result<()> {
-    deps.transport
-        .ensure_topics(&all_topics(deps.config.kafka.partitions))
+    herald_core::cli::setup(deps)
         .await
-        .context("creating topics")?;
-    // Registering every schema at start-up (CONTRACT.md §1) also surfaces a broken registry early.
-    let probe = SendRequested {
-        request_id: String::new(),
-        app_id: String::new(),
-        idempotency_key: None,
-        channel: Channel::Email,
-        template: None,
-        params: Default::default(),
-        recipients: vec![],
-        content: None,
-        send_at: None,
-        priority: Priority::Normal,
-        expires_at: None,
-        metadata: Default::default(),
-        requested_at: 0,
-    };
-    deps.codec
-        .encode(topics::REQUESTS, &probe)
-        .await
-        .context("registering schemas")?;
-    Ok(())
-}
-
-async fn admin(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let handle = telemetry::metrics_handle();
-    let listen = deps.config.admin.listen.clone();
-    let transport = deps.transport.clone();
-    let app = axum::Router::new()
-        .route("/metrics", get(move || {
-            let h = handle.clone();
-            async move { h.render() }
-        }))
-        .route("/health", get(move || {
-            let t = transport.clone();
-            async move {
-                let ok = t.ping().await.is_ok();
-                let body = serde_json::json!({"status": if ok {"UP"} else {"DOWN"}, "services": {t.kind(): {"status": if ok {"UP"} else {"DOWN"}}}});
-                (if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
-            }
-        }));
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("admin listen {listen}"))?;
-    info!(%listen, "admin (/metrics, /health) listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+        .map_err(anyhow::Error::msg)
 }
 
 async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Result<()> {
@@ -169,7 +119,11 @@ async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Resul
     let sd = shutdown.clone();
     spawn(
         "admin",
-        Box::pin(async move { admin(d, sd).await.map_err(|e| e.to_string()) }),
+        Box::pin(async move {
+            herald_core::cli::serve_admin(d, sd)
+                .await
+                .map_err(|e| e.to_string())
+        }),
     );
     for s in wanted {
         let (d, sd) = (deps.clone(), shutdown.clone());

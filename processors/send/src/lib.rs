@@ -33,7 +33,7 @@ use providers::{CallResult, Provider};
 pub const STAGE: &str = "send";
 
 /// Provider calls in flight per worker.
-const CONCURRENCY: usize = 64;
+const CONCURRENCY: usize = 256;
 
 pub fn outcome_str(o: DeliveryOutcome) -> &'static str {
     match o {

@@ -1,0 +1,130 @@
+//! What every process entry point does: load config, connect, create topics and register schemas,
+//! serve `/metrics` and `/health` on the admin port, run until SIGTERM, exit non-zero on failure.
+
+use std::time::Duration;
+
+use axum::routing::get;
+use futures::future::BoxFuture;
+use herald_schemas::{Channel, Priority, SendRequested, topics};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::runtime::{Deps, all_topics};
+use crate::telemetry;
+use crate::worker::StageError;
+
+/// Creates missing topics and registers the schemas (idempotent).
+pub async fn setup(deps: &Deps) -> Result<(), String> {
+    deps.transport
+        .ensure_topics(&all_topics(deps.config.kafka.partitions))
+        .await
+        .map_err(|e| format!("creating topics: {e}"))?;
+    // Registering at start-up (CONTRACT.md §1) also surfaces a broken registry early.
+    let probe = SendRequested {
+        request_id: String::new(),
+        app_id: String::new(),
+        idempotency_key: None,
+        channel: Channel::Email,
+        template: None,
+        params: Default::default(),
+        recipients: vec![],
+        content: None,
+        send_at: None,
+        priority: Priority::Normal,
+        expires_at: None,
+        metadata: Default::default(),
+        requested_at: 0,
+    };
+    deps.codec
+        .encode(topics::REQUESTS, &probe)
+        .await
+        .map_err(|e| format!("registering schemas: {e}"))?;
+    Ok(())
+}
+
+/// Serves `/metrics` (Prometheus text) and `/health` (transport reachability) until `shutdown`.
+pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let handle = telemetry::metrics_handle();
+    let listen = deps.config.admin.listen.clone();
+    let transport = deps.transport.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let t = transport.clone();
+                async move {
+                    let ok = t.ping().await.is_ok();
+                    let state = if ok { "UP" } else { "DOWN" };
+                    let body = serde_json::json!({"status": state, "services": {t.kind(): {"status": state}}});
+                    let code = if ok {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (code, axum::Json(body))
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| StageError::Fatal(format!("admin listen {listen}: {e}")))?;
+    info!(%listen, "admin (/metrics, /health) listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|e| StageError::Fatal(format!("admin: {e}")))
+}
+
+/// A stage's run function.
+pub type StageFn = fn(Deps, CancellationToken) -> BoxFuture<'static, Result<(), StageError>>;
+
+/// The `main` of a single-stage binary: `herald-<stage> [--config FILE]` (or `HERALD_CONFIG`).
+pub fn stage_main(stage: &'static str, run: StageFn) -> std::process::ExitCode {
+    telemetry::init_tracing();
+    let mut args = std::env::args().skip(1);
+    let mut path = std::env::var("HERALD_CONFIG").ok();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => path = args.next(),
+            _ => {
+                eprintln!("usage: herald-{stage} [--config FILE]");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald-{stage}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), String> = runtime.block_on(async {
+        let config =
+            Config::load(path.as_deref().map(std::path::Path::new)).map_err(|e| e.to_string())?;
+        telemetry::metrics_handle();
+        let deps = Deps::new(config).map_err(|e| e.to_string())?;
+        setup(&deps).await?;
+        let shutdown = crate::shutdown::on_signals();
+        let admin = tokio::spawn(serve_admin(deps.clone(), shutdown.clone()));
+        let outcome = run(deps, shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+        outcome.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-{stage}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

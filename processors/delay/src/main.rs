@@ -1,0 +1,7 @@
+//! `herald-delay`: the delay stage alone (`herald run --stages delay` runs it in the all-in-one binary).
+
+fn main() -> std::process::ExitCode {
+    herald_core::cli::stage_main("delay", |deps, shutdown| {
+        Box::pin(herald_delay::run(deps, shutdown))
+    })
+}

@@ -1,0 +1,7 @@
+//! `herald-projector`: the projector stage alone (`herald run --stages projector` runs it in the all-in-one binary).
+
+fn main() -> std::process::ExitCode {
+    herald_core::cli::stage_main("projector", |deps, shutdown| {
+        Box::pin(herald_projector::run(deps, shutdown))
+    })
+}
