@@ -1,8 +1,10 @@
-//! The attempt ledger in PostgreSQL: promise 2 (nothing sent twice). Before a provider call the
-//! (message, attempt) pair is claimed; after it, the outcome is recorded. A redelivered record
-//! finds its claim: with an outcome, the outcome is re-emitted without calling the provider;
-//! without one (the process died mid-call), the outcome is `unknown`, never a silent resend.
-//! One statement per batch for each step: no per-message round trips.
+//! The attempt ledger in PostgreSQL: promise 2 (nothing sent twice). A batch's (message,
+//! attempt) pairs are claimed; right before a wave of provider calls starts, the wave is marked
+//! `started` (durably, one statement per wave); after the calls, outcomes are recorded.
+//! A redelivered record finds its row: with an outcome, the outcome is re-emitted without calling
+//! the provider; started without an outcome (the process died mid-call), the outcome is
+//! `unknown`, never a silent resend; claimed but never started, the call is made now.
+//! One statement per batch or wave for each step: no per-message round trips.
 
 use tokio_postgres::Client;
 
@@ -14,6 +16,7 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     attempt int NOT NULL,
     provider text NOT NULL,
     claimed_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
     finished_at timestamptz,
     outcome text,
     response_code text,
@@ -22,12 +25,13 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     reason_message text,
     latency_ms bigint,
     PRIMARY KEY (message_id, attempt)
-)";
+);
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS started_at timestamptz";
 
 /// What the ledger says about a claimed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prior {
-    /// Never claimed before: call the provider.
+    /// Never claimed, or claimed and never started: call the provider.
     Fresh,
     /// Finished before: re-emit this.
     Finished(CallResult, i64),
@@ -63,7 +67,7 @@ pub async fn claim(
         let rows = db
             .query(
                 "SELECT l.message_id, l.attempt, l.outcome, l.response_code, l.provider_message_id,
-                        l.reason_code, l.reason_message, l.latency_ms
+                        l.reason_code, l.reason_message, l.latency_ms, l.started_at IS NOT NULL
                  FROM send_ledger l JOIN UNNEST($1::text[], $2::int[]) AS k(m, a)
                    ON l.message_id = k.m AND l.attempt = k.a",
                 &[&ids, &attempts],
@@ -86,7 +90,8 @@ pub async fn claim(
                         r.get::<_, Option<i64>>(7).unwrap_or_default(),
                     )
                 }
-                None => Prior::InFlight,
+                None if r.get::<_, bool>(8) => Prior::InFlight,
+                None => Prior::Fresh,
             };
             prior.insert((r.get::<_, String>(0), r.get::<_, i32>(1)), p);
         }
@@ -101,6 +106,23 @@ pub async fn claim(
             }
         })
         .collect())
+}
+
+/// Marks attempts as started, durably, before their provider calls are made.
+pub async fn start(db: &Client, keys: &[(&str, i32)]) -> Result<(), tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
+    let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
+    db.execute(
+        "UPDATE send_ledger l SET started_at = now()
+         FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
+         WHERE l.message_id = k.m AND l.attempt = k.a",
+        &[&ids, &attempts],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Records the outcomes of a batch's calls.

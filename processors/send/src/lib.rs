@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use herald_core::runtime::Deps;
 use herald_core::telemetry::names;
@@ -32,7 +31,7 @@ use providers::{CallResult, Provider};
 
 pub const STAGE: &str = "send";
 
-/// Provider calls in flight per worker.
+/// Provider calls in flight per worker (one wave).
 const CONCURRENCY: usize = 256;
 
 pub fn outcome_str(o: DeliveryOutcome) -> &'static str {
@@ -155,20 +154,45 @@ impl BatchHandler for Send {
                 ))
             })?;
 
+            // Calls go out in waves; each wave is marked started (one statement) before any of
+            // its calls begins, so a crash can only leave that wave's calls in doubt.
             let providers = self.providers.clone();
-            let futs: Vec<BoxFuture<'_, (usize, CallResult, i64, bool)>> = msgs
+            let mut calls = Vec::with_capacity(msgs.len());
+            let wave_size = msgs
                 .iter()
-                .zip(priors)
-                .enumerate()
-                .map(|(i, ((m, attempt, _), prior))| {
-                    Box::pin(call_one(providers.as_ref(), m, *attempt, prior, i))
-                        as BoxFuture<'_, _>
-                })
-                .collect();
-            let calls = futures::stream::iter(futs)
-                .buffer_unordered(CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await;
+                .filter_map(|(m, _, _)| providers.get(&m.provider).map(|p| p.max_in_flight()))
+                .min()
+                .unwrap_or(CONCURRENCY)
+                .clamp(1, CONCURRENCY);
+            let mut pending: Vec<(usize, Prior)> = priors.into_iter().enumerate().collect();
+            while !pending.is_empty() {
+                let wave: Vec<(usize, Prior)> =
+                    pending.drain(..pending.len().min(wave_size)).collect();
+                let starting: Vec<(&str, i32)> = wave
+                    .iter()
+                    .filter(|(_, p)| *p == Prior::Fresh)
+                    .map(|(i, _)| (msgs[*i].0.header.message_id.as_str(), msgs[*i].1))
+                    .collect();
+                ledger::start(&self.db, &starting).await.map_err(|e| {
+                    StageError::Transient(format!(
+                        "ledger start: {}",
+                        herald_core::runtime::pg_error(e)
+                    ))
+                })?;
+                let futs: Vec<BoxFuture<'_, (usize, CallResult, i64, bool)>> = wave
+                    .into_iter()
+                    .map(|(i, prior)| {
+                        Box::pin(call_one(
+                            providers.as_ref(),
+                            &msgs[i].0,
+                            msgs[i].1,
+                            prior,
+                            i,
+                        )) as BoxFuture<'_, _>
+                    })
+                    .collect();
+                calls.extend(futures::future::join_all(futs).await);
+            }
 
             let finished: Vec<(String, i32, CallResult, i64)> = calls
                 .iter()
@@ -188,7 +212,7 @@ impl BatchHandler for Send {
                     herald_core::runtime::pg_error(e)
                 ))
             })?;
-            let mut calls = calls;
+
             calls.sort_by_key(|c| c.0);
             for (i, r, latency, _) in calls {
                 let (m, attempt, trace) = &msgs[i];

@@ -46,6 +46,11 @@ pub trait Provider: Send + Sync {
     fn has_receipts(&self) -> bool {
         false
     }
+    /// How many calls can really be in progress at once (e.g. the SMTP connection pool): the
+    /// send stage never marks more attempts as started than this.
+    fn max_in_flight(&self) -> usize {
+        256
+    }
     fn send<'a>(&'a self, m: &'a MessageRouted, attempt: i32) -> BoxFuture<'a, CallResult>;
 }
 
@@ -72,6 +77,9 @@ pub fn build(p: &ProviderConfig) -> Result<Box<dyn Provider>, ProviderError> {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Pooled SMTP connections per provider.
+const SMTP_POOL: u32 = 16;
+
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
@@ -94,7 +102,7 @@ impl Smtp {
         }
         .port(port)
         .timeout(Some(Duration::from_millis(p.timeout_ms)))
-        .pool_config(PoolConfig::new().max_size(16));
+        .pool_config(PoolConfig::new().max_size(SMTP_POOL));
         if let (Some(u), Some(pw)) = (p.credentials.get("username"), p.credentials.get("password"))
         {
             b = b.credentials(Credentials::new(u.clone(), pw.clone()));
@@ -142,6 +150,10 @@ impl Smtp {
 }
 
 impl Provider for Smtp {
+    fn max_in_flight(&self) -> usize {
+        SMTP_POOL as usize
+    }
+
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
             let msg = match self.message(m) {
