@@ -295,17 +295,32 @@ async fn kill_mid_flow(transport: &str, api: u16, admin: u16) {
             .unwrap_or(0)
         }
     };
+    let ledger = |sql: &'static str, ids: Vec<String>| {
+        let db = &db;
+        async move {
+            db.query_one(sql, &[&ids])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        }
+    };
+    const STARTED: &str =
+        "SELECT count(*) FROM send_ledger WHERE message_id = ANY($1) AND started_at IS NOT NULL";
+    const FINISHED: &str =
+        "SELECT count(*) FROM send_ledger WHERE message_id = ANY($1) AND outcome IS NOT NULL";
     publish_on(transport, &reqs).await;
-    // Kill while the flow is under way: some, not all, messages done.
-    eventually(Duration::from_secs(90), "first deliveries", || {
-        let ids = ids.clone();
-        let t = &terminal;
-        async move { (t(ids).await >= 1).then_some(()) }
-    })
-    .await;
+    // Kill while provider calls are being made (the ledger marks each wave as it starts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while ledger(STARTED, ids.clone()).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no provider call started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     herald.signal("KILL");
     assert!(herald.wait_exit(Duration::from_secs(5)).is_some());
-    let done_at_kill = terminal(ids.clone()).await;
+    let done_at_kill = ledger(FINISHED, ids.clone()).await;
     assert!(
         done_at_kill < n as i64,
         "the kill came after the flow ended: nothing was tested"
