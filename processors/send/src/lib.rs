@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use herald_core::runtime::Deps;
 use herald_core::telemetry::names;
@@ -31,8 +32,11 @@ use providers::{CallResult, Provider};
 
 pub const STAGE: &str = "send";
 
-/// Provider calls in flight per worker (one wave).
+/// Largest wave of provider calls.
 const CONCURRENCY: usize = 256;
+
+/// Waves in progress at once: the next wave starts while the last one's stragglers finish.
+const WAVES_IN_FLIGHT: usize = 2;
 
 pub fn outcome_str(o: DeliveryOutcome) -> &'static str {
     match o {
@@ -155,44 +159,59 @@ impl BatchHandler for Send {
             })?;
 
             // Calls go out in waves; each wave is marked started (one statement) before any of
-            // its calls begins, so a crash can only leave that wave's calls in doubt.
+            // its calls begins, so a crash can only leave the waves in progress in doubt.
             let providers = self.providers.clone();
-            let mut calls = Vec::with_capacity(msgs.len());
             let wave_size = msgs
                 .iter()
                 .filter_map(|(m, _, _)| providers.get(&m.provider).map(|p| p.max_in_flight()))
                 .min()
                 .unwrap_or(CONCURRENCY)
+                .div_ceil(WAVES_IN_FLIGHT)
                 .clamp(1, CONCURRENCY);
-            let mut pending: Vec<(usize, Prior)> = priors.into_iter().enumerate().collect();
-            while !pending.is_empty() {
-                let wave: Vec<(usize, Prior)> =
-                    pending.drain(..pending.len().min(wave_size)).collect();
-                let starting: Vec<(&str, i32)> = wave
-                    .iter()
-                    .filter(|(_, p)| *p == Prior::Fresh)
-                    .map(|(i, _)| (msgs[*i].0.header.message_id.as_str(), msgs[*i].1))
-                    .collect();
-                ledger::start(&self.db, &starting).await.map_err(|e| {
-                    StageError::Transient(format!(
-                        "ledger start: {}",
-                        herald_core::runtime::pg_error(e)
-                    ))
-                })?;
-                let futs: Vec<BoxFuture<'_, (usize, CallResult, i64, bool)>> = wave
-                    .into_iter()
-                    .map(|(i, prior)| {
+            let mut waves: Vec<Vec<(usize, Prior)>> = Vec::new();
+            for (i, prior) in priors.into_iter().enumerate() {
+                match waves.last_mut() {
+                    Some(w) if w.len() < wave_size => w.push((i, prior)),
+                    _ => waves.push(vec![(i, prior)]),
+                }
+            }
+            let db = &self.db;
+            let msgs_ref = &msgs;
+            let mut wave_futs: Vec<
+                BoxFuture<'_, Result<Vec<(usize, CallResult, i64, bool)>, StageError>>,
+            > = Vec::new();
+            for wave in waves {
+                let providers = providers.clone();
+                wave_futs.push(Box::pin(async move {
+                    let starting: Vec<(&str, i32)> = wave
+                        .iter()
+                        .filter(|(_, p)| *p == Prior::Fresh)
+                        .map(|(i, _)| (msgs_ref[*i].0.header.message_id.as_str(), msgs_ref[*i].1))
+                        .collect();
+                    ledger::start(db, &starting).await.map_err(|e| {
+                        StageError::Transient(format!(
+                            "ledger start: {}",
+                            herald_core::runtime::pg_error(e)
+                        ))
+                    })?;
+                    let calls = wave.into_iter().map(|(i, prior)| {
                         Box::pin(call_one(
                             providers.as_ref(),
-                            &msgs[i].0,
-                            msgs[i].1,
+                            &msgs_ref[i].0,
+                            msgs_ref[i].1,
                             prior,
                             i,
                         )) as BoxFuture<'_, _>
-                    })
-                    .collect();
-                calls.extend(futures::future::join_all(futs).await);
+                    });
+                    Ok(futures::future::join_all(calls).await)
+                }));
             }
+            let mut calls = Vec::with_capacity(msgs.len());
+            let mut waves = futures::stream::iter(wave_futs).buffer_unordered(WAVES_IN_FLIGHT);
+            while let Some(done) = waves.next().await {
+                calls.extend(done?);
+            }
+            drop(waves);
 
             let finished: Vec<(String, i32, CallResult, i64)> = calls
                 .iter()

@@ -85,6 +85,9 @@ impl KafkaSettings {
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
             ("fetch.wait.max.ms", "20"),
+            // One process runs a consumer per stage: librdkafka's default prefetch (64 MiB each)
+            // alone would blow the all-in-one memory budget. 4 MiB still holds many batches.
+            ("queued.max.messages.kbytes", "4096"),
             ("partition.assignment.strategy", "cooperative-sticky"),
         ]);
         let consumer: StreamConsumer = c.create()?;
