@@ -183,6 +183,8 @@ pub fn subject_for(topic: &str, full_name: &str) -> String {
     }
 }
 
+type SharedReader = Arc<GenericDatumReader<'static>>;
+
 /// The codec shared by all stages of a process.
 pub struct Codec {
     resolver: Arc<dyn SchemaResolver>,
@@ -193,7 +195,7 @@ pub struct Codec {
     encoders: RwLock<HashMap<&'static str, Arc<GenericDatumWriter<'static>>>>,
     /// (writer id, our type) → a resolving reader when the writer's schema differs from ours;
     /// `None` when they are the same and the fast path applies.
-    resolvers: RwLock<HashMap<(u32, &'static str), Option<Arc<GenericDatumReader<'static>>>>>,
+    resolvers: RwLock<HashMap<(u32, &'static str), Option<SharedReader>>>,
 }
 
 impl Codec {

@@ -177,9 +177,7 @@ impl BatchHandler for Send {
             }
             let db = &self.db;
             let msgs_ref = &msgs;
-            let mut wave_futs: Vec<
-                BoxFuture<'_, Result<Vec<(usize, CallResult, i64, bool)>, StageError>>,
-            > = Vec::new();
+            let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
             for wave in waves {
                 let providers = providers.clone();
                 wave_futs.push(Box::pin(async move {
@@ -242,6 +240,9 @@ impl BatchHandler for Send {
         })
     }
 }
+
+/// A wave's calls: (index in batch, result, latency ms, whether to record it).
+type WaveResult = Result<Vec<(usize, CallResult, i64, bool)>, StageError>;
 
 /// One provider call, or the ledger's earlier answer. The bool: record the outcome.
 async fn call_one(
