@@ -65,10 +65,6 @@ fn request(to: &str, name: &str) -> SendRequested {
     }
 }
 
-async fn publish(reqs: &[SendRequested]) {
-    publish_on("kafka", reqs).await
-}
-
 async fn publish_on(kind: &str, reqs: &[SendRequested]) {
     let codec = Codec::new(Arc::new(RegistryResolver::new(&registry()).unwrap()));
     let transport: Box<dyn Transport> = if kind == "redis" {
