@@ -10,7 +10,7 @@ pub mod handler;
 use std::collections::HashSet;
 
 use futures::future::BoxFuture;
-use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
+use herald_core::runtime::{Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, now_ms};
 use herald_core::worker::{
@@ -26,16 +26,6 @@ pub const STAGE: &str = "accept";
 struct Accept {
     deps: Deps,
     policy: AcceptPolicy,
-}
-
-/// The delay tier for a record due in `remaining_ms`: the largest tier not longer than it.
-pub fn tier_for(remaining_ms: i64) -> u64 {
-    DELAY_TIERS_SECS
-        .iter()
-        .rev()
-        .copied()
-        .find(|t| (*t as i64) * 1000 <= remaining_ms)
-        .unwrap_or(DELAY_TIERS_SECS[0])
 }
 
 impl Accept {
@@ -137,15 +127,4 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
     run_worker(STAGE, transport, spec, Accept { deps, policy }, shutdown).await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn picks_the_largest_tier_that_fits() {
-        assert_eq!(super::tier_for(700), 1);
-        assert_eq!(super::tier_for(1_500), 1);
-        assert_eq!(super::tier_for(45_000), 10);
-        assert_eq!(super::tier_for(5 * 3600 * 1000), 3600);
-    }
 }

@@ -367,14 +367,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 /// Serves the API until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let mut db = deps
-        .postgres()
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
     // The read model's tables may not exist yet when the API starts before the projector.
-    herald_core::runtime::migrate(&mut db, herald_core::readmodel::SCHEMA)
-        .await
-        .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
+    let db = deps
+        .postgres_migrated(herald_core::readmodel::SCHEMA)
+        .await?;
     let secrets = deps
         .config
         .apps

@@ -14,6 +14,17 @@ use crate::transport::{Delivery, SourceSpec, TopicSpec, Transport};
 /// Delay tiers in seconds. A record due later than the largest tier cycles through it.
 pub const DELAY_TIERS_SECS: [u64; 5] = [1, 10, 60, 600, 3600];
 
+/// The delay tier for a record due in `remaining_ms`: the largest tier not longer than it (the
+/// smallest for anything shorter).
+pub fn tier_for(remaining_ms: i64) -> u64 {
+    DELAY_TIERS_SECS
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| (*t as i64) * 1000 <= remaining_ms)
+        .unwrap_or(DELAY_TIERS_SECS[0])
+}
+
 pub fn delay_topic(tier_secs: u64) -> String {
     format!("{}{tier_secs}s", topics::DELAY_PREFIX)
 }
@@ -99,6 +110,22 @@ impl Deps {
         spec
     }
 
+    /// A PostgreSQL client with `ddl` applied (under the migration lock); failures are fatal.
+    pub async fn postgres_migrated(
+        &self,
+        ddl: &str,
+    ) -> Result<tokio_postgres::Client, crate::worker::StageError> {
+        use crate::worker::StageError;
+        let mut db = self
+            .postgres()
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {}", pg_error(e))))?;
+        migrate(&mut db, ddl)
+            .await
+            .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
+        Ok(db)
+    }
+
     /// A PostgreSQL client (the connection task runs in the background).
     pub async fn postgres(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         connect_postgres(&self.config.postgres.url).await
@@ -143,5 +170,16 @@ pub fn pg_error(e: tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn picks_the_largest_tier_that_fits() {
+        assert_eq!(super::tier_for(500), 1);
+        assert_eq!(super::tier_for(1_500), 1);
+        assert_eq!(super::tier_for(45_000), 10);
+        assert_eq!(super::tier_for(5 * 3600 * 1000), 3600);
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
+use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::now_ms;
 use herald_core::worker::{
@@ -17,16 +17,6 @@ use herald_schemas::{DelayScheduled, headers, topics};
 use tokio_util::sync::CancellationToken;
 
 pub const STAGE: &str = "delay";
-
-/// The largest tier not longer than `remaining_ms` (the smallest for anything shorter).
-pub fn tier_for(remaining_ms: i64) -> u64 {
-    DELAY_TIERS_SECS
-        .iter()
-        .rev()
-        .copied()
-        .find(|t| (*t as i64) * 1000 <= remaining_ms)
-        .unwrap_or(DELAY_TIERS_SECS[0])
-}
 
 /// What to do with a delayed record now.
 #[derive(Debug, PartialEq, Eq)]
@@ -144,6 +134,5 @@ mod tests {
         // Due in 45 s, entered the 10 s tier 10 s ago: move on to the 10 s tier again.
         assert_eq!(step(55_000, 0, 10, 10_000), Step::Retier(10));
         assert_eq!(step(4_000_000, 0, 60, 60_000), Step::Retier(3600));
-        assert_eq!(tier_for(500), 1);
     }
 }

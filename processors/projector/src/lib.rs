@@ -297,13 +297,9 @@ impl BatchHandler for Projector {
 
 /// Runs the projector until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let mut db = deps
-        .postgres()
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
-    herald_core::runtime::migrate(&mut db, herald_core::readmodel::SCHEMA)
-        .await
-        .map_err(|e| StageError::Fatal(format!("projector schema: {e}")))?;
+    let db = deps
+        .postgres_migrated(herald_core::readmodel::SCHEMA)
+        .await?;
     let rows = db
         .query(
             "SELECT topic, partition, next_offset FROM projector_offsets",

@@ -298,13 +298,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         built.insert(p.code.clone(), client);
     }
     let providers = Arc::new(built);
-    let mut setup = deps
-        .postgres()
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
-    herald_core::runtime::migrate(&mut setup, ledger::SCHEMA)
-        .await
-        .map_err(|e| StageError::Fatal(format!("ledger schema: {e}")))?;
+    deps.postgres_migrated(ledger::SCHEMA).await?;
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())
