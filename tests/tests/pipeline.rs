@@ -220,6 +220,54 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
         "rendered subject missing:\n{text}"
     );
 
+    // A provider receipt through the callback endpoint: verified, published, projected; a late
+    // `undelivered` lands in the timeline but never moves `delivered` backwards.
+    let callback = format!("http://127.0.0.1:{}/callbacks/webhook-sim", api + 1);
+    let receipt = serde_json::json!({
+        "message_id": mid, "request_id": req.request_id, "app_id": "demo", "channel": "EMAIL",
+        "status": "undelivered", "code": "MAILBOX_FULL", "attempt": 1
+    })
+    .to_string();
+    let key = herald_core::util::webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let ts = now_ms() / 1000;
+    let post = |sig: String| {
+        reqwest::Client::new()
+            .post(&callback)
+            .header("webhook-id", "rcpt-1")
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", sig)
+            .body(receipt.clone())
+            .send()
+    };
+    let forged = post("v1,AAAA".into()).await.unwrap();
+    assert_eq!(forged.status(), 401, "an unsigned receipt must be refused");
+    let sig = herald_core::util::standard_webhook_signature(&key, "rcpt-1", ts, receipt.as_bytes());
+    let ok = post(sig).await.unwrap();
+    assert_eq!(ok.status(), 200, "{}", ok.text().await.unwrap_or_default());
+    let after: serde_json::Value = eventually(
+        Duration::from_secs(30),
+        "receipt in the timeline",
+        || async {
+            let v: serde_json::Value = signed_get(&format!("/v1/messages/{mid}"), api)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let has = v["timeline"]
+                .as_array()?
+                .iter()
+                .any(|e| e["status"] == "undelivered");
+            has.then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        after["status"], "delivered",
+        "a status never moves backwards"
+    );
+
     // Unauthenticated reads are refused.
     let resp = reqwest::get(format!("http://127.0.0.1:{api}/v1/messages/{mid}"))
         .await
