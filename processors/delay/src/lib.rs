@@ -1,5 +1,5 @@
-//! Delay stage. Consumes `DelayScheduled` from the tier topics `herald.delay.<n>s`; a record in
-//! tier `n` waits until it has spent `n` seconds there (records in a tier partition are in
+//! Delay stage. Consumes `DelayScheduled` from the tier topics `herald.delay.<n>s`, one worker
+//! per tier; a record in tier `n` waits until it has spent `n` seconds there (records in a tier partition are in
 //! arrival order, so waiting on the head never delays a record behind it past its own time),
 //! then is re-published to its `target_topic` when due, or moved to the tier that fits the time
 //! still left. Scheduled sends and retries both ride on it. Exactly-once between topics.
@@ -101,23 +101,32 @@ impl BatchHandler for Delay {
     }
 }
 
-/// Runs the delay stage until `shutdown`.
+/// Runs the delay stage until `shutdown`: one worker per tier, so a record held for an hour
+/// never holds up one due in a second.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let tiers = DELAY_TIERS_SECS.iter().map(|t| delay_topic(*t)).collect();
-    let mut spec = deps.spec(STAGE, tiers, true);
-    spec.max_batch = spec.max_batch.min(500);
-    let transport = deps.transport.clone();
-    run_worker(
-        STAGE,
-        transport,
-        spec,
-        Delay {
-            deps,
+    let mut workers = Vec::new();
+    for tier in DELAY_TIERS_SECS {
+        let mut spec = deps.spec(&format!("{STAGE}-{tier}s"), vec![delay_topic(tier)], true);
+        spec.max_batch = spec.max_batch.min(500);
+        // Records are held for up to the tier's length: the broker must not presume us dead.
+        spec.max_batch_time = Duration::from_secs(tier + 300);
+        let handler = Delay {
+            deps: deps.clone(),
             shutdown: shutdown.clone(),
-        },
-        shutdown,
-    )
-    .await
+        };
+        workers.push(tokio::spawn(run_worker(
+            STAGE,
+            deps.transport.clone(),
+            spec,
+            handler,
+            shutdown.clone(),
+        )));
+    }
+    for w in workers {
+        w.await
+            .map_err(|e| StageError::Fatal(format!("delay worker: {e}")))??;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -75,8 +75,10 @@ impl KafkaSettings {
         } else {
             "false"
         };
+        let max_poll = spec.max_batch_time.as_millis().to_string();
         let c = self.client(&[
             ("group.id", &spec.group),
+            ("max.poll.interval.ms", &max_poll),
             ("enable.auto.commit", auto_commit),
             ("auto.commit.interval.ms", "1000"),
             ("enable.auto.offset.store", "false"),

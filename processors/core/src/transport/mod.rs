@@ -75,6 +75,9 @@ pub struct SourceSpec {
     pub max_wait: Duration,
     /// After the first record, how long a poll keeps filling the batch.
     pub linger: Duration,
+    /// Longest time the stage may spend on one batch before the broker presumes it dead
+    /// (Kafka `max.poll.interval.ms`). The delay stage holds records for up to a tier's length.
+    pub max_batch_time: Duration,
 }
 
 impl SourceSpec {
@@ -87,6 +90,7 @@ impl SourceSpec {
             max_batch: 1000,
             max_wait: Duration::from_millis(200),
             linger: Duration::from_millis(5),
+            max_batch_time: Duration::from_secs(300),
         }
     }
 }
