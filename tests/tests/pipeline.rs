@@ -220,6 +220,85 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
         "rendered subject missing:\n{text}"
     );
 
+    // The request's status: its one message, counted by status.
+    let path = format!("/v1/requests/{}", req.request_id);
+    let status: serde_json::Value = signed_get(&path, api)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["total"], 1, "{status}");
+    assert_eq!(status["counts"]["delivered"], 1, "{status}");
+    assert_eq!(status["messages"][0]["message_id"], mid.as_str());
+    assert!(status["next_cursor"].is_null());
+    let missing = signed_get("/v1/requests/no-such-request", api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // A batch request: five recipients, read back two at a time.
+    let mut batch = request("b0@example.com", "B");
+    batch.recipients = (0..5)
+        .map(|i| Recipient {
+            address: format!("b{i}@example.com"),
+            params: HashMap::from([("name".into(), format!("B{i}"))]),
+            timezone: None,
+        })
+        .collect();
+    publish_on(transport, std::slice::from_ref(&batch)).await;
+    let base = format!("/v1/requests/{}", batch.request_id);
+    eventually(Duration::from_secs(60), "the batch delivered", || {
+        let base = base.clone();
+        async move {
+            let v: serde_json::Value = signed_get(&base, api)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["counts"]["delivered"] == 5).then_some(())
+        }
+    })
+    .await;
+    let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+    for _ in 0..5 {
+        let path = match &cursor {
+            Some(c) => format!("{base}?limit=2&cursor={c}"),
+            None => format!("{base}?limit=2"),
+        };
+        let page: serde_json::Value = signed_get(&path, api)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["total"], 5);
+        seen.extend(
+            page["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["message_id"].as_str().unwrap().to_owned()),
+        );
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let want: std::collections::BTreeSet<String> = (0..5)
+        .map(|i| message_id("demo", &batch.request_id, i))
+        .collect();
+    assert_eq!(seen.len(), 5, "pages overlap or miss: {seen:?}");
+    assert_eq!(
+        seen.into_iter().collect::<std::collections::BTreeSet<_>>(),
+        want
+    );
+
     // A provider receipt through the callback endpoint: verified, published, projected; a late
     // `undelivered` lands in the timeline but never moves `delivered` backwards.
     let callback = format!("http://127.0.0.1:{}/callbacks/webhook-sim", api + 1);

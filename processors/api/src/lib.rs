@@ -2,7 +2,8 @@
 //!
 //! `POST /v1/messages` publishes a `SendRequested` to `herald.requests.v1` and answers 202 only
 //! once the broker acknowledged it (promise 1); bad requests get a 4xx with a machine-readable
-//! reason and publish nothing (promise 5). `GET /v1/messages/{id}` reads the projector's tables.
+//! reason and publish nothing (promise 5). `GET /v1/messages/{id}` and `GET /v1/requests/{id}`
+//! read the projector's tables.
 //! Every `/v1` route needs app authentication ([`auth`]).
 
 pub mod auth;
@@ -321,6 +322,98 @@ async fn get_message(
     .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    pub cursor: Option<String>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/requests/{id}`: the request's messages (recipient order of their ids, paginated by
+/// message id) and the count per status.
+async fn get_request(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            "limit must be 1 to 1000",
+        )
+        .field("limit"));
+    }
+    let db_err = |e: tokio_postgres::Error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            e.to_string(),
+        )
+    };
+    let counts = state
+        .db
+        .query(
+            "SELECT status, count(*) FROM messages WHERE request_id = $1 AND app_id = $2 GROUP BY status",
+            &[&id, &app],
+        )
+        .await
+        .map_err(db_err)?;
+    if counts.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "request_not_found",
+            format!("no request {id}"),
+        ));
+    }
+    let total: i64 = counts.iter().map(|r| r.get::<_, i64>(1)).sum();
+    let counts: serde_json::Map<String, serde_json::Value> = counts
+        .iter()
+        .map(|r| (r.get::<_, String>(0), json!(r.get::<_, i64>(1))))
+        .collect();
+    let after = page.cursor.unwrap_or_default();
+    let rows = state
+        .db
+        .query(
+            "SELECT message_id, recipient_masked, status FROM messages
+             WHERE request_id = $1 AND app_id = $2 AND message_id > $3
+             ORDER BY message_id LIMIT $4",
+            &[&id, &app, &after, &(limit + 1)],
+        )
+        .await
+        .map_err(db_err)?;
+    let more = rows.len() as i64 > limit;
+    let messages: Vec<_> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|r| json!({"message_id": r.get::<_, String>(0), "recipient": r.get::<_, Option<String>>(1), "status": r.get::<_, String>(2)}))
+        .collect();
+    let next_cursor = more
+        .then(|| {
+            messages
+                .last()
+                .and_then(|m| m["message_id"].as_str().map(str::to_owned))
+        })
+        .flatten();
+    metrics::counter!(names::API_REQUESTS, "route" => "get_request", "outcome" => "ok")
+        .increment(1);
+    Ok(Json(json!({
+        "request_id": id,
+        "app_id": app,
+        "total": total,
+        "counts": counts,
+        "messages": messages,
+        "next_cursor": next_cursor,
+    }))
+    .into_response())
+}
+
 /// `GET /health`: each dependency's state.
 pub async fn health(State(state): State<Arc<ApiState>>) -> Response {
     let deps = &state.deps;
@@ -360,6 +453,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/messages", post(send))
         .route("/v1/messages/{id}", get(get_message))
+        .route("/v1/requests/{id}", get(get_request))
         .route("/health", get(health))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
