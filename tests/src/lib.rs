@@ -3,7 +3,7 @@
 //! addresses below.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub fn env(name: &str, default: &str) -> String {
@@ -107,7 +107,8 @@ impl Herald {
         cmd.arg("-c")
             .arg(config)
             .arg("run")
-            .stdout(Stdio::null())
+            // tracing writes to stdout: keep both streams in the log.
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log);
         for (k, v) in envs {
             cmd.env(k, v);
