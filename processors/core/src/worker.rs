@@ -117,6 +117,33 @@ pub async fn run_worker(
     }
 }
 
+/// Runs several workers of one stage (one per channel, per tier …) until `shutdown`; the first
+/// fatal error of any of them is the stage's result.
+pub async fn run_workers<H: BatchHandler + 'static>(
+    stage: &'static str,
+    transport: Arc<dyn Transport>,
+    workers: Vec<(SourceSpec, H)>,
+    shutdown: CancellationToken,
+) -> Result<(), StageError> {
+    let handles: Vec<_> = workers
+        .into_iter()
+        .map(|(spec, handler)| {
+            tokio::spawn(run_worker(
+                stage,
+                transport.clone(),
+                spec,
+                handler,
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    for h in handles {
+        h.await
+            .map_err(|e| StageError::Fatal(format!("{stage} worker: {e}")))??;
+    }
+    Ok(())
+}
+
 /// Sleeps `d`; true if shutdown came first.
 async fn wait(shutdown: &CancellationToken, d: Duration) -> bool {
     tokio::select! {

@@ -11,7 +11,7 @@ use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::now_ms;
 use herald_core::worker::{
-    BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
+    BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
 use herald_schemas::{DelayScheduled, headers, topics};
 use tokio_util::sync::CancellationToken;
@@ -104,29 +104,21 @@ impl BatchHandler for Delay {
 /// Runs the delay stage until `shutdown`: one worker per tier, so a record held for an hour
 /// never holds up one due in a second.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let mut workers = Vec::new();
-    for tier in DELAY_TIERS_SECS {
-        let mut spec = deps.spec(&format!("{STAGE}-{tier}s"), vec![delay_topic(tier)], true);
-        spec.max_batch = spec.max_batch.min(500);
-        // Records are held for up to the tier's length: the broker must not presume us dead.
-        spec.max_batch_time = Duration::from_secs(tier + 300);
-        let handler = Delay {
-            deps: deps.clone(),
-            shutdown: shutdown.clone(),
-        };
-        workers.push(tokio::spawn(run_worker(
-            STAGE,
-            deps.transport.clone(),
-            spec,
-            handler,
-            shutdown.clone(),
-        )));
-    }
-    for w in workers {
-        w.await
-            .map_err(|e| StageError::Fatal(format!("delay worker: {e}")))??;
-    }
-    Ok(())
+    let workers = DELAY_TIERS_SECS
+        .iter()
+        .map(|tier| {
+            let mut spec = deps.spec(&format!("{STAGE}-{tier}s"), vec![delay_topic(*tier)], true);
+            spec.max_batch = spec.max_batch.min(500);
+            // Records are held for up to the tier's length: the broker must not presume us dead.
+            spec.max_batch_time = Duration::from_secs(tier + 300);
+            let handler = Delay {
+                deps: deps.clone(),
+                shutdown: shutdown.clone(),
+            };
+            (spec, handler)
+        })
+        .collect();
+    run_workers(STAGE, deps.transport.clone(), workers, shutdown).await
 }
 
 #[cfg(test)]

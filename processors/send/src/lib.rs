@@ -21,7 +21,7 @@ use herald_core::telemetry::names;
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, mask_address, now_ms};
 use herald_core::worker::{
-    BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
+    BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
 use herald_schemas::{Channel, DeliveryAttempted, DeliveryOutcome, MessageRouted, Reason, topics};
 use tokio_util::sync::CancellationToken;
@@ -319,19 +319,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             db,
             providers: providers.clone(),
         };
-        workers.push(tokio::spawn(run_worker(
-            STAGE,
-            deps.transport.clone(),
-            spec,
-            handler,
-            shutdown.clone(),
-        )));
+        workers.push((spec, handler));
     }
-    for w in workers {
-        w.await
-            .map_err(|e| StageError::Fatal(format!("send worker: {e}")))??;
-    }
-    Ok(())
+    run_workers(STAGE, deps.transport.clone(), workers, shutdown).await
 }
 
 #[cfg(test)]
