@@ -115,6 +115,11 @@ fn signed_get(path: &str, api: u16) -> reqwest::RequestBuilder {
         )
 }
 
+/// A signed read of the API as JSON; `None` on any transport or decode problem (callers poll).
+async fn api_json(path: &str, api: u16) -> Option<serde_json::Value> {
+    signed_get(path, api).send().await.ok()?.json().await.ok()
+}
+
 /// Mails at the SMTP server whose Message-ID is one of ours: (count, last text) per message id.
 fn mails_for(ids: &[String]) -> HashMap<String, (usize, String)> {
     let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
@@ -222,13 +227,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
 
     // The request's status: its one message, counted by status.
     let path = format!("/v1/requests/{}", req.request_id);
-    let status: serde_json::Value = signed_get(&path, api)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = api_json(&path, api).await.expect("API answer");
     assert_eq!(status["total"], 1, "{status}");
     assert_eq!(status["counts"]["delivered"], 1, "{status}");
     assert_eq!(status["messages"][0]["message_id"], mid.as_str());
@@ -253,13 +252,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
     eventually(Duration::from_secs(60), "the batch delivered", || {
         let base = base.clone();
         async move {
-            let v: serde_json::Value = signed_get(&base, api)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: serde_json::Value = api_json(&base, api).await?;
             (v["counts"]["delivered"] == 5).then_some(())
         }
     })
@@ -270,13 +263,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
             Some(c) => format!("{base}?limit=2&cursor={c}"),
             None => format!("{base}?limit=2"),
         };
-        let page: serde_json::Value = signed_get(&path, api)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: serde_json::Value = api_json(&path, api).await.expect("API answer");
         assert_eq!(page["total"], 5);
         seen.extend(
             page["messages"]
@@ -327,13 +314,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
         Duration::from_secs(30),
         "receipt in the timeline",
         || async {
-            let v: serde_json::Value = signed_get(&format!("/v1/messages/{mid}"), api)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: serde_json::Value = api_json(&format!("/v1/messages/{mid}"), api).await?;
             let has = v["timeline"]
                 .as_array()?
                 .iter()
@@ -554,13 +535,7 @@ async fn a_scheduled_email_waits_in_the_delay_tier_and_is_sent_on_time() {
     eventually(Duration::from_secs(90), "warm-up message delivered", || {
         let path = format!("/v1/messages/{warm_id}");
         async move {
-            let v: serde_json::Value = signed_get(&path, api)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: serde_json::Value = api_json(&path, api).await?;
             (v["status"] == "delivered").then_some(())
         }
     })
@@ -585,13 +560,7 @@ async fn a_scheduled_email_waits_in_the_delay_tier_and_is_sent_on_time() {
         Duration::from_secs(60),
         "delivered after send_at",
         || async {
-            let v: serde_json::Value = signed_get(&format!("/v1/messages/{mid}"), api)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: serde_json::Value = api_json(&format!("/v1/messages/{mid}"), api).await?;
             (v["status"] == "delivered").then_some(v)
         },
     )
