@@ -14,6 +14,7 @@ pub mod config;
 pub mod readmodel;
 pub mod runtime;
 pub mod shutdown;
+pub mod sign;
 pub mod telemetry;
 pub mod transport;
 pub mod util;
