@@ -40,6 +40,10 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     pub providers: Vec<ProviderConfig>,
     pub templates: Vec<TemplateConfig>,
+    /// Failure rules, evaluated in ascending `priority`; the first match decides.
+    pub rules: Vec<RuleConfig>,
+    /// Per-channel policies.
+    pub policies: Vec<PolicyConfig>,
 }
 
 impl Default for Config {
@@ -56,6 +60,8 @@ impl Default for Config {
             apps: Vec::new(),
             providers: Vec::new(),
             templates: Vec::new(),
+            rules: Vec::new(),
+            policies: Vec::new(),
         }
     }
 }
@@ -303,6 +309,113 @@ pub struct ProviderConfig {
     pub credentials_env: BTreeMap<String, String>,
     #[serde(skip)]
     pub credentials: BTreeMap<String, String>,
+    /// Non-secret provider options: `sign_name`, `sdk_app_id`, `region`, `agent_id`,
+    /// `signature` (`v2`/`acs3` for Aliyun) … (README lists each kind's).
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleScene {
+    SendFailure,
+    CallbackFailure,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    Retry,
+    SwitchProvider,
+    Fail,
+    Alert,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// retry: most retries of a message (attempts after the first).
+    #[serde(default = "three")]
+    pub max_retry: u32,
+    /// retry: delay before the first retry.
+    #[serde(default = "five_f")]
+    pub delay_seconds: f64,
+    /// retry: each later retry waits this many times longer.
+    #[serde(default = "two_f")]
+    pub backoff_rate: f64,
+    /// alert: the operator URL (signed per Standard Webhooks with `secret_env`'s value).
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(skip)]
+    pub secret: String,
+}
+
+impl Default for ActionConfig {
+    fn default() -> Self {
+        ActionConfig {
+            max_retry: three(),
+            delay_seconds: five_f(),
+            backoff_rate: two_f(),
+            webhook_url: None,
+            secret_env: None,
+            secret: String::new(),
+        }
+    }
+}
+
+fn three() -> u32 {
+    3
+}
+fn five_f() -> f64 {
+    5.0
+}
+fn two_f() -> f64 {
+    2.0
+}
+
+/// One failure rule (CONTRACT.md §4). Empty matchers match anything.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    pub scene: RuleScene,
+    #[serde(default)]
+    pub channel: Option<Channel>,
+    #[serde(default)]
+    pub provider: String,
+    /// Matched against the provider's error code and Herald's reason code.
+    #[serde(default)]
+    pub error_codes: Vec<String>,
+    /// Matched (case-insensitive) inside the code and message.
+    #[serde(default)]
+    pub error_keywords: Vec<String>,
+    pub action: RuleAction,
+    #[serde(default)]
+    pub action_config: ActionConfig,
+    #[serde(default)]
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownOutcomePolicy {
+    /// The message ends `unknown` (nothing is resent blindly).
+    #[default]
+    Fail,
+    /// Retry through the rules, with the same provider-side idempotency key.
+    Resend,
+    /// Record `sent` and let the provider's receipt decide.
+    HoldForReceipt,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub channel: Channel,
+    #[serde(default)]
+    pub unknown_outcome: UnknownOutcomePolicy,
 }
 
 fn one() -> u32 {
@@ -385,6 +498,11 @@ impl Config {
         for app in &mut self.apps {
             app.secret = env(&app.secret_env).unwrap_or_default();
         }
+        for r in &mut self.rules {
+            if let Some(var) = &r.action_config.secret_env {
+                r.action_config.secret = env(var).unwrap_or_default();
+            }
+        }
         for p in &mut self.providers {
             p.credentials = p
                 .credentials_env
@@ -448,6 +566,39 @@ impl Config {
                 }
             }
         }
+        for r in &self.rules {
+            let a = &r.action_config;
+            if !r.provider.is_empty() && !codes.contains(&r.provider) {
+                problems.push(format!(
+                    "rules.{}: unknown provider {:?}",
+                    r.name, r.provider
+                ));
+            }
+            if r.action == RuleAction::Retry
+                && (a.delay_seconds < 0.0 || a.backoff_rate < 1.0 || !a.delay_seconds.is_finite())
+            {
+                problems.push(format!(
+                    "rules.{}: retry needs delay_seconds >= 0 and backoff_rate >= 1",
+                    r.name
+                ));
+            }
+            if r.action == RuleAction::Alert {
+                if a.webhook_url.is_none() {
+                    problems.push(format!(
+                        "rules.{}: alert needs action_config.webhook_url",
+                        r.name
+                    ));
+                }
+                if let Some(var) = &a.secret_env
+                    && a.secret.is_empty()
+                {
+                    problems.push(format!(
+                        "rules.{}: secret variable {var} is not set",
+                        r.name
+                    ));
+                }
+            }
+        }
         let mut tpl = HashSet::new();
         for t in &self.templates {
             if !tpl.insert((&t.code, t.version)) {
@@ -473,6 +624,15 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// The unknown-outcome policy of a channel.
+    pub fn unknown_outcome(&self, channel: Channel) -> UnknownOutcomePolicy {
+        self.policies
+            .iter()
+            .find(|p| p.channel == channel)
+            .map(|p| p.unknown_outcome)
+            .unwrap_or_default()
     }
 
     /// Providers of a channel in routing order (priority, then config order).

@@ -16,6 +16,11 @@ pub mod names {
     pub const SEND_SECONDS: &str = "herald_send_provider_call_seconds";
     pub const PROJECTOR_ROWS: &str = "herald_projector_events_applied_total";
     pub const API_REQUESTS: &str = "herald_api_requests_total";
+    pub const TOKEN_FETCHES: &str = "herald_send_token_fetches_total";
+    pub const RULE_ACTIONS: &str = "herald_send_rule_actions_total";
+    pub const RATE_LIMIT_WAIT_SECONDS: &str = "herald_send_rate_limit_wait_seconds";
+    pub const BREAKER_STATE: &str = "herald_send_breaker_open";
+    pub const RECEIPTS: &str = "herald_callback_receipts_total";
 }
 
 /// Installs the tracing subscriber (RUST_LOG, default info). Safe to call twice.

@@ -85,6 +85,7 @@ mod tests {
             tls: SmtpTls::None,
             credentials_env: Default::default(),
             credentials: Default::default(),
+            settings: Default::default(),
         }
     }
 

@@ -294,7 +294,8 @@ async fn call_one(
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let mut built: HashMap<String, Box<dyn Provider>> = HashMap::new();
     for p in &deps.config.providers {
-        let client = providers::build(p).map_err(|e| StageError::Fatal(e.to_string()))?;
+        let client = providers::build(p, &deps.config.postgres.url)
+            .map_err(|e| StageError::Fatal(e.to_string()))?;
         built.insert(p.code.clone(), client);
     }
     let providers = Arc::new(built);

@@ -1,0 +1,106 @@
+//! In-app inbox: the message becomes a row in PostgreSQL's `inbox` table (read through
+//! `GET /v1/inbox/{user}`), and a `NOTIFY herald_inbox` wakes connected live streams. Storing the
+//! row is the delivery; inserting is idempotent on the message id.
+//!
+//! Config: no endpoint or credentials; the recipient address is the app's user id.
+
+use futures::future::BoxFuture;
+use herald_core::config::ProviderConfig;
+use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
+use tokio::sync::OnceCell;
+
+use super::{CallResult, Provider, ProviderError};
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS inbox (
+    message_id text PRIMARY KEY,
+    app_id text NOT NULL,
+    user_id text NOT NULL,
+    title text,
+    body text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    read_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS inbox_user ON inbox (app_id, user_id, created_at DESC)";
+
+pub const CHANNEL: &str = "herald_inbox";
+
+pub struct Inapp {
+    url: String,
+    db: OnceCell<tokio_postgres::Client>,
+}
+
+impl Inapp {
+    pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        Ok(Inapp {
+            url: p.settings.get("postgres_url").cloned().unwrap_or_default(),
+            db: OnceCell::new(),
+        })
+    }
+
+    /// Set by the send stage: the inbox lives in Herald's own database.
+    pub fn with_postgres(mut self, url: &str) -> Self {
+        if self.url.is_empty() {
+            self.url = url.to_owned();
+        }
+        self
+    }
+
+    async fn db(&self) -> Result<&tokio_postgres::Client, String> {
+        self.db
+            .get_or_try_init(|| async {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(herald_core::runtime::pg_error)?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(SCHEMA)
+                    .await
+                    .map_err(herald_core::runtime::pg_error)?;
+                Ok(client)
+            })
+            .await
+    }
+}
+
+impl Provider for Inapp {
+    fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
+        Box::pin(async move {
+            let db = match self.db().await {
+                Ok(db) => db,
+                Err(e) => {
+                    return CallResult::fail(
+                        DeliveryOutcome::FailedTransient,
+                        None,
+                        Reason::new("inbox_unavailable", e),
+                    );
+                }
+            };
+            let body = super::plain_text(m);
+            let r = db
+                .execute(
+                    "WITH ins AS (
+                        INSERT INTO inbox (message_id, app_id, user_id, title, body)
+                        VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING user_id)
+                     SELECT pg_notify($6, $2 || '/' || user_id) FROM ins",
+                    &[
+                        &m.header.message_id,
+                        &m.header.app_id,
+                        &m.recipient.address,
+                        &m.content.subject,
+                        &body,
+                        &CHANNEL,
+                    ],
+                )
+                .await;
+            match r {
+                Ok(_) => CallResult::ok("stored", Some(m.header.message_id.clone())),
+                Err(e) => CallResult::fail(
+                    DeliveryOutcome::FailedTransient,
+                    None,
+                    Reason::new("inbox_unavailable", herald_core::runtime::pg_error(e)),
+                ),
+            }
+        })
+    }
+}

@@ -1,0 +1,213 @@
+//! Provider clients, one module per provider kind. Each classifies its answer once, at the edge:
+//! success, permanent failure, transient failure, rate-limited, or unknown (the request may have
+//! left and the answer was lost). Adding a provider is one module here plus its config.
+
+pub mod aliyun;
+pub mod dingtalk;
+pub mod feishu;
+pub mod inapp;
+pub mod smtp;
+pub mod tencent;
+pub mod token;
+pub mod webhook;
+pub mod wechat;
+pub mod wecom;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_core::config::{ProviderConfig, ProviderKind};
+use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
+
+/// The classified answer of one provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallResult {
+    pub outcome: DeliveryOutcome,
+    pub response_code: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub reason: Option<Reason>,
+}
+
+impl CallResult {
+    pub fn ok(code: impl Into<String>, provider_message_id: Option<String>) -> Self {
+        CallResult {
+            outcome: DeliveryOutcome::Succeeded,
+            response_code: Some(code.into()),
+            provider_message_id,
+            reason: None,
+        }
+    }
+
+    pub fn fail(outcome: DeliveryOutcome, code: Option<String>, reason: Reason) -> Self {
+        CallResult {
+            outcome,
+            response_code: code,
+            provider_message_id: None,
+            reason: Some(reason),
+        }
+    }
+}
+
+pub trait Provider: Send + Sync {
+    /// Whether the channel confirms delivery later by receipt (then success means `sent`).
+    fn has_receipts(&self) -> bool {
+        false
+    }
+    /// How many calls can really be in progress at once (e.g. the SMTP connection pool): the
+    /// send stage never marks more attempts as started than this.
+    fn max_in_flight(&self) -> usize {
+        256
+    }
+    fn send<'a>(&'a self, m: &'a MessageRouted, attempt: i32) -> BoxFuture<'a, CallResult>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("provider {0}: {1}")]
+    Config(String, String),
+}
+
+/// Builds the client for a configured provider.
+pub fn build(p: &ProviderConfig, postgres_url: &str) -> Result<Box<dyn Provider>, ProviderError> {
+    Ok(match p.kind {
+        ProviderKind::Smtp => Box::new(smtp::Smtp::new(p)?),
+        ProviderKind::Webhook => Box::new(webhook::Webhook::new(p)?),
+        ProviderKind::AliyunSms => Box::new(aliyun::AliyunSms::new(p)?),
+        ProviderKind::TencentSms => Box::new(tencent::TencentSms::new(p)?),
+        ProviderKind::DingtalkRobot => Box::new(dingtalk::DingtalkRobot::new(p)?),
+        ProviderKind::FeishuBot => Box::new(feishu::FeishuBot::new(p)?),
+        ProviderKind::WecomRobot => Box::new(wecom::WecomRobot::new(p)?),
+        ProviderKind::WecomApp => Box::new(wecom::WecomApp::new(p)?),
+        ProviderKind::WechatOa => Box::new(wechat::WechatOa::new(p)?),
+        ProviderKind::Inapp => Box::new(inapp::Inapp::new(p)?.with_postgres(postgres_url)),
+    })
+}
+
+// --- shared by the HTTP providers ------------------------------------------------------------
+
+/// One pooled HTTP client per provider, with the provider's timeout.
+pub(crate) fn http_client(p: &ProviderConfig) -> Result<reqwest::Client, ProviderError> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(p.timeout_ms))
+        .connect_timeout(Duration::from_millis(p.timeout_ms.min(3000)))
+        .pool_max_idle_per_host(64)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| ProviderError::Config(p.code.clone(), e.to_string()))
+}
+
+/// A credential the provider cannot work without.
+pub(crate) fn credential(p: &ProviderConfig, name: &str) -> Result<String, ProviderError> {
+    p.credentials
+        .get(name)
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            ProviderError::Config(
+                p.code.clone(),
+                format!("credential {name} is required (credentials_env.{name})"),
+            )
+        })
+}
+
+pub(crate) fn setting(p: &ProviderConfig, name: &str) -> Result<String, ProviderError> {
+    p.settings
+        .get(name)
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            ProviderError::Config(p.code.clone(), format!("settings.{name} is required"))
+        })
+}
+
+pub(crate) fn endpoint(p: &ProviderConfig) -> Result<String, ProviderError> {
+    if p.endpoint.is_empty() {
+        return Err(ProviderError::Config(
+            p.code.clone(),
+            "endpoint is required".into(),
+        ));
+    }
+    Ok(p.endpoint.trim_end_matches('/').to_owned())
+}
+
+/// A request that failed before an answer: refused connections never reached the provider
+/// (transient); anything else (timeout, reset mid-answer) may have, so the outcome is unknown.
+pub(crate) fn transport_failure(e: reqwest::Error) -> CallResult {
+    if e.is_connect() {
+        CallResult::fail(
+            DeliveryOutcome::FailedTransient,
+            None,
+            Reason::new("connect_failed", e.to_string()),
+        )
+    } else {
+        CallResult::fail(
+            DeliveryOutcome::Unknown,
+            None,
+            Reason::new(
+                if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "transport_error"
+                },
+                e.to_string(),
+            ),
+        )
+    }
+}
+
+/// Sends a request and reads a JSON answer: `(HTTP status, body)`. A body that is not JSON is
+/// classified by status (5xx transient, else permanent); a lost answer is unknown.
+pub(crate) async fn json_call(
+    req: reqwest::RequestBuilder,
+) -> Result<(u16, serde_json::Value), CallResult> {
+    let resp = req.send().await.map_err(transport_failure)?;
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(transport_failure)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Ok((status, v)),
+        Err(_) => {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            let outcome = match status {
+                429 => DeliveryOutcome::RateLimited,
+                500.. | 408 => DeliveryOutcome::FailedTransient,
+                _ => DeliveryOutcome::FailedPermanent,
+            };
+            Err(CallResult::fail(
+                outcome,
+                Some(status.to_string()),
+                Reason::new("http_error", format!("HTTP {status}: {text}")),
+            ))
+        }
+    }
+}
+
+/// A failure with the provider's own code as both response code and reason code, so rules can
+/// match on it.
+pub(crate) fn provider_error(outcome: DeliveryOutcome, code: &str, message: &str) -> CallResult {
+    CallResult::fail(
+        outcome,
+        Some(code.to_owned()),
+        Reason::new(code.to_owned(), message.to_owned()),
+    )
+}
+
+/// The plain text of a rendered message for text-only channels.
+pub(crate) fn plain_text(m: &MessageRouted) -> String {
+    m.content
+        .text
+        .clone()
+        .or_else(|| m.content.markdown.clone())
+        .or_else(|| m.content.html.clone())
+        .unwrap_or_default()
+}
+
+/// The `{"errcode":N,"errmsg":…}` envelope of DingTalk, WeCom and WeChat.
+pub(crate) fn errcode(v: &serde_json::Value) -> Option<(i64, String)> {
+    let code = v.get("errcode")?.as_i64()?;
+    let msg = v
+        .get("errmsg")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Some((code, msg))
+}

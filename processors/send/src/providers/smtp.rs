@@ -1,0 +1,130 @@
+//! E-mail over SMTP (lettre): pooled connections, plain / STARTTLS-required / implicit TLS, auth.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_core::config::{ProviderConfig, SmtpTls};
+use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
+use lettre::message::{Mailbox, MultiPart, SinglePart, header};
+use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+
+use super::{CallResult, Provider, ProviderError};
+
+/// Pooled SMTP connections per provider.
+const SMTP_POOL: u32 = 16;
+
+pub struct Smtp {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Smtp {
+    pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let err = |m: String| ProviderError::Config(p.code.clone(), m);
+        let (host, port) = p
+            .endpoint
+            .rsplit_once(':')
+            .and_then(|(h, port)| Some((h.to_owned(), port.parse::<u16>().ok()?)))
+            .ok_or_else(|| err(format!("endpoint {:?} is not host:port", p.endpoint)))?;
+        let mut b = match p.tls {
+            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
+            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
+                .map_err(|e| err(e.to_string()))?,
+            SmtpTls::Implicit => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
+                .map_err(|e| err(e.to_string()))?,
+        }
+        .port(port)
+        .timeout(Some(Duration::from_millis(p.timeout_ms)))
+        .pool_config(PoolConfig::new().max_size(SMTP_POOL));
+        if let (Some(u), Some(pw)) = (p.credentials.get("username"), p.credentials.get("password"))
+        {
+            b = b.credentials(Credentials::new(u.clone(), pw.clone()));
+        }
+        let from = p
+            .from
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| err(format!("from: {e}")))?;
+        Ok(Smtp {
+            transport: b.build(),
+            from,
+        })
+    }
+
+    fn message(&self, m: &MessageRouted) -> Result<lettre::Message, Reason> {
+        let to: Mailbox = m
+            .recipient
+            .address
+            .parse()
+            .map_err(|e| Reason::new("invalid_recipient", format!("{e}")))?;
+        let b = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .message_id(Some(format!("<{}@herald>", m.header.message_id)))
+            .subject(m.content.subject.clone().unwrap_or_default());
+        let text = m
+            .content
+            .text
+            .clone()
+            .or_else(|| m.content.markdown.clone());
+        let built = match (text, m.content.html.clone()) {
+            (Some(t), Some(h)) => b.multipart(MultiPart::alternative_plain_html(t, h)),
+            (None, Some(h)) => b.singlepart(
+                SinglePart::builder()
+                    .header(header::ContentType::TEXT_HTML)
+                    .body(h),
+            ),
+            (Some(t), None) => b.singlepart(SinglePart::plain(t)),
+            (None, None) => b.singlepart(SinglePart::plain(String::new())),
+        };
+        built.map_err(|e| Reason::new("invalid_message", e.to_string()))
+    }
+}
+
+impl Provider for Smtp {
+    fn max_in_flight(&self) -> usize {
+        SMTP_POOL as usize
+    }
+
+    fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
+        Box::pin(async move {
+            let msg = match self.message(m) {
+                Ok(msg) => msg,
+                Err(reason) => {
+                    return CallResult::fail(DeliveryOutcome::FailedPermanent, None, reason);
+                }
+            };
+            match self.transport.send(msg).await {
+                Ok(resp) => CallResult::ok(
+                    resp.code().to_string(),
+                    resp.message().next().map(str::to_owned),
+                ),
+                Err(e) => {
+                    let code = e.status().map(|c| c.to_string());
+                    let reason = Reason::new(
+                        if e.is_permanent() {
+                            "smtp_rejected"
+                        } else if e.is_timeout() {
+                            "smtp_timeout"
+                        } else {
+                            "smtp_unavailable"
+                        },
+                        e.to_string(),
+                    );
+                    let outcome = if e.is_permanent() {
+                        DeliveryOutcome::FailedPermanent
+                    } else if e.is_timeout() {
+                        // The message may have been accepted before the answer was lost.
+                        DeliveryOutcome::Unknown
+                    } else {
+                        DeliveryOutcome::FailedTransient
+                    };
+                    CallResult::fail(outcome, code, reason)
+                }
+            }
+        })
+    }
+}
