@@ -1,0 +1,309 @@
+//! Provider simulators: one HTTP server standing in for every provider Herald calls, checking
+//! each request as the real service does (PROVIDERS.md: signatures, timestamps, nonces, required
+//! fields, limits, error envelopes) and answering in the real formats. Test peers, also used by
+//! the demo and the benchmarks.
+//!
+//! Paths: `/aliyun/`, `/tencent/`, `/dingtalk/robot/send`, `/feishu/open-apis/bot/v2/hook/{id}`,
+//! `/wecom/cgi-bin/{webhook/send,gettoken,message/send}`,
+//! `/wechat/cgi-bin/{stable_token,message/template/send}`.
+//!
+//! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
+//! by the next request that passes authentication), `PUT /_control/{provider}/limit` sets a
+//! per-minute limit, `POST /_control/{provider}/revoke` revokes the current access token,
+//! `GET /_log/{provider}` lists accepted sends, `POST /_reset` clears everything.
+
+pub mod aliyun;
+pub mod robots;
+pub mod tencent;
+pub mod weixin;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use herald_core::util::now_ms;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Credentials the simulators accept: `(environment variable, default)`. Herald's test and demo
+/// configs name the same variables in `credentials_env`, so both sides agree.
+pub const CREDENTIALS: &[(&str, &str)] = &[
+    ("HERALD_SIM_ALIYUN_KEY_ID", "sim-aliyun-key"),
+    ("HERALD_SIM_ALIYUN_KEY_SECRET", "sim-aliyun-secret"),
+    ("HERALD_SIM_TENCENT_SECRET_ID", "AKIDsimtencent"),
+    ("HERALD_SIM_TENCENT_SECRET_KEY", "sim-tencent-secret"),
+    ("HERALD_SIM_DINGTALK_TOKEN", "sim-dingtalk-token"),
+    ("HERALD_SIM_DINGTALK_SECRET", "SECsimdingtalk"),
+    ("HERALD_SIM_FEISHU_HOOK", "0b6b5b3c-sim-feishu-hook"),
+    ("HERALD_SIM_FEISHU_SECRET", "sim-feishu-secret"),
+    ("HERALD_SIM_WECOM_KEY", "sim-wecom-robot-key"),
+    ("HERALD_SIM_WECOM_CORP_ID", "wwsimcorp"),
+    ("HERALD_SIM_WECOM_CORP_SECRET", "sim-wecom-corp-secret"),
+    ("HERALD_SIM_WECHAT_APP_ID", "wxsimapp"),
+    ("HERALD_SIM_WECHAT_APP_SECRET", "sim-wechat-app-secret"),
+    ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
+];
+
+/// The value of a simulator credential (environment, else the default).
+pub fn credential(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        CREDENTIALS
+            .iter()
+            .find(|(v, _)| *v == var)
+            .map(|(_, d)| (*d).to_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// A scripted misbehaviour, consumed by the next authenticated request to that provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer with the provider's error envelope carrying this code.
+    Error {
+        code: String,
+        #[serde(default)]
+        message: String,
+    },
+    /// Take the request (it counts as sent), then answer only after `ms`.
+    Timeout { ms: u64 },
+    /// Answer normally after `ms`.
+    Slow { ms: u64 },
+}
+
+#[derive(Default)]
+struct Inner {
+    faults: HashMap<String, VecDeque<Fault>>,
+    accepted: HashMap<String, Vec<Value>>,
+    requests: HashMap<String, u64>,
+    rejected: HashMap<String, u64>,
+    nonces: HashMap<String, i64>,
+    windows: HashMap<String, VecDeque<i64>>,
+    limits: HashMap<String, u32>,
+    tokens: HashMap<String, Vec<String>>,
+    serial: u64,
+}
+
+pub struct Sim {
+    inner: Mutex<Inner>,
+    http: reqwest::Client,
+    /// Where SMS receipts are pushed (Herald's callback endpoint), per provider.
+    pub receipt_urls: HashMap<String, String>,
+}
+
+impl Sim {
+    pub fn new(receipt_urls: HashMap<String, String>) -> Arc<Sim> {
+        Arc::new(Sim {
+            inner: Mutex::new(Inner::default()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+            receipt_urls,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn count_request(&self, provider: &str) {
+        *self.lock().requests.entry(provider.into()).or_default() += 1;
+    }
+
+    pub fn count_rejected(&self, provider: &str) {
+        *self.lock().rejected.entry(provider.into()).or_default() += 1;
+    }
+
+    pub fn next_fault(&self, provider: &str) -> Option<Fault> {
+        self.lock().faults.get_mut(provider)?.pop_front()
+    }
+
+    pub fn record(&self, provider: &str, entry: Value) {
+        self.lock()
+            .accepted
+            .entry(provider.into())
+            .or_default()
+            .push(entry);
+    }
+
+    /// A nonce not seen in the last `window_ms` (replays are refused).
+    pub fn fresh_nonce(&self, provider: &str, nonce: &str, window_ms: i64) -> bool {
+        let now = now_ms();
+        let mut g = self.lock();
+        g.nonces.retain(|_, t| now - *t < window_ms);
+        g.nonces
+            .insert(format!("{provider}/{nonce}"), now)
+            .is_none()
+    }
+
+    /// Sliding 60 s window: false when `key` is over its provider's per-minute limit.
+    pub fn within_limit(&self, provider: &str, key: &str, default_per_minute: u32) -> bool {
+        let now = now_ms();
+        let mut g = self.lock();
+        let limit = g
+            .limits
+            .get(provider)
+            .copied()
+            .unwrap_or(default_per_minute);
+        if limit == 0 {
+            return true;
+        }
+        let w = g.windows.entry(format!("{provider}/{key}")).or_default();
+        while w.front().is_some_and(|t| now - t >= 60_000) {
+            w.pop_front();
+        }
+        if w.len() >= limit as usize {
+            return false;
+        }
+        w.push_back(now);
+        true
+    }
+
+    pub fn next_serial(&self) -> u64 {
+        let mut g = self.lock();
+        g.serial += 1;
+        g.serial
+    }
+
+    /// Issues (or returns the current) access token for a provider account.
+    pub fn token(&self, provider: &str, fresh: bool) -> String {
+        let mut g = self.lock();
+        let tokens = g.tokens.entry(provider.into()).or_default();
+        if fresh || tokens.last().is_none_or(|t| t.starts_with("revoked-")) {
+            tokens.push(format!(
+                "{provider}-token-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
+        }
+        tokens.last().cloned().unwrap_or_default()
+    }
+
+    /// Whether `token` was issued here at some point (then a refused one is "expired").
+    pub fn token_known(&self, provider: &str, token: &str) -> bool {
+        self.lock()
+            .tokens
+            .get(provider)
+            .is_some_and(|t| t.iter().any(|x| x == token))
+    }
+
+    /// Whether `token` is the live one. Revoked and superseded tokens are refused.
+    pub fn token_valid(&self, provider: &str, token: &str) -> bool {
+        self.lock()
+            .tokens
+            .get(provider)
+            .and_then(|t| t.last())
+            .is_some_and(|t| t == token)
+    }
+
+    fn revoke(&self, provider: &str) {
+        if let Some(t) = self.lock().tokens.get_mut(provider) {
+            t.push(format!("revoked-{}", uuid::Uuid::new_v4().simple()));
+        }
+    }
+
+    /// Pushes a receipt body to the provider's receipt URL in the background, retrying like the
+    /// real platforms do (compressed: 1 s, 2 s, 4 s).
+    pub fn push_receipt(self: &Arc<Self>, provider: &str, body: Value, delay: Duration) {
+        let Some(url) = self.receipt_urls.get(provider).cloned() else {
+            return;
+        };
+        let sim = self.clone();
+        let provider = provider.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            for wait in [1u64, 2, 4, 0] {
+                let ok = sim
+                    .http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    sim.record(&format!("{provider}-receipts"), body);
+                    return;
+                }
+                if wait == 0 {
+                    tracing::warn!(%provider, "receipt push gave up");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+        });
+    }
+}
+
+/// Applies a fault's delay; answers the error code to return, if the fault is an error.
+pub async fn apply_fault(fault: Option<Fault>) -> Option<(String, String)> {
+    match fault {
+        Some(Fault::Error { code, message }) => Some((code, message)),
+        Some(Fault::Timeout { ms }) | Some(Fault::Slow { ms }) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            None
+        }
+        None => None,
+    }
+}
+
+async fn add_faults(
+    State(sim): State<Arc<Sim>>,
+    Path(provider): Path<String>,
+    Json(faults): Json<Vec<Fault>>,
+) -> Json<Value> {
+    let mut g = sim.lock();
+    let q = g.faults.entry(provider).or_default();
+    q.extend(faults);
+    Json(json!({"queued": q.len()}))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    per_minute: u32,
+}
+
+async fn set_limit(
+    State(sim): State<Arc<Sim>>,
+    Path(provider): Path<String>,
+    Json(l): Json<Limit>,
+) -> Json<Value> {
+    sim.lock().limits.insert(provider, l.per_minute);
+    Json(json!({"ok": true}))
+}
+
+async fn revoke(State(sim): State<Arc<Sim>>, Path(provider): Path<String>) -> Json<Value> {
+    sim.revoke(&provider);
+    Json(json!({"ok": true}))
+}
+
+async fn log(State(sim): State<Arc<Sim>>, Path(provider): Path<String>) -> Json<Value> {
+    let g = sim.lock();
+    Json(json!({
+        "accepted": g.accepted.get(&provider).cloned().unwrap_or_default(),
+        "requests": g.requests.get(&provider).copied().unwrap_or_default(),
+        "rejected": g.rejected.get(&provider).copied().unwrap_or_default(),
+        "tokens_issued": g.tokens.get(&provider).map(|t| t.iter().filter(|t| !t.starts_with("revoked-")).count()).unwrap_or_default(),
+    }))
+}
+
+async fn reset(State(sim): State<Arc<Sim>>) -> Json<Value> {
+    *sim.lock() = Inner::default();
+    Json(json!({"ok": true}))
+}
+
+pub fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .merge(aliyun::routes())
+        .merge(tencent::routes())
+        .merge(robots::routes())
+        .merge(weixin::routes())
+        .route("/_control/{provider}/faults", post(add_faults))
+        .route("/_control/{provider}/limit", put(set_limit))
+        .route("/_control/{provider}/revoke", post(revoke))
+        .route("/_log/{provider}", get(log))
+        .route("/_reset", post(reset))
+        .with_state(sim)
+}
