@@ -328,6 +328,8 @@ pub struct MessageRouted {
     pub content: RenderedContent,
     pub provider: String,
     pub provider_kind: String,
+    #[serde(default)]
+    pub tried_providers: Vec<String>,
 }
 event!(MessageRouted, "message_routed.avsc");
 

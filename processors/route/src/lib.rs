@@ -86,6 +86,7 @@ impl BatchHandler for Route {
                     content: m.content,
                     provider,
                     provider_kind: kind.into(),
+                    tried_providers: Vec::new(),
                 };
                 out.push(record(&codec, &topic, &ev.recipient.address, &trace, &ev).await?);
             }

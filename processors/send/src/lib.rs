@@ -7,8 +7,10 @@
 //! call. Provider-side idempotency keys are passed where the provider has one (webhook-id,
 //! SMTP Message-ID). Calls in a batch run concurrently, bounded per worker.
 
+pub mod alert;
 pub mod ledger;
 pub mod providers;
+pub mod rules;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,19 +18,23 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use herald_core::runtime::Deps;
+use herald_core::runtime::{Deps, delay_topic, tier_for};
 use herald_core::telemetry::names;
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, mask_address, now_ms};
 use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
-use herald_schemas::{Channel, DeliveryAttempted, DeliveryOutcome, MessageRouted, Reason, topics};
+use herald_schemas::{
+    Channel, DelayPurpose, DelayScheduled, DeliveryAttempted, DeliveryOutcome, MessageRouted,
+    Reason, topics,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use ledger::Prior;
 use providers::{CallResult, Provider};
+use rules::{Decision, Rules};
 
 pub const STAGE: &str = "send";
 
@@ -69,26 +75,55 @@ pub fn status_for(outcome: DeliveryOutcome, has_receipts: bool) -> &'static str 
     }
 }
 
+/// The status the message has after an attempt and the rules' decision. A retry leaves it
+/// `routed` (on its way to a provider again).
+pub fn status_after(
+    decision: &Decision,
+    outcome: DeliveryOutcome,
+    has_receipts: bool,
+) -> &'static str {
+    match decision {
+        Decision::Done => status_for(outcome, has_receipts),
+        Decision::Retry { .. } => "routed",
+        Decision::Fail { .. } | Decision::Alert { .. } => "failed",
+        Decision::Unknown => "unknown",
+        Decision::HoldForReceipt => "sent",
+        Decision::Expired => "expired",
+    }
+}
+
 struct Send {
     deps: Deps,
     db: tokio_postgres::Client,
     providers: Arc<HashMap<String, Box<dyn Provider>>>,
+    rules: Arc<Rules>,
+    alerts: alert::Alerter,
 }
 
 impl Send {
-    async fn delivery(
+    /// The attempt's `DeliveryAttempted`, plus what the rules' decision publishes (the next
+    /// attempt, now or through the delay tier).
+    async fn outcome(
         &self,
         m: &MessageRouted,
         attempt: i32,
         r: CallResult,
         latency_ms: i64,
         trace: &str,
-    ) -> Result<OutRecord, StageError> {
+        out: &mut Vec<OutRecord>,
+    ) -> Result<(), StageError> {
         let has_receipts = self
             .providers
             .get(&m.provider)
             .is_some_and(|p| p.has_receipts());
-        let status = status_for(r.outcome, has_receipts);
+        let now = now_ms();
+        let decision = self
+            .rules
+            .decide(m, attempt, &r, has_receipts, now, |_| true);
+        metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
+            .increment(1);
+        let status = status_after(&decision, r.outcome, has_receipts);
+        let reason = rules::annotate(r.reason.clone(), &decision);
         let mut header = m.header.follow(
             STAGE,
             event_id(&m.header.message_id, "attempted", attempt),
@@ -100,21 +135,68 @@ impl Send {
             provider: Some(m.provider.clone()),
             status: status.into(),
             outcome: r.outcome,
-            reason: r.reason,
-            provider_message_id: r.provider_message_id,
-            provider_response_code: r.response_code,
+            reason: reason.clone(),
+            provider_message_id: r.provider_message_id.clone(),
+            provider_response_code: r.response_code.clone(),
             latency_ms,
             recipient_masked: mask_address(&m.recipient.address),
             template: m.template.clone(),
         };
-        Ok(record(
-            &self.deps.codec,
-            topics::DELIVERIES,
-            &m.header.message_id,
-            trace,
-            &ev,
-        )
-        .await?)
+        out.push(
+            record(
+                &self.deps.codec,
+                topics::DELIVERIES,
+                &m.header.message_id,
+                trace,
+                &ev,
+            )
+            .await?,
+        );
+        match decision {
+            Decision::Retry {
+                delay,
+                provider,
+                kind,
+                ..
+            } => {
+                let mut next = m.clone();
+                if provider != m.provider {
+                    next.tried_providers.push(m.provider.clone());
+                }
+                next.provider = provider;
+                next.provider_kind = kind;
+                next.header = m.header.follow(
+                    STAGE,
+                    event_id(&m.header.message_id, "retry", attempt + 1),
+                    now,
+                );
+                next.header.attempt = attempt + 1;
+                let topic = topics::dispatch(m.header.channel);
+                let key = m.recipient.address.clone();
+                let routed = record(&self.deps.codec, &topic, &key, trace, &next).await?;
+                if delay.is_zero() {
+                    out.push(routed);
+                } else {
+                    let due = now + delay.as_millis() as i64;
+                    let scheduled = DelayScheduled {
+                        header: next.header.clone(),
+                        purpose: DelayPurpose::Retry,
+                        due_at: due,
+                        target_topic: topic,
+                        key: routed.key,
+                        payload: routed.payload,
+                        reason,
+                    };
+                    let tier = delay_topic(tier_for(due - now));
+                    out.push(record(&self.deps.codec, &tier, &key, trace, &scheduled).await?);
+                }
+            }
+            Decision::Alert { rule, url, secret } => {
+                self.alerts.send(&url, &secret, &rule, m, attempt, &r).await;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
@@ -234,7 +316,8 @@ impl BatchHandler for Send {
             for (i, r, latency, _) in calls {
                 let (m, attempt, trace) = &msgs[i];
                 debug!(message_id = %m.header.message_id, outcome = outcome_str(r.outcome), "attempt done");
-                out.push(self.delivery(m, *attempt, r, latency, trace).await?);
+                self.outcome(m, *attempt, r, latency, trace, &mut out)
+                    .await?;
             }
             Ok(out)
         })
@@ -299,6 +382,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         built.insert(p.code.clone(), client);
     }
     let providers = Arc::new(built);
+    let rules = Arc::new(Rules::new(&deps.config));
     deps.postgres_migrated(ledger::SCHEMA).await?;
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
@@ -319,6 +403,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             deps: deps.clone(),
             db,
             providers: providers.clone(),
+            rules: rules.clone(),
+            alerts: alert::Alerter::new(),
         };
         workers.push((spec, handler));
     }
