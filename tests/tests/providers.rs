@@ -1,0 +1,493 @@
+//! Every sender against its simulator, in process: the senders sign and shape requests so the
+//! simulators (which check them like the real services) accept them, and every documented
+//! answer class is classified as the rules expect. Pipeline-level flows are in `channels.rs`.
+
+use std::collections::HashMap;
+
+use herald_core::config::Config;
+use herald_schemas::{
+    Channel, DeliveryOutcome, EventHeader, MessageRouted, Priority, Recipient, RenderedContent,
+};
+use herald_send::providers::{self, Provider};
+use herald_simulators::{CREDENTIALS, Sim, credential};
+use serde_json::{Value, json};
+
+struct Peer {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Peer {
+    async fn start() -> Peer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                herald_simulators::router(Sim::new(HashMap::new())),
+            )
+            .await
+            .unwrap();
+        });
+        Peer {
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn faults(&self, provider: &str, faults: Value) {
+        let r = self
+            .http
+            .post(format!("{}/_control/{provider}/faults", self.base))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    async fn limit(&self, provider: &str, per_minute: u32) {
+        self.http
+            .put(format!("{}/_control/{provider}/limit", self.base))
+            .json(&json!({ "per_minute": per_minute }))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn revoke(&self, provider: &str) {
+        self.http
+            .post(format!("{}/_control/{provider}/revoke", self.base))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn log(&self, provider: &str) -> Value {
+        self.http
+            .get(format!("{}/_log/{provider}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// A provider built from config text (endpoint paths relative to the simulator).
+    fn provider(&self, toml: &str, wrong_secret: bool) -> Box<dyn Provider> {
+        let text = toml.replace("{base}", &self.base);
+        let mut cfg = Config::parse(&text).unwrap();
+        cfg.apply_env(|k| {
+            if wrong_secret && (k.ends_with("SECRET") || k.ends_with("SECRET_KEY")) {
+                return Some("wrong".into());
+            }
+            CREDENTIALS
+                .iter()
+                .any(|(v, _)| *v == k)
+                .then(|| credential(k))
+        });
+        cfg.validate().unwrap();
+        providers::build(&cfg.providers[0], "").unwrap()
+    }
+}
+
+fn message(channel: Channel, address: &str, content: RenderedContent) -> MessageRouted {
+    let id = format!("m-{}", herald_core::util::random_id());
+    MessageRouted {
+        header: EventHeader {
+            event_id: "e".into(),
+            event_time: 0,
+            stage: "route".into(),
+            trace_id: "t".into(),
+            message_id: id,
+            request_id: "r".into(),
+            app_id: "demo".into(),
+            channel,
+            attempt: 1,
+            metadata: Default::default(),
+        },
+        recipient: Recipient {
+            address: address.into(),
+            params: Default::default(),
+            timezone: None,
+        },
+        priority: Priority::High,
+        expires_at: None,
+        template: Some("code".into()),
+        template_version: Some(1),
+        content,
+        provider: "p".into(),
+        provider_kind: "k".into(),
+        tried_providers: vec![],
+    }
+}
+
+fn sms_content(template: &str, params: &[(&str, &str)]) -> RenderedContent {
+    RenderedContent {
+        text: Some("Your code is 1234".into()),
+        provider_template: Some(template.into()),
+        provider_params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn text(t: &str) -> RenderedContent {
+    RenderedContent {
+        text: Some(t.into()),
+        ..Default::default()
+    }
+}
+
+const ALIYUN: &str = r#"
+[[providers]]
+code = "aliyun"
+kind = "aliyun_sms"
+endpoint = "{base}/aliyun"
+timeout_ms = 1000
+credentials_env = { access_key_id = "HERALD_SIM_ALIYUN_KEY_ID", access_key_secret = "HERALD_SIM_ALIYUN_KEY_SECRET" }
+settings = { sign_name = "Herald", signature = "SIG" }
+"#;
+
+#[tokio::test]
+async fn aliyun_v2_and_acs3_signatures_are_accepted_and_answers_classified() {
+    let sim = Peer::start().await;
+    for sig in ["v2", "acs3"] {
+        let p = sim.provider(&ALIYUN.replace("SIG", sig), false);
+        let m = message(
+            Channel::Sms,
+            "13800000001",
+            sms_content("SMS_1001", &[("code", "1234")]),
+        );
+        let r = p.send(&m, 1).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{sig}: {r:?}");
+        assert!(r.provider_message_id.as_deref().unwrap().ends_with("^0"));
+        let log = sim.log("aliyun").await;
+        let last = log["accepted"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(
+            last["out_id"],
+            m.header.message_id.as_str(),
+            "OutId carries the message id"
+        );
+        assert_eq!(last["template_param"], r#"{"code":"1234"}"#);
+
+        // A wrong secret is refused by the simulator's signature check: permanent.
+        let bad = sim
+            .provider(&ALIYUN.replace("SIG", sig), true)
+            .send(&m, 1)
+            .await;
+        assert_eq!(bad.outcome, DeliveryOutcome::FailedPermanent);
+        assert_eq!(bad.reason.unwrap().code, "SignatureDoesNotMatch", "{sig}");
+    }
+    let p = sim.provider(&ALIYUN.replace("SIG", "v2"), false);
+    let sms = |to: &str| message(Channel::Sms, to, sms_content("SMS_1001", &[("code", "1")]));
+    // Real validation: an invalid number.
+    let r = p.send(&sms("12345"), 1).await;
+    assert_eq!(r.outcome, DeliveryOutcome::FailedPermanent);
+    assert_eq!(r.reason.unwrap().code, "isv.MOBILE_NUMBER_ILLEGAL");
+    // Scripted answers.
+    sim.faults("aliyun", json!([
+        {"kind": "error", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发分钟级流控Permits:1"},
+        {"kind": "error", "code": "isp.SYSTEM_ERROR"},
+        {"kind": "timeout", "ms": 3000},
+    ])).await;
+    assert_eq!(
+        p.send(&sms("13800000002"), 1).await.outcome,
+        DeliveryOutcome::RateLimited
+    );
+    assert_eq!(
+        p.send(&sms("13800000003"), 1).await.outcome,
+        DeliveryOutcome::FailedTransient
+    );
+    let before = sim.log("aliyun").await["accepted"]
+        .as_array()
+        .unwrap()
+        .len();
+    let t = p.send(&sms("13800000004"), 1).await;
+    assert_eq!(
+        t.outcome,
+        DeliveryOutcome::Unknown,
+        "a timeout after the request left is unknown"
+    );
+    // ... and the simulator did take it: resending blindly would send twice.
+    assert_eq!(
+        sim.log("aliyun").await["accepted"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before + 1
+    );
+    // A per-number limit answers BUSINESS_LIMIT_CONTROL.
+    sim.limit("aliyun", 1).await;
+    assert_eq!(
+        p.send(&sms("13800000005"), 1).await.outcome,
+        DeliveryOutcome::Succeeded
+    );
+    assert_eq!(
+        p.send(&sms("13800000005"), 1).await.outcome,
+        DeliveryOutcome::RateLimited
+    );
+}
+
+const TENCENT: &str = r#"
+[[providers]]
+code = "tencent"
+kind = "tencent_sms"
+endpoint = "{base}/tencent"
+timeout_ms = 1000
+credentials_env = { secret_id = "HERALD_SIM_TENCENT_SECRET_ID", secret_key = "HERALD_SIM_TENCENT_SECRET_KEY" }
+settings = { sdk_app_id = "1400006666", sign_name = "Herald" }
+"#;
+
+#[tokio::test]
+async fn tencent_tc3_is_accepted_and_per_number_answers_classified() {
+    let sim = Peer::start().await;
+    let p = sim.provider(TENCENT, false);
+    let m = message(
+        Channel::Sms,
+        "+8613800000001",
+        sms_content("1110", &[("1", "4370"), ("2", "5")]),
+    );
+    let r = p.send(&m, 1).await;
+    assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+    assert!(r.provider_message_id.unwrap().starts_with("2433:"));
+    let log = sim.log("tencent").await;
+    assert_eq!(
+        log["accepted"][0]["session_context"],
+        m.header.message_id.as_str()
+    );
+    assert_eq!(log["accepted"][0]["params"], json!(["4370", "5"]));
+
+    let bad = sim.provider(TENCENT, true).send(&m, 1).await;
+    assert_eq!(bad.reason.unwrap().code, "AuthFailure.SignatureFailure");
+    assert_eq!(
+        p.send(&message(Channel::Sms, "+861", sms_content("1110", &[])), 1)
+            .await
+            .reason
+            .unwrap()
+            .code,
+        "InvalidParameterValue.IncorrectPhoneNumber"
+    );
+    let no_template = p
+        .send(&message(Channel::Sms, "+8613800000001", text("x")), 1)
+        .await;
+    assert_eq!(
+        no_template.reason.unwrap().code,
+        "missing_provider_template"
+    );
+    sim.faults("tencent", json!([
+        {"kind": "error", "code": "LimitExceeded.PhoneNumberThirtySecondLimit", "message": "30 s"},
+        {"kind": "error", "code": "InternalError.Timeout"},
+        {"kind": "error", "code": "FailedOperation.PhoneNumberInBlacklist", "message": "blacklisted"},
+    ])).await;
+    assert_eq!(p.send(&m, 2).await.outcome, DeliveryOutcome::RateLimited);
+    assert_eq!(
+        p.send(&m, 3).await.outcome,
+        DeliveryOutcome::FailedTransient
+    );
+    let black = p.send(&m, 4).await;
+    assert_eq!(black.outcome, DeliveryOutcome::FailedPermanent);
+    assert_eq!(
+        black.reason.unwrap().code,
+        "FailedOperation.PhoneNumberInBlacklist"
+    );
+}
+
+#[tokio::test]
+async fn robots_sign_and_their_limits_become_rate_limited() {
+    let sim = Peer::start().await;
+    let ding = r#"
+[[providers]]
+code = "ding"
+kind = "dingtalk_robot"
+endpoint = "{base}/dingtalk/robot/send"
+credentials_env = { access_token = "HERALD_SIM_DINGTALK_TOKEN", secret = "HERALD_SIM_DINGTALK_SECRET" }
+"#;
+    let feishu = format!(
+        r#"
+[[providers]]
+code = "feishu"
+kind = "feishu_bot"
+endpoint = "{{base}}/feishu/open-apis/bot/v2/hook/{}"
+credentials_env = {{ secret = "HERALD_SIM_FEISHU_SECRET" }}
+"#,
+        credential("HERALD_SIM_FEISHU_HOOK")
+    );
+    let wecom = r#"
+[[providers]]
+code = "wecom"
+kind = "wecom_robot"
+endpoint = "{base}/wecom/cgi-bin/webhook/send"
+credentials_env = { key = "HERALD_SIM_WECOM_KEY" }
+"#;
+    let md = RenderedContent {
+        subject: Some("Alert".into()),
+        markdown: Some("## disk full".into()),
+        ..Default::default()
+    };
+    for (toml, name, limit_code) in [
+        (ding, "dingtalk", "130101"),
+        (feishu.as_str(), "feishu", "9499"),
+        (wecom, "wecom_robot", "45009"),
+    ] {
+        let p = sim.provider(toml, false);
+        let ok = p
+            .send(&message(Channel::Dingtalk, "13800000000", text("hello")), 1)
+            .await;
+        assert_eq!(ok.outcome, DeliveryOutcome::Succeeded, "{name}: {ok:?}");
+        assert_eq!(
+            p.send(&message(Channel::Dingtalk, "@all", md.clone()), 1)
+                .await
+                .outcome,
+            DeliveryOutcome::Succeeded,
+            "{name} markdown"
+        );
+        let log = sim.log(name).await;
+        assert_eq!(log["accepted"].as_array().unwrap().len(), 2, "{name}");
+        if name != "wecom_robot" {
+            // No key to get wrong for WeCom robots: a wrong signing secret is refused.
+            let bad = sim
+                .provider(toml, true)
+                .send(&message(Channel::Dingtalk, "-", text("x")), 1)
+                .await;
+            assert_eq!(bad.outcome, DeliveryOutcome::FailedPermanent, "{name}");
+        }
+        sim.limit(name, 2).await;
+        let limited = p
+            .send(&message(Channel::Dingtalk, "-", text("third")), 1)
+            .await;
+        assert_eq!(
+            limited.outcome,
+            DeliveryOutcome::RateLimited,
+            "{name}: {limited:?}"
+        );
+        assert_eq!(limited.reason.unwrap().code, limit_code);
+    }
+}
+
+#[tokio::test]
+async fn token_apis_refresh_transparently_on_expiry() {
+    let sim = Peer::start().await;
+    let wecom = sim.provider(r#"
+[[providers]]
+code = "wecom-app"
+kind = "wecom_app"
+endpoint = "{base}/wecom"
+credentials_env = { corp_id = "HERALD_SIM_WECOM_CORP_ID", corp_secret = "HERALD_SIM_WECOM_CORP_SECRET" }
+settings = { agent_id = "1000002" }
+"#, false);
+    let wechat = sim.provider(r#"
+[[providers]]
+code = "wechat"
+kind = "wechat_oa"
+endpoint = "{base}/wechat"
+credentials_env = { app_id = "HERALD_SIM_WECHAT_APP_ID", app_secret = "HERALD_SIM_WECHAT_APP_SECRET" }
+"#, false);
+    let tpl = sms_content(
+        "TPL_order_shipped",
+        &[("thing1", "Parcel"), ("url", "https://example.com/o/1")],
+    );
+    for (p, name, to, content) in [
+        (&wecom, "wecom_app", "zhangsan", text("hi")),
+        (&wechat, "wechat", "oABCDEFGHIJ123", tpl.clone()),
+    ] {
+        let m = message(Channel::Wecom, to, content.clone());
+        assert_eq!(
+            p.send(&m, 1).await.outcome,
+            DeliveryOutcome::Succeeded,
+            "{name}"
+        );
+        let m2 = message(Channel::Wecom, to, content.clone());
+        assert_eq!(
+            p.send(&m2, 1).await.outcome,
+            DeliveryOutcome::Succeeded,
+            "{name}"
+        );
+        assert_eq!(
+            sim.log(name).await["tokens_issued"],
+            1,
+            "{name}: the token is cached"
+        );
+        // The provider revokes the token: the next message still succeeds, with a new token.
+        sim.revoke(name).await;
+        let m3 = message(Channel::Wecom, to, content.clone());
+        let r = p.send(&m3, 1).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{name}: {r:?}");
+        let log = sim.log(name).await;
+        assert_eq!(log["tokens_issued"], 2, "{name}");
+        assert_eq!(log["rejected"], 1, "{name}: one call refused with 42001");
+        assert_eq!(log["accepted"].as_array().unwrap().len(), 3, "{name}");
+        sim.faults(name, json!([{"kind": "error", "code": "45009", "message": "api freq out of limit"}, {"kind": "error", "code": "-1", "message": "system busy"}])).await;
+        assert_eq!(
+            p.send(&message(Channel::Wecom, to, content.clone()), 1)
+                .await
+                .outcome,
+            DeliveryOutcome::RateLimited
+        );
+        assert_eq!(
+            p.send(&message(Channel::Wecom, to, content.clone()), 1)
+                .await
+                .outcome,
+            DeliveryOutcome::FailedTransient
+        );
+    }
+    let all_invalid = wecom
+        .send(&message(Channel::Wecom, "unknown-user", text("x")), 1)
+        .await;
+    assert_eq!(all_invalid.reason.unwrap().code, "81013");
+    let unsubscribed = wechat
+        .send(&message(Channel::Wechat, "ounsub-000001", tpl.clone()), 1)
+        .await;
+    assert_eq!(unsubscribed.reason.unwrap().code, "43004");
+    let log = sim.log("wechat").await;
+    let first = &log["accepted"][0];
+    assert_eq!(first["url"], "https://example.com/o/1");
+    assert_eq!(first["data"]["thing1"]["value"], "Parcel");
+    assert!(
+        first["client_msg_id"].as_str().unwrap().starts_with("m-"),
+        "client_msg_id = message id"
+    );
+
+    // Same message resent (e.g. after an unknown outcome): WeChat dedups on client_msg_id.
+    let m = message(Channel::Wechat, "oDEDUPE00001", tpl.clone());
+    wechat.send(&m, 1).await;
+    let before = sim.log("wechat").await["accepted"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(wechat.send(&m, 2).await.outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(
+        sim.log("wechat").await["accepted"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+}
+
+#[tokio::test]
+async fn token_fetch_failure_is_not_an_unknown_outcome() {
+    let sim = Peer::start().await;
+    let p = sim.provider(r#"
+[[providers]]
+code = "wechat"
+kind = "wechat_oa"
+endpoint = "{base}/wechat"
+credentials_env = { app_id = "HERALD_SIM_WECHAT_APP_ID", app_secret = "HERALD_SIM_WECHAT_APP_SECRET" }
+"#, true);
+    let r = p
+        .send(
+            &message(
+                Channel::Wechat,
+                "oABCDEFGHIJ123",
+                sms_content("T", &[("a", "b")]),
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(r.outcome, DeliveryOutcome::FailedPermanent, "{r:?}");
+    assert_eq!(r.reason.unwrap().code, "40125");
+}
