@@ -266,6 +266,8 @@ pub struct RenderedContent {
     pub provider_template: Option<String>,
     #[serde(default)]
     pub provider_params: HashMap<String, String>,
+    #[serde(default)]
+    pub provider_templates: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]

@@ -4,7 +4,16 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use herald_core::codec::{Codec, RegistryResolver};
+use herald_core::transport::Transport;
+use herald_core::transport::kafka::{KafkaSettings, KafkaTransport};
+use herald_core::transport::redis::{RedisSettings, RedisTransport};
+use herald_core::util::now_ms;
+use herald_core::worker::record;
+use herald_schemas::{SendRequested, topics};
 
 pub fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -143,4 +152,125 @@ impl Drop for Herald {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// --- Herald process, publishing and signed API reads, shared by the pipeline tests ----------
+
+pub const SECRET: &str = "pipeline-test-secret";
+
+pub fn config_path() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/herald.toml"))
+}
+
+pub fn herald_env(api: u16, admin: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("HERALD_KAFKA_BROKERS", brokers()),
+        ("HERALD_REGISTRY_URL", registry()),
+        ("HERALD_POSTGRES_URL", postgres()),
+        ("HERALD_REDIS_URL", redis_url()),
+        ("HERALD_API_LISTEN", format!("127.0.0.1:{api}")),
+        ("HERALD_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+        ("HERALD_CALLBACK_LISTEN", format!("127.0.0.1:{}", api + 1)),
+        ("HERALD_APP_DEMO_SECRET", SECRET.to_owned()),
+        (
+            "HERALD_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+        ),
+        ("HERALD_INSTANCE", unique("it")),
+        ("RUST_LOG", "info,rdkafka=warn".to_owned()),
+    ]
+    .into_iter()
+    // The provider simulators' credentials, which ops/herald.toml names.
+    .chain(
+        herald_simulators::CREDENTIALS
+            .iter()
+            .map(|(k, _)| (*k, herald_simulators::credential(k))),
+    )
+    .collect()
+}
+
+/// The provider simulators started by `scripts/stack`.
+pub fn sim_url() -> String {
+    env("HERALD_SIM_URL", "http://127.0.0.1:18100")
+}
+
+/// A signed JSON request to the API.
+pub fn signed(method: &str, path: &str, body: &[u8], api: u16) -> reqwest::RequestBuilder {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    let ts = (now_ms() / 1000).to_string();
+    let nonce = unique("n");
+    let sts = format!(
+        "{method}\n{path}\n{ts}\n{nonce}\n{}",
+        hex::encode(Sha256::digest(body))
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(sts.as_bytes());
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    reqwest::Client::new()
+        .request(m, format!("http://127.0.0.1:{api}{path}"))
+        .header("content-type", "application/json")
+        .header("X-Herald-App", "demo")
+        .header("X-Herald-Timestamp", ts)
+        .header("X-Herald-Nonce", nonce)
+        .header(
+            "X-Herald-Signature",
+            hex::encode(mac.finalize().into_bytes()),
+        )
+        .body(body.to_vec())
+}
+
+pub async fn publish_on(kind: &str, reqs: &[SendRequested]) {
+    let codec = Codec::new(Arc::new(RegistryResolver::new(&registry()).unwrap()));
+    let transport: Box<dyn Transport> = if kind == "redis" {
+        Box::new(RedisTransport::new(RedisSettings::new(redis_url())).unwrap())
+    } else {
+        Box::new(KafkaTransport::new(KafkaSettings::new(brokers())))
+    };
+    // The herald process creates them too; on a fresh broker the test may get there first.
+    transport
+        .ensure_topics(&herald_core::runtime::all_topics(4))
+        .await
+        .expect("topics");
+    let mut recs = Vec::new();
+    for r in reqs {
+        recs.push(
+            record(&codec, topics::REQUESTS, &r.request_id, "trace-it", r)
+                .await
+                .expect("encode through the registry"),
+        );
+    }
+    transport
+        .publisher()
+        .unwrap()
+        .publish(recs)
+        .await
+        .expect("publish");
+}
+
+pub fn signed_get(path: &str, api: u16) -> reqwest::RequestBuilder {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    let ts = (now_ms() / 1000).to_string();
+    let nonce = unique("n");
+    let sts = format!(
+        "GET\n{path}\n{ts}\n{nonce}\n{}",
+        hex::encode(Sha256::digest(b""))
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(sts.as_bytes());
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}{path}"))
+        .header("X-Herald-App", "demo")
+        .header("X-Herald-Timestamp", ts)
+        .header("X-Herald-Nonce", nonce)
+        .header(
+            "X-Herald-Signature",
+            hex::encode(mac.finalize().into_bytes()),
+        )
+}
+
+/// A signed read of the API as JSON; `None` on any transport or decode problem (callers poll).
+pub async fn api_json(path: &str, api: u16) -> Option<serde_json::Value> {
+    signed_get(path, api).send().await.ok()?.json().await.ok()
 }

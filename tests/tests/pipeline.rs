@@ -2,46 +2,14 @@
 //! registry travels accept → render → route → send (SMTP) → deliveries → projector → read API.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use herald_core::codec::{Codec, RegistryResolver};
-use herald_core::transport::Transport;
-use herald_core::transport::kafka::{KafkaSettings, KafkaTransport};
-use herald_core::transport::redis::{RedisSettings, RedisTransport};
 use herald_core::util::{message_id, now_ms};
-use herald_core::worker::record;
-use herald_schemas::{Channel, Priority, Recipient, SendRequested, topics};
+use herald_schemas::{Channel, Priority, Recipient, SendRequested};
 use herald_tests::*;
 
 /// The pipeline tests share the fixed topic names and consumer groups: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const SECRET: &str = "pipeline-test-secret";
-
-fn config_path() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/herald.toml"))
-}
-
-fn herald_env(api: u16, admin: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("HERALD_KAFKA_BROKERS", brokers()),
-        ("HERALD_REGISTRY_URL", registry()),
-        ("HERALD_POSTGRES_URL", postgres()),
-        ("HERALD_REDIS_URL", redis_url()),
-        ("HERALD_API_LISTEN", format!("127.0.0.1:{api}")),
-        ("HERALD_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
-        ("HERALD_CALLBACK_LISTEN", format!("127.0.0.1:{}", api + 1)),
-        ("HERALD_APP_DEMO_SECRET", SECRET.to_owned()),
-        (
-            "HERALD_WEBHOOK_SECRET",
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
-        ),
-        ("HERALD_INSTANCE", unique("it")),
-        ("RUST_LOG", "info,rdkafka=warn".to_owned()),
-    ]
-}
 
 fn request(to: &str, name: &str) -> SendRequested {
     SendRequested {
@@ -63,61 +31,6 @@ fn request(to: &str, name: &str) -> SendRequested {
         metadata: HashMap::new(),
         requested_at: now_ms(),
     }
-}
-
-async fn publish_on(kind: &str, reqs: &[SendRequested]) {
-    let codec = Codec::new(Arc::new(RegistryResolver::new(&registry()).unwrap()));
-    let transport: Box<dyn Transport> = if kind == "redis" {
-        Box::new(RedisTransport::new(RedisSettings::new(redis_url())).unwrap())
-    } else {
-        Box::new(KafkaTransport::new(KafkaSettings::new(brokers())))
-    };
-    // The herald process creates them too; on a fresh broker the test may get there first.
-    transport
-        .ensure_topics(&herald_core::runtime::all_topics(4))
-        .await
-        .expect("topics");
-    let mut recs = Vec::new();
-    for r in reqs {
-        recs.push(
-            record(&codec, topics::REQUESTS, &r.request_id, "trace-it", r)
-                .await
-                .expect("encode through the registry"),
-        );
-    }
-    transport
-        .publisher()
-        .unwrap()
-        .publish(recs)
-        .await
-        .expect("publish");
-}
-
-fn signed_get(path: &str, api: u16) -> reqwest::RequestBuilder {
-    use hmac::{Hmac, Mac};
-    use sha2::{Digest, Sha256};
-    let ts = (now_ms() / 1000).to_string();
-    let nonce = unique("n");
-    let sts = format!(
-        "GET\n{path}\n{ts}\n{nonce}\n{}",
-        hex::encode(Sha256::digest(b""))
-    );
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(sts.as_bytes());
-    reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{api}{path}"))
-        .header("X-Herald-App", "demo")
-        .header("X-Herald-Timestamp", ts)
-        .header("X-Herald-Nonce", nonce)
-        .header(
-            "X-Herald-Signature",
-            hex::encode(mac.finalize().into_bytes()),
-        )
-}
-
-/// A signed read of the API as JSON; `None` on any transport or decode problem (callers poll).
-async fn api_json(path: &str, api: u16) -> Option<serde_json::Value> {
-    signed_get(path, api).send().await.ok()?.json().await.ok()
 }
 
 /// Mails at the SMTP server whose Message-ID is one of ours: (count, last text) per message id.

@@ -7,6 +7,7 @@
 //! Every `/v1` route needs app authentication ([`auth`]).
 
 pub mod auth;
+pub mod inbox;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub struct ApiState {
     pub nonces: auth::NonceCache,
     pub secrets: HashMap<String, String>,
     pub http: reqwest::Client,
+    pub inbox: inbox::Notifications,
 }
 
 /// A 4xx/5xx with `{"error": {"code", "message", "field"}}`.
@@ -454,6 +456,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/messages", post(send))
         .route("/v1/messages/{id}", get(get_message))
         .route("/v1/requests/{id}", get(get_request))
+        .route("/v1/inbox/{user}", get(inbox::list))
+        .route("/v1/inbox/{user}/stream", get(inbox::stream))
+        .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
         .route("/health", get(health))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -465,6 +470,15 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let db = deps
         .postgres_migrated(herald_core::readmodel::SCHEMA)
         .await?;
+    db.batch_execute(herald_core::readmodel::INBOX_SCHEMA)
+        .await
+        .map_err(|e| {
+            StageError::Fatal(format!(
+                "inbox schema: {}",
+                herald_core::runtime::pg_error(e)
+            ))
+        })?;
+    let inbox = inbox::listen(deps.config.postgres.url.clone());
     let secrets = deps
         .config
         .apps
@@ -478,6 +492,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         nonces: auth::NonceCache::default(),
         secrets,
         http: reqwest::Client::new(),
+        inbox,
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -446,6 +446,10 @@ pub struct TemplateConfig {
     pub provider_template: Option<String>,
     #[serde(default)]
     pub provider_params: BTreeMap<String, String>,
+    /// Provider-side template code per provider code, where providers differ (e.g. Aliyun
+    /// `SMS_…` and Tencent's numeric ids); overrides `provider_template`.
+    #[serde(default)]
+    pub provider_templates: BTreeMap<String, String>,
 }
 
 fn one_i32() -> i32 {
@@ -609,6 +613,7 @@ impl Config {
                 && t.html.is_none()
                 && t.markdown.is_none()
                 && t.provider_template.is_none()
+                && t.provider_templates.is_empty()
             {
                 problems.push(format!("templates.{}: no content", t.code));
             }

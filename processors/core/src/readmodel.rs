@@ -36,3 +36,20 @@ CREATE TABLE IF NOT EXISTS projector_offsets (
     PRIMARY KEY (topic, partition)
 );
 ";
+
+/// The in-app inbox: written by the send stage's `inapp` provider, read (and marked read) through
+/// the API. Inserting is idempotent on the message id.
+pub const INBOX_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS inbox (
+    message_id text PRIMARY KEY,
+    app_id text NOT NULL,
+    user_id text NOT NULL,
+    title text,
+    body text,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    read_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS inbox_user ON inbox (app_id, user_id, created_at DESC, message_id DESC)";
+
+/// `NOTIFY` channel for new inbox rows; the payload is `<app_id>/<user_id>`.
+pub const INBOX_CHANNEL: &str = "herald_inbox";

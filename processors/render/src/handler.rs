@@ -17,6 +17,7 @@ struct TemplateEntry {
     version: i32,
     parts: Vec<&'static str>,
     provider_template: Option<String>,
+    provider_templates: HashMap<String, String>,
     provider_params: Vec<String>,
 }
 
@@ -71,6 +72,7 @@ impl Templates {
                     version: t.version,
                     parts,
                     provider_template: t.provider_template.clone(),
+                    provider_templates: t.provider_templates.clone().into_iter().collect(),
                     provider_params,
                 },
             );
@@ -140,6 +142,7 @@ impl Templates {
             }
         }
         out.provider_template = entry.provider_template.clone();
+        out.provider_templates = entry.provider_templates.clone();
         for k in &entry.provider_params {
             let v =
                 self.render_part(&name(code, entry.version, &format!("param.{k}")), &m.params)?;
@@ -165,6 +168,7 @@ mod tests {
             markdown: None,
             provider_template: None,
             provider_params: Default::default(),
+            provider_templates: Default::default(),
         }
     }
 

@@ -26,7 +26,12 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     latency_ms bigint,
     PRIMARY KEY (message_id, attempt)
 );
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS started_at timestamptz";
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS started_at timestamptz;
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS request_id text;
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS app_id text;
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS channel text;
+CREATE INDEX IF NOT EXISTS send_ledger_provider_id ON send_ledger (provider, provider_message_id)
+    WHERE provider_message_id IS NOT NULL";
 
 /// What the ledger says about a claimed attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,20 +44,38 @@ pub enum Prior {
     InFlight,
 }
 
+/// One attempt to claim. The request, app and channel let receipt callbacks find the message
+/// from the provider's id alone.
+pub struct ClaimKey<'a> {
+    pub message_id: &'a str,
+    pub attempt: i32,
+    pub provider: &'a str,
+    pub request_id: &'a str,
+    pub app_id: &'a str,
+    pub channel: &'a str,
+}
+
 /// Claims each (message, attempt); answers in input order.
 pub async fn claim(
     db: &Client,
-    keys: &[(String, i32, String)],
+    claims: &[ClaimKey<'_>],
 ) -> Result<Vec<Prior>, tokio_postgres::Error> {
-    let ids: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-    let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    let providers: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    let keys: Vec<(String, i32)> = claims
+        .iter()
+        .map(|c| (c.message_id.to_owned(), c.attempt))
+        .collect();
+    let ids: Vec<&str> = claims.iter().map(|k| k.message_id).collect();
+    let attempts: Vec<i32> = claims.iter().map(|k| k.attempt).collect();
+    let providers: Vec<&str> = claims.iter().map(|k| k.provider).collect();
+    let requests: Vec<&str> = claims.iter().map(|k| k.request_id).collect();
+    let apps: Vec<&str> = claims.iter().map(|k| k.app_id).collect();
+    let channels: Vec<&str> = claims.iter().map(|k| k.channel).collect();
     let fresh = db
         .query(
-            "INSERT INTO send_ledger (message_id, attempt, provider)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[])
+            "INSERT INTO send_ledger (message_id, attempt, provider, request_id, app_id, channel)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
              ON CONFLICT DO NOTHING RETURNING message_id, attempt",
-            &[&ids, &attempts, &providers],
+            &[&ids, &attempts, &providers, &requests, &apps, &channels],
         )
         .await?;
     let fresh: std::collections::HashSet<(String, i32)> =

@@ -229,9 +229,16 @@ impl BatchHandler for Send {
             if msgs.is_empty() {
                 return Ok(out);
             }
-            let keys: Vec<(String, i32, String)> = msgs
+            let keys: Vec<ledger::ClaimKey> = msgs
                 .iter()
-                .map(|(m, a, _)| (m.header.message_id.clone(), *a, m.provider.clone()))
+                .map(|(m, a, _)| ledger::ClaimKey {
+                    message_id: &m.header.message_id,
+                    attempt: *a,
+                    provider: &m.provider,
+                    request_id: &m.header.request_id,
+                    app_id: &m.header.app_id,
+                    channel: m.header.channel.as_str(),
+                })
                 .collect();
             let priors = ledger::claim(&self.db, &keys).await.map_err(|e| {
                 StageError::Transient(format!(

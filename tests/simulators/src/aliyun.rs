@@ -373,25 +373,19 @@ async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
         let _ = n;
         return error("isv.BUSINESS_LIMIT_CONTROL", "触发分钟级流控Permits:1");
     }
-    let fault = sim.next_fault(P);
-    let timeout = matches!(fault, Some(crate::Fault::Timeout { .. }));
-    if timeout {
-        record(sim, &params, "timeout");
-    }
-    if let Some((code, msg)) = apply_fault(fault).await {
-        return error(
-            &code,
-            if msg.is_empty() {
-                "simulated failure"
+    let hang = match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => {
+            let msg = if msg.is_empty() {
+                "simulated failure".into()
             } else {
-                &msg
-            },
-        );
-    }
+                msg
+            };
+            return error(&code, &msg);
+        }
+        Ok(h) => h,
+    };
     let biz_id = format!("{}{:06}^0", now_ms(), sim.next_serial());
-    if !timeout {
-        record(sim, &params, &biz_id);
-    }
+    record(sim, &params, &biz_id);
     let reports: Vec<Value> = numbers
         .iter()
         .map(|n| {
@@ -405,6 +399,7 @@ async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
         })
         .collect();
     sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    crate::hang(hang).await;
     (
         StatusCode::OK,
         axum::Json(json!({"Code": "OK", "Message": "OK", "BizId": biz_id, "RequestId": uuid::Uuid::new_v4().to_string().to_uppercase()})),

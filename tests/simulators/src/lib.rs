@@ -10,6 +10,8 @@
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
 //! by the next request that passes authentication), `PUT /_control/{provider}/limit` sets a
 //! per-minute limit, `POST /_control/{provider}/revoke` revokes the current access token,
+//! `PUT /_control/{provider}/receipts` sets where receipts are pushed, `POST /_alerts` is an
+//! operator endpoint for Herald's alert action,
 //! `GET /_log/{provider}` lists accepted sends, `POST /_reset` clears everything.
 
 pub mod aliyun;
@@ -45,6 +47,10 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_WECHAT_APP_ID", "wxsimapp"),
     ("HERALD_SIM_WECHAT_APP_SECRET", "sim-wechat-app-secret"),
     ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
+    (
+        "HERALD_SIM_ALERT_SECRET",
+        "whsec_c2ltLWFsZXJ0LXNlY3JldC0wMTIzNDU2Nzg5",
+    ),
 ];
 
 /// The value of a simulator credential (environment, else the default).
@@ -82,7 +88,7 @@ struct Inner {
     rejected: HashMap<String, u64>,
     nonces: HashMap<String, i64>,
     windows: HashMap<String, VecDeque<i64>>,
-    limits: HashMap<String, u32>,
+    limits: HashMap<String, (u32, i64)>,
     tokens: HashMap<String, Vec<String>>,
     serial: u64,
 }
@@ -91,7 +97,7 @@ pub struct Sim {
     inner: Mutex<Inner>,
     http: reqwest::Client,
     /// Where SMS receipts are pushed (Herald's callback endpoint), per provider.
-    pub receipt_urls: HashMap<String, String>,
+    receipt_urls: Mutex<HashMap<String, String>>,
 }
 
 impl Sim {
@@ -102,7 +108,7 @@ impl Sim {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
-            receipt_urls,
+            receipt_urls: Mutex::new(receipt_urls),
         })
     }
 
@@ -140,20 +146,21 @@ impl Sim {
             .is_none()
     }
 
-    /// Sliding 60 s window: false when `key` is over its provider's per-minute limit.
+    /// Sliding window (60 s unless a test shortened it): false when `key` is over its
+    /// provider's limit.
     pub fn within_limit(&self, provider: &str, key: &str, default_per_minute: u32) -> bool {
         let now = now_ms();
         let mut g = self.lock();
-        let limit = g
+        let (limit, window) = g
             .limits
             .get(provider)
             .copied()
-            .unwrap_or(default_per_minute);
+            .unwrap_or((default_per_minute, 60_000));
         if limit == 0 {
             return true;
         }
         let w = g.windows.entry(format!("{provider}/{key}")).or_default();
-        while w.front().is_some_and(|t| now - t >= 60_000) {
+        while w.front().is_some_and(|t| now - t >= window) {
             w.pop_front();
         }
         if w.len() >= limit as usize {
@@ -208,7 +215,13 @@ impl Sim {
     /// Pushes a receipt body to the provider's receipt URL in the background, retrying like the
     /// real platforms do (compressed: 1 s, 2 s, 4 s).
     pub fn push_receipt(self: &Arc<Self>, provider: &str, body: Value, delay: Duration) {
-        let Some(url) = self.receipt_urls.get(provider).cloned() else {
+        let url = self
+            .receipt_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(provider)
+            .cloned();
+        let Some(url) = url else {
             return;
         };
         let sim = self.clone();
@@ -237,15 +250,26 @@ impl Sim {
     }
 }
 
-/// Applies a fault's delay; answers the error code to return, if the fault is an error.
-pub async fn apply_fault(fault: Option<Fault>) -> Option<(String, String)> {
+/// Applies a fault before the request is processed: an error to answer (`Err`), a slow answer
+/// (slept here), or a timeout, answered as how long to hang *after* processing (`Ok(Some(ms))`):
+/// the provider takes the request, the answer never comes in time. Handlers process before they
+/// hang, so a client that gives up does not cancel the send.
+pub async fn apply_fault(fault: Option<Fault>) -> Result<Option<u64>, (String, String)> {
     match fault {
-        Some(Fault::Error { code, message }) => Some((code, message)),
-        Some(Fault::Timeout { ms }) | Some(Fault::Slow { ms }) => {
+        Some(Fault::Error { code, message }) => Err((code, message)),
+        Some(Fault::Slow { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            None
+            Ok(None)
         }
-        None => None,
+        Some(Fault::Timeout { ms }) => Ok(Some(ms)),
+        None => Ok(None),
+    }
+}
+
+/// The hang of a timeout fault, after processing.
+pub async fn hang(ms: Option<u64>) {
+    if let Some(ms) = ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
@@ -263,6 +287,9 @@ async fn add_faults(
 #[derive(Deserialize)]
 struct Limit {
     per_minute: u32,
+    /// Shortens the window for tests (default 60 s).
+    #[serde(default)]
+    window_ms: Option<i64>,
 }
 
 async fn set_limit(
@@ -270,8 +297,60 @@ async fn set_limit(
     Path(provider): Path<String>,
     Json(l): Json<Limit>,
 ) -> Json<Value> {
-    sim.lock().limits.insert(provider, l.per_minute);
+    sim.lock()
+        .limits
+        .insert(provider, (l.per_minute, l.window_ms.unwrap_or(60_000)));
     Json(json!({"ok": true}))
+}
+
+#[derive(Deserialize)]
+struct ReceiptTarget {
+    url: String,
+}
+
+async fn set_receipts(
+    State(sim): State<Arc<Sim>>,
+    Path(provider): Path<String>,
+    Json(t): Json<ReceiptTarget>,
+) -> Json<Value> {
+    sim.receipt_urls
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(provider, t.url);
+    Json(json!({"ok": true}))
+}
+
+/// An operator endpoint for Herald's `alert` rule action: verifies the Standard Webhooks
+/// signature (secret `HERALD_SIM_ALERT_SECRET`) and records the alert under `alerts`.
+async fn alert(
+    State(sim): State<Arc<Sim>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let key = herald_core::util::webhook_key(&credential("HERALD_SIM_ALERT_SECRET"));
+    let ok = herald_core::util::standard_webhook_verify(
+        &key,
+        &h("webhook-id"),
+        &h("webhook-timestamp"),
+        &h("webhook-signature"),
+        &body,
+        now_ms() / 1000,
+        300,
+    );
+    if !ok {
+        sim.count_rejected("alerts");
+        return axum::http::StatusCode::UNAUTHORIZED;
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    sim.record("alerts", v);
+    axum::http::StatusCode::NO_CONTENT
 }
 
 async fn revoke(State(sim): State<Arc<Sim>>, Path(provider): Path<String>) -> Json<Value> {
@@ -303,6 +382,8 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_control/{provider}/faults", post(add_faults))
         .route("/_control/{provider}/limit", put(set_limit))
         .route("/_control/{provider}/revoke", post(revoke))
+        .route("/_control/{provider}/receipts", put(set_receipts))
+        .route("/_alerts", post(alert))
         .route("/_log/{provider}", get(log))
         .route("/_reset", post(reset))
         .with_state(sim)

@@ -15,7 +15,7 @@ use herald_core::sign::{ct_eq, dingtalk_sign, feishu_sign};
 use herald_core::util::now_ms;
 use serde_json::{Value, json};
 
-use crate::{Sim, apply_fault, credential};
+use crate::{Sim, apply_fault, credential, hang as hang_for};
 
 pub fn routes() -> Router<Arc<Sim>> {
     Router::new()
@@ -108,13 +108,15 @@ async fn dingtalk(
     if !sim.within_limit(P, "robot", 20) {
         return errcode(130101, "send too fast, exceed 20 times per minute");
     }
-    if let Some((code, msg)) = apply_fault(sim.next_fault(P)).await {
-        return errcode(code.parse().unwrap_or(-1), &msg);
-    }
+    let hang = match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => return errcode(code.parse().unwrap_or(-1), &msg),
+        Ok(h) => h,
+    };
     sim.record(
         P,
         json!({"msgtype": v["msgtype"], "content": content, "at": v["at"]}),
     );
+    hang_for(hang).await;
     errcode(0, "ok")
 }
 
@@ -173,10 +175,14 @@ async fn feishu(State(sim): State<Arc<Sim>>, Path(id): Path<String>, body: Bytes
     if !sim.within_limit(P, "bot", 100) {
         return feishu_reply(StatusCode::BAD_REQUEST, 9499, "too many request");
     }
-    if let Some((code, msg)) = apply_fault(sim.next_fault(P)).await {
-        return feishu_reply(StatusCode::OK, code.parse().unwrap_or(9499), &msg);
-    }
+    let hang = match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => {
+            return feishu_reply(StatusCode::OK, code.parse().unwrap_or(9499), &msg);
+        }
+        Ok(h) => h,
+    };
     sim.record(P, json!({"msg_type": v["msg_type"], "content": content}));
+    hang_for(hang).await;
     feishu_reply(StatusCode::OK, 0, "success")
 }
 
@@ -211,9 +217,11 @@ async fn wecom(
     if !sim.within_limit(P, "robot", 20) {
         return wecom_errcode(45009, "api freq out of limit");
     }
-    if let Some((code, msg)) = apply_fault(sim.next_fault(P)).await {
-        return wecom_errcode(code.parse().unwrap_or(-1), &msg);
-    }
+    let hang = match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => return wecom_errcode(code.parse().unwrap_or(-1), &msg),
+        Ok(h) => h,
+    };
     sim.record(P, json!({"msgtype": v["msgtype"], "content": content, "mentioned_list": v.pointer("/text/mentioned_list"), "mentioned_mobile_list": v.pointer("/text/mentioned_mobile_list")}));
+    hang_for(hang).await;
     errcode(0, "ok")
 }

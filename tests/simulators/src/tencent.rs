@@ -228,26 +228,18 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
         if code.starts_with("FailedOperation.")
             || code.starts_with("LimitExceeded.Phone")
             || code.starts_with("LimitExceeded.Delivery"));
-    if matches!(fault, Some(Fault::Timeout { .. })) {
-        sim.record(
-            P,
-            json!({"session_context": session, "numbers": numbers, "serial_no": "timeout"}),
-        );
-    }
-    let timeout = matches!(fault, Some(Fault::Timeout { .. }));
-    let injected = apply_fault(fault).await;
-    if let Some((code, msg)) = &injected
-        && !per_number_fault
-    {
-        return error(
-            code,
-            if msg.is_empty() {
-                "simulated failure"
+    let (injected, hang) = match apply_fault(fault).await {
+        Err((code, msg)) if !per_number_fault => {
+            let msg = if msg.is_empty() {
+                "simulated failure".into()
             } else {
                 msg
-            },
-        );
-    }
+            };
+            return error(&code, &msg);
+        }
+        Err(e) => (Some(e), None),
+        Ok(h) => (None, h),
+    };
     let mut set = Vec::new();
     let mut reports = Vec::new();
     for n in &numbers {
@@ -270,7 +262,7 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
                     "errmsg": if ok { "DELIVRD" } else { "UNDELIV" },
                     "description": if ok { "用户短信送达成功" } else { "用户短信未送达" }, "sid": serial,
                 }));
-                if !timeout {
+                {
                     sim.record(P, json!({"session_context": session, "numbers": [e164], "serial_no": serial, "template_id": req["TemplateId"], "params": req["TemplateParamSet"]}));
                 }
                 json!({"SerialNo": serial, "PhoneNumber": e164, "Fee": 1, "SessionContext": session, "Code": "Ok", "Message": "send success", "IsoCode": "CN"})
@@ -281,5 +273,6 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
     if !reports.is_empty() {
         sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
     }
+    crate::hang(hang).await;
     Json(json!({"Response": {"SendStatusSet": set, "RequestId": request_id()}}))
 }

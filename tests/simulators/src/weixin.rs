@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::robots::wecom_errcode;
-use crate::{Sim, apply_fault, credential};
+use crate::{Sim, apply_fault, credential, hang as hang_for};
 
 pub fn routes() -> Router<Arc<Sim>> {
     Router::new()
@@ -94,14 +94,16 @@ async fn wecom_send(
     if valid.iter().any(|u| !sim.within_limit(WECOM, u, 30)) {
         return wecom_errcode(45009, "api freq out of limit");
     }
-    if let Some((code, msg)) = apply_fault(sim.next_fault(WECOM)).await {
-        return wecom_errcode(code.parse().unwrap_or(-1), &msg);
-    }
+    let hang = match apply_fault(sim.next_fault(WECOM)).await {
+        Err((code, msg)) => return wecom_errcode(code.parse().unwrap_or(-1), &msg),
+        Ok(h) => h,
+    };
     let msgid = format!("wecom-{}", sim.next_serial());
     sim.record(
         WECOM,
         json!({"touser": valid, "msgtype": v["msgtype"], "content": content, "msgid": msgid}),
     );
+    hang_for(hang).await;
     Json(json!({"errcode": 0, "errmsg": "ok", "invaliduser": invalid.join("|"), "invalidparty": "", "invalidtag": "", "unlicenseduser": "", "msgid": msgid})).into_response()
 }
 
@@ -172,10 +174,12 @@ async fn wechat_send(
         // The same openid + client_msg_id within 10 minutes is sent only once.
         return Json(json!({"errcode": 0, "errmsg": "ok", "msgid": 0})).into_response();
     }
-    if let Some((code, msg)) = apply_fault(sim.next_fault(WECHAT)).await {
-        return wx(code.parse().unwrap_or(-1), &msg);
-    }
+    let hang = match apply_fault(sim.next_fault(WECHAT)).await {
+        Err((code, msg)) => return wx(code.parse().unwrap_or(-1), &msg),
+        Ok(h) => h,
+    };
     let msgid = sim.next_serial() as i64 + 200_000_000;
     sim.record(WECHAT, json!({"touser": openid, "template_id": template, "client_msg_id": client_msg_id, "data": v["data"], "url": v["url"], "msgid": msgid}));
+    hang_for(hang).await;
     Json(json!({"errcode": 0, "errmsg": "ok", "msgid": msgid})).into_response()
 }

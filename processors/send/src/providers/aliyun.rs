@@ -78,7 +78,7 @@ impl AliyunSms {
 
     /// The `SendSms` business parameters of a message.
     fn business_params(&self, m: &MessageRouted) -> Result<BTreeMap<String, String>, CallResult> {
-        let Some(template) = m.content.provider_template.clone() else {
+        let Some(template) = super::provider_template(m) else {
             return Err(CallResult::fail(
                 DeliveryOutcome::FailedPermanent,
                 None,

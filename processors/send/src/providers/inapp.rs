@@ -11,19 +11,7 @@ use tokio::sync::OnceCell;
 
 use super::{CallResult, Provider, ProviderError};
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS inbox (
-    message_id text PRIMARY KEY,
-    app_id text NOT NULL,
-    user_id text NOT NULL,
-    title text,
-    body text,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    read_at timestamptz
-);
-CREATE INDEX IF NOT EXISTS inbox_user ON inbox (app_id, user_id, created_at DESC)";
-
-pub const CHANNEL: &str = "herald_inbox";
+use herald_core::readmodel::{INBOX_CHANNEL as CHANNEL, INBOX_SCHEMA as SCHEMA};
 
 pub struct Inapp {
     url: String,

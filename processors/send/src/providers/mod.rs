@@ -211,3 +211,13 @@ pub(crate) fn errcode(v: &serde_json::Value) -> Option<(i64, String)> {
         .to_owned();
     Some((code, msg))
 }
+
+/// The provider-side template code for this message's provider: the per-provider code when the
+/// template names one, else the shared one.
+pub(crate) fn provider_template(m: &MessageRouted) -> Option<String> {
+    m.content
+        .provider_templates
+        .get(&m.provider)
+        .or(m.content.provider_template.as_ref())
+        .cloned()
+}

@@ -127,7 +127,7 @@ impl Provider for TencentSms {
 
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
-            let Some(template) = m.content.provider_template.clone() else {
+            let Some(template) = super::provider_template(m) else {
                 return CallResult::fail(
                     DeliveryOutcome::FailedPermanent,
                     None,

@@ -1,0 +1,310 @@
+//! In-app inbox (CONTRACT.md §2 `GET /v1/inbox/{user}` + live stream): the rows the send stage's
+//! `inapp` provider stores, read and marked read per app and user, and pushed live over
+//! Server-Sent Events. One `LISTEN herald_inbox` connection per API process fans notifications
+//! out to the connected streams; each stream re-reads its user's rows newer than the last one it
+//! sent, so a missed notification only delays, never loses, a message.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use herald_core::readmodel::INBOX_CHANNEL;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_postgres::Client;
+
+use crate::{ApiError, ApiState, authenticate};
+
+/// Inbox notifications (`<app>/<user>`) for this process's streams.
+pub type Notifications = broadcast::Sender<String>;
+
+/// Listens for inbox notifications on a dedicated connection, reconnecting when it drops.
+pub fn listen(url: String) -> Notifications {
+    let (tx, _) = broadcast::channel(1024);
+    let out = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((client, mut conn)) => {
+                    // The connection is driven by its own task (which is where notifications
+                    // arrive); the client is kept while it runs.
+                    let forward = out.clone();
+                    let driver = tokio::spawn(async move {
+                        let mut messages =
+                            futures::stream::poll_fn(move |cx| conn.poll_message(cx)).boxed();
+                        while let Some(m) = messages.next().await {
+                            match m {
+                                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                    let _ = forward.send(n.payload().to_owned());
+                                }
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    });
+                    let listen = format!("LISTEN {INBOX_CHANNEL}");
+                    if client.batch_execute(&listen).await.is_ok() {
+                        let _ = driver.await;
+                    } else {
+                        driver.abort();
+                    }
+                    drop(client);
+                }
+                Err(e) => tracing::warn!(error = %e, "inbox listener cannot connect"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    tx
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InboxQuery {
+    #[serde(default)]
+    pub cursor: Option<String>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+    #[serde(default)]
+    pub unread: Option<bool>,
+}
+
+fn db_err(e: tokio_postgres::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        herald_core::runtime::pg_error(e),
+    )
+}
+
+fn row_json(r: &tokio_postgres::Row) -> Value {
+    json!({
+        "message_id": r.get::<_, String>(0),
+        "title": r.get::<_, Option<String>>(1),
+        "body": r.get::<_, Option<String>>(2),
+        "created_at": r.get::<_, i64>(3),
+        "read": r.get::<_, Option<i64>>(4).is_some(),
+        "read_at": r.get::<_, Option<i64>>(4),
+    })
+}
+
+const COLUMNS: &str = "message_id, title, body, (extract(epoch from created_at) * 1000)::bigint,
+     (extract(epoch from read_at) * 1000)::bigint";
+
+/// `GET /v1/inbox/{user}`: newest first, paginated by `cursor` (`<created_ms>:<message_id>`),
+/// optionally `unread=true` only; with the unread count.
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+    Query(q): Query<InboxQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let (cur_ms, cur_id) = match q.cursor.as_deref() {
+        Some(c) => {
+            let (ms, id) = c
+                .split_once(':')
+                .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_cursor",
+                        "cursor is <ms>:<id>",
+                    )
+                    .field("cursor")
+                })?;
+            (ms, id)
+        }
+        None => (i64::MAX, String::new()),
+    };
+    let unread_only = q.unread.unwrap_or(false);
+    let rows = state
+        .db
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM inbox
+                 WHERE app_id = $1 AND user_id = $2 AND (NOT $3 OR read_at IS NULL)
+                   AND ((extract(epoch from created_at) * 1000)::bigint, message_id) < ($4, $5)
+                 ORDER BY created_at DESC, message_id DESC LIMIT $6"
+            ),
+            &[
+                &app,
+                &user,
+                &unread_only,
+                &cur_ms,
+                &(if cur_id.is_empty() {
+                    "\u{10ffff}".to_owned()
+                } else {
+                    cur_id
+                }),
+                &(limit + 1),
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    let more = rows.len() as i64 > limit;
+    let page: Vec<Value> = rows.iter().take(limit as usize).map(row_json).collect();
+    let next = more
+        .then(|| {
+            page.last().map(|m| {
+                format!(
+                    "{}:{}",
+                    m["created_at"],
+                    m["message_id"].as_str().unwrap_or_default()
+                )
+            })
+        })
+        .flatten();
+    let unread: i64 = state
+        .db
+        .query_one(
+            "SELECT count(*) FROM inbox WHERE app_id = $1 AND user_id = $2 AND read_at IS NULL",
+            &[&app, &user],
+        )
+        .await
+        .map_err(db_err)?
+        .get(0);
+    Ok(
+        Json(json!({"user": user, "unread": unread, "messages": page, "next_cursor": next}))
+            .into_response(),
+    )
+}
+
+/// `POST /v1/inbox/{user}/{message_id}/read`: idempotent.
+pub async fn mark_read(
+    State(state): State<Arc<ApiState>>,
+    Path((user, id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let n = state
+        .db
+        .execute(
+            "UPDATE inbox SET read_at = coalesce(read_at, now())
+             WHERE app_id = $1 AND user_id = $2 AND message_id = $3",
+            &[&app, &user, &id],
+        )
+        .await
+        .map_err(db_err)?;
+    if n == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "message_not_found",
+            format!("no inbox message {id} for {user}"),
+        ));
+    }
+    Ok(Json(json!({"message_id": id, "read": true})).into_response())
+}
+
+async fn newer(
+    db: &Client,
+    app: &str,
+    user: &str,
+    after: (i64, String),
+) -> Result<Vec<Value>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM inbox
+                 WHERE app_id = $1 AND user_id = $2
+                   AND ((extract(epoch from created_at) * 1000)::bigint, message_id) > ($3, $4)
+                 ORDER BY created_at, message_id LIMIT 500"
+            ),
+            &[&app, &user, &after.0, &after.1],
+        )
+        .await?;
+    Ok(rows.iter().map(row_json).collect())
+}
+
+/// `GET /v1/inbox/{user}/stream`: Server-Sent Events, one `message` event per new inbox row
+/// (from the moment of connecting, or after `Last-Event-ID` = `<ms>:<id>` when resuming).
+pub async fn stream(
+    State(state): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())));
+    let start = resume.unwrap_or((herald_core::util::now_ms(), String::new()));
+    let mut rx = state.inbox.subscribe();
+    let key = format!("{app}/{user}");
+    let state2 = state.clone();
+    let s = async_stream(move |tx| async move {
+        let mut last = start;
+        loop {
+            match newer(&state2.db, &app, &user, last.clone()).await {
+                Ok(rows) => {
+                    for m in rows {
+                        let id = format!(
+                            "{}:{}",
+                            m["created_at"],
+                            m["message_id"].as_str().unwrap_or_default()
+                        );
+                        last = (
+                            m["created_at"].as_i64().unwrap_or_default(),
+                            m["message_id"].as_str().unwrap_or_default().to_owned(),
+                        );
+                        let ev = Event::default().event("message").id(id).data(m.to_string());
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "inbox stream read"),
+            }
+            // Wake on our user's notification; re-read every 15 s regardless.
+            let wait = async {
+                loop {
+                    match rx.recv().await {
+                        Ok(k) if k == key => return,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            futures::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(15), wait).await;
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(s).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a bounded channel (the task stops when the client goes).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Event, Infallible>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,428 @@
+//! Every channel through the whole pipeline (gateway → accept → render → route → send →
+//! deliveries/receipts → projector → read API) against the provider simulators started by
+//! `scripts/stack`, with the failure rules of ops/herald.toml: retry then success, switch
+//! provider then success, permanent failure with its reason, an operator alert, an unknown
+//! outcome held for the receipt, SMS receipts moving status, a rate limit slowing but not
+//! failing, and token revocation refreshed transparently.
+
+use std::time::Duration;
+
+use herald_tests::*;
+use serde_json::{Value, json};
+
+/// These share consumer groups with the other pipeline tests (another test binary): each test
+/// here runs alone too.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Run {
+    api: u16,
+    _herald: Herald,
+    http: reqwest::Client,
+}
+
+impl Run {
+    async fn start(name: &str, api: u16, admin: u16) -> Run {
+        let cfg = std::env::temp_dir().join(format!("herald-{name}.toml"));
+        std::fs::copy(config_path(), &cfg).unwrap();
+        let herald = Herald::start(&cfg, &herald_env(api, admin));
+        let run = Run {
+            api,
+            _herald: herald,
+            http: reqwest::Client::new(),
+        };
+        let health = format!("http://127.0.0.1:{api}/health");
+        eventually(Duration::from_secs(60), "the API answers", || {
+            let (http, health) = (run.http.clone(), health.clone());
+            async move { http.get(&health).send().await.ok().map(|_| ()) }
+        })
+        .await;
+        let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
+        for (sim, code) in [("aliyun", "aliyun-sim"), ("tencent", "tencent-sim")] {
+            let url = format!("http://127.0.0.1:{}/callbacks/{code}/{token}", api + 1);
+            run.sim_put(&format!("/_control/{sim}/receipts"), json!({ "url": url }))
+                .await;
+        }
+        run
+    }
+
+    async fn sim_put(&self, path: &str, body: Value) {
+        let r = self
+            .http
+            .put(format!("{}{path}", sim_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("simulators up (scripts/stack up)");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+
+    async fn fault(&self, provider: &str, fault: Value) {
+        let r = self
+            .http
+            .post(format!("{}/_control/{provider}/faults", sim_url()))
+            .json(&json!([fault]))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    async fn sim_log(&self, provider: &str) -> Value {
+        self.http
+            .get(format!("{}/_log/{provider}", sim_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POST /v1/messages; answers the message ids.
+    async fn send(&self, body: Value) -> Vec<String> {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let resp = signed("POST", "/v1/messages", &bytes, self.api)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(status.as_u16(), 202, "POST /v1/messages: {v}");
+        v["message_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits for a message to reach `status`; answers the message JSON.
+    async fn until(&self, id: &str, status: &str, what: &str) -> Value {
+        let path = format!("/v1/messages/{id}");
+        let api = self.api;
+        eventually(Duration::from_secs(60), what, || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                (v["status"] == status).then_some(v)
+            }
+        })
+        .await
+    }
+}
+
+fn phone(suffix: &str) -> String {
+    // Unique per run, valid for both SMS simulators: 139 + 7 varying digits + a 1-digit suffix.
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 10_000_000;
+    format!("139{n:07}{suffix}")
+}
+
+fn sms(to: &str) -> Value {
+    json!({
+        "app_id": "demo", "channel": "SMS", "template": "verify_code",
+        "params": {"code": "482913"}, "recipients": [{"address": to}], "priority": "HIGH",
+        "requested_at": herald_core::util::now_ms(),
+    })
+}
+
+fn timeline_has(v: &Value, status: &str) -> bool {
+    v["timeline"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|e| e["status"] == status))
+}
+
+fn reason_codes(v: &Value) -> Vec<String> {
+    v["timeline"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|e| e["reason"]["code"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
+    let _serial = SERIAL.lock().await;
+    let run = Run::start("channels-sms", 18_300, 19_700).await;
+
+    // Success: `sent` on the provider's acceptance, `delivered` when the SmsReport arrives.
+    let ok = run.send(sms(&phone("1"))).await.remove(0);
+    let v = run
+        .until(&ok, "delivered", "SMS delivered by receipt")
+        .await;
+    assert_eq!(v["provider"], "aliyun-sim");
+    assert!(timeline_has(&v, "sent"), "{v}");
+    let accepted = run.sim_log("aliyun").await;
+    assert!(
+        accepted["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["out_id"] == ok.as_str() && a["template_param"] == r#"{"code":"482913"}"#),
+        "the simulator got OutId = message id and the rendered params"
+    );
+
+    // A receipt saying the handset never got it.
+    let lost = run.send(sms(&format!("1390000{}", "0000"))).await.remove(0);
+    let v = run
+        .until(&lost, "undelivered", "SMS undelivered by receipt")
+        .await;
+    assert!(reason_codes(&v).contains(&"MK:0001".to_owned()), "{v}");
+
+    // Transient provider error → rule "retry" → second attempt succeeds.
+    run.fault(
+        "aliyun",
+        json!({"kind": "error", "code": "isp.SYSTEM_ERROR", "message": "system error"}),
+    )
+    .await;
+    let retried = run.send(sms(&phone("2"))).await.remove(0);
+    let v = run
+        .until(&retried, "delivered", "retried SMS delivered")
+        .await;
+    assert_eq!(v["attempts"], 2, "{v}");
+    assert!(timeline_has(&v, "retry_scheduled"), "{v}");
+
+    // Balance exhausted → rule "switch_provider" → Tencent sends it; its receipt (matched by
+    // SerialNo) delivers it.
+    run.fault(
+        "aliyun",
+        json!({"kind": "error", "code": "isv.AMOUNT_NOT_ENOUGH", "message": "账户余额不足"}),
+    )
+    .await;
+    let switched = run.send(sms(&phone("3"))).await.remove(0);
+    let v = run
+        .until(&switched, "delivered", "switched SMS delivered")
+        .await;
+    assert_eq!(v["provider"], "tencent-sim", "{v}");
+    let tencent = run.sim_log("tencent").await;
+    assert!(
+        tencent["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["session_context"] == switched.as_str() && a["template_id"] == "1110"),
+        "Tencent got its own template id and SessionContext = message id: {tencent}"
+    );
+
+    // A permanent error fails the message with the provider's reason.
+    run.fault("aliyun", json!({"kind": "error", "code": "isv.MOBILE_NUMBER_ILLEGAL", "message": "invalid mobile number"}))
+        .await;
+    let bad = run.send(sms(&phone("4"))).await.remove(0);
+    let v = run.until(&bad, "failed", "permanent failure").await;
+    assert!(
+        reason_codes(&v).contains(&"isv.MOBILE_NUMBER_ILLEGAL".to_owned()),
+        "{v}"
+    );
+    assert_eq!(v["attempts"], 1);
+
+    // A revoked signature fails the message and alerts the operator (signed webhook).
+    run.fault(
+        "aliyun",
+        json!({"kind": "error", "code": "isv.SMS_SIGNATURE_ILLEGAL", "message": "签名不合法"}),
+    )
+    .await;
+    let alerted = run.send(sms(&phone("5"))).await.remove(0);
+    run.until(&alerted, "failed", "alerted failure").await;
+    let alerts = run.sim_log("alerts").await;
+    assert!(
+        alerts["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["message_id"] == alerted.as_str()
+                && a["response_code"] == "isv.SMS_SIGNATURE_ILLEGAL"),
+        "alert received and verified: {alerts}"
+    );
+
+    // The provider takes the request but the answer never comes (timeout): not resent; SMS's
+    // policy holds it in `sent` and the receipt decides.
+    run.fault("aliyun", json!({"kind": "timeout", "ms": 3000}))
+        .await;
+    let unknown = run.send(sms(&phone("6"))).await.remove(0);
+    run.until(&unknown, "delivered", "unknown outcome resolved by receipt")
+        .await;
+    // The receipt may overtake the attempt's own (timed-out) record; both end in the timeline.
+    let path = format!("/v1/messages/{unknown}");
+    let api = run.api;
+    let v = eventually(
+        Duration::from_secs(30),
+        "the timed-out attempt recorded",
+        || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                reason_codes(&v)
+                    .contains(&"timeout".to_owned())
+                    .then_some(v)
+            }
+        },
+    )
+    .await;
+    assert_eq!(v["status"], "delivered", "{v}");
+    assert_eq!(v["attempts"], 1, "never resent: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn robots_tokens_inbox_and_rate_limits_through_the_pipeline() {
+    let _serial = SERIAL.lock().await;
+    let run = Run::start("channels-im", 18_320, 19_720).await;
+    let now = herald_core::util::now_ms();
+    let tag = unique("run");
+
+    // DingTalk markdown through a template; a robot limit of 2 per 3 s slows five messages down
+    // (rate-limited answers are retried through the delay tier) but fails none.
+    run.sim_put(
+        "/_control/dingtalk/limit",
+        json!({"per_minute": 2, "window_ms": 3000}),
+    )
+    .await;
+    let ids = run
+        .send(json!({
+            "app_id": "demo", "channel": "DINGTALK", "template": "alert",
+            "params": {"title": "Disk full", "body": tag},
+            "recipients": [{"address": "@all"}, {"address": "-"}, {"address": "13800000000"}, {"address": "-"}, {"address": "-"}],
+            "requested_at": now,
+        }))
+        .await;
+    let mut retried = 0;
+    for id in &ids {
+        let v = run
+            .until(
+                id,
+                "delivered",
+                "DingTalk message delivered despite the limit",
+            )
+            .await;
+        if v["attempts"].as_i64().unwrap_or(0) > 1 {
+            retried += 1;
+        }
+    }
+    assert!(retried >= 1, "the limit was hit and absorbed by retries");
+    run.sim_put("/_control/dingtalk/limit", json!({"per_minute": 20}))
+        .await;
+    let ding = run.sim_log("dingtalk").await;
+    let ours = ding["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["content"].as_str().is_some_and(|c| c.contains(&tag)))
+        .count();
+    assert_eq!(ours, 5, "each message reached the robot exactly once");
+
+    // Feishu with inline content.
+    let f = run
+        .send(json!({"app_id": "demo", "channel": "FEISHU", "content": {"text": format!("deploy done {tag}")},
+                     "recipients": [{"address": "-"}], "requested_at": now}))
+        .await
+        .remove(0);
+    run.until(&f, "delivered", "Feishu delivered").await;
+
+    // WeCom app message; then WeCom revokes the token and the next message still goes out.
+    let wecom = |text: String| {
+        json!({"app_id": "demo", "channel": "WECOM", "content": {"text": text},
+               "recipients": [{"address": "zhangsan"}], "requested_at": now})
+    };
+    let w1 = run.send(wecom(format!("one {tag}"))).await.remove(0);
+    let v = run
+        .until(&w1, "delivered", "WeCom app message delivered")
+        .await;
+    assert_eq!(v["provider"], "wecom-app-sim");
+    let before = run.sim_log("wecom_app").await["tokens_issued"]
+        .as_i64()
+        .unwrap();
+    run.http
+        .post(format!("{}/_control/wecom_app/revoke", sim_url()))
+        .send()
+        .await
+        .unwrap();
+    let w2 = run.send(wecom(format!("two {tag}"))).await.remove(0);
+    let v = run
+        .until(&w2, "delivered", "WeCom message after revocation delivered")
+        .await;
+    assert_eq!(v["attempts"], 1, "refreshed inside the attempt: {v}");
+    assert_eq!(
+        run.sim_log("wecom_app").await["tokens_issued"]
+            .as_i64()
+            .unwrap(),
+        before + 1
+    );
+
+    // WeChat template message: data and URL from the template's provider params.
+    let wx = run
+        .send(json!({"app_id": "demo", "channel": "WECHAT", "template": "order_shipped",
+                     "params": {"order": tag}, "recipients": [{"address": "oWECHATUSER0001"}], "requested_at": now}))
+        .await
+        .remove(0);
+    run.until(&wx, "delivered", "WeChat template message delivered")
+        .await;
+    let log = run.sim_log("wechat").await;
+    assert!(
+        log["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["client_msg_id"] == wx.as_str()
+                && a["data"]["thing1"]["value"] == tag.as_str()
+                && a["url"] == format!("https://example.com/orders/{tag}").as_str()),
+        "{log}"
+    );
+
+    // In-app: a client connected to the live stream gets the message pushed; the inbox lists it
+    // unread until it is marked read.
+    let user = unique("user");
+    let stream_path = format!("/v1/inbox/{user}/stream");
+    let mut live = signed("GET", &stream_path, b"", run.api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    let inapp = run
+        .send(json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                     "params": {"title": "Welcome", "body": tag}, "recipients": [{"address": user}], "requested_at": now}))
+        .await
+        .remove(0);
+    let pushed = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut seen = String::new();
+        while let Ok(Some(chunk)) = live.chunk().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains(&inapp) {
+                return seen;
+            }
+        }
+        seen
+    })
+    .await
+    .expect("pushed over SSE within 60 s");
+    assert!(
+        pushed.contains("event: message") && pushed.contains(&tag),
+        "{pushed}"
+    );
+    run.until(&inapp, "delivered", "in-app message delivered")
+        .await;
+    let inbox = api_json(&format!("/v1/inbox/{user}"), run.api)
+        .await
+        .unwrap();
+    assert_eq!(inbox["unread"], 1, "{inbox}");
+    assert_eq!(inbox["messages"][0]["title"], "Welcome");
+    let read = signed(
+        "POST",
+        &format!("/v1/inbox/{user}/{inapp}/read"),
+        b"",
+        run.api,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(read.status().as_u16(), 200);
+    let inbox = api_json(&format!("/v1/inbox/{user}"), run.api)
+        .await
+        .unwrap();
+    assert_eq!(inbox["unread"], 0, "{inbox}");
+    assert_eq!(inbox["messages"][0]["read"], true);
+}
