@@ -266,6 +266,63 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
     .await;
     assert_eq!(v["status"], "delivered", "{v}");
     assert_eq!(v["attempts"], 1, "never resent: {v}");
+
+    // Aliyun breaks down: its breaker opens and new messages are routed to Tencent directly.
+    for _ in 0..12 {
+        run.fault(
+            "aliyun",
+            json!({"kind": "error", "code": "isp.SYSTEM_ERROR", "message": "system error"}),
+        )
+        .await;
+    }
+    let broken: Vec<Value> = (0..8)
+        .map(|i| json!({"address": phone(&i.to_string())}))
+        .collect();
+    let mut storm = sms("");
+    storm["recipients"] = Value::Array(broken);
+    let storm_ids = run.send(storm).await;
+    let db = {
+        let (c, conn) = tokio_postgres::connect(&postgres(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    eventually(Duration::from_secs(30), "aliyun-sim's breaker open", || async {
+        let row = db
+            .query_opt(
+                "SELECT 1 FROM provider_health WHERE provider = 'aliyun-sim' AND open_until > now()",
+                &[],
+            )
+            .await
+            .ok()?;
+        row.map(|_| ())
+    })
+    .await;
+    let skipped = eventually(
+        Duration::from_secs(20),
+        "a new SMS routed around the open breaker",
+        || async {
+            let id = run.send(sms(&phone("7"))).await.remove(0);
+            let v = run
+                .until(&id, "delivered", "SMS delivered while aliyun is open")
+                .await;
+            (v["provider"] == "tencent-sim" && v["attempts"] == 1).then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        skipped["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["status"] == "routed" && e["provider"] == "tencent-sim"),
+        "routed to tencent-sim in the first place: {skipped}"
+    );
+    // Nothing lost in the storm: every message ends delivered (retries, then the other provider).
+    for id in &storm_ids {
+        run.until(id, "delivered", "storm message delivered").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -314,6 +371,27 @@ async fn robots_tokens_inbox_and_rate_limits_through_the_pipeline() {
         .filter(|a| a["content"].as_str().is_some_and(|c| c.contains(&tag)))
         .count();
     assert_eq!(ours, 5, "each message reached the robot exactly once");
+
+    // Feishu allows 5 requests/s (simulated as at most 10 in any 1 s); Herald's token bucket
+    // (rate_limit_per_sec = 5) paces twenty messages so that none is refused.
+    run.sim_put(
+        "/_control/feishu/limit",
+        json!({"per_minute": 10, "window_ms": 1000}),
+    )
+    .await;
+    let many: Vec<Value> = (0..20).map(|_| json!({"address": "-"})).collect();
+    let paced = run
+        .send(json!({"app_id": "demo", "channel": "FEISHU", "content": {"text": format!("paced {tag}")},
+                     "recipients": many, "requested_at": now}))
+        .await;
+    for id in &paced {
+        let v = run
+            .until(id, "delivered", "paced Feishu message delivered")
+            .await;
+        assert_eq!(v["attempts"], 1, "paced, never refused: {v}");
+    }
+    run.sim_put("/_control/feishu/limit", json!({"per_minute": 100}))
+        .await;
 
     // Feishu with inline content.
     let f = run

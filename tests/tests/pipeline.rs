@@ -105,7 +105,9 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
                 return None;
             }
             let v: serde_json::Value = resp.json().await.ok()?;
-            (v["status"] == "delivered").then_some(v)
+            // Facts come from several topics: wait until the projector has them all.
+            let steps = v["timeline"].as_array()?.len();
+            (v["status"] == "delivered" && steps >= 4).then_some(v)
         },
     )
     .await;
@@ -201,7 +203,8 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
 
     // A provider receipt through the callback endpoint: verified, published, projected; a late
     // `undelivered` lands in the timeline but never moves `delivered` backwards.
-    let callback = format!("http://127.0.0.1:{}/callbacks/webhook-sim", api + 1);
+    // (The SMTP relay's bounce webhook: smtp-local has a callback secret.)
+    let callback = format!("http://127.0.0.1:{}/callbacks/smtp-local", api + 1);
     let receipt = serde_json::json!({
         "message_id": mid, "request_id": req.request_id, "app_id": "demo", "channel": "EMAIL",
         "status": "undelivered", "code": "MAILBOX_FULL", "attempt": 1

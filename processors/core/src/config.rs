@@ -313,6 +313,30 @@ pub struct ProviderConfig {
     /// `signature` (`v2`/`acs3` for Aliyun) … (README lists each kind's).
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// Circuit breaker of a provider: opens when at least `min_calls` calls in the last
+/// `window_secs` failed at `failure_rate` or more; stays open `open_secs`, then probes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    pub failure_rate: f64,
+    pub min_calls: u32,
+    pub window_secs: u64,
+    pub open_secs: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_rate: 0.5,
+            min_calls: 10,
+            window_secs: 30,
+            open_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -538,6 +562,18 @@ impl Config {
             }
             if p.weight == 0 {
                 problems.push(format!("providers.{}: weight must be at least 1", p.code));
+            }
+            if !(0.0..=1.0).contains(&p.breaker.failure_rate) || p.breaker.min_calls == 0 {
+                problems.push(format!(
+                    "providers.{}: breaker needs 0 <= failure_rate <= 1 and min_calls >= 1",
+                    p.code
+                ));
+            }
+            if p.rate_limit_per_sec == Some(0) {
+                problems.push(format!(
+                    "providers.{}: rate_limit_per_sec must be positive",
+                    p.code
+                ));
             }
             if p.timeout_ms == 0 {
                 problems.push(format!("providers.{}: timeout_ms must be positive", p.code));

@@ -86,6 +86,7 @@ mod tests {
             credentials_env: Default::default(),
             credentials: Default::default(),
             settings: Default::default(),
+            breaker: Default::default(),
         }
     }
 

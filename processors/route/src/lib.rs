@@ -1,11 +1,13 @@
 //! Route stage. Consumes `MessageRendered` from `herald.rendered`; emits `MessageRouted` to
 //! `herald.dispatch.<channel>` with the chosen provider, `MessageSuppressed` (status `expired`)
 //! for a message past its `expires_at` (never sent late), or `MessageFailed` when the channel has
-//! no provider. Exactly-once between topics.
+//! no provider. Exactly-once between topics. Providers whose circuit breaker is open (the send
+//! stage writes `provider_health`; read here at most once a second) are skipped.
 
 pub mod handler;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use herald_core::runtime::Deps;
@@ -26,6 +28,48 @@ pub const STAGE: &str = "route";
 struct Route {
     deps: Deps,
     balancers: HashMap<Channel, Balancer>,
+    health: Health,
+}
+
+/// Open breakers, as the send stage last wrote them.
+struct Health {
+    db: Option<tokio_postgres::Client>,
+    open: HashSet<String>,
+    read_at: Option<Instant>,
+}
+
+impl Health {
+    /// Refreshes the open set at most once a second. Without the database every provider is
+    /// available (routing never stops on a health read).
+    async fn refresh(&mut self, deps: &Deps) {
+        if self
+            .read_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.read_at = Some(Instant::now());
+        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db = deps.postgres().await.ok();
+        }
+        let Some(db) = &self.db else { return };
+        match db
+            .query(
+                "SELECT provider FROM provider_health WHERE open_until > now()",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => self.open = rows.iter().map(|r| r.get(0)).collect(),
+            // The table appears when the send stage first runs.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                self.open.clear()
+            }
+            Err(e) => {
+                tracing::warn!(error = %herald_core::runtime::pg_error(e), "provider health not read")
+            }
+        }
+    }
 }
 
 impl BatchHandler for Route {
@@ -36,6 +80,8 @@ impl BatchHandler for Route {
         Box::pin(async move {
             let codec = self.deps.codec.clone();
             let mut out = Vec::with_capacity(batch.len());
+            self.health.refresh(&self.deps).await;
+            let open = &self.health.open;
             for input in batch {
                 let Some(m) =
                     decode_or_dead_letter::<MessageRendered>(&codec, STAGE, input, &mut out)
@@ -62,7 +108,7 @@ impl BatchHandler for Route {
                 let choice = self
                     .balancers
                     .get_mut(&m.header.channel)
-                    .and_then(|b| b.pick(|_| true));
+                    .and_then(|b| b.pick(|code| !open.contains(code)));
                 let Some((provider, kind)) = choice else {
                     let ev = MessageFailed {
                         header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
@@ -103,5 +149,21 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     let spec = deps.spec(STAGE, vec![topics::RENDERED.into()], true);
     let transport = deps.transport.clone();
-    run_worker(STAGE, transport, spec, Route { deps, balancers }, shutdown).await
+    let health = Health {
+        db: None,
+        open: HashSet::new(),
+        read_at: None,
+    };
+    run_worker(
+        STAGE,
+        transport,
+        spec,
+        Route {
+            deps,
+            balancers,
+            health,
+        },
+        shutdown,
+    )
+    .await
 }

@@ -8,6 +8,7 @@
 //! SMTP Message-ID). Calls in a batch run concurrently, bounded per worker.
 
 pub mod alert;
+pub mod breaker;
 pub mod ledger;
 pub mod providers;
 pub mod rules;
@@ -92,12 +93,17 @@ pub fn status_after(
     }
 }
 
+/// A provider's token bucket (`rate_limit_per_sec`, burst of one second).
+type Limiter = governor::DefaultDirectRateLimiter;
+
 struct Send {
     deps: Deps,
     db: tokio_postgres::Client,
     providers: Arc<HashMap<String, Box<dyn Provider>>>,
     rules: Arc<Rules>,
     alerts: alert::Alerter,
+    limiters: Arc<HashMap<String, (u32, Limiter)>>,
+    breakers: Arc<breaker::Breakers>,
 }
 
 impl Send {
@@ -117,9 +123,9 @@ impl Send {
             .get(&m.provider)
             .is_some_and(|p| p.has_receipts());
         let now = now_ms();
-        let decision = self
-            .rules
-            .decide(m, attempt, &r, has_receipts, now, |_| true);
+        let decision = self.rules.decide(m, attempt, &r, has_receipts, now, |c| {
+            self.breakers.available(c)
+        });
         metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
             .increment(1);
         let status = status_after(&decision, r.outcome, has_receipts);
@@ -257,6 +263,13 @@ impl BatchHandler for Send {
                 .unwrap_or(CONCURRENCY)
                 .div_ceil(WAVES_IN_FLIGHT)
                 .clamp(1, CONCURRENCY);
+            // A rate-limited provider's wave never needs more tokens than its bucket holds.
+            let wave_size = msgs
+                .iter()
+                .filter_map(|(m, _, _)| self.limiters.get(&m.provider).map(|(r, _)| *r as usize))
+                .min()
+                .map_or(wave_size, |r| wave_size.min(r.max(1)));
+            let limiters = &self.limiters;
             let mut waves: Vec<Vec<(usize, Prior)>> = Vec::new();
             for (i, prior) in priors.into_iter().enumerate() {
                 match waves.last_mut() {
@@ -275,6 +288,24 @@ impl BatchHandler for Send {
                         .filter(|(_, p)| *p == Prior::Fresh)
                         .map(|(i, _)| (msgs_ref[*i].0.header.message_id.as_str(), msgs_ref[*i].1))
                         .collect();
+                    // Provider rate limits pause here, before anything is marked started:
+                    // backpressure on consumption, never a failed message.
+                    let mut per_provider: HashMap<&str, u32> = HashMap::new();
+                    for (i, p) in &wave {
+                        if *p == Prior::Fresh {
+                            *per_provider.entry(msgs_ref[*i].0.provider.as_str()).or_default() += 1;
+                        }
+                    }
+                    for (provider, n) in per_provider {
+                        if let Some((_, lim)) = limiters.get(provider) {
+                            let waited = Instant::now();
+                            for _ in 0..n {
+                                lim.until_ready().await;
+                            }
+                            metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS, "provider" => provider.to_owned())
+                                .record(waited.elapsed().as_secs_f64());
+                        }
+                    }
                     ledger::start(db, &starting).await.map_err(|e| {
                         StageError::Transient(format!(
                             "ledger start: {}",
@@ -319,6 +350,17 @@ impl BatchHandler for Send {
                 ))
             })?;
 
+            let health: Vec<(String, DeliveryOutcome)> = calls
+                .iter()
+                .filter(|(_, _, _, fresh)| *fresh)
+                .map(|(i, r, _, _)| (msgs[*i].0.provider.clone(), r.outcome))
+                .collect();
+            let changes = self.breakers.record(&health);
+            if !changes.is_empty()
+                && let Err(e) = breaker::persist(&self.db, &changes).await
+            {
+                tracing::warn!(error = %herald_core::runtime::pg_error(e), "breaker state not persisted");
+            }
             calls.sort_by_key(|c| c.0);
             for (i, r, latency, _) in calls {
                 let (m, attempt, trace) = &msgs[i];
@@ -390,7 +432,30 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     let providers = Arc::new(built);
     let rules = Arc::new(Rules::new(&deps.config));
+    let limiters: HashMap<String, (u32, Limiter)> = deps
+        .config
+        .providers
+        .iter()
+        .filter_map(|p| {
+            let rate = std::num::NonZeroU32::new(p.rate_limit_per_sec?)?;
+            Some((
+                p.code.clone(),
+                (
+                    rate.get(),
+                    governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+                ),
+            ))
+        })
+        .collect();
+    let limiters = Arc::new(limiters);
+    let breakers = Arc::new(breaker::Breakers::new(
+        deps.config
+            .providers
+            .iter()
+            .map(|p| (p.code.clone(), p.breaker)),
+    ));
     deps.postgres_migrated(ledger::SCHEMA).await?;
+    deps.postgres_migrated(breaker::SCHEMA).await?;
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())
@@ -412,6 +477,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             providers: providers.clone(),
             rules: rules.clone(),
             alerts: alert::Alerter::new(),
+            limiters: limiters.clone(),
+            breakers: breakers.clone(),
         };
         workers.push((spec, handler));
     }

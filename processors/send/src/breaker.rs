@@ -1,0 +1,241 @@
+//! Circuit breakers per provider. A provider whose calls fail (transient failures and unknown
+//! outcomes; a bad phone number says nothing about the provider) at `failure_rate` or more over
+//! the last `window_secs`, with at least `min_calls` calls, opens for `open_secs`. Then it is
+//! half-open: traffic is let through again and the first outcomes decide — a failure reopens it,
+//! `min_calls` successes close it.
+//!
+//! The state is written to PostgreSQL (`provider_health`) when it changes, so the route stage —
+//! possibly another process — stops choosing an open provider, and `switch_provider` skips it.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use herald_core::config::BreakerConfig;
+use herald_schemas::DeliveryOutcome;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS provider_health (
+    provider text PRIMARY KEY,
+    open_until timestamptz,
+    failure_rate double precision NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { successes: u32 },
+}
+
+/// A state change to persist: provider, open for how long (None = closed), failure rate.
+pub type Change = (String, Option<Duration>, f64);
+
+#[derive(Debug)]
+pub struct Breaker {
+    cfg: BreakerConfig,
+    calls: VecDeque<(Instant, bool)>,
+    pub state: State,
+}
+
+impl Breaker {
+    pub fn new(cfg: BreakerConfig) -> Breaker {
+        Breaker {
+            cfg,
+            calls: VecDeque::new(),
+            state: State::Closed,
+        }
+    }
+
+    /// Whether an outcome says something about the provider's health: `Some(failed)`.
+    pub fn health_signal(outcome: DeliveryOutcome) -> Option<bool> {
+        match outcome {
+            DeliveryOutcome::Succeeded => Some(false),
+            DeliveryOutcome::FailedTransient | DeliveryOutcome::Unknown => Some(true),
+            DeliveryOutcome::FailedPermanent | DeliveryOutcome::RateLimited => None,
+        }
+    }
+
+    fn failure_rate(&self) -> f64 {
+        if self.calls.is_empty() {
+            return 0.0;
+        }
+        self.calls.iter().filter(|(_, f)| *f).count() as f64 / self.calls.len() as f64
+    }
+
+    /// Records one call; answers the new state when it changed.
+    pub fn record(&mut self, failed: bool, now: Instant) -> Option<State> {
+        let window = Duration::from_secs(self.cfg.window_secs);
+        self.calls.push_back((now, failed));
+        while self
+            .calls
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
+            self.calls.pop_front();
+        }
+        let open = State::Open {
+            until: now + Duration::from_secs(self.cfg.open_secs),
+        };
+        let next = match self.state {
+            State::Open { until } if now >= until => {
+                // The first outcome after the open period is the probe.
+                if failed {
+                    open
+                } else {
+                    State::HalfOpen { successes: 1 }
+                }
+            }
+            State::Open { .. } => return None,
+            State::HalfOpen { .. } if failed => open,
+            State::HalfOpen { successes } if successes + 1 >= self.cfg.min_calls => {
+                self.calls.clear();
+                State::Closed
+            }
+            State::HalfOpen { successes } => State::HalfOpen {
+                successes: successes + 1,
+            },
+            State::Closed
+                if self.calls.len() as u32 >= self.cfg.min_calls
+                    && self.failure_rate() >= self.cfg.failure_rate =>
+            {
+                open
+            }
+            State::Closed => State::Closed,
+        };
+        // Reopening after a failed probe is a change too (a new open period).
+        let changed = std::mem::discriminant(&next) != std::mem::discriminant(&self.state)
+            || matches!((self.state, next), (State::Open { .. }, State::Open { .. }));
+        self.state = next;
+        changed.then_some(next)
+    }
+}
+
+/// The breakers of every provider in this process.
+pub struct Breakers {
+    by_provider: std::sync::Mutex<HashMap<String, Breaker>>,
+}
+
+impl Breakers {
+    pub fn new(cfgs: impl IntoIterator<Item = (String, BreakerConfig)>) -> Breakers {
+        Breakers {
+            by_provider: std::sync::Mutex::new(
+                cfgs.into_iter()
+                    .map(|(p, c)| (p, Breaker::new(c)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Records a batch's outcomes; answers the state changes to persist.
+    pub fn record(&self, outcomes: &[(String, DeliveryOutcome)]) -> Vec<Change> {
+        let now = Instant::now();
+        let mut g = self.by_provider.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = Vec::new();
+        for (provider, outcome) in outcomes {
+            let (Some(b), Some(failed)) = (g.get_mut(provider), Breaker::health_signal(*outcome))
+            else {
+                continue;
+            };
+            if let Some(state) = b.record(failed, now) {
+                let rate = b.failure_rate();
+                metrics::gauge!(herald_core::telemetry::names::BREAKER_STATE, "provider" => provider.clone())
+                    .set(if matches!(state, State::Open { .. }) { 1.0 } else { 0.0 });
+                tracing::warn!(%provider, ?state, failure_rate = rate, "circuit breaker changed");
+                let open = match state {
+                    State::Open { until } => Some(until.saturating_duration_since(now)),
+                    _ => None,
+                };
+                changes.push((provider.clone(), open, rate));
+            }
+        }
+        changes
+    }
+
+    /// Whether a provider may be chosen now (closed, half-open, or its open period is over).
+    pub fn available(&self, provider: &str) -> bool {
+        let g = self.by_provider.lock().unwrap_or_else(|p| p.into_inner());
+        !matches!(g.get(provider).map(|b| b.state), Some(State::Open { until }) if Instant::now() < until)
+    }
+}
+
+/// Persists breaker changes for the route stage.
+pub async fn persist(
+    db: &tokio_postgres::Client,
+    changes: &[Change],
+) -> Result<(), tokio_postgres::Error> {
+    for (provider, open, rate) in changes {
+        let secs = open.map(|d| d.as_secs_f64());
+        db.execute(
+            "INSERT INTO provider_health (provider, open_until, failure_rate, updated_at)
+             VALUES ($1, now() + make_interval(secs => $2), $3, now())
+             ON CONFLICT (provider) DO UPDATE
+               SET open_until = EXCLUDED.open_until, failure_rate = EXCLUDED.failure_rate, updated_at = now()",
+            &[provider, &secs, rate],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig {
+            failure_rate: 0.5,
+            min_calls: 4,
+            window_secs: 10,
+            open_secs: 5,
+        }
+    }
+
+    #[test]
+    fn opens_on_failure_rate_half_opens_and_closes_or_reopens() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg());
+        assert_eq!(b.record(true, t0), None);
+        assert_eq!(b.record(false, t0), None);
+        assert_eq!(b.record(false, t0), None);
+        // 2 failures of 4 calls = 50 %: open.
+        assert!(matches!(b.record(true, t0), Some(State::Open { .. })));
+        // While open, outcomes (of calls routed earlier) change nothing.
+        assert_eq!(b.record(false, t0 + Duration::from_secs(1)), None);
+        // After the open period a failed probe reopens…
+        let t1 = t0 + Duration::from_secs(6);
+        assert!(matches!(b.record(true, t1), Some(State::Open { .. })));
+        // …and successful probes half-open then close it.
+        let t2 = t1 + Duration::from_secs(6);
+        assert_eq!(b.record(false, t2), Some(State::HalfOpen { successes: 1 }));
+        assert_eq!(b.record(false, t2), None);
+        assert_eq!(b.record(false, t2), None);
+        assert_eq!(b.record(false, t2), Some(State::Closed));
+    }
+
+    #[test]
+    fn old_calls_leave_the_window_and_permanent_failures_do_not_count() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg());
+        for _ in 0..3 {
+            b.record(true, t0);
+        }
+        // Those failures are 11 s old: the window holds only the new calls.
+        let t1 = t0 + Duration::from_secs(11);
+        for _ in 0..4 {
+            assert_eq!(b.record(false, t1), None);
+        }
+        assert_eq!(
+            Breaker::health_signal(DeliveryOutcome::FailedPermanent),
+            None
+        );
+        assert_eq!(Breaker::health_signal(DeliveryOutcome::Unknown), Some(true));
+        let all = Breakers::new([("p".to_owned(), cfg())]);
+        let fails: Vec<_> = (0..4)
+            .map(|_| ("p".to_owned(), DeliveryOutcome::FailedTransient))
+            .collect();
+        assert_eq!(all.record(&fails).len(), 1);
+        assert!(!all.available("p"));
+        assert!(all.available("other"));
+    }
+}
