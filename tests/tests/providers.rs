@@ -3,6 +3,7 @@
 //! answer class is classified as the rules expect. Pipeline-level flows are in `channels.rs`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use herald_core::config::Config;
 use herald_schemas::{
@@ -490,4 +491,216 @@ credentials_env = { app_id = "HERALD_SIM_WECHAT_APP_ID", app_secret = "HERALD_SI
         .await;
     assert_eq!(r.outcome, DeliveryOutcome::FailedPermanent, "{r:?}");
     assert_eq!(r.reason.unwrap().code, "40125");
+}
+
+/// A throwaway CA and a leaf for localhost / 127.0.0.1 (CA:FALSE, serverAuth: what rustls and
+/// OpenSSL accept), written to `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Herald Test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+}
+
+struct SmtpPeer(std::process::Child);
+
+impl Drop for SmtpPeer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn smtp_peer(dir: &std::path::Path, port: u16, implicit: bool) -> SmtpPeer {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/smtp_server.py");
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.arg(script)
+        .args(["--port", &port.to_string()])
+        .arg("--maildir")
+        .arg(dir.join(format!("mail-{port}")))
+        .args(["--require-auth", "herald:s3cret"])
+        .arg("--tls-cert")
+        .arg(dir.join("leaf.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("leaf.key"))
+        .stdout(std::process::Stdio::null());
+    if implicit {
+        cmd.arg("--implicit-tls");
+    }
+    let peer = SmtpPeer(cmd.spawn().expect("python3 smtp peer"));
+    herald_tests::eventually(Duration::from_secs(20), "smtp peer listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    peer
+}
+
+fn smtp_provider(port: u16, tls: &str, password: &str, ca: &std::path::Path) -> Box<dyn Provider> {
+    let text = format!(
+        r#"
+[[providers]]
+code = "smtp-tls"
+kind = "smtp"
+endpoint = "127.0.0.1:{port}"
+from = "Herald <noreply@herald.local>"
+tls = "{tls}"
+timeout_ms = 5000
+credentials_env = {{ username = "SMTP_USER", password = "SMTP_PASS" }}
+settings = {{ tls_ca_file = "{}", tls_domain = "localhost" }}
+"#,
+        ca.display()
+    );
+    let mut cfg = Config::parse(&text).unwrap();
+    let password = password.to_owned();
+    cfg.apply_env(|k| match k {
+        "SMTP_USER" => Some("herald".into()),
+        "SMTP_PASS" => Some(password.clone()),
+        _ => None,
+    });
+    cfg.validate().unwrap();
+    providers::build(&cfg.providers[0], "").unwrap()
+}
+
+fn mails(dir: &std::path::Path, port: u16) -> Vec<String> {
+    let new = dir.join(format!("mail-{port}/new"));
+    std::fs::read_dir(new)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn smtp_with_required_starttls_implicit_tls_and_auth_against_a_real_server() {
+    let dir = std::env::temp_dir().join(herald_tests::unique("smtp-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let ca = dir.join("ca.pem");
+    let (starttls_port, implicit_port) = (free_port(), free_port());
+    let _a = smtp_peer(&dir, starttls_port, false).await;
+    let _b = smtp_peer(&dir, implicit_port, true).await;
+    let mail = RenderedContent {
+        subject: Some("Welcome".into()),
+        text: Some("Hello in text".into()),
+        html: Some("<p>Hello in <b>HTML</b></p>".into()),
+        ..Default::default()
+    };
+
+    let m = message(Channel::Email, "ada@example.com", mail.clone());
+    let r = smtp_provider(starttls_port, "starttls", "s3cret", &ca)
+        .send(&m, 1)
+        .await;
+    assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+    let got = mails(&dir, starttls_port);
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].contains(&m.header.message_id),
+        "Message-ID carries the message id"
+    );
+    assert!(
+        got[0].contains("multipart/alternative") && got[0].contains("text/html"),
+        "{}",
+        got[0]
+    );
+
+    // Nothing goes in clear to a server that requires STARTTLS.
+    let plain = smtp_provider(starttls_port, "none", "s3cret", &ca)
+        .send(&message(Channel::Email, "ada@example.com", mail.clone()), 1)
+        .await;
+    assert_eq!(plain.outcome, DeliveryOutcome::FailedPermanent, "{plain:?}");
+    assert_eq!(mails(&dir, starttls_port).len(), 1, "nothing sent in clear");
+
+    // A wrong password is a permanent failure with the server's code.
+    let denied = smtp_provider(starttls_port, "starttls", "wrong", &ca)
+        .send(&message(Channel::Email, "ada@example.com", mail.clone()), 1)
+        .await;
+    assert_eq!(
+        denied.outcome,
+        DeliveryOutcome::FailedPermanent,
+        "{denied:?}"
+    );
+    assert_eq!(denied.response_code.as_deref(), Some("535"), "{denied:?}");
+    assert_eq!(
+        mails(&dir, starttls_port).len(),
+        1,
+        "refused mail never stored"
+    );
+
+    // Implicit TLS (port 465 style).
+    let m = message(Channel::Email, "grace@example.com", mail.clone());
+    let r = smtp_provider(implicit_port, "implicit", "s3cret", &ca)
+        .send(&m, 1)
+        .await;
+    assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+    assert_eq!(mails(&dir, implicit_port).len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

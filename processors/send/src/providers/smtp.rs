@@ -1,4 +1,9 @@
 //! E-mail over SMTP (lettre): pooled connections, plain / STARTTLS-required / implicit TLS, auth.
+//!
+//! Config: endpoint `host:port`; `tls` = `none` | `starttls` (required: nothing, credentials
+//! included, goes in clear) | `implicit` (port 465); optional credentials `username`,
+//! `password`; optional settings `tls_ca_file` (PEM of a private CA to trust) and `tls_domain`
+//! (the name to verify, default the endpoint's host).
 
 use std::time::Duration;
 
@@ -8,6 +13,7 @@ use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use super::{CallResult, Provider, ProviderError};
@@ -28,16 +34,31 @@ impl Smtp {
             .rsplit_once(':')
             .and_then(|(h, port)| Some((h.to_owned(), port.parse::<u16>().ok()?)))
             .ok_or_else(|| err(format!("endpoint {:?} is not host:port", p.endpoint)))?;
-        let mut b = match p.tls {
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
-            SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
-                .map_err(|e| err(e.to_string()))?,
-            SmtpTls::Implicit => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
-                .map_err(|e| err(e.to_string()))?,
-        }
-        .port(port)
-        .timeout(Some(Duration::from_millis(p.timeout_ms)))
-        .pool_config(PoolConfig::new().max_size(SMTP_POOL));
+        let params = || -> Result<TlsParameters, ProviderError> {
+            let domain = p
+                .settings
+                .get("tls_domain")
+                .cloned()
+                .unwrap_or(host.clone());
+            let mut tp = TlsParameters::builder(domain);
+            if let Some(ca) = p.settings.get("tls_ca_file") {
+                let pem = std::fs::read(ca).map_err(|e| err(format!("tls_ca_file {ca}: {e}")))?;
+                let cert = Certificate::from_pem(&pem)
+                    .map_err(|e| err(format!("tls_ca_file {ca}: {e}")))?;
+                tp = tp.add_root_certificate(cert);
+            }
+            tp.build().map_err(|e| err(format!("tls: {e}")))
+        };
+        let tls = match p.tls {
+            SmtpTls::None => Tls::None,
+            SmtpTls::Starttls => Tls::Required(params()?),
+            SmtpTls::Implicit => Tls::Wrapper(params()?),
+        };
+        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)
+            .tls(tls)
+            .port(port)
+            .timeout(Some(Duration::from_millis(p.timeout_ms)))
+            .pool_config(PoolConfig::new().max_size(SMTP_POOL));
         if let (Some(u), Some(pw)) = (p.credentials.get("username"), p.credentials.get("password"))
         {
             b = b.credentials(Credentials::new(u.clone(), pw.clone()));
@@ -104,24 +125,19 @@ impl Provider for Smtp {
                 ),
                 Err(e) => {
                     let code = e.status().map(|c| c.to_string());
-                    let reason = Reason::new(
-                        if e.is_permanent() {
-                            "smtp_rejected"
-                        } else if e.is_timeout() {
-                            "smtp_timeout"
-                        } else {
-                            "smtp_unavailable"
-                        },
-                        e.to_string(),
-                    );
-                    let outcome = if e.is_permanent() {
-                        DeliveryOutcome::FailedPermanent
+                    // A client error is our side refusing (e.g. no way to authenticate without
+                    // sending credentials in clear): a configuration problem, not transient.
+                    let (outcome, reason) = if e.is_permanent() {
+                        (DeliveryOutcome::FailedPermanent, "smtp_rejected")
+                    } else if e.is_client() || e.is_tls() {
+                        (DeliveryOutcome::FailedPermanent, "smtp_client_error")
                     } else if e.is_timeout() {
                         // The message may have been accepted before the answer was lost.
-                        DeliveryOutcome::Unknown
+                        (DeliveryOutcome::Unknown, "smtp_timeout")
                     } else {
-                        DeliveryOutcome::FailedTransient
+                        (DeliveryOutcome::FailedTransient, "smtp_unavailable")
                     };
+                    let reason = Reason::new(reason, e.to_string());
                     CallResult::fail(outcome, code, reason)
                 }
             }
