@@ -45,6 +45,16 @@ impl Run {
         run
     }
 
+    /// SIGTERM and wait: a killed process could leave a Kafka transaction open, which stalls
+    /// `read_committed` consumers of the next test until it times out.
+    fn stop(mut self) {
+        self._herald.signal("TERM");
+        assert!(
+            self._herald.wait_exit(Duration::from_secs(20)).is_some(),
+            "herald drains on SIGTERM"
+        );
+    }
+
     async fn sim_put(&self, path: &str, body: Value) {
         let r = self
             .http
@@ -267,6 +277,59 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
     assert_eq!(v["status"], "delivered", "{v}");
     assert_eq!(v["attempts"], 1, "never resent: {v}");
 
+    // Cancel: a scheduled message canceled before it is due never fires; one that was sent
+    // cannot be canceled (409).
+    let due = herald_core::util::now_ms() + 3_000;
+    let mut later = sms(&phone("8"));
+    later["send_at"] = json!(due);
+    let canceled = run.send(later.clone()).await.remove(0);
+    later["recipients"] = json!([{"address": phone("9")}]);
+    later["send_at"] = json!(due + 1_000);
+    let control = run.send(later).await.remove(0);
+    run.until(&canceled, "scheduled", "scheduled message visible")
+        .await;
+    let resp = signed(
+        "POST",
+        &format!("/v1/messages/{canceled}/cancel"),
+        b"",
+        run.api,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["canceled"], 1, "{body}");
+    run.until(&canceled, "canceled", "message canceled").await;
+    // The control message was due a second later: once it is delivered, the canceled one
+    // would have fired too.
+    run.until(&control, "delivered", "control message delivered")
+        .await;
+    let v = api_json(&format!("/v1/messages/{canceled}"), run.api)
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "canceled", "{v}");
+    let aliyun = run.sim_log("aliyun").await;
+    assert!(
+        !aliyun["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["out_id"] == canceled.as_str()),
+        "a canceled message never reaches the provider"
+    );
+    let resp = signed("POST", &format!("/v1/messages/{ok}/cancel"), b"", run.api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        409,
+        "too late to cancel a delivered message"
+    );
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "too_late");
+
     // Aliyun breaks down: its breaker opens and new messages are routed to Tencent directly.
     for _ in 0..12 {
         run.fault(
@@ -323,6 +386,7 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
     for id in &storm_ids {
         run.until(id, "delivered", "storm message delivered").await;
     }
+    run.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -503,4 +567,6 @@ async fn robots_tokens_inbox_and_rate_limits_through_the_pipeline() {
         .unwrap();
     assert_eq!(inbox["unread"], 0, "{inbox}");
     assert_eq!(inbox["messages"][0]["read"], true);
+    drop(live);
+    run.stop();
 }

@@ -7,6 +7,7 @@
 //! Every `/v1` route needs app authentication ([`auth`]).
 
 pub mod auth;
+pub mod cancel;
 pub mod inbox;
 
 use std::collections::HashMap;
@@ -231,20 +232,7 @@ async fn send(
             e.to_string(),
         )
     })?;
-    let publisher = state.deps.transport.publisher().map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "transport_unavailable",
-            e.to_string(),
-        )
-    })?;
-    publisher.publish(vec![rec]).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "transport_unavailable",
-            e.to_string(),
-        )
-    })?;
+    publish(&state, vec![rec]).await?;
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
     let ids: Vec<String> = (0..req.recipients.len())
         .map(|i| message_id(&app, &request_id, i))
@@ -254,6 +242,27 @@ async fn send(
         Json(json!({"request_id": request_id, "message_ids": ids})),
     )
         .into_response())
+}
+
+/// Publishes and waits for the broker's acknowledgement.
+pub(crate) async fn publish(
+    state: &ApiState,
+    recs: Vec<herald_core::transport::OutRecord>,
+) -> Result<(), ApiError> {
+    if recs.is_empty() {
+        return Ok(());
+    }
+    let unavailable =
+        |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transport_unavailable", e);
+    let publisher = state
+        .deps
+        .transport
+        .publisher()
+        .map_err(|e| unavailable(e.to_string()))?;
+    publisher
+        .publish(recs)
+        .await
+        .map_err(|e| unavailable(e.to_string()))
 }
 
 async fn get_message(
@@ -456,6 +465,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/messages", post(send))
         .route("/v1/messages/{id}", get(get_message))
         .route("/v1/requests/{id}", get(get_request))
+        .route("/v1/messages/{id}/cancel", post(cancel::message))
+        .route("/v1/requests/{id}/cancel", post(cancel::request))
         .route("/v1/inbox/{user}", get(inbox::list))
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
@@ -470,6 +481,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let db = deps
         .postgres_migrated(herald_core::readmodel::SCHEMA)
         .await?;
+    db.batch_execute(herald_core::gate::SCHEMA)
+        .await
+        .map_err(|e| {
+            StageError::Fatal(format!(
+                "gate schema: {}",
+                herald_core::runtime::pg_error(e)
+            ))
+        })?;
     db.batch_execute(herald_core::readmodel::INBOX_SCHEMA)
         .await
         .map_err(|e| {

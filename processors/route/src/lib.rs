@@ -39,6 +39,17 @@ struct Health {
 }
 
 impl Health {
+    /// The canceled ones among `ids`; on a database problem none (the send stage's gate is
+    /// the authority and fails safe).
+    async fn canceled(&self, ids: &[String]) -> HashSet<String> {
+        let Some(db) = &self.db else {
+            return HashSet::new();
+        };
+        herald_core::gate::canceled(db, ids)
+            .await
+            .unwrap_or_default()
+    }
+
     /// Refreshes the open set at most once a second. Without the database every provider is
     /// available (routing never stops on a health read).
     async fn refresh(&mut self, deps: &Deps) {
@@ -81,14 +92,27 @@ impl BatchHandler for Route {
             let codec = self.deps.codec.clone();
             let mut out = Vec::with_capacity(batch.len());
             self.health.refresh(&self.deps).await;
-            let open = &self.health.open;
+            let mut decoded = Vec::with_capacity(batch.len());
             for input in batch {
-                let Some(m) =
-                    decode_or_dead_letter::<MessageRendered>(&codec, STAGE, input, &mut out)
-                        .await?
-                else {
+                if let Some(m) =
+                    decode_or_dead_letter::<MessageRendered>(&codec, STAGE, input, &mut out).await?
+                {
+                    decoded.push((m, input));
+                }
+            }
+            // Canceled messages (the API published their MessageCanceled) go no further.
+            let ids: Vec<String> = decoded
+                .iter()
+                .map(|(m, _)| m.header.message_id.clone())
+                .collect();
+            let canceled = self.health.canceled(&ids).await;
+            let open = &self.health.open;
+            for (m, input) in decoded {
+                if canceled.contains(&m.header.message_id) {
+                    metrics::counter!(herald_core::telemetry::names::CANCELED_DROPPED, "stage" => STAGE)
+                        .increment(1);
                     continue;
-                };
+                }
                 let trace = trace_id(input);
                 let now = now_ms();
                 let mid = m.header.message_id.clone();

@@ -232,6 +232,26 @@ impl BatchHandler for Send {
                     msgs.push((m, attempt, trace_id(input)));
                 }
             }
+            // The gate: a message canceled before its first call is never sent.
+            let first: Vec<String> = msgs
+                .iter()
+                .map(|(m, _, _)| m.header.message_id.clone())
+                .collect();
+            if !first.is_empty() {
+                let canceled = herald_core::gate::open_for_sending(&self.db, &first)
+                    .await
+                    .map_err(|e| {
+                        StageError::Transient(format!(
+                            "send gate: {}",
+                            herald_core::runtime::pg_error(e)
+                        ))
+                    })?;
+                if !canceled.is_empty() {
+                    metrics::counter!(names::CANCELED_DROPPED, "stage" => STAGE)
+                        .increment(canceled.len() as u64);
+                    msgs.retain(|(m, _, _)| !canceled.contains(&m.header.message_id));
+                }
+            }
             if msgs.is_empty() {
                 return Ok(out);
             }
@@ -456,6 +476,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     ));
     deps.postgres_migrated(ledger::SCHEMA).await?;
     deps.postgres_migrated(breaker::SCHEMA).await?;
+    deps.postgres_migrated(herald_core::gate::SCHEMA).await?;
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())

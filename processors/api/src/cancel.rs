@@ -1,0 +1,169 @@
+//! Cancel and recall (CONTRACT.md §2): `POST /v1/messages/{id}/cancel` and
+//! `POST /v1/requests/{id}/cancel`. A message is canceled through the send gate
+//! ([`herald_core::gate`]) — atomically against its first provider call — and a `MessageCanceled`
+//! is published so its status becomes `canceled`. 200 `{canceled: n, too_late: m}` when anything
+//! was canceled; 409 when nothing could be (already sent, or already final).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use herald_core::gate::{self, Cancel};
+use herald_core::util::{event_id, now_ms, random_id};
+use herald_core::worker::record;
+use herald_schemas::{Channel, EventHeader, MessageCanceled, Reason, topics};
+use serde_json::json;
+
+use crate::{ApiError, ApiState, authenticate, publish};
+
+/// Statuses after which there is nothing left to cancel.
+const FINAL: [&str; 8] = [
+    "sent",
+    "delivered",
+    "failed",
+    "undelivered",
+    "suppressed",
+    "canceled",
+    "expired",
+    "unknown",
+];
+
+fn db_err(e: tokio_postgres::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        herald_core::runtime::pg_error(e),
+    )
+}
+
+struct Target {
+    message_id: String,
+    request_id: String,
+    channel: String,
+    status: String,
+}
+
+pub async fn message(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let rows = state
+        .db
+        .query(
+            "SELECT message_id, request_id, channel, status FROM messages
+             WHERE message_id = $1 AND app_id = $2",
+            &[&id, &app],
+        )
+        .await
+        .map_err(db_err)?;
+    run(&state, &app, rows, &format!("no message {id}")).await
+}
+
+pub async fn request(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let rows = state
+        .db
+        .query(
+            "SELECT message_id, request_id, channel, status FROM messages
+             WHERE request_id = $1 AND app_id = $2",
+            &[&id, &app],
+        )
+        .await
+        .map_err(db_err)?;
+    run(&state, &app, rows, &format!("no request {id}")).await
+}
+
+async fn run(
+    state: &ApiState,
+    app: &str,
+    rows: Vec<tokio_postgres::Row>,
+    missing: &str,
+) -> Result<Response, ApiError> {
+    if rows.is_empty() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing));
+    }
+    let targets: Vec<Target> = rows
+        .iter()
+        .map(|r| Target {
+            message_id: r.get(0),
+            request_id: r.get(1),
+            channel: r.get(2),
+            status: r.get(3),
+        })
+        .collect();
+    let open: Vec<&Target> = targets
+        .iter()
+        .filter(|t| !FINAL.contains(&t.status.as_str()))
+        .collect();
+    let ids: Vec<String> = open.iter().map(|t| t.message_id.clone()).collect();
+    let results = gate::cancel(&state.db, &ids).await.map_err(db_err)?;
+    let now = now_ms();
+    let mut recs = Vec::new();
+    for (t, r) in open.iter().zip(&results) {
+        if *r != Cancel::Canceled {
+            continue;
+        }
+        let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == t.channel) else {
+            continue;
+        };
+        let ev = MessageCanceled {
+            header: EventHeader {
+                event_id: event_id(&t.message_id, "canceled", 0),
+                event_time: now,
+                stage: crate::STAGE.into(),
+                trace_id: random_id(),
+                message_id: t.message_id.clone(),
+                request_id: t.request_id.clone(),
+                app_id: app.to_owned(),
+                channel,
+                attempt: 0,
+                metadata: Default::default(),
+            },
+            reason: Some(Reason::new("canceled", "canceled through the API")),
+        };
+        let rec = record(
+            &state.deps.codec,
+            topics::STATUS,
+            &t.message_id,
+            &ev.header.trace_id,
+            &ev,
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_unavailable",
+                e.to_string(),
+            )
+        })?;
+        recs.push(rec);
+    }
+    let canceled = recs.len();
+    // The gate already holds: were publishing to fail, the message still never goes out, and a
+    // retried cancel publishes the (same) event again.
+    publish(state, recs).await?;
+    let too_late = targets.len() - canceled;
+    if canceled == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_late",
+            "nothing left to cancel: already sent or final",
+        ));
+    }
+    Ok(Json(json!({"canceled": canceled, "too_late": too_late})).into_response())
+}
