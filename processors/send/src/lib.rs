@@ -290,6 +290,12 @@ impl BatchHandler for Send {
                 .min()
                 .map_or(wave_size, |r| wave_size.min(r.max(1)));
             let limiters = &self.limiters;
+            let fresh: HashSet<usize> = priors
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| **p == Prior::Fresh)
+                .map(|(i, _)| i)
+                .collect();
             let mut waves: Vec<Vec<(usize, Prior)>> = Vec::new();
             for (i, prior) in priors.into_iter().enumerate() {
                 match waves.last_mut() {
@@ -370,9 +376,11 @@ impl BatchHandler for Send {
                 ))
             })?;
 
+            // Only calls made now say anything about the provider's health (an interrupted
+            // call from before a crash does not).
             let health: Vec<(String, DeliveryOutcome)> = calls
                 .iter()
-                .filter(|(_, _, _, fresh)| *fresh)
+                .filter(|(i, _, _, _)| fresh.contains(i))
                 .map(|(i, r, _, _)| (msgs[*i].0.provider.clone(), r.outcome))
                 .collect();
             let changes = self.breakers.record(&health);
