@@ -570,3 +570,140 @@ async fn robots_tokens_inbox_and_rate_limits_through_the_pipeline() {
     drop(live);
     run.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_requests_and_a_thousand_receiver_batch() {
+    let _serial = SERIAL.lock().await;
+    let run = Run::start("channels-batch", 18_340, 19_740).await;
+    let now = herald_core::util::now_ms();
+
+    // The same Idempotency-Key twice: the second POST answers the first request, publishes
+    // nothing.
+    let key = unique("idem");
+    let body = json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                      "params": {"title": "Once", "body": "only once"},
+                      "recipients": [{"address": unique("u")}, {"address": unique("u")}], "requested_at": now});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let post = || {
+        signed("POST", "/v1/messages", &bytes, run.api)
+            .header("Idempotency-Key", key.as_str())
+            .send()
+    };
+    let first = post().await.unwrap();
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again = post().await.unwrap();
+    assert_eq!(
+        again.status().as_u16(),
+        200,
+        "a replayed key is not a new request"
+    );
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["request_id"], first["request_id"]);
+    assert_eq!(again["message_ids"], first["message_ids"]);
+    assert_eq!(again["duplicate"], true);
+    for id in first["message_ids"].as_array().unwrap() {
+        run.until(
+            id.as_str().unwrap(),
+            "delivered",
+            "idempotent request delivered",
+        )
+        .await;
+    }
+
+    // The same request published to Kafka twice (an upstream retry): accepted once.
+    let metrics = || async {
+        reqwest::get("http://127.0.0.1:19740/metrics")
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("herald_accept_duplicate_requests_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = metrics().await;
+    let req = herald_schemas::SendRequested {
+        request_id: unique("replayed"),
+        app_id: "demo".into(),
+        idempotency_key: None,
+        channel: herald_schemas::Channel::Inapp,
+        template: Some("notice".into()),
+        params: [
+            ("title".to_owned(), "Replay".to_owned()),
+            ("body".to_owned(), "x".to_owned()),
+        ]
+        .into(),
+        recipients: vec![herald_schemas::Recipient {
+            address: unique("u"),
+            params: Default::default(),
+            timezone: None,
+        }],
+        content: None,
+        send_at: None,
+        priority: herald_schemas::Priority::Normal,
+        expires_at: None,
+        metadata: Default::default(),
+        requested_at: now,
+    };
+    publish_on("kafka", std::slice::from_ref(&req)).await;
+    publish_on("kafka", std::slice::from_ref(&req)).await;
+    let mid = herald_core::util::message_id("demo", &req.request_id, 0);
+    run.until(&mid, "delivered", "replayed request delivered")
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "the replay counted as a duplicate",
+        || async { (metrics().await >= before + 1.0).then_some(()) },
+    )
+    .await;
+
+    // One request, 1,000 receivers: 1,000 messages, all in one request-status answer.
+    let recipients: Vec<Value> = (0..1000)
+        .map(|i| json!({"address": format!("bulk-{i}")}))
+        .collect();
+    let ids = run
+        .send(json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                     "params": {"title": "Bulk", "body": "hello"}, "recipients": recipients, "requested_at": now}))
+        .await;
+    assert_eq!(ids.len(), 1000);
+    let rid = {
+        let v = eventually(
+            Duration::from_secs(60),
+            "first bulk message projected",
+            || async {
+                api_json(&format!("/v1/messages/{}", ids[0]), run.api)
+                    .await
+                    .filter(|v| v["request_id"].is_string())
+            },
+        )
+        .await;
+        v["request_id"].as_str().unwrap().to_owned()
+    };
+    let path = format!("/v1/requests/{rid}?limit=1000");
+    let api = run.api;
+    let v = eventually(Duration::from_secs(120), "all 1,000 delivered", || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["counts"]["delivered"] == 1000).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(v["total"], 1000);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1000);
+    assert!(v["next_cursor"].is_null());
+    let mut got: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap())
+        .collect();
+    got.sort_unstable();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    run.stop();
+}

@@ -10,6 +10,7 @@ pub mod handler;
 use std::collections::HashSet;
 
 use futures::future::BoxFuture;
+use herald_core::idempotency;
 use herald_core::runtime::{Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, now_ms};
@@ -26,19 +27,25 @@ pub const STAGE: &str = "accept";
 struct Accept {
     deps: Deps,
     policy: AcceptPolicy,
+    db: tokio_postgres::Client,
+}
+
+/// Where a record came from: the owner of its request id (see [`herald_core::idempotency`]).
+fn source(input: &InRecord) -> String {
+    match &input.entry_id {
+        Some(id) => format!("{}/{id}", input.topic),
+        None => format!("{}/{}/{}", input.topic, input.partition, input.offset),
+    }
 }
 
 impl Accept {
     async fn handle_one(
         &self,
         input: &InRecord,
+        req: SendRequested,
         out: &mut Vec<OutRecord>,
     ) -> Result<(), StageError> {
         let codec = &self.deps.codec;
-        let Some(req) = decode_or_dead_letter::<SendRequested>(codec, STAGE, input, out).await?
-        else {
-            return Ok(());
-        };
         let trace = trace_id(input);
         let now = now_ms();
         match handler::plan(&req, &self.policy, &trace, now) {
@@ -104,8 +111,41 @@ impl BatchHandler for Accept {
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(batch.len());
+            let mut reqs = Vec::with_capacity(batch.len());
             for input in batch {
-                self.handle_one(input, &mut out).await?;
+                if let Some(req) =
+                    decode_or_dead_letter::<SendRequested>(&self.deps.codec, STAGE, input, &mut out)
+                        .await?
+                {
+                    reqs.push((input, req));
+                }
+            }
+            // One round trip for the batch's idempotency keys.
+            let seen: Vec<idempotency::Seen> = reqs
+                .iter()
+                .map(|(input, r)| idempotency::Seen {
+                    app_id: &r.app_id,
+                    request_id: &r.request_id,
+                    idempotency_key: r.idempotency_key.as_deref().filter(|k| !k.is_empty()),
+                    source: source(input),
+                })
+                .collect();
+            let duplicate = idempotency::check(&self.db, &seen).await.map_err(|e| {
+                StageError::Transient(format!(
+                    "idempotency keys: {}",
+                    herald_core::runtime::pg_error(e)
+                ))
+            })?;
+            drop(seen);
+            for ((input, req), dup) in reqs.into_iter().zip(duplicate) {
+                if dup {
+                    // The original request's messages exist (same ids); nothing new.
+                    metrics::counter!(herald_core::telemetry::names::DUPLICATE_REQUESTS, "app" => req.app_id.clone())
+                        .increment(1);
+                    tracing::info!(request_id = %req.request_id, "duplicate request ignored");
+                    continue;
+                }
+                self.handle_one(input, req, &mut out).await?;
             }
             Ok(out)
         })
@@ -126,5 +166,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     };
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
-    run_worker(STAGE, transport, spec, Accept { deps, policy }, shutdown).await
+    let db = deps.postgres_migrated(idempotency::SCHEMA).await?;
+    run_worker(
+        STAGE,
+        transport,
+        spec,
+        Accept { deps, policy, db },
+        shutdown,
+    )
+    .await
 }

@@ -232,7 +232,36 @@ async fn send(
             e.to_string(),
         )
     })?;
-    publish(&state, vec![rec]).await?;
+    // An idempotency key already used answers the original request; nothing is published.
+    if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
+        let owner = herald_core::idempotency::reserve(&state.db, &app, key, &request_id)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    herald_core::runtime::pg_error(e),
+                )
+            })?;
+        if owner != request_id {
+            metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "duplicate")
+                .increment(1);
+            let ids: Vec<String> = (0..req.recipients.len())
+                .map(|i| message_id(&app, &owner, i))
+                .collect();
+            return Ok((
+                StatusCode::OK,
+                Json(json!({"request_id": owner, "message_ids": ids, "duplicate": true})),
+            )
+                .into_response());
+        }
+        if let Err(e) = publish(&state, vec![rec]).await {
+            let _ = herald_core::idempotency::release(&state.db, &app, key, &request_id).await;
+            return Err(e);
+        }
+    } else {
+        publish(&state, vec![rec]).await?;
+    }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
     let ids: Vec<String> = (0..req.recipients.len())
         .map(|i| message_id(&app, &request_id, i))
@@ -478,25 +507,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// Serves the API until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     // The read model's tables may not exist yet when the API starts before the projector.
-    let db = deps
-        .postgres_migrated(herald_core::readmodel::SCHEMA)
-        .await?;
-    db.batch_execute(herald_core::gate::SCHEMA)
-        .await
-        .map_err(|e| {
-            StageError::Fatal(format!(
-                "gate schema: {}",
-                herald_core::runtime::pg_error(e)
-            ))
-        })?;
-    db.batch_execute(herald_core::readmodel::INBOX_SCHEMA)
-        .await
-        .map_err(|e| {
-            StageError::Fatal(format!(
-                "inbox schema: {}",
-                herald_core::runtime::pg_error(e)
-            ))
-        })?;
+    // Everything the API reads or writes, created under the migration lock.
+    let ddl = [
+        herald_core::readmodel::SCHEMA,
+        herald_core::readmodel::INBOX_SCHEMA,
+        herald_core::idempotency::SCHEMA,
+        herald_core::gate::SCHEMA,
+    ]
+    .join(";\n");
+    let db = deps.postgres_migrated(&ddl).await?;
     let inbox = inbox::listen(deps.config.postgres.url.clone());
     let secrets = deps
         .config

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod gate;
+pub mod idempotency;
 pub mod readmodel;
 pub mod runtime;
 pub mod shutdown;

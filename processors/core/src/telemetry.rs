@@ -21,6 +21,7 @@ pub mod names {
     pub const RATE_LIMIT_WAIT_SECONDS: &str = "herald_send_rate_limit_wait_seconds";
     pub const BREAKER_STATE: &str = "herald_send_breaker_open";
     pub const RECEIPTS: &str = "herald_callback_receipts_total";
+    pub const DUPLICATE_REQUESTS: &str = "herald_accept_duplicate_requests_total";
     pub const CANCELED_DROPPED: &str = "herald_stage_canceled_dropped_total";
 }
 

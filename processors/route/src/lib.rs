@@ -135,7 +135,10 @@ impl BatchHandler for Route {
                     // Skip open breakers; when every provider of the channel is open, still
                     // route (the send stage's rules retry with backoff): never a failed message
                     // for a health state.
-                    .and_then(|b| b.pick(|code| !open.contains(code)).or_else(|| b.pick(|_| true)));
+                    .and_then(|b| {
+                        b.pick(|code| !open.contains(code))
+                            .or_else(|| b.pick(|_| true))
+                    });
                 let Some((provider, kind)) = choice else {
                     let ev = MessageFailed {
                         header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
