@@ -105,17 +105,29 @@ pub struct Herald {
 
 impl Herald {
     pub fn start(config: &std::path::Path, envs: &[(&str, String)]) -> Herald {
+        Herald::start_with(config, envs, &[], "")
+    }
+
+    /// With extra `run` arguments (e.g. `--stages route`) and a log-file suffix.
+    pub fn start_with(
+        config: &std::path::Path,
+        envs: &[(&str, String)],
+        run_args: &[&str],
+        log_suffix: &str,
+    ) -> Herald {
         let bin = herald_bin();
         assert!(
             bin.exists(),
             "{} missing: run `cargo build -p herald` first",
             bin.display()
         );
-        let log = std::fs::File::create(config.with_extension("log")).expect("log file");
+        let log = std::fs::File::create(config.with_extension(format!("{log_suffix}log")))
+            .expect("log file");
         let mut cmd = Command::new(bin);
         cmd.arg("-c")
             .arg(config)
             .arg("run")
+            .args(run_args)
             // tracing writes to stdout: keep both streams in the log.
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

@@ -25,6 +25,11 @@ impl Run {
         let cfg = std::env::temp_dir().join(format!("herald-{name}.toml"));
         std::fs::copy(config_path(), &cfg).unwrap();
         let herald = Herald::start(&cfg, &herald_env(api, admin));
+        Run::attach(api, herald).await
+    }
+
+    /// Waits for a started Herald's API and points the SMS simulators' receipts at it.
+    async fn attach(api: u16, herald: Herald) -> Run {
         let run = Run {
             api,
             _herald: herald,
@@ -705,5 +710,152 @@ async fn idempotent_requests_and_a_thousand_receiver_batch() {
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(got, want);
+    run.stop();
+}
+
+fn hms(ms: i64) -> String {
+    let secs = (ms / 1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_hold_with_two_route_workers() {
+    let _serial = SERIAL.lock().await;
+    // Quiet hours computed from now (UTC): Feishu is quiet until ~30 s from now (hold), DingTalk
+    // for the next hour (drop).
+    let now = herald_core::util::now_ms();
+    let quiet_end = now + 30_000;
+    let cfg = std::env::temp_dir().join("herald-channels-policies.toml");
+    let mut text = std::fs::read_to_string(config_path()).unwrap();
+    text.push_str(&format!(
+        r#"
+[[policies]]
+channel = "FEISHU"
+quiet_hours = {{ start = "{}", end = "{}", mode = "hold" }}
+
+[[policies]]
+channel = "DINGTALK"
+quiet_hours = {{ start = "{}", end = "{}", mode = "drop" }}
+"#,
+        hms(now - 60_000),
+        hms(quiet_end),
+        hms(now - 60_000),
+        hms(now + 3_600_000),
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_360, 19_760);
+    let herald = Herald::start(&cfg, &herald_env(api, admin));
+    // A second process running only the route stage: two route workers share the partitions.
+    let mut env2 = herald_env(api + 10, admin + 10);
+    env2.retain(|(k, _)| *k != "HERALD_INSTANCE");
+    env2.push(("HERALD_INSTANCE", unique("route2")));
+    let second = Herald::start_with(&cfg, &env2, &["--stages", "route"], "route2.");
+    let run = Run::attach(api, herald).await;
+
+    // Frequency cap: at most 3 SMS per phone per hour; the 4th (different text) is suppressed.
+    let capped = phone("1");
+    let mut ids = Vec::new();
+    for code in ["111111", "222222", "333333", "444444"] {
+        let mut body = sms(&capped);
+        body["params"]["code"] = json!(code);
+        ids.extend(run.send(body).await);
+    }
+    let mut statuses = Vec::new();
+    for id in &ids {
+        let path = format!("/v1/messages/{id}");
+        let v = eventually(Duration::from_secs(60), "capped SMS final", || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                (v["status"] == "delivered" || v["status"] == "suppressed").then_some(v)
+            }
+        })
+        .await;
+        statuses.push(v);
+    }
+    let suppressed: Vec<&Value> = statuses
+        .iter()
+        .filter(|v| v["status"] == "suppressed")
+        .collect();
+    assert_eq!(
+        suppressed.len(),
+        1,
+        "exactly one over the cap: {statuses:?}"
+    );
+    assert!(reason_codes(suppressed[0]).contains(&"frequency_cap".to_owned()));
+
+    // Content dedup: the same text twice to one phone within a minute.
+    let twice = phone("2");
+    let a = run.send(sms(&twice)).await.remove(0);
+    run.until(&a, "delivered", "first of two identical SMS delivered")
+        .await;
+    let b = run.send(sms(&twice)).await.remove(0);
+    let v = run
+        .until(&b, "suppressed", "identical SMS suppressed")
+        .await;
+    assert!(
+        reason_codes(&v).contains(&"duplicate_content".to_owned()),
+        "{v}"
+    );
+
+    // Opt-out, then opt back in.
+    let leaving = phone("3");
+    let put = signed("PUT", &format!("/v1/opt-outs/sms/{leaving}"), b"", api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 200);
+    let out = run.send(sms(&leaving)).await.remove(0);
+    let v = run
+        .until(&out, "suppressed", "opted-out SMS suppressed")
+        .await;
+    assert!(reason_codes(&v).contains(&"opted_out".to_owned()), "{v}");
+    let del = signed("DELETE", &format!("/v1/opt-outs/sms/{leaving}"), b"", api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 200);
+    let mut again = sms(&leaving);
+    again["params"]["code"] = json!("999999");
+    let back = run.send(again).await.remove(0);
+    run.until(&back, "delivered", "opted back in").await;
+
+    // Quiet hours, drop: a NORMAL DingTalk message is suppressed; a HIGH one goes out.
+    let ding = |priority: &str| {
+        json!({"app_id": "demo", "channel": "DINGTALK", "content": {"text": "night"}, "priority": priority,
+               "recipients": [{"address": "-"}], "requested_at": herald_core::util::now_ms()})
+    };
+    let dropped = run.send(ding("NORMAL")).await.remove(0);
+    let v = run.until(&dropped, "suppressed", "quiet-hours drop").await;
+    assert!(reason_codes(&v).contains(&"quiet_hours".to_owned()), "{v}");
+    let urgent = run.send(ding("HIGH")).await.remove(0);
+    run.until(&urgent, "delivered", "HIGH ignores quiet hours")
+        .await;
+
+    // Quiet hours, hold: held in the delay tier, released when the window ends.
+    let held = run
+        .send(json!({"app_id": "demo", "channel": "FEISHU", "content": {"text": "after quiet"},
+                     "recipients": [{"address": "-"}], "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run
+        .until(&held, "delivered", "held message released after the window")
+        .await;
+    let delivered_at = v["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["status"] == "delivered")
+        .and_then(|e| e["at"].as_i64())
+        .unwrap();
+    assert!(
+        delivered_at >= quiet_end - 1_000,
+        "not sent inside the quiet window: {v}"
+    );
+    assert!(
+        reason_codes(&v).contains(&"quiet_hours".to_owned()),
+        "the hold is in the timeline: {v}"
+    );
+    drop(second);
     run.stop();
 }

@@ -273,6 +273,77 @@ async fn send(
         .into_response())
 }
 
+fn channel_param(c: &str) -> Result<Channel, ApiError> {
+    Channel::ALL
+        .into_iter()
+        .find(|x| x.as_str().eq_ignore_ascii_case(c))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_channel",
+                format!("unknown channel {c:?}"),
+            )
+            .field("channel")
+        })
+}
+
+/// `PUT /v1/opt-outs/{channel}/{address}`: the recipient gets nothing more on that channel
+/// from this app (messages are `suppressed`, policy `opt_out`).
+async fn opt_out_put(
+    State(state): State<Arc<ApiState>>,
+    Path((channel, address)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let channel = channel_param(&channel)?;
+    state
+        .db
+        .execute(
+            "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&app, &channel.as_str(), &address],
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
+    Ok(
+        Json(json!({"channel": channel.as_str(), "address": address, "opted_out": true}))
+            .into_response(),
+    )
+}
+
+/// `DELETE /v1/opt-outs/{channel}/{address}`: opts the recipient back in.
+async fn opt_out_delete(
+    State(state): State<Arc<ApiState>>,
+    Path((channel, address)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let channel = channel_param(&channel)?;
+    state
+        .db
+        .execute(
+            "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3",
+            &[&app, &channel.as_str(), &address],
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                e.to_string(),
+            )
+        })?;
+    Ok(
+        Json(json!({"channel": channel.as_str(), "address": address, "opted_out": false}))
+            .into_response(),
+    )
+}
+
 /// Publishes and waits for the broker's acknowledgement.
 pub(crate) async fn publish(
     state: &ApiState,
@@ -496,6 +567,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/requests/{id}", get(get_request))
         .route("/v1/messages/{id}/cancel", post(cancel::message))
         .route("/v1/requests/{id}/cancel", post(cancel::request))
+        .route(
+            "/v1/opt-outs/{channel}/{address}",
+            axum::routing::put(opt_out_put).delete(opt_out_delete),
+        )
         .route("/v1/inbox/{user}", get(inbox::list))
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
@@ -513,6 +588,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         herald_core::readmodel::INBOX_SCHEMA,
         herald_core::idempotency::SCHEMA,
         herald_core::gate::SCHEMA,
+        herald_core::readmodel::OPT_OUT_SCHEMA,
     ]
     .join(";\n");
     let db = deps.postgres_migrated(&ddl).await?;

@@ -440,6 +440,59 @@ pub struct PolicyConfig {
     pub channel: Channel,
     #[serde(default)]
     pub unknown_outcome: UnknownOutcomePolicy,
+    /// No sending in this local-time window (the recipient's time zone, else `timezone`).
+    #[serde(default)]
+    pub quiet_hours: Option<QuietHours>,
+    /// At most `max` messages per recipient per `window_secs` (further ones are suppressed).
+    #[serde(default)]
+    pub frequency_cap: Option<FrequencyCap>,
+    /// The same content to the same recipient within this many seconds is suppressed.
+    #[serde(default)]
+    pub dedup_window_secs: Option<u64>,
+    /// Consult the opt-out list (`PUT /v1/opt-outs/{channel}/{address}`).
+    #[serde(default = "yes")]
+    pub opt_out: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QuietMode {
+    /// Hold the message until the window ends.
+    #[default]
+    Hold,
+    /// Suppress it.
+    Drop,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHours {
+    /// `HH:MM` or `HH:MM:SS`, local time; the window may cross midnight.
+    pub start: String,
+    pub end: String,
+    #[serde(default)]
+    pub mode: QuietMode,
+    /// IANA zone for recipients without one (default UTC).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Priorities that ignore quiet hours (default HIGH: codes and alerts go out at night).
+    #[serde(default = "high_only")]
+    pub exempt_priorities: Vec<herald_schemas::Priority>,
+}
+
+fn high_only() -> Vec<herald_schemas::Priority> {
+    vec![herald_schemas::Priority::High]
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    pub max: u32,
+    pub window_secs: u64,
 }
 
 fn one() -> u32 {
@@ -665,6 +718,11 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// The policy of a channel, if any.
+    pub fn policy(&self, channel: Channel) -> Option<&PolicyConfig> {
+        self.policies.iter().find(|p| p.channel == channel)
     }
 
     /// The unknown-outcome policy of a channel.

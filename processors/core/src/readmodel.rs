@@ -53,3 +53,14 @@ CREATE INDEX IF NOT EXISTS inbox_user ON inbox (app_id, user_id, created_at DESC
 
 /// `NOTIFY` channel for new inbox rows; the payload is `<app_id>/<user_id>`.
 pub const INBOX_CHANNEL: &str = "herald_inbox";
+
+/// Recipients who opted out of a channel, per app (`PUT`/`DELETE /v1/opt-outs/{channel}/{address}`),
+/// consulted by the route stage.
+pub const OPT_OUT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS opt_outs (
+    app_id text NOT NULL,
+    channel text NOT NULL,
+    address text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (app_id, channel, address)
+)";

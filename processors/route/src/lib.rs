@@ -5,23 +5,27 @@
 //! stage writes `provider_health`; read here at most once a second) are skipped.
 
 pub mod handler;
+pub mod policy;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use herald_core::runtime::Deps;
+use herald_core::config::PolicyConfig;
+use herald_core::runtime::{Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, now_ms};
 use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
 };
 use herald_schemas::{
-    Channel, MessageFailed, MessageRendered, MessageRouted, MessageSuppressed, Reason, topics,
+    Channel, DelayPurpose, DelayScheduled, MessageFailed, MessageRendered, MessageRouted,
+    MessageSuppressed, Reason, topics,
 };
 use tokio_util::sync::CancellationToken;
 
 use handler::{Balancer, expired};
+use policy::Verdict;
 
 pub const STAGE: &str = "route";
 
@@ -29,6 +33,8 @@ struct Route {
     deps: Deps,
     balancers: HashMap<Channel, Balancer>,
     health: Health,
+    policies: HashMap<Channel, PolicyConfig>,
+    policy_db: tokio_postgres::Client,
 }
 
 /// Open breakers, as the send stage last wrote them.
@@ -106,15 +112,15 @@ impl BatchHandler for Route {
                 .map(|(m, _)| m.header.message_id.clone())
                 .collect();
             let canceled = self.health.canceled(&ids).await;
-            let open = &self.health.open;
+            let now = now_ms();
+            // Expired and canceled messages go no further; the rest meet the policies.
+            let mut live = Vec::with_capacity(decoded.len());
             for (m, input) in decoded {
                 if canceled.contains(&m.header.message_id) {
                     metrics::counter!(herald_core::telemetry::names::CANCELED_DROPPED, "stage" => STAGE)
                         .increment(1);
                     continue;
                 }
-                let trace = trace_id(input);
-                let now = now_ms();
                 let mid = m.header.message_id.clone();
                 if expired(m.expires_at, now) {
                     let ev = MessageSuppressed {
@@ -126,8 +132,80 @@ impl BatchHandler for Route {
                             "expires_at passed before the message could be sent",
                         ),
                     };
-                    out.push(record(&codec, topics::STATUS, &mid, &trace, &ev).await?);
+                    out.push(record(&codec, topics::STATUS, &mid, &trace_id(input), &ev).await?);
                     continue;
+                }
+                live.push((m, input));
+            }
+            let mut verdicts: Vec<Verdict> = live
+                .iter()
+                .map(|(m, _)| {
+                    self.policies
+                        .get(&m.header.channel)
+                        .and_then(|p| p.quiet_hours.as_ref())
+                        .and_then(|q| {
+                            policy::quiet(q, m.recipient.timezone.as_deref(), m.priority, now)
+                        })
+                        .unwrap_or(Verdict::Send)
+                })
+                .collect();
+            let sendable: Vec<usize> = (0..live.len())
+                .filter(|i| verdicts[*i] == Verdict::Send)
+                .collect();
+            let refs: Vec<&MessageRendered> = sendable.iter().map(|i| &live[*i].0).collect();
+            let stateful = policy::stateful(&mut self.policy_db, &refs, &self.policies)
+                .await
+                .map_err(|e| {
+                    StageError::Transient(format!(
+                        "route policies: {}",
+                        herald_core::runtime::pg_error(e)
+                    ))
+                })?;
+            for (i, v) in sendable.into_iter().zip(stateful) {
+                verdicts[i] = v;
+            }
+            let open = &self.health.open;
+            for ((m, input), verdict) in live.into_iter().zip(verdicts) {
+                let trace = trace_id(input);
+                let mid = m.header.message_id.clone();
+                match verdict {
+                    Verdict::Send => {}
+                    Verdict::Suppress {
+                        policy,
+                        code,
+                        message,
+                    } => {
+                        metrics::counter!(herald_core::telemetry::names::SUPPRESSED, "policy" => policy)
+                            .increment(1);
+                        let ev = MessageSuppressed {
+                            header: m.header.follow(STAGE, event_id(&mid, "suppressed", 0), now),
+                            status: "suppressed".into(),
+                            policy: policy.into(),
+                            reason: Reason::new(code, message),
+                        };
+                        out.push(record(&codec, topics::STATUS, &mid, &trace, &ev).await?);
+                        continue;
+                    }
+                    Verdict::Hold { until_ms } => {
+                        // Back to the route stage when the quiet window ends.
+                        let key = m.recipient.address.clone();
+                        let again = record(&codec, topics::RENDERED, &key, &trace, &m).await?;
+                        let ev = DelayScheduled {
+                            header: m.header.follow(STAGE, event_id(&mid, "quiet_hold", 0), now),
+                            purpose: DelayPurpose::ScheduledSend,
+                            due_at: until_ms,
+                            target_topic: topics::RENDERED.into(),
+                            key: again.key,
+                            payload: again.payload,
+                            reason: Some(Reason::new(
+                                "quiet_hours",
+                                "held until the quiet window ends",
+                            )),
+                        };
+                        let tier = delay_topic(tier_for(until_ms - now));
+                        out.push(record(&codec, &tier, &key, &trace, &ev).await?);
+                        continue;
+                    }
                 }
                 let choice = self
                     .balancers
@@ -179,6 +257,19 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     let spec = deps.spec(STAGE, vec![topics::RENDERED.into()], true);
     let transport = deps.transport.clone();
+    let policies: HashMap<Channel, PolicyConfig> = deps
+        .config
+        .policies
+        .iter()
+        .map(|p| (p.channel, p.clone()))
+        .collect();
+    let ddl = [
+        policy::SCHEMA,
+        herald_core::readmodel::OPT_OUT_SCHEMA,
+        herald_core::gate::SCHEMA,
+    ]
+    .join(";\n");
+    let policy_db = deps.postgres_migrated(&ddl).await?;
     let health = Health {
         db: None,
         open: HashSet::new(),
@@ -192,6 +283,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             deps,
             balancers,
             health,
+            policies,
+            policy_db,
         },
         shutdown,
     )
