@@ -710,6 +710,71 @@ async fn idempotent_requests_and_a_thousand_receiver_batch() {
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(got, want);
+
+    // Stats over the last minutes: the batch shows up as in-app volume with its success rate.
+    let stats = api_json(
+        &format!("/v1/stats?from={}&group_by=channel", now - 120_000),
+        run.api,
+    )
+    .await
+    .unwrap();
+    let inapp = stats["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "inapp")
+        .cloned()
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(inapp["total"].as_i64().unwrap() >= 1000, "{stats}");
+    assert!(inapp["delivered"].as_i64().unwrap() >= 1000, "{stats}");
+    assert!(inapp["p99_ms"].as_f64().is_some(), "{stats}");
+    let bad = signed("GET", "/v1/stats?group_by=color", b"", run.api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+
+    // A receiver's history, newest first, paginated.
+    let user = unique("hist");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let id = run
+            .send(json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                         "params": {"title": format!("n{i}"), "body": "b"}, "recipients": [{"address": user}],
+                         "requested_at": herald_core::util::now_ms()}))
+            .await
+            .remove(0);
+        run.until(&id, "delivered", "history message delivered")
+            .await;
+        sent.push(id);
+    }
+    let page1 = api_json(&format!("/v1/recipients/{user}/messages?limit=2"), run.api)
+        .await
+        .unwrap();
+    let ids1: Vec<&str> = page1["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids1,
+        [sent[2].as_str(), sent[1].as_str()],
+        "newest first: {page1}"
+    );
+    let cursor = page1["next_cursor"].as_str().unwrap();
+    let page2 = api_json(
+        &format!("/v1/recipients/{user}/messages?limit=2&cursor={cursor}"),
+        run.api,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        page2["messages"][0]["message_id"],
+        sent[0].as_str(),
+        "{page2}"
+    );
+    assert!(page2["next_cursor"].is_null());
     run.stop();
 }
 
@@ -857,5 +922,56 @@ quiet_hours = {{ start = "{}", end = "{}", mode = "drop" }}
         "the hold is in the timeline: {v}"
     );
     drop(second);
+    run.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weights_split_four_thousand_messages_three_to_one() {
+    let _serial = SERIAL.lock().await;
+    // Two in-app providers weighted 3:1 in the same priority group.
+    let cfg = std::env::temp_dir().join("herald-channels-weights.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap().replace(
+        "code = \"inbox\"\nkind = \"inapp\"",
+        "code = \"inbox\"\nkind = \"inapp\"\nweight = 3\n\n[[providers]]\ncode = \"inbox-b\"\nkind = \"inapp\"\nweight = 1",
+    );
+    assert!(text.contains("inbox-b"), "config layout changed");
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_380, 19_780);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let recipients: Vec<Value> = (0..1000).map(|_| json!({"address": unique("w")})).collect();
+        ids.extend(
+            run.send(
+                json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                             "params": {"title": "w", "body": "w"}, "recipients": recipients,
+                             "requested_at": herald_core::util::now_ms()}),
+            )
+            .await,
+        );
+    }
+    let (db, conn) = tokio_postgres::connect(&postgres(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let counts = eventually(Duration::from_secs(120), "4,000 in-app messages delivered", || async {
+        let rows = db
+            .query(
+                "SELECT provider, count(*) FROM messages WHERE message_id = ANY($1) AND status = 'delivered'
+                 GROUP BY provider",
+                &[&ids],
+            )
+            .await
+            .ok()?;
+        let m: std::collections::HashMap<String, i64> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (m.values().sum::<i64>() == 4000).then_some(m)
+    })
+    .await;
+    let a = counts.get("inbox").copied().unwrap_or(0) as f64;
+    assert!(
+        (a / 4000.0 - 0.75).abs() <= 0.02,
+        "3:1 within ±2%: {counts:?}"
+    );
     run.stop();
 }

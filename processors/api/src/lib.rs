@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod inbox;
+pub mod reads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -571,6 +572,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/opt-outs/{channel}/{address}",
             axum::routing::put(opt_out_put).delete(opt_out_delete),
         )
+        .route("/v1/recipients/{address}/messages", get(reads::history))
+        .route("/v1/stats", get(reads::stats))
         .route("/v1/inbox/{user}", get(inbox::list))
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))

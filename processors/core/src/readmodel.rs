@@ -17,6 +17,10 @@ CREATE TABLE IF NOT EXISTS messages (
     updated_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_request ON messages (request_id);
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS recipient_key text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS latency_ms bigint;
+CREATE INDEX IF NOT EXISTS messages_recipient ON messages (app_id, recipient_key, created_at DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS messages_created ON messages (app_id, created_at);
 CREATE TABLE IF NOT EXISTS message_events (
     event_id text PRIMARY KEY,
     message_id text NOT NULL,

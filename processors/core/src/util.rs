@@ -85,6 +85,13 @@ pub fn webhook_key(secret: &str) -> Vec<u8> {
         .unwrap_or_else(|| secret.as_bytes().to_vec())
 }
 
+/// The key of a recipient in the read model: SHA-256 of the raw address (history lookups
+/// without storing addresses).
+pub fn recipient_key(address: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(address.as_bytes()))
+}
+
 /// Standard Webhooks signature: `v1,` + base64(HMAC-SHA256(key, "id.timestamp.body")).
 pub fn standard_webhook_signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     use base64::Engine;

@@ -35,6 +35,8 @@ pub struct Fact {
     pub provider: Option<String>,
     pub reason: Option<Reason>,
     pub recipient_masked: Option<String>,
+    /// SHA-256 of the raw address: receiver history without storing the address.
+    pub recipient_key: Option<String>,
     pub template: Option<String>,
     pub template_version: Option<i32>,
     pub provider_code: Option<String>,
@@ -56,6 +58,7 @@ impl Fact {
             provider: None,
             reason: None,
             recipient_masked: None,
+            recipient_key: None,
             template: None,
             template_version: None,
             provider_code: None,
@@ -77,8 +80,10 @@ pub struct MessageRow {
     pub provider: Option<String>,
     pub attempts: i32,
     pub recipient_masked: Option<String>,
+    pub recipient_key: Option<String>,
     pub template: Option<String>,
     pub template_version: Option<i32>,
+    pub latency_ms: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -99,8 +104,10 @@ pub fn fold(facts: &[Fact]) -> Vec<MessageRow> {
                 provider: None,
                 attempts: 0,
                 recipient_masked: None,
+                recipient_key: None,
                 template: None,
                 template_version: None,
+                latency_ms: None,
                 created_at: f.at,
                 updated_at: f.at,
             }
@@ -117,6 +124,8 @@ pub fn fold(facts: &[Fact]) -> Vec<MessageRow> {
         r.recipient_masked = r.recipient_masked.take().or(f.recipient_masked.clone());
         r.template = r.template.take().or(f.template.clone());
         r.template_version = r.template_version.or(f.template_version);
+        r.recipient_key = r.recipient_key.take().or(f.recipient_key.clone());
+        r.latency_ms = f.latency_ms.or(r.latency_ms);
     }
     order.into_iter().filter_map(|m| rows.remove(m)).collect()
 }

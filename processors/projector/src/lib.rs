@@ -102,6 +102,7 @@ impl Projector {
                 let e = dec!(MessageAccepted);
                 let mut f = Fact::new(&e.header, "accepted");
                 f.recipient_masked = Some(herald_core::util::mask_address(&e.recipient.address));
+                f.recipient_key = Some(herald_core::util::recipient_key(&e.recipient.address));
                 f.template = e.template;
                 f
             }
@@ -191,16 +192,20 @@ impl Projector {
                 rows.iter().map(|r| r.recipient_masked.clone()).collect();
             let tpls: Vec<Option<String>> = rows.iter().map(|r| r.template.clone()).collect();
             let tvs: Vec<Option<i32>> = rows.iter().map(|r| r.template_version).collect();
+            let rkeys: Vec<Option<String>> = rows.iter().map(|r| r.recipient_key.clone()).collect();
+            let lats: Vec<Option<i64>> = rows.iter().map(|r| r.latency_ms).collect();
             let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
             let updated: Vec<i64> = rows.iter().map(|r| r.updated_at).collect();
             tx.execute(
                 "INSERT INTO messages AS m (message_id, request_id, app_id, channel, status, status_rank, provider,
-                                            attempts, recipient_masked, template, template_version, created_at, updated_at)
+                                            attempts, recipient_masked, template, template_version, created_at, updated_at,
+                                            recipient_key, latency_ms)
                  SELECT u.id, u.req, u.app, u.ch, u.st, u.rk, u.pr, u.at, u.ma, u.tp, u.tv,
-                        to_timestamp(u.cr / 1000.0), to_timestamp(u.up / 1000.0)
+                        to_timestamp(u.cr / 1000.0), to_timestamp(u.up / 1000.0), u.rkey, u.lat
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
-                             $8::int[], $9::text[], $10::text[], $11::int[], $12::bigint[], $13::bigint[])
-                      AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up)
+                             $8::int[], $9::text[], $10::text[], $11::int[], $12::bigint[], $13::bigint[],
+                             $14::text[], $15::bigint[])
+                      AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up, rkey, lat)
                  ON CONFLICT (message_id) DO UPDATE SET
                     status = CASE WHEN EXCLUDED.status_rank > m.status_rank THEN EXCLUDED.status ELSE m.status END,
                     status_rank = GREATEST(m.status_rank, EXCLUDED.status_rank),
@@ -210,8 +215,10 @@ impl Projector {
                     attempts = GREATEST(m.attempts, EXCLUDED.attempts),
                     recipient_masked = COALESCE(m.recipient_masked, EXCLUDED.recipient_masked),
                     template = COALESCE(m.template, EXCLUDED.template),
-                    template_version = COALESCE(m.template_version, EXCLUDED.template_version)",
-                &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated],
+                    template_version = COALESCE(m.template_version, EXCLUDED.template_version),
+                    recipient_key = COALESCE(m.recipient_key, EXCLUDED.recipient_key),
+                    latency_ms = COALESCE(EXCLUDED.latency_ms, m.latency_ms)",
+                &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
             )
             .await?;
             let eids: Vec<&str> = facts.iter().map(|f| f.event_id.as_str()).collect();

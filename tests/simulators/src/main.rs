@@ -14,12 +14,21 @@ struct Args {
     /// `provider=url`: where to push that provider's delivery receipts.
     #[arg(long)]
     receipts: Vec<String>,
+    /// Print the simulators' credentials as shell exports and exit (scripts/stack env).
+    #[arg(long)]
+    print_env: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     herald_core::telemetry::init_tracing();
     let args = Args::parse();
+    if args.print_env {
+        for (var, _) in herald_simulators::CREDENTIALS {
+            println!("export {var}='{}'", herald_simulators::credential(var));
+        }
+        return Ok(());
+    }
     let receipts: HashMap<String, String> = args
         .receipts
         .iter()
