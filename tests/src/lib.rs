@@ -206,8 +206,20 @@ pub fn sim_url() -> String {
     env("HERALD_SIM_URL", "http://127.0.0.1:18100")
 }
 
-/// A signed JSON request to the API.
+/// A signed JSON request to the API, as the demo app.
 pub fn signed(method: &str, path: &str, body: &[u8], api: u16) -> reqwest::RequestBuilder {
+    signed_as("demo", SECRET, method, path, body, api)
+}
+
+/// A signed JSON request to the API, as `app` with `secret`.
+pub fn signed_as(
+    app: &str,
+    secret: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    api: u16,
+) -> reqwest::RequestBuilder {
     use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
     let ts = (now_ms() / 1000).to_string();
@@ -216,13 +228,13 @@ pub fn signed(method: &str, path: &str, body: &[u8], api: u16) -> reqwest::Reque
         "{method}\n{path}\n{ts}\n{nonce}\n{}",
         hex::encode(Sha256::digest(body))
     );
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(sts.as_bytes());
     let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     reqwest::Client::new()
         .request(m, format!("http://127.0.0.1:{api}{path}"))
         .header("content-type", "application/json")
-        .header("X-Herald-App", "demo")
+        .header("X-Herald-App", app)
         .header("X-Herald-Timestamp", ts)
         .header("X-Herald-Nonce", nonce)
         .header(

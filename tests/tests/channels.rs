@@ -975,3 +975,118 @@ async fn weights_split_four_thousand_messages_three_to_one() {
     );
     run.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn app_rate_limits_quotas_and_nonces_across_api_processes() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-limits.toml");
+    let mut text = std::fs::read_to_string(config_path()).unwrap();
+    text = text.replacen(
+        "[[apps]]",
+        "[[apps]]\nid = \"limited\"\nsecret_env = \"HERALD_APP_LIMITED_SECRET\"\nrate_limit_per_sec = 2\ndaily_quota = 5\n\n[[apps]]",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // A fresh day's usage for the test app.
+    let (db, conn) = tokio_postgres::connect(&postgres(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let _ = db
+        .execute("DELETE FROM app_usage WHERE app_id = 'limited'", &[])
+        .await;
+    let secret = "limited-secret";
+    let mut env = herald_env(18_400, 19_800);
+    env.push(("HERALD_APP_LIMITED_SECRET", secret.to_owned()));
+    let run = Run::attach(18_400, Herald::start(&cfg, &env)).await;
+    // A second API process on another port.
+    let mut env2 = herald_env(18_410, 19_810);
+    env2.push(("HERALD_APP_LIMITED_SECRET", secret.to_owned()));
+    env2.retain(|(k, _)| *k != "HERALD_INSTANCE");
+    env2.push(("HERALD_INSTANCE", unique("api2")));
+    let _second = Herald::start_with(&cfg, &env2, &["--stages", "api"], "api2.");
+    eventually(Duration::from_secs(60), "second API up", || async {
+        reqwest::get("http://127.0.0.1:18410/health")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+
+    let body = |n: usize| {
+        let recipients: Vec<Value> = (0..n).map(|_| json!({"address": unique("q")})).collect();
+        serde_json::to_vec(
+            &json!({"channel": "INAPP", "template": "notice", "params": {"title": "t", "body": "b"},
+                                   "recipients": recipients}),
+        )
+        .unwrap()
+    };
+    let post = |n: usize| {
+        let b = body(n);
+        async move {
+            signed_as("limited", secret, "POST", "/v1/messages", &b, 18_400)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // A request signed once, replayed against the other API process: refused there too.
+    let once = body(1);
+    let a = signed_as("limited", secret, "POST", "/v1/messages", &once, 18_400);
+    let req = a.build().unwrap();
+    let headers = req.headers().clone();
+    let first = reqwest::Client::new().execute(req).await.unwrap();
+    assert_eq!(first.status().as_u16(), 202);
+    let replay = reqwest::Client::new()
+        .post("http://127.0.0.1:18410/v1/messages")
+        .headers(headers)
+        .body(once.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.status().as_u16(),
+        401,
+        "a nonce is used once across processes"
+    );
+    let err: Value = replay.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "reused_nonce", "{err}");
+
+    // Over 2 requests/s: 429 with Retry-After.
+    let mut limited = None;
+    for _ in 0..4 {
+        let r = post(1).await;
+        if r.status().as_u16() == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let limited = limited.expect("the rate limit answered 429");
+    assert!(limited.headers().get("retry-after").is_some());
+    let err: Value = limited.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "rate_limited");
+
+    // The daily quota of 5 messages: a request that would pass it is refused.
+    let over = eventually(Duration::from_secs(30), "quota exceeded", || async {
+        let r = post(3).await;
+        if r.status().as_u16() != 429 {
+            return None;
+        }
+        let retry = r.headers().get("retry-after").is_some();
+        let v: Value = r.json().await.ok()?;
+        (v["error"]["code"] == "quota_exceeded" && retry).then_some(v)
+    })
+    .await;
+    assert!(over["error"]["message"].as_str().unwrap().contains("quota"));
+    let used: i64 = db
+        .query_one(
+            "SELECT messages FROM app_usage WHERE app_id = 'limited'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(used <= 5, "the quota is never exceeded: {used}");
+    run.stop();
+}

@@ -79,6 +79,41 @@ impl NonceCache {
     }
 }
 
+/// Nonces seen by any API process, for the signature window (cross-process replay defence).
+pub const NONCE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS api_nonces (
+    app_id text NOT NULL,
+    nonce text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (app_id, nonce)
+)";
+
+/// Records a nonce; false when another process (or request) already used it. Expired nonces
+/// are purged now and then.
+pub async fn remember_nonce(
+    db: &tokio_postgres::Client,
+    app: &str,
+    nonce: &str,
+    window_secs: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1000 == 0 {
+        db.execute("DELETE FROM api_nonces WHERE expires_at < now()", &[])
+            .await?;
+    }
+    let secs = (2 * window_secs) as f64;
+    let n = db
+        .execute(
+            "INSERT INTO api_nonces (app_id, nonce, expires_at)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (app_id, nonce) DO UPDATE SET expires_at = EXCLUDED.expires_at
+             WHERE api_nonces.expires_at < now()",
+            &[&app, &nonce, &secs],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
 pub struct Request<'a> {
     pub app: Option<&'a str>,
     pub timestamp: Option<&'a str>,

@@ -54,7 +54,7 @@ pub async fn message(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let rows = state
         .db
         .query(
@@ -75,7 +75,7 @@ pub async fn request(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let rows = state
         .db
         .query(

@@ -107,7 +107,7 @@ pub async fn list(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let (cur_ms, cur_id) = match q.cursor.as_deref() {
         Some(c) => {
@@ -188,7 +188,7 @@ pub async fn mark_read(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let n = state
         .db
         .execute(
@@ -237,7 +237,7 @@ pub async fn stream(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

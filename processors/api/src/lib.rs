@@ -39,7 +39,76 @@ pub struct ApiState {
     pub secrets: HashMap<String, String>,
     pub http: reqwest::Client,
     pub inbox: inbox::Notifications,
+    /// Per-app request rate limits (`rate_limit_per_sec`), per API process.
+    pub limits: HashMap<String, governor::DefaultDirectRateLimiter>,
 }
+
+/// The app's request rate limit: 429 with `Retry-After` when over it.
+fn rate_limit(state: &ApiState, app: &str) -> Result<(), ApiError> {
+    use governor::clock::Clock;
+    let Some(lim) = state.limits.get(app) else {
+        return Ok(());
+    };
+    lim.check().map_err(|not_until| {
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "rate_limited")
+            .increment(1);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("app {app} is over its request rate limit"),
+        );
+        e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    })
+}
+
+/// Counts `n` messages against the app's daily quota (UTC days); 429 when it would exceed it.
+async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError> {
+    let Some(quota) = state
+        .deps
+        .config
+        .apps
+        .iter()
+        .find(|a| a.id == app)
+        .and_then(|a| a.daily_quota)
+    else {
+        return Ok(());
+    };
+    let quota = quota as i64;
+    let row = state
+        .db
+        .query_opt(
+            "INSERT INTO app_usage AS u (app_id, day, messages) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
+             ON CONFLICT (app_id, day) DO UPDATE SET messages = u.messages + EXCLUDED.messages
+             WHERE u.messages + EXCLUDED.messages <= $3
+             RETURNING messages",
+            &[&app, &n, &quota],
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", herald_core::runtime::pg_error(e))
+        })?;
+    if row.is_none() || n > quota {
+        let secs_to_midnight = 86_400 - (now_ms() / 1000).rem_euclid(86_400);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!("app {app} would exceed its daily quota of {quota} messages"),
+        );
+        e.retry_after = Some(secs_to_midnight as u64);
+        return Err(e);
+    }
+    Ok(())
+}
+
+pub const USAGE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS app_usage (
+    app_id text NOT NULL,
+    day date NOT NULL,
+    messages bigint NOT NULL,
+    PRIMARY KEY (app_id, day)
+)";
 
 /// A 4xx/5xx with `{"error": {"code", "message", "field"}}`.
 pub struct ApiError {
@@ -47,6 +116,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -56,6 +126,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -69,7 +140,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 
@@ -77,7 +155,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn authenticate(
+async fn authenticate(
     state: &ApiState,
     method: &Method,
     uri: &Uri,
@@ -94,14 +172,7 @@ fn authenticate(
         body,
     };
     let window = state.deps.config.api.signature_window_secs as i64;
-    auth::verify(
-        &req,
-        |a| state.secrets.get(a).cloned(),
-        &state.nonces,
-        now_ms() / 1000,
-        window,
-    )
-    .map_err(|e| {
+    let refused = |e: auth::AuthError| {
         metrics::counter!(names::API_REQUESTS, "route" => "auth", "outcome" => e.code())
             .increment(1);
         ApiError::new(
@@ -109,7 +180,30 @@ fn authenticate(
             e.code(),
             format!("authentication failed: {e:?}"),
         )
-    })
+    };
+    let app = auth::verify(
+        &req,
+        |a| state.secrets.get(a).cloned(),
+        &state.nonces,
+        now_ms() / 1000,
+        window,
+    )
+    .map_err(refused)?;
+    // The nonce once across every API process: PostgreSQL holds them for the window.
+    let nonce = req.nonce.unwrap_or_default();
+    let fresh = auth::remember_nonce(&state.db, &app, nonce, window)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                herald_core::runtime::pg_error(e),
+            )
+        })?;
+    if !fresh {
+        return Err(refused(auth::AuthError::ReusedNonce));
+    }
+    Ok(app)
 }
 
 /// `POST /v1/messages` body: `SendRequested` as JSON, `request_id` and `requested_at` optional.
@@ -149,7 +243,8 @@ async fn send(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
+    rate_limit(&state, &app)?;
     let b: SendBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
     if b.app_id.as_ref().is_some_and(|a| *a != app) {
@@ -256,11 +351,17 @@ async fn send(
             )
                 .into_response());
         }
-        if let Err(e) = publish(&state, vec![rec]).await {
+        let n = req.recipients.len() as i64;
+        let published = match take_quota(&state, &app, n).await {
+            Ok(()) => publish(&state, vec![rec]).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
             let _ = herald_core::idempotency::release(&state.db, &app, key, &request_id).await;
             return Err(e);
         }
     } else {
+        take_quota(&state, &app, req.recipients.len() as i64).await?;
         publish(&state, vec![rec]).await?;
     }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
@@ -298,7 +399,7 @@ async fn opt_out_put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let channel = channel_param(&channel)?;
     state
         .db
@@ -323,7 +424,7 @@ async fn opt_out_delete(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body)?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let channel = channel_param(&channel)?;
     state
         .db
@@ -373,7 +474,7 @@ async fn get_message(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let db_err = |e: tokio_postgres::Error| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -452,7 +553,7 @@ async fn get_request(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(
@@ -592,9 +693,23 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         herald_core::idempotency::SCHEMA,
         herald_core::gate::SCHEMA,
         herald_core::readmodel::OPT_OUT_SCHEMA,
+        auth::NONCE_SCHEMA,
+        USAGE_SCHEMA,
     ]
     .join(";\n");
     let db = deps.postgres_migrated(&ddl).await?;
+    let limits = deps
+        .config
+        .apps
+        .iter()
+        .filter_map(|a| {
+            let rate = std::num::NonZeroU32::new(a.rate_limit_per_sec?)?;
+            Some((
+                a.id.clone(),
+                governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            ))
+        })
+        .collect();
     let inbox = inbox::listen(deps.config.postgres.url.clone());
     let secrets = deps
         .config
@@ -610,6 +725,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         secrets,
         http: reqwest::Client::new(),
         inbox,
+        limits,
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -41,7 +41,7 @@ pub async fn history(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::new(
@@ -151,7 +151,7 @@ pub async fn stats(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"")?;
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let to = match &q.to {
         Some(t) => instant(t, "to")?,
         None => herald_core::util::now_ms(),
