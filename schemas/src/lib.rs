@@ -30,6 +30,18 @@ pub mod topics {
     pub fn dispatch(channel: crate::Channel) -> String {
         format!("{DISPATCH_PREFIX}{}", channel.as_str())
     }
+
+    /// The priority lane: every channel's HIGH messages (codes, alerts) share one topic with its
+    /// own send worker, so they never queue behind a NORMAL/LOW backlog of their channel.
+    pub const DISPATCH_HIGH: &str = "herald.dispatch.high";
+
+    /// Where a routed message of this channel and priority waits for the send stage.
+    pub fn dispatch_lane(channel: crate::Channel, priority: crate::Priority) -> String {
+        match priority {
+            crate::Priority::High => DISPATCH_HIGH.to_owned(),
+            _ => dispatch(channel),
+        }
+    }
 }
 
 /// Kafka / stream header names.

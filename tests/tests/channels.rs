@@ -1090,3 +1090,100 @@ async fn app_rate_limits_quotas_and_nonces_across_api_processes() {
     assert!(used <= 5, "the quota is never exceeded: {used}");
     run.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_high_message_overtakes_a_low_backlog_and_expired_ones_are_never_sent() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_420, 19_820);
+    let run = Run::start("channels-lanes", api, admin).await;
+    let tag = unique("lane");
+    // 5,000 LOW Feishu messages: Feishu allows 5/s, so this backlog takes many minutes.
+    let recipients: Vec<Value> = (0..5000).map(|_| json!({"address": "-"})).collect();
+    let backlog = run
+        .send(
+            json!({"app_id": "demo", "channel": "FEISHU", "priority": "LOW",
+                     "content": {"text": format!("marketing {tag}")}, "recipients": recipients,
+                     "requested_at": herald_core::util::now_ms()}),
+        )
+        .await;
+    // Behind it: a LOW message that expires in 3 s, and a HIGH one.
+    let expiring = run
+        .send(json!({"app_id": "demo", "channel": "FEISHU", "priority": "LOW",
+                     "content": {"text": format!("expiring {tag}")}, "recipients": [{"address": "-"}],
+                     "expires_at": herald_core::util::now_ms() + 3_000,
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let high = run
+        .send(json!({"app_id": "demo", "channel": "FEISHU", "priority": "HIGH",
+                     "content": {"text": format!("code 9021 {tag}")}, "recipients": [{"address": "-"}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&high, "delivered", "HIGH delivered").await;
+    assert!(
+        v["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["status"] == "delivered"),
+        "{v}"
+    );
+    let rid = api_json(&format!("/v1/messages/{}", backlog[0]), api)
+        .await
+        .unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let req = api_json(&format!("/v1/requests/{rid}?limit=1"), api)
+        .await
+        .unwrap();
+    let delivered = req["counts"]["delivered"].as_i64().unwrap_or(0);
+    assert!(
+        delivered < 5000,
+        "the HIGH message did not wait for the backlog: {req}"
+    );
+
+    // Cancel the backlog (clearing it for the tests after this one too): the send stage then
+    // reaches the expiring message, long past its expiry.
+    let cancel = signed("POST", &format!("/v1/requests/{rid}/cancel"), b"", api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status().as_u16(), 200);
+    let body: Value = cancel.json().await.unwrap();
+    assert!(body["canceled"].as_i64().unwrap() > 0, "{body}");
+    // The expiring one is never sent late.
+    let v = run
+        .until(&expiring, "expired", "expired in the backlog")
+        .await;
+    assert_eq!(v["attempts"], 0, "{v}");
+    let feishu = run.sim_log("feishu").await;
+    assert!(
+        !feishu["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["content"]
+                .as_str()
+                .is_some_and(|c| c.contains(&format!("expiring {tag}")))),
+        "an expired message never reaches the provider"
+    );
+
+    eventually(
+        Duration::from_secs(120),
+        "backlog drained after the cancel",
+        || {
+            let path = format!("/v1/requests/{rid}?limit=1");
+            async move {
+                let v = api_json(&path, api).await?;
+                let c = &v["counts"];
+                let done =
+                    c["delivered"].as_i64().unwrap_or(0) + c["canceled"].as_i64().unwrap_or(0);
+                (done == 5000).then_some(())
+            }
+        },
+    )
+    .await;
+    run.stop();
+}

@@ -97,7 +97,10 @@ pub async fn remember_nonce(
     window_secs: i64,
 ) -> Result<bool, tokio_postgres::Error> {
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    if CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1000 == 0 {
+    if CALLS
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .is_multiple_of(1000)
+    {
         db.execute("DELETE FROM api_nonces WHERE expires_at < now()", &[])
             .await?;
     }

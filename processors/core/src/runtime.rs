@@ -41,6 +41,7 @@ pub fn all_topics(partitions: i32) -> Vec<TopicSpec> {
         topics::DEAD_LETTERS.into(),
     ];
     names.extend(Channel::ALL.iter().map(|c| topics::dispatch(*c)));
+    names.push(topics::DISPATCH_HIGH.into());
     names.extend(DELAY_TIERS_SECS.iter().map(|t| delay_topic(*t)));
     names
         .into_iter()

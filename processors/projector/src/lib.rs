@@ -35,6 +35,7 @@ pub fn input_topics() -> Vec<String> {
         topics::RECEIPTS.into(),
     ];
     t.extend(Channel::ALL.iter().map(|c| topics::dispatch(*c)));
+    t.push(topics::DISPATCH_HIGH.into());
     t.extend(DELAY_TIERS_SECS.iter().map(|s| delay_topic(*s)));
     t
 }

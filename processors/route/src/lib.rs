@@ -229,7 +229,7 @@ impl BatchHandler for Route {
                     out.push(record(&codec, topics::STATUS, &mid, &trace, &ev).await?);
                     continue;
                 };
-                let topic = topics::dispatch(m.header.channel);
+                let topic = topics::dispatch_lane(m.header.channel, m.priority);
                 let ev = MessageRouted {
                     header: m.header.follow(STAGE, event_id(&mid, "routed", 0), now),
                     recipient: m.recipient,

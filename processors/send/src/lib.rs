@@ -28,7 +28,7 @@ use herald_core::worker::{
 };
 use herald_schemas::{
     Channel, DelayPurpose, DelayScheduled, DeliveryAttempted, DeliveryOutcome, MessageRouted,
-    Reason, topics,
+    MessageSuppressed, Reason, topics,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -177,7 +177,7 @@ impl Send {
                     now,
                 );
                 next.header.attempt = attempt + 1;
-                let topic = topics::dispatch(m.header.channel);
+                let topic = topics::dispatch_lane(m.header.channel, m.priority);
                 let key = m.recipient.address.clone();
                 let routed = record(&self.deps.codec, &topic, &key, trace, &next).await?;
                 if delay.is_zero() {
@@ -231,6 +231,33 @@ impl BatchHandler for Send {
                 if seen.insert((m.header.message_id.clone(), attempt)) {
                     msgs.push((m, attempt, trace_id(input)));
                 }
+            }
+            // A message that expired while it waited (a backlog, a retry) is never sent late.
+            let now = now_ms();
+            let mut expired = Vec::new();
+            msgs.retain(|(m, _, trace)| {
+                let late = m.expires_at.is_some_and(|e| e <= now);
+                if late {
+                    expired.push((m.clone(), trace.clone()));
+                }
+                !late
+            });
+            for (m, trace) in expired {
+                let mid = m.header.message_id.clone();
+                let ev = MessageSuppressed {
+                    header: m.header.follow(
+                        STAGE,
+                        event_id(&mid, "expired", m.header.attempt),
+                        now,
+                    ),
+                    status: "expired".into(),
+                    policy: "expires_at".into(),
+                    reason: Reason::new(
+                        "expired",
+                        "expires_at passed while the message waited to be sent",
+                    ),
+                };
+                out.push(record(&self.deps.codec, topics::STATUS, &mid, &trace, &ev).await?);
             }
             // The gate: a message canceled before its first call is never sent.
             let first: Vec<String> = msgs
@@ -490,16 +517,52 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .filter(|c| !deps.config.providers_for(*c).is_empty())
         .collect();
     let mut workers = Vec::new();
-    for channel in channels {
+    for channel in channels.iter().copied() {
         let db = deps
             .postgres()
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
-        let spec = deps.spec(
+        let mut spec = deps.spec(
             &format!("{STAGE}-{}", channel.as_str()),
             vec![topics::dispatch(channel)],
             false,
         );
+        // A rate-limited channel takes batches it can send in about two seconds: a batch is
+        // never minutes long (cancels and expiry are checked per batch; the broker's poll
+        // interval holds).
+        if let Some(rate) = deps
+            .config
+            .providers_for(channel)
+            .iter()
+            .filter_map(|p| p.rate_limit_per_sec)
+            .min()
+        {
+            spec.max_batch = spec.max_batch.min((2 * rate as usize).max(10));
+        }
+        let handler = Send {
+            deps: deps.clone(),
+            db,
+            providers: providers.clone(),
+            rules: rules.clone(),
+            alerts: alert::Alerter::new(),
+            limiters: limiters.clone(),
+            breakers: breakers.clone(),
+        };
+        workers.push((spec, handler));
+    }
+    // The HIGH lane: one worker for every channel's HIGH messages.
+    if !channels.is_empty() {
+        let db = deps
+            .postgres()
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+        let mut spec = deps.spec(
+            &format!("{STAGE}-high"),
+            vec![topics::DISPATCH_HIGH.into()],
+            false,
+        );
+        // HIGH messages are few and urgent: small batches, never held up by a long one.
+        spec.max_batch = spec.max_batch.min(100);
         let handler = Send {
             deps: deps.clone(),
             db,
