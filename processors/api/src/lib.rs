@@ -661,6 +661,36 @@ pub async fn health(State(state): State<Arc<ApiState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// The OpenAPI document of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../doc/openapi.json");
+
+/// Every route `router` serves, as (method, path): the OpenAPI document must describe exactly
+/// these (a test checks both ways).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/messages"),
+    ("get", "/v1/messages/{id}"),
+    ("post", "/v1/messages/{id}/cancel"),
+    ("get", "/v1/requests/{id}"),
+    ("post", "/v1/requests/{id}/cancel"),
+    ("get", "/v1/recipients/{address}/messages"),
+    ("get", "/v1/stats"),
+    ("put", "/v1/opt-outs/{channel}/{address}"),
+    ("delete", "/v1/opt-outs/{channel}/{address}"),
+    ("get", "/v1/inbox/{user}"),
+    ("get", "/v1/inbox/{user}/stream"),
+    ("post", "/v1/inbox/{user}/{message_id}/read"),
+    ("get", "/health"),
+    ("get", "/openapi.json"),
+];
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     let limit = state.deps.config.api.max_body_bytes;
     Router::new()
@@ -679,6 +709,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -735,4 +766,39 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .map_err(|e| StageError::Fatal(format!("api: {e}")))
+}
+
+#[cfg(test)]
+mod openapi_tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(op["responses"].is_object(), "{method} {path} has responses");
+                documented.push((method.clone(), path.clone()));
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+        // Every $ref resolves.
+        let text = OPENAPI;
+        for piece in text.split("\"$ref\": \"#/").skip(1) {
+            let target = piece.split('"').next().unwrap();
+            let mut node = &doc;
+            for part in target.split('/') {
+                node = &node[part];
+            }
+            assert!(!node.is_null(), "dangling $ref {target}");
+        }
+    }
 }

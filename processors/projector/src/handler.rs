@@ -112,20 +112,26 @@ pub fn fold(facts: &[Fact]) -> Vec<MessageRow> {
                 updated_at: f.at,
             }
         });
+        // Order-independent (so a rebuild reproduces the rows whatever order the topics are
+        // replayed in): a higher rank wins; at equal rank the earlier fact wins.
         let fr = rank(&f.status);
-        if fr > r.rank {
+        if fr > r.rank || (fr == r.rank && f.at < r.updated_at) {
             r.rank = fr;
             r.status = f.status.clone();
-            r.updated_at = r.updated_at.max(f.at);
+            r.updated_at = f.at;
         }
         r.created_at = r.created_at.min(f.at);
+        if f.provider.is_some() && f.attempt >= r.attempts {
+            r.provider = f.provider.clone();
+        }
+        if f.latency_ms.is_some() && f.attempt >= r.attempts {
+            r.latency_ms = f.latency_ms;
+        }
         r.attempts = r.attempts.max(f.attempt);
-        r.provider = f.provider.clone().or(r.provider.take());
         r.recipient_masked = r.recipient_masked.take().or(f.recipient_masked.clone());
         r.template = r.template.take().or(f.template.clone());
         r.template_version = r.template_version.or(f.template_version);
         r.recipient_key = r.recipient_key.take().or(f.recipient_key.clone());
-        r.latency_ms = f.latency_ms.or(r.latency_ms);
     }
     order.into_iter().filter_map(|m| rows.remove(m)).collect()
 }

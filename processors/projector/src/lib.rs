@@ -208,17 +208,23 @@ impl Projector {
                              $14::text[], $15::bigint[])
                       AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up, rkey, lat)
                  ON CONFLICT (message_id) DO UPDATE SET
-                    status = CASE WHEN EXCLUDED.status_rank > m.status_rank THEN EXCLUDED.status ELSE m.status END,
+                    status = CASE WHEN EXCLUDED.status_rank > m.status_rank
+                                    OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
+                                  THEN EXCLUDED.status ELSE m.status END,
                     status_rank = GREATEST(m.status_rank, EXCLUDED.status_rank),
-                    updated_at = CASE WHEN EXCLUDED.status_rank > m.status_rank THEN GREATEST(m.updated_at, EXCLUDED.updated_at) ELSE m.updated_at END,
+                    updated_at = CASE WHEN EXCLUDED.status_rank > m.status_rank
+                                        OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
+                                      THEN EXCLUDED.updated_at ELSE m.updated_at END,
                     created_at = LEAST(m.created_at, EXCLUDED.created_at),
-                    provider = COALESCE(EXCLUDED.provider, m.provider),
+                    provider = CASE WHEN EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                                    THEN EXCLUDED.provider ELSE m.provider END,
                     attempts = GREATEST(m.attempts, EXCLUDED.attempts),
                     recipient_masked = COALESCE(m.recipient_masked, EXCLUDED.recipient_masked),
                     template = COALESCE(m.template, EXCLUDED.template),
                     template_version = COALESCE(m.template_version, EXCLUDED.template_version),
                     recipient_key = COALESCE(m.recipient_key, EXCLUDED.recipient_key),
-                    latency_ms = COALESCE(EXCLUDED.latency_ms, m.latency_ms)",
+                    latency_ms = CASE WHEN EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                                      THEN EXCLUDED.latency_ms ELSE m.latency_ms END",
                 &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
             )
             .await?;

@@ -392,6 +392,31 @@ impl Transport for KafkaTransport {
         Ok(self.shared_publisher()?)
     }
 
+    fn rewind<'a>(&'a self, group: &'a str, topics: &'a [String]) -> BoxFuture<'a, TResult<()>> {
+        Box::pin(async move {
+            let consumer: rdkafka::consumer::BaseConsumer = self
+                .settings
+                .client(&[("group.id", group), ("enable.auto.commit", "false")])
+                .create()?;
+            let topics = topics.to_vec();
+            blocking(move || {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for t in &topics {
+                    let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+                    for mt in md.topics() {
+                        for p in mt.partitions() {
+                            let (low, _) =
+                                consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10))?;
+                            tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Offset(low))?;
+                        }
+                    }
+                }
+                consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            })
+            .await
+        })
+    }
+
     fn ensure_topics<'a>(&'a self, topics: &'a [TopicSpec]) -> BoxFuture<'a, TResult<()>> {
         Box::pin(async move {
             let admin: AdminClient<DefaultClientContext> = self.settings.client(&[]).create()?;

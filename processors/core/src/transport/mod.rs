@@ -143,4 +143,7 @@ pub trait Transport: Send + Sync {
     fn ensure_topics<'a>(&'a self, topics: &'a [TopicSpec]) -> BoxFuture<'a, TResult<()>>;
     /// Cheap liveness probe for `/health`.
     fn ping(&self) -> BoxFuture<'_, TResult<()>>;
+    /// Moves a consumer group back to the start of `topics` (the group must have no live
+    /// members): what `herald rebuild` replays from.
+    fn rewind<'a>(&'a self, group: &'a str, topics: &'a [String]) -> BoxFuture<'a, TResult<()>>;
 }

@@ -293,6 +293,23 @@ impl Transport for RedisTransport {
         Box::pin(async { Ok(()) })
     }
 
+    fn rewind<'a>(&'a self, group: &'a str, topics: &'a [String]) -> BoxFuture<'a, TResult<()>> {
+        Box::pin(async move {
+            let mut c = self.shared().await?;
+            for t in topics {
+                // A stream or group that does not exist yet has nothing to rewind.
+                let _: redis::RedisResult<String> = redis::cmd("XGROUP")
+                    .arg("SETID")
+                    .arg(t)
+                    .arg(group)
+                    .arg("0")
+                    .query_async(&mut c)
+                    .await;
+            }
+            Ok(())
+        })
+    }
+
     fn ping(&self) -> BoxFuture<'_, TResult<()>> {
         Box::pin(async move {
             let mut c = self.shared().await?;
