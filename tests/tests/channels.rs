@@ -1326,3 +1326,101 @@ async fn rebuild_reproduces_the_read_model_exactly() {
     projector.signal("TERM");
     assert!(projector.wait_exit(Duration::from_secs(20)).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apps_get_signed_status_webhooks_once_per_terminal_state_with_retries() {
+    let _serial = SERIAL.lock().await;
+    let hook = unique("app");
+    let cfg = std::env::temp_dir().join("herald-channels-notify.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap().replacen(
+        "id = \"demo\"\nsecret_env = \"HERALD_APP_DEMO_SECRET\"",
+        &format!(
+            "id = \"demo\"\nsecret_env = \"HERALD_APP_DEMO_SECRET\"\nstatus_url = \"{}/_hooks/{hook}\"",
+            sim_url()
+        ),
+        1,
+    );
+    assert!(text.contains("status_url"), "config layout changed");
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_460, 19_860);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let log = format!("hooks-{hook}");
+    // The app's endpoint fails twice first: the notifications are retried.
+    run.fault(&log, json!({"kind": "error", "code": "500"}))
+        .await;
+    run.fault(&log, json!({"kind": "error", "code": "500"}))
+        .await;
+
+    let mut ids = run
+        .send(
+            json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                     "params": {"title": "t", "body": "b"},
+                     "recipients": [{"address": unique("n")}, {"address": unique("n")}],
+                     "requested_at": herald_core::util::now_ms()}),
+        )
+        .await;
+    // A suppressed one (opted out) is terminal too.
+    let out = unique("n");
+    signed("PUT", &format!("/v1/opt-outs/inapp/{out}"), b"", api)
+        .send()
+        .await
+        .unwrap();
+    ids.extend(
+        run.send(
+            json!({"app_id": "demo", "channel": "INAPP", "template": "notice",
+                         "params": {"title": "t", "body": "b"}, "recipients": [{"address": out}],
+                         "requested_at": herald_core::util::now_ms()}),
+        )
+        .await,
+    );
+    // Only this test's messages count (a previous run's notifications may still be due).
+    let ours = |l: &Value| -> Vec<Value> {
+        l["accepted"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| ids.iter().any(|id| e["webhook-id"] == id.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let got = eventually(Duration::from_secs(60), "a webhook per message", || async {
+        let l = run.sim_log(&log).await;
+        (ours(&l).len() >= ids.len()).then_some(l)
+    })
+    .await;
+    let entries = ours(&got);
+    assert_eq!(entries.len(), ids.len(), "exactly one per message: {got}");
+    assert!(
+        got["requests"].as_u64().unwrap() >= ids.len() as u64 + 2,
+        "two were retried"
+    );
+    let key = herald_core::util::webhook_key(SECRET);
+    let mut statuses = std::collections::HashMap::new();
+    for e in &entries {
+        let body = e["body"].as_str().unwrap();
+        assert!(
+            herald_core::util::standard_webhook_verify(
+                &key,
+                e["webhook-id"].as_str().unwrap(),
+                e["webhook-timestamp"].as_str().unwrap(),
+                e["webhook-signature"].as_str().unwrap(),
+                body.as_bytes(),
+                herald_core::util::now_ms() / 1000,
+                300,
+            ),
+            "signed with the app's secret"
+        );
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["message_id"], e["webhook-id"]);
+        statuses.insert(
+            v["message_id"].as_str().unwrap().to_owned(),
+            v["status"].as_str().unwrap().to_owned(),
+        );
+    }
+    assert_eq!(statuses[&ids[0]], "delivered");
+    assert_eq!(statuses[&ids[1]], "delivered");
+    assert_eq!(statuses[&ids[2]], "suppressed");
+    run.stop();
+}

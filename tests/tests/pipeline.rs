@@ -485,6 +485,7 @@ async fn every_stage_binary_starts_alone_and_drains_on_sigterm() {
         "projector",
         "api",
         "callback",
+        "notify",
     ]
     .iter()
     .enumerate()

@@ -23,6 +23,7 @@ pub mod names {
     pub const RECEIPTS: &str = "herald_callback_receipts_total";
     pub const DUPLICATE_REQUESTS: &str = "herald_accept_duplicate_requests_total";
     pub const SUPPRESSED: &str = "herald_route_suppressed_total";
+    pub const STATUS_WEBHOOKS: &str = "herald_notify_status_webhooks_total";
     pub const CANCELED_DROPPED: &str = "herald_stage_canceled_dropped_total";
 }
 

@@ -15,7 +15,7 @@ use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topic
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 9] = [
     "accept",
     "render",
     "route",
@@ -24,6 +24,7 @@ const STAGES: [&str; 8] = [
     "projector",
     "api",
     "callback",
+    "notify",
 ];
 
 #[derive(Parser)]
@@ -165,6 +166,9 @@ async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Resul
             }
             "delay" => {
                 Box::pin(async move { herald_delay::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "notify" => {
+                Box::pin(async move { herald_notify::run(d, sd).await.map_err(|e| e.to_string()) })
             }
             "projector" => Box::pin(async move {
                 herald_projector::run(d, sd)

@@ -148,8 +148,9 @@ pub async fn stateful(
     policies: &HashMap<herald_schemas::Channel, PolicyConfig>,
 ) -> Result<Vec<Verdict>, tokio_postgres::Error> {
     let mut verdicts = vec![Verdict::Send; msgs.len()];
+    // Opt-outs apply to every channel unless its policy turns them off.
     let relevant: Vec<usize> = (0..msgs.len())
-        .filter(|i| policies.contains_key(&msgs[*i].header.channel))
+        .filter(|i| policies.get(&msgs[*i].header.channel).is_none_or(|p| p.opt_out))
         .collect();
     if relevant.is_empty() {
         return Ok(verdicts);
@@ -185,12 +186,11 @@ pub async fn stateful(
         .collect();
 
     // Lock every (app, channel, recipient) scope of the batch that has a cap or dedup, sorted.
-    let counted: Vec<usize> = relevant
-        .iter()
-        .copied()
+    let counted: Vec<usize> = (0..msgs.len())
         .filter(|i| {
-            let p = &policies[&msgs[*i].header.channel];
-            p.frequency_cap.is_some() || p.dedup_window_secs.is_some()
+            policies
+                .get(&msgs[*i].header.channel)
+                .is_some_and(|p| p.frequency_cap.is_some() || p.dedup_window_secs.is_some())
         })
         .collect();
     let scopes: BTreeSet<String> = counted.iter().map(|i| scope(msgs[*i])).collect();
@@ -229,10 +229,10 @@ pub async fn stateful(
     let mut insert_scopes = Vec::new();
     let mut insert_ids = Vec::new();
     let mut insert_hashes = Vec::new();
-    for i in relevant {
+    for i in 0..msgs.len() {
         let m = msgs[i];
-        let p = &policies[&m.header.channel];
-        if p.opt_out
+        let policy = policies.get(&m.header.channel);
+        if policy.is_none_or(|p| p.opt_out)
             && opted.contains(&(
                 m.header.app_id.clone(),
                 m.header.channel.as_str().to_owned(),
@@ -246,9 +246,10 @@ pub async fn stateful(
             };
             continue;
         }
-        if p.frequency_cap.is_none() && p.dedup_window_secs.is_none() {
+        let Some(p) = policy.filter(|p| p.frequency_cap.is_some() || p.dedup_window_secs.is_some())
+        else {
             continue;
-        }
+        };
         let sc = scope(m);
         let hash = content_hash(m);
         let seen = hits.entry(sc.clone()).or_default();

@@ -320,6 +320,38 @@ async fn set_receipts(
     Json(json!({"ok": true}))
 }
 
+/// A generic receiver for Herald's webhooks to apps (status callbacks): records the headers and
+/// body under `hooks-<name>` for the test to verify; scripted faults (`hooks-<name>`) answer 500.
+async fn hook(
+    State(sim): State<Arc<Sim>>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let log = format!("hooks-{name}");
+    sim.count_request(&log);
+    if let Err((_, _)) = apply_fault(sim.next_fault(&log)).await {
+        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    sim.record(
+        &log,
+        json!({
+            "webhook-id": h("webhook-id"),
+            "webhook-timestamp": h("webhook-timestamp"),
+            "webhook-signature": h("webhook-signature"),
+            "body": String::from_utf8_lossy(&body),
+        }),
+    );
+    axum::http::StatusCode::NO_CONTENT
+}
+
 /// An operator endpoint for Herald's `alert` rule action: verifies the Standard Webhooks
 /// signature (secret `HERALD_SIM_ALERT_SECRET`) and records the alert under `alerts`.
 async fn alert(
@@ -384,6 +416,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_control/{provider}/revoke", post(revoke))
         .route("/_control/{provider}/receipts", put(set_receipts))
         .route("/_alerts", post(alert))
+        .route("/_hooks/{name}", post(hook))
         .route("/_log/{provider}", get(log))
         .route("/_reset", post(reset))
         .with_state(sim)

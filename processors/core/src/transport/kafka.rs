@@ -82,7 +82,10 @@ impl KafkaSettings {
             ("enable.auto.commit", auto_commit),
             ("auto.commit.interval.ms", "1000"),
             ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
+            (
+                "auto.offset.reset",
+                if spec.from_end { "latest" } else { "earliest" },
+            ),
             ("isolation.level", "read_committed"),
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),

@@ -78,6 +78,9 @@ pub struct SourceSpec {
     /// Longest time the stage may spend on one batch before the broker presumes it dead
     /// (Kafka `max.poll.interval.ms`). The delay stage holds records for up to a tier's length.
     pub max_batch_time: Duration,
+    /// A group with no position yet starts at the end (new records only) instead of the
+    /// beginning: for consumers that react to what happens from now on (status webhooks).
+    pub from_end: bool,
 }
 
 impl SourceSpec {
@@ -91,6 +94,7 @@ impl SourceSpec {
             max_wait: Duration::from_millis(200),
             linger: Duration::from_millis(5),
             max_batch_time: Duration::from_secs(300),
+            from_end: false,
         }
     }
 }

@@ -260,8 +260,9 @@ impl Transport for RedisTransport {
             // A dedicated connection: XREADGROUP BLOCK would stall a shared multiplexed one.
             let mut conn = self.client.get_multiplexed_async_connection().await?;
             for t in &spec.topics {
-                let r: redis::RedisResult<()> =
-                    conn.xgroup_create_mkstream(t, &spec.group, "0").await;
+                let r: redis::RedisResult<()> = conn
+                    .xgroup_create_mkstream(t, &spec.group, if spec.from_end { "$" } else { "0" })
+                    .await;
                 if let Err(e) = r
                     && e.code() != Some("BUSYGROUP")
                 {

@@ -1,0 +1,8 @@
+//! `herald-notify`: the status-webhook stage alone (`herald run --stages notify` runs it in the
+//! all-in-one binary).
+
+fn main() -> std::process::ExitCode {
+    herald_core::cli::stage_main("notify", |deps, shutdown| {
+        Box::pin(herald_notify::run(deps, shutdown))
+    })
+}
