@@ -1295,34 +1295,71 @@ async fn rebuild_reproduces_the_read_model_exactly() {
     env.retain(|(k, _)| *k != "HERALD_INSTANCE");
     env.push(("HERALD_INSTANCE", unique("rebuild")));
     let mut projector = Herald::start_with(&cfg, &env, &["--stages", "projector"], "projector.");
-    // Poll until the replay reproduces the rows, or has caught up (as many rows, stable) and
-    // then differs: the first differing row is the failure.
+    // Poll until the replay has caught up (the row counts stable for three polls). Rows other
+    // tests projected from Redis Streams cannot come back from a Kafka replay, so: every row the
+    // replay writes must equal the row it had before, and none of this test's messages may be
+    // missing (on a fresh stack, where this runs before the Redis tests, the tables are equal).
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let mut prev = (usize::MAX, usize::MAX);
+    let mut stable = 0;
     let after = loop {
         let now = read_model(&db).await;
         if now == before {
             break now;
         }
         let sizes = (now.0.len(), now.1.len());
-        if sizes == prev && sizes.0 >= before.0.len() && sizes.1 >= before.1.len() {
+        stable = if sizes == prev { stable + 1 } else { 0 };
+        if stable >= 3 {
             break now;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the replay did not catch up: {sizes:?} of {:?}",
+            "the replay did not settle: {sizes:?} of {:?}",
             (before.0.len(), before.1.len())
         );
         prev = sizes;
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
-    for (a, b) in after.0.iter().zip(&before.0) {
-        assert_eq!(a, b, "a messages row differs after the rebuild");
+    let key = |row: &String| -> String {
+        let v: Value = serde_json::from_str(row).unwrap();
+        v["message_id"].as_str().unwrap_or_default().to_owned()
+            + "/"
+            + v["event_id"].as_str().unwrap_or_default()
+    };
+    let before_rows: std::collections::HashMap<String, &String> = before
+        .0
+        .iter()
+        .chain(&before.1)
+        .map(|r| (key(r), r))
+        .collect();
+    for row in after.0.iter().chain(&after.1) {
+        let k = key(row);
+        assert_eq!(
+            Some(&row),
+            before_rows.get(&k),
+            "a row differs after the rebuild ({k})"
+        );
     }
-    for (a, b) in after.1.iter().zip(&before.1) {
-        assert_eq!(a, b, "a message_events row differs after the rebuild");
+    let replayed: std::collections::HashSet<String> = after
+        .0
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<Value>(r).unwrap()["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for id in &ids {
+        assert!(replayed.contains(id), "{id} missing after the rebuild");
     }
-    assert_eq!(after.0.len(), before.0.len());
+    eprintln!(
+        "rebuild: {} of {} messages and {} of {} events replayed identically",
+        after.0.len(),
+        before.0.len(),
+        after.1.len(),
+        before.1.len()
+    );
     projector.signal("TERM");
     assert!(projector.wait_exit(Duration::from_secs(20)).is_some());
 }
@@ -1422,5 +1459,77 @@ async fn apps_get_signed_status_webhooks_once_per_terminal_state_with_retries() 
     assert_eq!(statuses[&ids[0]], "delivered");
     assert_eq!(statuses[&ids[1]], "delivered");
     assert_eq!(statuses[&ids[2]], "suppressed");
+    run.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_managed_through_the_api_are_versioned_and_used() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_480, 19_880);
+    let run = Run::start("channels-templates", api, admin).await;
+    let code = unique("promo").replace('-', "_");
+    let put = |text: &str| {
+        let body =
+            serde_json::to_vec(&json!({"channel": "INAPP", "subject": "Promo", "text": text}))
+                .unwrap();
+        let path = format!("/v1/templates/{code}");
+        async move { signed("PUT", &path, &body, api).send().await.unwrap() }
+    };
+    let r = put("Hi {{ name }}").await;
+    assert_eq!(r.status().as_u16(), 201);
+    let v1: Value = r.json().await.unwrap();
+    assert_eq!(v1["version"], 1);
+    // A template that does not compile is refused with its reason.
+    let bad = put("Hi {{ name ").await;
+    assert_eq!(bad.status().as_u16(), 400);
+    let err: Value = bad.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_template");
+
+    let user = unique("t");
+    let send = || {
+        json!({"app_id": "demo", "channel": "INAPP", "template": code, "params": {"name": "Ada"},
+               "recipients": [{"address": user}], "requested_at": herald_core::util::now_ms()})
+    };
+    let first = run.send(send()).await.remove(0);
+    let v = run.until(&first, "delivered", "rendered with v1").await;
+    assert_eq!(v["template_version"], 1, "{v}");
+
+    let r = put("Hello {{ name }}!").await;
+    let v2: Value = r.json().await.unwrap();
+    assert_eq!(v2["version"], 2);
+    let got = api_json(&format!("/v1/templates/{code}"), api)
+        .await
+        .unwrap();
+    assert_eq!(got["version"], 2);
+    assert_eq!(got["text"], "Hello {{ name }}!");
+    let old = api_json(&format!("/v1/templates/{code}?version=1"), api)
+        .await
+        .unwrap();
+    assert_eq!(old["text"], "Hi {{ name }}");
+
+    // Every render worker picks the new version up (within a second): a message sent after
+    // that renders with v2.
+    let second = eventually(
+        Duration::from_secs(30),
+        "a message rendered with v2",
+        || async {
+            let id = run.send(send()).await.remove(0);
+            let v = run.until(&id, "delivered", "rendered").await;
+            (v["template_version"] == 2).then_some(id)
+        },
+    )
+    .await;
+    let inbox = api_json(&format!("/v1/inbox/{user}"), api).await.unwrap();
+    let bodies: Vec<&str> = inbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert!(
+        bodies.contains(&"Hello Ada!") && bodies.contains(&"Hi Ada"),
+        "{inbox}"
+    );
+    let _ = second;
     run.stop();
 }

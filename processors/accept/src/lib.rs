@@ -28,6 +28,8 @@ struct Accept {
     deps: Deps,
     policy: AcceptPolicy,
     db: tokio_postgres::Client,
+    /// Templates added through the API count as known within a second.
+    watch: herald_core::templates::Watch,
 }
 
 /// Where a record came from: the owner of its request id (see [`herald_core::idempotency`]).
@@ -110,6 +112,18 @@ impl BatchHandler for Accept {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            match self.watch.changed().await {
+                Ok(Some(all)) => {
+                    self.policy.templates = all.into_iter().map(|t| t.code).collect();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(StageError::Transient(format!(
+                        "templates: {}",
+                        herald_core::runtime::pg_error(e)
+                    )));
+                }
+            }
             let mut out = Vec::with_capacity(batch.len());
             let mut reqs = Vec::with_capacity(batch.len());
             for input in batch {
@@ -167,11 +181,25 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
     let db = deps.postgres_migrated(idempotency::SCHEMA).await?;
+    let tdb = deps
+        .postgres_migrated(herald_core::templates::SCHEMA)
+        .await?;
+    herald_core::templates::seed(&tdb, &deps.config.templates)
+        .await
+        .map_err(|e| {
+            StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
+        })?;
+    let watch = herald_core::templates::Watch::new(tdb);
     run_worker(
         STAGE,
         transport,
         spec,
-        Accept { deps, policy, db },
+        Accept {
+            deps,
+            policy,
+            db,
+            watch,
+        },
         shutdown,
     )
     .await

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cancel;
 pub mod inbox;
 pub mod reads;
+pub mod templates;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -274,6 +275,16 @@ async fn send(
     }
     if let Some(t) = &b.template
         && !cfg.templates.iter().any(|x| &x.code == t)
+        && herald_core::templates::get(&state.db, t, None)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    herald_core::runtime::pg_error(e),
+                )
+            })?
+            .is_none()
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -674,6 +685,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/requests/{id}/cancel"),
     ("get", "/v1/recipients/{address}/messages"),
     ("get", "/v1/stats"),
+    ("get", "/v1/templates/{code}"),
+    ("put", "/v1/templates/{code}"),
     ("put", "/v1/opt-outs/{channel}/{address}"),
     ("delete", "/v1/opt-outs/{channel}/{address}"),
     ("get", "/v1/inbox/{user}"),
@@ -705,6 +718,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/recipients/{address}/messages", get(reads::history))
         .route("/v1/stats", get(reads::stats))
+        .route(
+            "/v1/templates/{code}",
+            get(templates::get_template).put(templates::put_template),
+        )
         .route("/v1/inbox/{user}", get(inbox::list))
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
@@ -726,6 +743,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         herald_core::readmodel::OPT_OUT_SCHEMA,
         auth::NONCE_SCHEMA,
         USAGE_SCHEMA,
+        herald_core::templates::SCHEMA,
     ]
     .join(";\n");
     let db = deps.postgres_migrated(&ddl).await?;

@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod sign;
 pub mod telemetry;
+pub mod templates;
 pub mod transport;
 pub mod util;
 pub mod worker;

@@ -228,6 +228,16 @@ impl Projector {
                 &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
             )
             .await?;
+            // One row per event id; a re-published event (a delay-tier move) keeps its earliest
+            // time, whatever order the copies are read in.
+            let mut first: HashMap<&str, &Fact> = HashMap::new();
+            for f in facts {
+                let e = first.entry(f.event_id.as_str()).or_insert(f);
+                if f.at < e.at {
+                    *e = f;
+                }
+            }
+            let facts: Vec<&Fact> = first.into_values().collect();
             let eids: Vec<&str> = facts.iter().map(|f| f.event_id.as_str()).collect();
             let mids: Vec<&str> = facts.iter().map(|f| f.message_id.as_str()).collect();
             let sts: Vec<&str> = facts.iter().map(|f| f.status.as_str()).collect();
@@ -248,7 +258,8 @@ impl Projector {
                  SELECT u.e, u.m, u.s, to_timestamp(u.a / 1000.0), u.st, u.p, u.at, u.rc, u.rm
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[], $9::text[])
                       AS u(e, m, s, a, st, p, at, rc, rm)
-                 ON CONFLICT (event_id) DO NOTHING",
+                 ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at
+                 WHERE EXCLUDED.at < message_events.at",
                 &[&eids, &mids, &sts, &ats, &stages, &provs, &atts, &rc, &rm],
             )
             .await?;

@@ -22,6 +22,7 @@ pub const STAGE: &str = "render";
 struct Render {
     deps: Deps,
     templates: Templates,
+    watch: herald_core::templates::Watch,
 }
 
 impl BatchHandler for Render {
@@ -30,6 +31,22 @@ impl BatchHandler for Render {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            // Templates added through the API reach every render worker within a second.
+            match self.watch.changed().await {
+                Ok(Some(all)) => match Templates::compile(&all) {
+                    Ok(t) => self.templates = t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "stored templates do not compile; keeping the previous set")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(StageError::Transient(format!(
+                        "templates: {}",
+                        herald_core::runtime::pg_error(e)
+                    )));
+                }
+            }
             let codec = &self.deps.codec;
             let mut out = Vec::with_capacity(batch.len());
             for input in batch {
@@ -75,7 +92,27 @@ impl BatchHandler for Render {
 /// Runs the render stage until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let templates = Templates::compile(&deps.config.templates).map_err(StageError::Fatal)?;
+    let db = deps
+        .postgres_migrated(herald_core::templates::SCHEMA)
+        .await?;
+    herald_core::templates::seed(&db, &deps.config.templates)
+        .await
+        .map_err(|e| {
+            StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
+        })?;
+    let watch = herald_core::templates::Watch::new(db);
     let spec = deps.spec(STAGE, vec![topics::ACCEPTED.into()], true);
     let transport = deps.transport.clone();
-    run_worker(STAGE, transport, spec, Render { deps, templates }, shutdown).await
+    run_worker(
+        STAGE,
+        transport,
+        spec,
+        Render {
+            deps,
+            templates,
+            watch,
+        },
+        shutdown,
+    )
+    .await
 }

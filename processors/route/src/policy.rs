@@ -150,7 +150,11 @@ pub async fn stateful(
     let mut verdicts = vec![Verdict::Send; msgs.len()];
     // Opt-outs apply to every channel unless its policy turns them off.
     let relevant: Vec<usize> = (0..msgs.len())
-        .filter(|i| policies.get(&msgs[*i].header.channel).is_none_or(|p| p.opt_out))
+        .filter(|i| {
+            policies
+                .get(&msgs[*i].header.channel)
+                .is_none_or(|p| p.opt_out)
+        })
         .collect();
     if relevant.is_empty() {
         return Ok(verdicts);

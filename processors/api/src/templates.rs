@@ -1,0 +1,153 @@
+//! Template management (CONTRACT.md §2): `PUT /v1/templates/{code}` stores the next version
+//! (after checking that it compiles), `GET /v1/templates/{code}[?version=N]` reads one. The store
+//! is PostgreSQL ([`herald_core::templates`]); render workers pick new versions up within a
+//! second, and each rendered message records the version it used.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use herald_core::config::TemplateConfig;
+use herald_schemas::Channel;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{ApiError, ApiState, authenticate};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    pub channel: Channel,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub html: Option<String>,
+    #[serde(default)]
+    pub markdown: Option<String>,
+    #[serde(default)]
+    pub provider_template: Option<String>,
+    #[serde(default)]
+    pub provider_params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub provider_templates: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct VersionQuery {
+    #[serde(default)]
+    pub version: Option<i32>,
+}
+
+fn db_err(e: tokio_postgres::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        herald_core::runtime::pg_error(e),
+    )
+}
+
+fn view(t: &TemplateConfig) -> serde_json::Value {
+    json!({
+        "code": t.code, "channel": t.channel, "version": t.version, "subject": t.subject,
+        "text": t.text, "html": t.html, "markdown": t.markdown,
+        "provider_template": t.provider_template, "provider_params": t.provider_params,
+        "provider_templates": t.provider_templates,
+    })
+}
+
+pub async fn put_template(
+    State(state): State<Arc<ApiState>>,
+    Path(code): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authenticate(&state, &method, &uri, &headers, &body).await?;
+    let b: TemplateBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    if code.is_empty()
+        || code.len() > 128
+        || !code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_code",
+            "template codes are [A-Za-z0-9_.-]{1,128}",
+        )
+        .field("code"));
+    }
+    let t = TemplateConfig {
+        code,
+        channel: b.channel,
+        version: 0,
+        subject: b.subject,
+        text: b.text,
+        html: b.html,
+        markdown: b.markdown,
+        provider_template: b.provider_template,
+        provider_params: b.provider_params,
+        provider_templates: b.provider_templates,
+    };
+    if t.subject.is_none()
+        && t.text.is_none()
+        && t.html.is_none()
+        && t.markdown.is_none()
+        && t.provider_template.is_none()
+        && t.provider_templates.is_empty()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_template",
+            "no content",
+        ));
+    }
+    // The same compiler the render stage uses: a template that would not render is refused.
+    herald_render::handler::Templates::compile(std::slice::from_ref(&t))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_template", e))?;
+    let mut db = state.deps.postgres().await.map_err(db_err)?;
+    let stored = herald_core::templates::put(&mut db, t)
+        .await
+        .map_err(db_err)?;
+    Ok((StatusCode::CREATED, Json(view(&stored))).into_response())
+}
+
+pub async fn get_template(
+    State(state): State<Arc<ApiState>>,
+    Path(code): Path<String>,
+    Query(q): Query<VersionQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&state, &method, &uri, &headers, b"").await?;
+    let t = herald_core::templates::get(&state.db, &code, q.version)
+        .await
+        .map_err(db_err)?
+        .or_else(|| {
+            state
+                .deps
+                .config
+                .templates
+                .iter()
+                .filter(|t| t.code == code && q.version.is_none_or(|v| v == t.version))
+                .max_by_key(|t| t.version)
+                .cloned()
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "template_not_found",
+                format!("no template {code}"),
+            )
+        })?;
+    Ok(Json(view(&t)).into_response())
+}
