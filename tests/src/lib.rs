@@ -295,6 +295,21 @@ pub fn signed_get(path: &str, api: u16) -> reqwest::RequestBuilder {
 }
 
 /// A signed read of the API as JSON; `None` on any transport or decode problem (callers poll).
+pub async fn api_json_as(
+    app: &str,
+    secret: &str,
+    path: &str,
+    api: u16,
+) -> Option<serde_json::Value> {
+    signed_as(app, secret, "GET", path, b"", api)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 pub async fn api_json(path: &str, api: u16) -> Option<serde_json::Value> {
     signed_get(path, api).send().await.ok()?.json().await.ok()
 }

@@ -1088,6 +1088,51 @@ async fn app_rate_limits_quotas_and_nonces_across_api_processes() {
         .unwrap()
         .get(0);
     assert!(used <= 5, "the quota is never exceeded: {used}");
+
+    // A request published straight to Kafka (not through the gateway) is counted by accept:
+    // over the quota, its messages fail with quota_exceeded.
+    let direct = herald_schemas::SendRequested {
+        request_id: unique("direct"),
+        app_id: "limited".into(),
+        idempotency_key: None,
+        channel: herald_schemas::Channel::Inapp,
+        template: Some("notice".into()),
+        params: [
+            ("title".to_owned(), "t".to_owned()),
+            ("body".to_owned(), "b".to_owned()),
+        ]
+        .into(),
+        recipients: vec![herald_schemas::Recipient {
+            address: unique("d"),
+            params: Default::default(),
+            timezone: None,
+        }],
+        content: None,
+        send_at: None,
+        priority: herald_schemas::Priority::Normal,
+        expires_at: None,
+        metadata: Default::default(),
+        requested_at: herald_core::util::now_ms(),
+    };
+    publish_on("kafka", std::slice::from_ref(&direct)).await;
+    let mid = herald_core::util::message_id("limited", &direct.request_id, 0);
+    let path = format!("/v1/messages/{mid}");
+    let v = eventually(
+        Duration::from_secs(60),
+        "direct request over quota failed",
+        || {
+            let path = path.clone();
+            async move {
+                let v = api_json_as("limited", secret, &path, 18_400).await?;
+                (v["status"] == "failed").then_some(v)
+            }
+        },
+    )
+    .await;
+    assert!(
+        reason_codes(&v).contains(&"quota_exceeded".to_owned()),
+        "{v}"
+    );
     run.stop();
 }
 
@@ -1531,5 +1576,173 @@ async fn templates_managed_through_the_api_are_versioned_and_used() {
         "{inbox}"
     );
     let _ = second;
+    run.stop();
+}
+
+/// One provider's row of the matrix: how to address a message to it, and its codes.
+struct Case {
+    sim: &'static str,
+    provider: &'static str,
+    transient: (&'static str, &'static str),
+    permanent: (&'static str, &'static str),
+    /// Status after a timeout, per the channel's unknown-outcome policy.
+    after_timeout: &'static str,
+    body: fn(&str) -> Value,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
+    let _serial = SERIAL.lock().await;
+    // Tencent first for SMS and the WeCom robot first for WECOM, so each provider is reached
+    // directly (the Aliyun and WeCom-app rows are in the other tests).
+    let cfg = std::env::temp_dir().join("herald-channels-matrix.toml");
+    let text = std::fs::read_to_string(config_path())
+        .unwrap()
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
+            1,
+        )
+        .replacen(
+            "code = \"wecom-app-sim\"\n",
+            "code = \"wecom-app-sim\"\npriority = 2\n",
+            1,
+        );
+    assert!(
+        text.contains("18100/aliyun\"\npriority = 2")
+            && text.contains("wecom-app-sim\"\npriority = 2"),
+        "config layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_500, 19_900);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let cases = [
+        Case {
+            sim: "tencent",
+            provider: "tencent-sim",
+            transient: ("InternalError.Timeout", "internal timeout"),
+            permanent: ("FailedOperation.PhoneNumberInBlacklist", "blacklisted"),
+            // The SerialNo of a lost answer is unknown: the message stays `sent` (held for a
+            // receipt that cannot be matched), never resent.
+            after_timeout: "sent",
+            body: |tag| {
+                json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                               "params": {"code": tag.chars().filter(char::is_ascii_digit).take(6).collect::<String>()},
+                               "recipients": [{"address": phone("5")}], "requested_at": herald_core::util::now_ms()})
+            },
+        },
+        Case {
+            sim: "dingtalk",
+            provider: "dingtalk-sim",
+            transient: ("-1", "系统繁忙"),
+            permanent: ("400102", "bot is stopped"),
+            after_timeout: "unknown",
+            body: |tag| {
+                json!({"app_id": "demo", "channel": "DINGTALK", "content": {"text": tag},
+                               "recipients": [{"address": "-"}], "requested_at": herald_core::util::now_ms()})
+            },
+        },
+        Case {
+            sim: "feishu",
+            provider: "feishu-sim",
+            transient: ("11232", "frequency limited"),
+            permanent: ("19024", "Key Words Not Found"),
+            after_timeout: "unknown",
+            body: |tag| {
+                json!({"app_id": "demo", "channel": "FEISHU", "content": {"text": tag},
+                               "recipients": [{"address": "-"}], "requested_at": herald_core::util::now_ms()})
+            },
+        },
+        Case {
+            sim: "wecom_robot",
+            provider: "wecom-robot-sim",
+            transient: ("-1", "system busy"),
+            permanent: ("40008", "invalid message type"),
+            after_timeout: "unknown",
+            body: |tag| {
+                json!({"app_id": "demo", "channel": "WECOM", "content": {"text": tag},
+                               "recipients": [{"address": "@all"}], "requested_at": herald_core::util::now_ms()})
+            },
+        },
+        Case {
+            sim: "wechat",
+            provider: "wechat-sim",
+            transient: ("-1", "system busy"),
+            permanent: ("40037", "invalid template_id"),
+            // WeChat dedups on client_msg_id (= message id): resending is safe, and delivers.
+            after_timeout: "delivered",
+            body: |tag| {
+                json!({"app_id": "demo", "channel": "WECHAT", "template": "order_shipped",
+                               "params": {"order": tag}, "recipients": [{"address": "oMATRIXUSER001"}],
+                               "requested_at": herald_core::util::now_ms()})
+            },
+        },
+    ];
+    for c in &cases {
+        // Success.
+        let ok = run.send((c.body)(&unique("ok"))).await.remove(0);
+        let v = run
+            .until(&ok, "delivered", &format!("{} delivered", c.sim))
+            .await;
+        assert_eq!(v["provider"], c.provider, "{v}");
+        // A transient error: retried by the rules, then delivered.
+        run.fault(
+            c.sim,
+            json!({"kind": "error", "code": c.transient.0, "message": c.transient.1}),
+        )
+        .await;
+        let t = run.send((c.body)(&unique("t"))).await.remove(0);
+        let v = run
+            .until(&t, "delivered", &format!("{} retried", c.sim))
+            .await;
+        assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
+        assert!(
+            reason_codes(&v).contains(&c.transient.0.to_owned()),
+            "{}: {v}",
+            c.sim
+        );
+        // A permanent error: failed with the provider's code, not retried.
+        run.fault(
+            c.sim,
+            json!({"kind": "error", "code": c.permanent.0, "message": c.permanent.1}),
+        )
+        .await;
+        let p = run.send((c.body)(&unique("p"))).await.remove(0);
+        let v = run
+            .until(&p, "failed", &format!("{} permanent", c.sim))
+            .await;
+        assert_eq!(v["attempts"], 1, "{}: {v}", c.sim);
+        assert!(
+            reason_codes(&v).contains(&c.permanent.0.to_owned()),
+            "{}: {v}",
+            c.sim
+        );
+        // A timeout after the request left: unknown, handled by the channel's policy.
+        let before = run.sim_log(c.sim).await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len);
+        run.fault(c.sim, json!({"kind": "timeout", "ms": 3000}))
+            .await;
+        let u = run.send((c.body)(&unique("u"))).await.remove(0);
+        let path = format!("/v1/messages/{u}");
+        let v = eventually(Duration::from_secs(60), "timeout handled", || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                (v["status"] == c.after_timeout && reason_codes(&v).contains(&"timeout".to_owned()))
+                    .then_some(v)
+            }
+        })
+        .await;
+        let after = run.sim_log(c.sim).await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(
+            after,
+            before + 1,
+            "{}: the provider got it exactly once: {v}",
+            c.sim
+        );
+    }
     run.stop();
 }

@@ -17,7 +17,7 @@ use herald_core::util::{event_id, now_ms};
 use herald_core::worker::{
     BatchHandler, StageError, dead_letter, decode_or_dead_letter, record, run_worker, trace_id,
 };
-use herald_schemas::{DelayPurpose, DelayScheduled, SendRequested, topics};
+use herald_schemas::{DelayPurpose, DelayScheduled, MessageFailed, Reason, SendRequested, topics};
 use tokio_util::sync::CancellationToken;
 
 use handler::{AcceptPolicy, Plan, Planned};
@@ -30,6 +30,8 @@ struct Accept {
     db: tokio_postgres::Client,
     /// Templates added through the API count as known within a second.
     watch: herald_core::templates::Watch,
+    /// Daily quotas per app.
+    quotas: std::collections::HashMap<String, u64>,
 }
 
 /// Where a record came from: the owner of its request id (see [`herald_core::idempotency`]).
@@ -45,6 +47,7 @@ impl Accept {
         &self,
         input: &InRecord,
         req: SendRequested,
+        over_quota: bool,
         out: &mut Vec<OutRecord>,
     ) -> Result<(), StageError> {
         let codec = &self.deps.codec;
@@ -72,6 +75,18 @@ impl Accept {
                                 record(codec, topics::STATUS, &f.header.message_id, &trace, &*f)
                                     .await?,
                             );
+                        }
+                        Planned::Accepted(m) if over_quota => {
+                            let mid = m.header.message_id.clone();
+                            let ev = MessageFailed {
+                                header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
+                                provider: None,
+                                reason: Reason::new(
+                                    "quota_exceeded",
+                                    format!("app {} is over its daily quota", m.header.app_id),
+                                ),
+                            };
+                            out.push(record(codec, topics::STATUS, &mid, &trace, &ev).await?);
                         }
                         Planned::Accepted(m) => {
                             let key = m.recipient.address.clone();
@@ -159,7 +174,30 @@ impl BatchHandler for Accept {
                     tracing::info!(request_id = %req.request_id, "duplicate request ignored");
                     continue;
                 }
-                self.handle_one(input, req, &mut out).await?;
+                // Requests that did not come through the gateway count against the app's daily
+                // quota here (the gateway counted its own).
+                let quota = self.quotas.get(&req.app_id).copied();
+                let counted = input
+                    .headers
+                    .iter()
+                    .any(|(k, _)| k == herald_core::quota::COUNTED_HEADER);
+                let over_quota = match quota {
+                    Some(q) if !counted => !herald_core::quota::take(
+                        &self.db,
+                        &req.app_id,
+                        req.recipients.len() as i64,
+                        q as i64,
+                    )
+                    .await
+                    .map_err(|e| {
+                        StageError::Transient(format!(
+                            "quota: {}",
+                            herald_core::runtime::pg_error(e)
+                        ))
+                    })?,
+                    _ => false,
+                };
+                self.handle_one(input, req, over_quota, &mut out).await?;
             }
             Ok(out)
         })
@@ -180,7 +218,15 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     };
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
-    let db = deps.postgres_migrated(idempotency::SCHEMA).await?;
+    let db = deps
+        .postgres_migrated(&[idempotency::SCHEMA, herald_core::quota::SCHEMA].join(";\n"))
+        .await?;
+    let quotas = deps
+        .config
+        .apps
+        .iter()
+        .filter_map(|a| Some((a.id.clone(), a.daily_quota?)))
+        .collect();
     let tdb = deps
         .postgres_migrated(herald_core::templates::SCHEMA)
         .await?;
@@ -199,6 +245,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             policy,
             db,
             watch,
+            quotas,
         },
         shutdown,
     )

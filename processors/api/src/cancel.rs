@@ -54,17 +54,7 @@ pub async fn message(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
-    let rows = state
-        .db
-        .query(
-            "SELECT message_id, request_id, channel, status FROM messages
-             WHERE message_id = $1 AND app_id = $2",
-            &[&id, &app],
-        )
-        .await
-        .map_err(db_err)?;
-    run(&state, &app, rows, &format!("no message {id}")).await
+    by(&state, Key::Message, &id, (&method, &uri, &headers, &body)).await
 }
 
 pub async fn request(
@@ -75,17 +65,37 @@ pub async fn request(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
+    by(&state, Key::Request, &id, (&method, &uri, &headers, &body)).await
+}
+
+enum Key {
+    Message,
+    Request,
+}
+
+async fn by(
+    state: &ApiState,
+    key: Key,
+    id: &str,
+    (method, uri, headers, body): (&Method, &Uri, &HeaderMap, &Bytes),
+) -> Result<Response, ApiError> {
+    let app = authenticate(state, method, uri, headers, body).await?;
+    let (column, what) = match key {
+        Key::Message => ("message_id", "message"),
+        Key::Request => ("request_id", "request"),
+    };
     let rows = state
         .db
         .query(
-            "SELECT message_id, request_id, channel, status FROM messages
-             WHERE request_id = $1 AND app_id = $2",
+            &format!(
+                "SELECT message_id, request_id, channel, status FROM messages
+                 WHERE {column} = $1 AND app_id = $2"
+            ),
             &[&id, &app],
         )
         .await
         .map_err(db_err)?;
-    run(&state, &app, rows, &format!("no request {id}")).await
+    run(state, &app, rows, &format!("no {what} {id}")).await
 }
 
 async fn run(

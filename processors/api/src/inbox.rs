@@ -109,23 +109,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let (cur_ms, cur_id) = match q.cursor.as_deref() {
-        Some(c) => {
-            let (ms, id) = c
-                .split_once(':')
-                .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_cursor",
-                        "cursor is <ms>:<id>",
-                    )
-                    .field("cursor")
-                })?;
-            (ms, id)
-        }
-        None => (i64::MAX, String::new()),
-    };
+    let (cur_ms, cur_id) = crate::parse_cursor(q.cursor.as_deref())?;
     let unread_only = q.unread.unwrap_or(false);
     let rows = state
         .db
@@ -136,18 +120,7 @@ pub async fn list(
                    AND ((extract(epoch from created_at) * 1000)::bigint, message_id) < ($4, $5)
                  ORDER BY created_at DESC, message_id DESC LIMIT $6"
             ),
-            &[
-                &app,
-                &user,
-                &unread_only,
-                &cur_ms,
-                &(if cur_id.is_empty() {
-                    "\u{10ffff}".to_owned()
-                } else {
-                    cur_id
-                }),
-                &(limit + 1),
-            ],
+            &[&app, &user, &unread_only, &cur_ms, &cur_id, &(limit + 1)],
         )
         .await
         .map_err(db_err)?;

@@ -77,20 +77,16 @@ async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError>
         return Ok(());
     };
     let quota = quota as i64;
-    let row = state
-        .db
-        .query_opt(
-            "INSERT INTO app_usage AS u (app_id, day, messages) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
-             ON CONFLICT (app_id, day) DO UPDATE SET messages = u.messages + EXCLUDED.messages
-             WHERE u.messages + EXCLUDED.messages <= $3
-             RETURNING messages",
-            &[&app, &n, &quota],
-        )
+    let counted = herald_core::quota::take(&state.db, app, n, quota)
         .await
         .map_err(|e| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", herald_core::runtime::pg_error(e))
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                herald_core::runtime::pg_error(e),
+            )
         })?;
-    if row.is_none() || n > quota {
+    if !counted {
         let secs_to_midnight = 86_400 - (now_ms() / 1000).rem_euclid(86_400);
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -102,14 +98,6 @@ async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError>
     }
     Ok(())
 }
-
-pub const USAGE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS app_usage (
-    app_id text NOT NULL,
-    day date NOT NULL,
-    messages bigint NOT NULL,
-    PRIMARY KEY (app_id, day)
-)";
 
 /// A 4xx/5xx with `{"error": {"code", "message", "field"}}`.
 pub struct ApiError {
@@ -339,6 +327,10 @@ async fn send(
             e.to_string(),
         )
     })?;
+    // The gateway counts this request against the daily quota (below); accept must not again.
+    let mut rec = rec;
+    rec.headers
+        .push((herald_core::quota::COUNTED_HEADER.into(), b"1".to_vec()));
     // An idempotency key already used answers the original request; nothing is published.
     if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
         let owner = herald_core::idempotency::reserve(&state.db, &app, key, &request_id)
@@ -400,9 +392,9 @@ fn channel_param(c: &str) -> Result<Channel, ApiError> {
         })
 }
 
-/// `PUT /v1/opt-outs/{channel}/{address}`: the recipient gets nothing more on that channel
-/// from this app (messages are `suppressed`, policy `opt_out`).
-async fn opt_out_put(
+/// `PUT /v1/opt-outs/{channel}/{address}` (the recipient gets nothing more on that channel from
+/// this app: messages are `suppressed`, policy `opt_out`) and `DELETE` (opted back in).
+async fn opt_out(
     State(state): State<Arc<ApiState>>,
     Path((channel, address)): Path<(String, String)>,
     method: Method,
@@ -412,49 +404,45 @@ async fn opt_out_put(
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let channel = channel_param(&channel)?;
+    let opted_out = method == Method::PUT;
+    let sql = if opted_out {
+        "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+    } else {
+        "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3"
+    };
     state
         .db
-        .execute(
-            "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&app, &channel.as_str(), &address],
-        )
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string()))?;
-    Ok(
-        Json(json!({"channel": channel.as_str(), "address": address, "opted_out": true}))
-            .into_response(),
-    )
-}
-
-/// `DELETE /v1/opt-outs/{channel}/{address}`: opts the recipient back in.
-async fn opt_out_delete(
-    State(state): State<Arc<ApiState>>,
-    Path((channel, address)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
-    let channel = channel_param(&channel)?;
-    state
-        .db
-        .execute(
-            "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3",
-            &[&app, &channel.as_str(), &address],
-        )
+        .execute(sql, &[&app, &channel.as_str(), &address])
         .await
         .map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database_unavailable",
-                e.to_string(),
+                herald_core::runtime::pg_error(e),
             )
         })?;
     Ok(
-        Json(json!({"channel": channel.as_str(), "address": address, "opted_out": false}))
+        Json(json!({"channel": channel.as_str(), "address": address, "opted_out": opted_out}))
             .into_response(),
     )
+}
+
+/// A `<created_ms>:<id>` cursor (newest-first pages); no cursor starts at the newest.
+pub(crate) fn parse_cursor(cursor: Option<&str>) -> Result<(i64, String), ApiError> {
+    match cursor {
+        None => Ok((i64::MAX, "\u{10ffff}".to_owned())),
+        Some(c) => c
+            .split_once(':')
+            .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_cursor",
+                    "cursor is <ms>:<id>",
+                )
+                .field("cursor")
+            }),
+    }
 }
 
 /// Publishes and waits for the broker's acknowledgement.
@@ -714,7 +702,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/requests/{id}/cancel", post(cancel::request))
         .route(
             "/v1/opt-outs/{channel}/{address}",
-            axum::routing::put(opt_out_put).delete(opt_out_delete),
+            axum::routing::put(opt_out).delete(opt_out),
         )
         .route("/v1/recipients/{address}/messages", get(reads::history))
         .route("/v1/stats", get(reads::stats))
@@ -742,7 +730,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         herald_core::gate::SCHEMA,
         herald_core::readmodel::OPT_OUT_SCHEMA,
         auth::NONCE_SCHEMA,
-        USAGE_SCHEMA,
+        herald_core::quota::SCHEMA,
         herald_core::templates::SCHEMA,
     ]
     .join(";\n");

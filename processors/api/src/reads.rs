@@ -51,25 +51,7 @@ pub async fn history(
         )
         .field("limit"));
     }
-    let (cur_ms, cur_id) = match q.cursor.as_deref() {
-        None => (i64::MAX, String::new()),
-        Some(c) => c
-            .split_once(':')
-            .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_cursor",
-                    "cursor is <ms>:<id>",
-                )
-                .field("cursor")
-            })?,
-    };
-    let cur_id = if cur_id.is_empty() {
-        "\u{10ffff}".to_owned()
-    } else {
-        cur_id
-    };
+    let (cur_ms, cur_id) = crate::parse_cursor(q.cursor.as_deref())?;
     let channel = q.channel.map(|c| c.to_ascii_lowercase());
     let rows = state
         .db

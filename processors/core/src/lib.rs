@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config;
 pub mod gate;
 pub mod idempotency;
+pub mod quota;
 pub mod readmodel;
 pub mod runtime;
 pub mod shutdown;

@@ -38,18 +38,7 @@ pub struct AliyunSms {
 impl AliyunSms {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
         let endpoint = endpoint(p)?;
-        let url = reqwest::Url::parse(&endpoint)
-            .map_err(|e| ProviderError::Config(p.code.clone(), format!("endpoint: {e}")))?;
-        let host = match (url.host_str(), url.port()) {
-            (Some(h), Some(port)) => format!("{h}:{port}"),
-            (Some(h), None) => h.to_owned(),
-            _ => {
-                return Err(ProviderError::Config(
-                    p.code.clone(),
-                    "endpoint has no host".into(),
-                ));
-            }
-        };
+        let host = super::signed_host(p, &endpoint)?;
         let acs3 = match p.settings.get("signature").map(String::as_str) {
             None | Some("v2") => false,
             Some("acs3") => true,

@@ -130,6 +130,21 @@ pub(crate) fn endpoint(p: &ProviderConfig) -> Result<String, ProviderError> {
     Ok(p.endpoint.trim_end_matches('/').to_owned())
 }
 
+/// `host[:port]` of a provider endpoint URL, as the HTTP client sends it in `Host` (signed by
+/// Aliyun ACS3 and Tencent TC3).
+pub(crate) fn signed_host(p: &ProviderConfig, endpoint: &str) -> Result<String, ProviderError> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|e| ProviderError::Config(p.code.clone(), format!("endpoint: {e}")))?;
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(port)) => Ok(format!("{h}:{port}")),
+        (Some(h), None) => Ok(h.to_owned()),
+        _ => Err(ProviderError::Config(
+            p.code.clone(),
+            "endpoint has no host".into(),
+        )),
+    }
+}
+
 /// A request that failed before an answer: refused connections never reached the provider
 /// (transient); anything else (timeout, reset mid-answer) may have, so the outcome is unknown.
 pub(crate) fn transport_failure(e: reqwest::Error) -> CallResult {

@@ -37,18 +37,7 @@ pub struct TencentSms {
 impl TencentSms {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
         let endpoint = endpoint(p)?;
-        let url = reqwest::Url::parse(&endpoint)
-            .map_err(|e| ProviderError::Config(p.code.clone(), format!("endpoint: {e}")))?;
-        let host = match (url.host_str(), url.port()) {
-            (Some(h), Some(port)) => format!("{h}:{port}"),
-            (Some(h), None) => h.to_owned(),
-            _ => {
-                return Err(ProviderError::Config(
-                    p.code.clone(),
-                    "endpoint has no host".into(),
-                ));
-            }
-        };
+        let host = super::signed_host(p, &endpoint)?;
         Ok(TencentSms {
             client: http_client(p)?,
             endpoint,
