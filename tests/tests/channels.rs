@@ -1685,6 +1685,29 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             .until(&ok, "delivered", &format!("{} delivered", c.sim))
             .await;
         assert_eq!(v["provider"], c.provider, "{v}");
+        if c.sim == "wechat" {
+            // WeChat revokes the access token: the next message is still delivered, in one
+            // attempt, with a fresh token.
+            let tokens = run.sim_log("wechat").await["tokens_issued"]
+                .as_i64()
+                .unwrap_or(0);
+            run.http
+                .post(format!("{}/_control/wechat/revoke", sim_url()))
+                .send()
+                .await
+                .unwrap();
+            let again = run.send((c.body)(&unique("tok"))).await.remove(0);
+            let v = run
+                .until(&again, "delivered", "WeChat after token revocation")
+                .await;
+            assert_eq!(v["attempts"], 1, "{v}");
+            assert_eq!(
+                run.sim_log("wechat").await["tokens_issued"]
+                    .as_i64()
+                    .unwrap(),
+                tokens + 1
+            );
+        }
         // A transient error: retried by the rules, then delivered.
         run.fault(
             c.sim,
@@ -1744,5 +1767,52 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             c.sim
         );
     }
+    run.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aliyun_sends_many_messages_per_call_with_send_batch_sms() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-batchsms.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap().replacen(
+        "endpoint = \"http://127.0.0.1:18100/aliyun\"\n",
+        "endpoint = \"http://127.0.0.1:18100/aliyun\"\nbatch_max = 100\n",
+        1,
+    );
+    assert!(text.contains("batch_max = 100"), "config layout changed");
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_520, 19_920);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let before = run.sim_log("aliyun").await["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    let phones: Vec<String> = (0..20)
+        .map(|i| format!("1391{:07}", (herald_core::util::now_ms() + i) % 10_000_000))
+        .collect();
+    let recipients: Vec<Value> = phones.iter().map(|p| json!({"address": p})).collect();
+    let mut body = sms("");
+    body["recipients"] = Value::Array(recipients);
+    let ids = run.send(body).await;
+    for id in &ids {
+        // Delivered by each number's receipt, matched through `<BizId>/<phone>`.
+        let v = run
+            .until(id, "delivered", "batched SMS delivered by receipt")
+            .await;
+        assert_eq!(v["attempts"], 1, "{v}");
+    }
+    let log = run.sim_log("aliyun").await;
+    let calls = log["requests"].as_u64().unwrap() - before;
+    assert!(
+        calls < ids.len() as u64,
+        "{} messages in {calls} calls",
+        ids.len()
+    );
+    let batched = log["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["batch"] == true && phones.iter().any(|p| a["phone_numbers"] == p.as_str()))
+        .count();
+    assert!(batched >= 2, "SendBatchSms carried them: {batched}");
     run.stop();
 }

@@ -165,7 +165,10 @@ async fn aliyun_v2_and_acs3_signatures_are_accepted_and_answers_classified() {
         );
         let r = p.send(&m, 1).await;
         assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{sig}: {r:?}");
-        assert!(r.provider_message_id.as_deref().unwrap().ends_with("^0"));
+        assert!(
+            r.provider_message_id.as_deref().unwrap().contains("^0/"),
+            "BizId/phone"
+        );
         let log = sim.log("aliyun").await;
         let last = log["accepted"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(

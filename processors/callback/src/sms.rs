@@ -20,6 +20,8 @@ pub struct Report {
 #[derive(Deserialize)]
 struct AliyunReport {
     #[serde(default)]
+    phone_number: String,
+    #[serde(default)]
     success: bool,
     #[serde(default)]
     err_code: String,
@@ -57,7 +59,11 @@ pub fn parse(kind: &str, body: &[u8]) -> Result<Vec<Report>, String> {
             Ok(v.into_iter()
                 .map(|r| Report {
                     message_id: r.out_id.filter(|s| !s.is_empty()),
-                    provider_message_id: r.biz_id.filter(|s| !s.is_empty()),
+                    // Herald stores `<biz_id>/<phone>`: a batch call shares one BizId.
+                    provider_message_id: r
+                        .biz_id
+                        .filter(|s| !s.is_empty())
+                        .map(|b| format!("{b}/{}", r.phone_number)),
                     delivered: r.success,
                     code: r.err_code,
                     message: r.err_msg,
@@ -102,7 +108,7 @@ mod tests {
         assert_eq!(a[0].message_id.as_deref(), Some("m-1"));
         assert!(a[0].delivered);
         assert_eq!(a[1].message_id, None);
-        assert_eq!(a[1].provider_message_id.as_deref(), Some("9"));
+        assert_eq!(a[1].provider_message_id.as_deref(), Some("9/1"));
         assert!(!a[1].delivered);
         let t = parse(
             "tencent_sms",

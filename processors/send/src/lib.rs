@@ -365,16 +365,53 @@ impl BatchHandler for Send {
                             herald_core::runtime::pg_error(e)
                         ))
                     })?;
-                    let calls = wave.into_iter().map(|(i, prior)| {
-                        Box::pin(call_one(
-                            providers.as_ref(),
-                            &msgs_ref[i].0,
-                            msgs_ref[i].1,
-                            prior,
-                            i,
-                        )) as BoxFuture<'_, _>
-                    });
-                    Ok(futures::future::join_all(calls).await)
+                    // Fresh messages of a provider that takes batches go out in batch calls; the
+                    // rest one call each.
+                    let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
+                    let mut single = Vec::new();
+                    for (i, prior) in wave {
+                        let m = &msgs_ref[i].0;
+                        match providers.get(&m.provider) {
+                            Some(p) if prior == Prior::Fresh && p.batch_max() > 1 => {
+                                batched.entry(m.provider.as_str()).or_default().push(i);
+                            }
+                            _ => single.push((i, prior)),
+                        }
+                    }
+                    let mut calls: Vec<BoxFuture<'_, Vec<Done>>> = single
+                        .into_iter()
+                        .map(|(i, prior)| {
+                            let fut = call_one(providers.as_ref(), &msgs_ref[i].0, msgs_ref[i].1, prior, i);
+                            Box::pin(async move { vec![fut.await] }) as BoxFuture<'_, _>
+                        })
+                        .collect();
+                    for (code, idx) in batched {
+                        let Some(p) = providers.get(code) else { continue };
+                        for chunk in idx.chunks(p.batch_max()) {
+                            let chunk = chunk.to_vec();
+                            let providers = providers.clone();
+                            calls.push(Box::pin(async move {
+                                let Some(p) = providers.get(code) else { return Vec::new() };
+                                let items: Vec<(&MessageRouted, i32)> =
+                                    chunk.iter().map(|i| (&msgs_ref[*i].0, msgs_ref[*i].1)).collect();
+                                let started = Instant::now();
+                                let results = p.send_batch(&items).await;
+                                let elapsed = started.elapsed();
+                                metrics::histogram!(names::SEND_SECONDS, "provider" => code.to_owned())
+                                    .record(elapsed.as_secs_f64());
+                                chunk
+                                    .iter()
+                                    .zip(results)
+                                    .map(|(i, r)| {
+                                        metrics::counter!(names::SEND_ATTEMPTS, "provider" => code.to_owned(), "outcome" => outcome_str(r.outcome))
+                                            .increment(1);
+                                        (*i, r, elapsed.as_millis() as i64, true)
+                                    })
+                                    .collect()
+                            }));
+                        }
+                    }
+                    Ok(futures::future::join_all(calls).await.into_iter().flatten().collect())
                 }));
             }
             let mut calls = Vec::with_capacity(msgs.len());
@@ -428,8 +465,11 @@ impl BatchHandler for Send {
     }
 }
 
-/// A wave's calls: (index in batch, result, latency ms, whether to record it).
-type WaveResult = Result<Vec<(usize, CallResult, i64, bool)>, StageError>;
+/// One call's result: (index in batch, result, latency ms, whether to record it).
+type Done = (usize, CallResult, i64, bool);
+
+/// A wave's calls.
+type WaveResult = Result<Vec<Done>, StageError>;
 
 /// One provider call, or the ledger's earlier answer. The bool: record the outcome.
 async fn call_one(

@@ -318,7 +318,107 @@ fn check(
     Ok(params)
 }
 
+/// `SendBatchSms`: one template, per-number sign names and params (JSON arrays of equal
+/// length), at most 100 numbers; one `BizId` for the call.
+async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
+    let arr = |k: &str| -> Option<Vec<Value>> {
+        serde_json::from_str::<Value>(params.get(k)?)
+            .ok()?
+            .as_array()
+            .cloned()
+    };
+    let Some(numbers) = arr("PhoneNumberJson") else {
+        return error(
+            "MissingPhoneNumberJson",
+            "PhoneNumberJson is mandatory for this action.",
+        );
+    };
+    let Some(signs) = arr("SignNameJson") else {
+        return error(
+            "MissingSignNameJson",
+            "SignNameJson is mandatory for this action.",
+        );
+    };
+    let template_params = arr("TemplateParamJson").unwrap_or_default();
+    if numbers.len() > 100 {
+        return error("isv.MOBILE_COUNT_OVER_LIMIT", "手机号码数量超过限制");
+    }
+    if signs.len() != numbers.len()
+        || (!template_params.is_empty() && template_params.len() != numbers.len())
+    {
+        return error(
+            "isv.INVALID_PARAMETERS",
+            "JSON arrays must have the same length",
+        );
+    }
+    if !params
+        .get("TemplateCode")
+        .is_some_and(|t| t.starts_with("SMS_"))
+    {
+        return error("isv.SMS_TEMPLATE_ILLEGAL", "该账号下找不到对应模板");
+    }
+    let numbers: Vec<String> = numbers
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    if let Some(bad) = numbers.iter().find(|n| !valid_number(n)) {
+        return error(
+            "isv.MOBILE_NUMBER_ILLEGAL",
+            &format!("{bad}invalid mobile number"),
+        );
+    }
+    if template_params.iter().any(|p| {
+        !p.as_object()
+            .is_some_and(|o| o.values().all(Value::is_string))
+    }) {
+        return error("isv.INVALID_JSON_PARAM", "JSON参数不合法，只接受字符串值");
+    }
+    let hang = match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => {
+            let msg = if msg.is_empty() {
+                "simulated failure".into()
+            } else {
+                msg
+            };
+            return error(&code, &msg);
+        }
+        Ok(h) => h,
+    };
+    let biz_id = format!("{}{:06}^0", now_ms(), sim.next_serial());
+    let mut reports = Vec::new();
+    for (i, n) in numbers.iter().enumerate() {
+        sim.record(
+            P,
+            json!({
+                "out_id": params.get("OutId"), "phone_numbers": n, "batch": true,
+                "template_code": params.get("TemplateCode"),
+                "template_param": template_params.get(i).map(|p| p.to_string()),
+                "biz_id": biz_id,
+            }),
+        );
+        let ok = !n.ends_with("0000");
+        reports.push(json!({
+            "phone_number": n, "send_time": "2026-01-01 00:00:00", "report_time": "2026-01-01 00:00:05",
+            "success": ok, "err_code": if ok { "DELIVERED" } else { "MK:0001" },
+            "err_msg": if ok { "用户接收成功" } else { "用户不在服务区" }, "sms_size": "1",
+            "biz_id": biz_id, "out_id": params.get("OutId").cloned().unwrap_or_default(),
+        }));
+    }
+    sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    crate::hang(hang).await;
+    (
+        StatusCode::OK,
+        axum::Json(json!({"Code": "OK", "Message": "OK", "BizId": biz_id, "RequestId": uuid::Uuid::new_v4().to_string().to_uppercase()})),
+    )
+        .into_response()
+}
+
 async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
+    if params.get("Action").map(String::as_str) == Some("SendBatchSms")
+        && params.get("Version").map(String::as_str) == Some(crate::aliyun::VERSION)
+    {
+        return send_batch(sim, params).await;
+    }
     if params.get("Action").map(String::as_str) != Some("SendSms") {
         return error(
             "InvalidApi.NotFound",

@@ -33,6 +33,7 @@ pub struct AliyunSms {
     sign_name: String,
     region: String,
     acs3: bool,
+    batch_max: usize,
 }
 
 impl AliyunSms {
@@ -62,6 +63,8 @@ impl AliyunSms {
                 .cloned()
                 .unwrap_or_else(|| "cn-hangzhou".into()),
             acs3,
+            // SendBatchSms takes at most 100 numbers.
+            batch_max: p.batch_max.unwrap_or(1).clamp(1, 100),
         })
     }
 
@@ -90,10 +93,14 @@ impl AliyunSms {
         Ok(p)
     }
 
-    fn request_v2(&self, mut params: BTreeMap<String, String>) -> reqwest::RequestBuilder {
+    fn request_v2(
+        &self,
+        action: &str,
+        mut params: BTreeMap<String, String>,
+    ) -> reqwest::RequestBuilder {
         let common = [
             ("AccessKeyId", self.key_id.clone()),
-            ("Action", "SendSms".into()),
+            ("Action", action.into()),
             ("Format", "JSON".into()),
             ("RegionId", self.region.clone()),
             ("SignatureMethod", "HMAC-SHA1".into()),
@@ -117,11 +124,15 @@ impl AliyunSms {
             .body(body)
     }
 
-    fn request_acs3(&self, params: BTreeMap<String, String>) -> reqwest::RequestBuilder {
+    fn request_acs3(
+        &self,
+        action: &str,
+        params: BTreeMap<String, String>,
+    ) -> reqwest::RequestBuilder {
         let query = acs3_canonical_query(&params);
         let mut headers = BTreeMap::new();
         headers.insert("host".to_owned(), self.host.clone());
-        headers.insert("x-acs-action".to_owned(), "SendSms".to_owned());
+        headers.insert("x-acs-action".to_owned(), action.to_owned());
         headers.insert("x-acs-version".to_owned(), VERSION.to_owned());
         headers.insert("x-acs-date".to_owned(), iso8601_utc(now_ms() / 1000));
         headers.insert("x-acs-signature-nonce".to_owned(), random_id());
@@ -172,9 +183,77 @@ pub fn classify(status: u16, v: &serde_json::Value) -> CallResult {
     provider_error(outcome, &code, msg)
 }
 
+/// The receipt key of one number of a send: SmsReport carries `biz_id` and `phone_number`.
+pub fn receipt_key(biz_id: &str, phone: &str) -> String {
+    format!("{biz_id}/{phone}")
+}
+
+impl AliyunSms {
+    async fn call(&self, action: &str, params: BTreeMap<String, String>) -> CallResult {
+        let req = if self.acs3 {
+            self.request_acs3(action, params)
+        } else {
+            self.request_v2(action, params)
+        };
+        match json_call(req).await {
+            Ok((status, v)) => classify(status, &v),
+            Err(r) => r,
+        }
+    }
+
+    /// One `SendBatchSms` for messages sharing a template code (at most 100).
+    async fn batch_call(&self, msgs: &[&MessageRouted]) -> Vec<CallResult> {
+        let mut numbers = Vec::new();
+        let mut params = Vec::new();
+        let mut template = None;
+        for m in msgs {
+            match self.business_params(m) {
+                Ok(p) => {
+                    template = p.get("TemplateCode").cloned();
+                    numbers.push(m.recipient.address.clone());
+                    params.push(
+                        serde_json::from_str::<serde_json::Value>(&p["TemplateParam"])
+                            .unwrap_or_default(),
+                    );
+                }
+                Err(r) => return vec![r; msgs.len()],
+            }
+        }
+        let mut p = BTreeMap::new();
+        p.insert(
+            "PhoneNumberJson".into(),
+            serde_json::to_string(&numbers).unwrap_or_default(),
+        );
+        p.insert(
+            "SignNameJson".into(),
+            serde_json::to_string(&vec![&self.sign_name; numbers.len()]).unwrap_or_default(),
+        );
+        p.insert("TemplateCode".into(), template.unwrap_or_default());
+        p.insert(
+            "TemplateParamJson".into(),
+            serde_json::to_string(&params).unwrap_or_default(),
+        );
+        let r = self.call("SendBatchSms", p).await;
+        msgs.iter()
+            .map(|m| {
+                let mut r = r.clone();
+                r.provider_message_id = r
+                    .provider_message_id
+                    .as_deref()
+                    .map(|biz| receipt_key(biz, &m.recipient.address));
+                r
+            })
+            .collect()
+    }
+}
+
 impl Provider for AliyunSms {
     fn has_receipts(&self) -> bool {
         true
+    }
+
+    fn batch_max(&self) -> usize {
+        self.batch_max
     }
 
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
@@ -183,15 +262,48 @@ impl Provider for AliyunSms {
                 Ok(p) => p,
                 Err(r) => return r,
             };
-            let req = if self.acs3 {
-                self.request_acs3(params)
-            } else {
-                self.request_v2(params)
-            };
-            match json_call(req).await {
-                Ok((status, v)) => classify(status, &v),
-                Err(r) => r,
+            let mut r = self.call("SendSms", params).await;
+            r.provider_message_id = r
+                .provider_message_id
+                .as_deref()
+                .map(|biz| receipt_key(biz, &m.recipient.address));
+            r
+        })
+    }
+
+    fn send_batch<'a>(
+        &'a self,
+        msgs: &'a [(&'a MessageRouted, i32)],
+    ) -> BoxFuture<'a, Vec<CallResult>> {
+        Box::pin(async move {
+            // One SendBatchSms per template code; a lone message goes through SendSms (its
+            // OutId carries the message id).
+            let mut by_template: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
+            for (i, (m, _)) in msgs.iter().enumerate() {
+                by_template
+                    .entry(super::provider_template(m))
+                    .or_default()
+                    .push(i);
             }
+            let mut out: Vec<Option<CallResult>> = vec![None; msgs.len()];
+            for (_, idx) in by_template {
+                let group: Vec<&MessageRouted> = idx.iter().map(|i| msgs[*i].0).collect();
+                let results = if group.len() == 1 {
+                    vec![self.send(group[0], msgs[idx[0]].1).await]
+                } else {
+                    self.batch_call(&group).await
+                };
+                for (i, r) in idx.into_iter().zip(results) {
+                    out[i] = Some(r);
+                }
+            }
+            out.into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        provider_error(DeliveryOutcome::FailedTransient, "internal", "no result")
+                    })
+                })
+                .collect()
         })
     }
 }

@@ -59,6 +59,20 @@ pub trait Provider: Send + Sync {
         256
     }
     fn send<'a>(&'a self, m: &'a MessageRouted, attempt: i32) -> BoxFuture<'a, CallResult>;
+    /// Most messages one provider call can carry (1: no batching).
+    fn batch_max(&self) -> usize {
+        1
+    }
+    /// Sends several messages in one call where the provider allows it; one result per message,
+    /// in order. Only called with up to [`Provider::batch_max`] messages.
+    fn send_batch<'a>(
+        &'a self,
+        msgs: &'a [(&'a MessageRouted, i32)],
+    ) -> BoxFuture<'a, Vec<CallResult>> {
+        Box::pin(futures::future::join_all(
+            msgs.iter().map(|(m, a)| self.send(m, *a)),
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
