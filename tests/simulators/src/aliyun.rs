@@ -318,6 +318,22 @@ fn check(
     Ok(params)
 }
 
+/// The scripted fault of an accepted call (an error answer, or how long to hang after it), and
+/// the call's `BizId` in the real `<digits>^0` shape.
+async fn accept_call(sim: &Sim) -> Result<(Option<u64>, String), Box<Response>> {
+    match apply_fault(sim.next_fault(P)).await {
+        Err((code, msg)) => {
+            let msg = if msg.is_empty() {
+                "simulated failure".into()
+            } else {
+                msg
+            };
+            Err(Box::new(error(&code, &msg)))
+        }
+        Ok(h) => Ok((h, format!("{}{:06}^0", now_ms(), sim.next_serial()))),
+    }
+}
+
 /// `SendBatchSms`: one template, per-number sign names and params (JSON arrays of equal
 /// length), at most 100 numbers; one `BizId` for the call.
 async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
@@ -373,18 +389,10 @@ async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Respons
     }) {
         return error("isv.INVALID_JSON_PARAM", "JSON参数不合法，只接受字符串值");
     }
-    let hang = match apply_fault(sim.next_fault(P)).await {
-        Err((code, msg)) => {
-            let msg = if msg.is_empty() {
-                "simulated failure".into()
-            } else {
-                msg
-            };
-            return error(&code, &msg);
-        }
-        Ok(h) => h,
+    let (hang, biz_id) = match accept_call(sim).await {
+        Ok(x) => x,
+        Err(resp) => return *resp,
     };
-    let biz_id = format!("{}{:06}^0", now_ms(), sim.next_serial());
     let mut reports = Vec::new();
     for (i, n) in numbers.iter().enumerate() {
         sim.record(
@@ -473,18 +481,10 @@ async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
         let _ = n;
         return error("isv.BUSINESS_LIMIT_CONTROL", "触发分钟级流控Permits:1");
     }
-    let hang = match apply_fault(sim.next_fault(P)).await {
-        Err((code, msg)) => {
-            let msg = if msg.is_empty() {
-                "simulated failure".into()
-            } else {
-                msg
-            };
-            return error(&code, &msg);
-        }
-        Ok(h) => h,
+    let (hang, biz_id) = match accept_call(sim).await {
+        Ok(x) => x,
+        Err(resp) => return *resp,
     };
-    let biz_id = format!("{}{:06}^0", now_ms(), sim.next_serial());
     record(sim, &params, &biz_id);
     let reports: Vec<Value> = numbers
         .iter()
