@@ -202,6 +202,23 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
         .await;
     assert_eq!(v["attempts"], 2, "{v}");
     assert!(timeline_has(&v, "retry_scheduled"), "{v}");
+    // Each attempt is a row: outcome, provider response code, latency.
+    let path = format!("/v1/messages/{retried}");
+    let api = run.api;
+    let v = eventually(Duration::from_secs(30), "both attempts projected", || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["delivery_attempts"].as_array()?.len() == 2).then_some(v)
+        }
+    })
+    .await;
+    let a = &v["delivery_attempts"];
+    assert_eq!(a[0]["outcome"], "FAILED_TRANSIENT", "{v}");
+    assert_eq!(a[0]["response_code"], "isp.SYSTEM_ERROR", "{v}");
+    assert_eq!(a[1]["outcome"], "SUCCEEDED", "{v}");
+    assert_eq!(a[1]["response_code"], "OK", "{v}");
+    assert!(a[1]["latency_ms"].is_i64(), "{v}");
 
     // Balance exhausted → rule "switch_provider" → Tencent sends it; its receipt (matched by
     // SerialNo) delivers it.
@@ -1151,6 +1168,24 @@ async fn a_high_message_overtakes_a_low_backlog_and_expired_ones_are_never_sent(
                      "requested_at": herald_core::util::now_ms()}),
         )
         .await;
+    // Wait until the backlog has been routed (it then queues in the Feishu dispatch partition of
+    // recipient "-"), so what follows is really behind it.
+    let rid = eventually(Duration::from_secs(120), "backlog routed", || {
+        let first = format!("/v1/messages/{}", backlog[0]);
+        async move {
+            let rid = api_json(&first, api).await?["request_id"]
+                .as_str()?
+                .to_owned();
+            let v = api_json(&format!("/v1/requests/{rid}?limit=1"), api).await?;
+            let c = &v["counts"];
+            let past_route: i64 = ["routed", "sent", "delivered", "failed"]
+                .iter()
+                .map(|s| c[*s].as_i64().unwrap_or(0))
+                .sum();
+            (past_route == 5000).then_some(rid)
+        }
+    })
+    .await;
     // Behind it: a LOW message that expires in 3 s, and a HIGH one.
     let expiring = run
         .send(json!({"app_id": "demo", "channel": "FEISHU", "priority": "LOW",
@@ -1174,12 +1209,6 @@ async fn a_high_message_overtakes_a_low_backlog_and_expired_ones_are_never_sent(
             .any(|e| e["status"] == "delivered"),
         "{v}"
     );
-    let rid = api_json(&format!("/v1/messages/{}", backlog[0]), api)
-        .await
-        .unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let req = api_json(&format!("/v1/requests/{rid}?limit=1"), api)
         .await
         .unwrap();

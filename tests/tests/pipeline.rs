@@ -582,6 +582,19 @@ async fn a_scheduled_email_waits_in_the_delay_tier_and_is_sent_on_time() {
         "sent {} ms early",
         send_at - delivered_at
     );
+    // Fired within 1 s of its time: the delay tier released it and render took it by then.
+    let rendered_at = done["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["status"] == "rendered")
+        .and_then(|e| e["at"].as_i64())
+        .unwrap();
+    assert!(
+        (send_at..send_at + 1_000).contains(&rendered_at),
+        "fired {} ms after its time",
+        rendered_at - send_at
+    );
     // Released when due (the delay stage's unit tests pin the exact step); the margin here covers
     // render, route and the SMTP call after release on a loaded two-core box.
     assert!(

@@ -514,6 +514,31 @@ async fn get_message(
             })
         })
         .collect();
+    let attempts = state
+        .db
+        .query(
+            "SELECT attempt, provider, outcome, status, response_code, latency_ms, reason_code,
+                    (extract(epoch from at) * 1000)::bigint
+             FROM delivery_attempts WHERE message_id = $1 ORDER BY attempt",
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?;
+    let delivery_attempts: Vec<_> = attempts
+        .iter()
+        .map(|a| {
+            json!({
+                "attempt": a.get::<_, i32>(0),
+                "provider": a.get::<_, Option<String>>(1),
+                "outcome": a.get::<_, String>(2),
+                "status": a.get::<_, String>(3),
+                "response_code": a.get::<_, Option<String>>(4),
+                "latency_ms": a.get::<_, Option<i64>>(5),
+                "reason_code": a.get::<_, Option<String>>(6),
+                "at": a.get::<_, i64>(7),
+            })
+        })
+        .collect();
     metrics::counter!(names::API_REQUESTS, "route" => "get_message", "outcome" => "ok")
         .increment(1);
     Ok(Json(json!({
@@ -530,6 +555,7 @@ async fn get_message(
         "created_at": row.get::<_, i64>(10),
         "updated_at": row.get::<_, i64>(11),
         "timeline": timeline,
+        "delivery_attempts": delivery_attempts,
     }))
     .into_response())
 }

@@ -33,6 +33,19 @@ CREATE TABLE IF NOT EXISTS message_events (
     reason_message text
 );
 CREATE INDEX IF NOT EXISTS message_events_message ON message_events (message_id, at);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    message_id text NOT NULL,
+    attempt int NOT NULL,
+    provider text,
+    outcome text NOT NULL,
+    status text NOT NULL,
+    response_code text,
+    latency_ms bigint,
+    reason_code text,
+    reason_message text,
+    at timestamptz NOT NULL,
+    PRIMARY KEY (message_id, attempt)
+);
 CREATE TABLE IF NOT EXISTS projector_offsets (
     topic text NOT NULL,
     partition int NOT NULL,

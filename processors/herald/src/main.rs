@@ -99,8 +99,10 @@ async fn setup(deps: &Deps) -> anyhow::Result<()> {
 async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
     let mut db = deps.postgres().await?;
     let tx = db.transaction().await?;
-    tx.batch_execute("DROP TABLE IF EXISTS messages, message_events, projector_offsets")
-        .await?;
+    tx.batch_execute(
+        "DROP TABLE IF EXISTS messages, message_events, delivery_attempts, projector_offsets",
+    )
+    .await?;
     tx.batch_execute(herald_core::readmodel::SCHEMA).await?;
     tx.commit().await?;
     let group = deps.spec(herald_projector::STAGE, vec![], false).group;

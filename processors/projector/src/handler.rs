@@ -41,6 +41,8 @@ pub struct Fact {
     pub template_version: Option<i32>,
     pub provider_code: Option<String>,
     pub latency_ms: Option<i64>,
+    /// Set on delivery attempts: the classified outcome.
+    pub outcome: Option<String>,
 }
 
 impl Fact {
@@ -63,6 +65,7 @@ impl Fact {
             template_version: None,
             provider_code: None,
             latency_ms: None,
+            outcome: None,
         }
     }
 }

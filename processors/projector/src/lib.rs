@@ -1,7 +1,8 @@
 //! Projector. Consumes every status-bearing topic (`herald.accepted`, `herald.rendered`,
 //! `herald.dispatch.*`, `herald.status`, `herald.deliveries.v1`, `herald.receipts.v1`, the delay
 //! tiers) and maintains PostgreSQL tables: `messages` (current status), `message_events` (the
-//! timeline), `delivery_attempts`.
+//! timeline), `delivery_attempts` (outcome, provider response code and latency per attempt).
+//! Request aggregates and stats are computed from `messages` by the read API.
 //!
 //! Promise 3/4: the consumed position of every (topic, partition) is stored in
 //! `projector_offsets` in the same transaction as the rows, and records at or below it are
@@ -138,6 +139,16 @@ impl Projector {
                 f.recipient_masked = Some(e.recipient_masked);
                 f.latency_ms = Some(e.latency_ms);
                 f.provider_code = e.provider_response_code;
+                f.outcome = Some(
+                    match e.outcome {
+                        DeliveryOutcome::Succeeded => "SUCCEEDED",
+                        DeliveryOutcome::FailedPermanent => "FAILED_PERMANENT",
+                        DeliveryOutcome::FailedTransient => "FAILED_TRANSIENT",
+                        DeliveryOutcome::RateLimited => "RATE_LIMITED",
+                        DeliveryOutcome::Unknown => "UNKNOWN",
+                    }
+                    .to_owned(),
+                );
                 f
             }
             ReceiptReceived::FULL_NAME => {
@@ -228,6 +239,36 @@ impl Projector {
                 &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
             )
             .await?;
+            // Delivery attempts (latency, provider response code): one row per attempt, the
+            // earliest record of it (a redelivered attempt re-emits the same result).
+            let attempts: Vec<&Fact> = facts.iter().filter(|f| f.outcome.is_some()).collect();
+            if !attempts.is_empty() {
+                let col = |g: fn(&Fact) -> Option<String>| {
+                    attempts.iter().map(|f| g(f)).collect::<Vec<_>>()
+                };
+                let mids: Vec<&str> = attempts.iter().map(|f| f.message_id.as_str()).collect();
+                let nums: Vec<i32> = attempts.iter().map(|f| f.attempt).collect();
+                let outcomes = col(|f| f.outcome.clone());
+                let statuses: Vec<&str> = attempts.iter().map(|f| f.status.as_str()).collect();
+                let providers = col(|f| f.provider.clone());
+                let codes = col(|f| f.provider_code.clone());
+                let lats: Vec<Option<i64>> = attempts.iter().map(|f| f.latency_ms).collect();
+                let rcs = col(|f| f.reason.as_ref().map(|r| r.code.clone()));
+                let rms = col(|f| f.reason.as_ref().map(|r| r.message.clone()));
+                let ats: Vec<i64> = attempts.iter().map(|f| f.at).collect();
+                tx.execute(
+                    "INSERT INTO delivery_attempts AS d (message_id, attempt, provider, outcome, status, response_code,
+                                                         latency_ms, reason_code, reason_message, at)
+                     SELECT DISTINCT ON (u.m, u.n) u.m, u.n, u.p, u.o, u.s, u.c, u.l, u.rc, u.rm, to_timestamp(u.a / 1000.0)
+                     FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                                 $8::text[], $9::text[], $10::bigint[]) AS u(m, n, p, o, s, c, l, rc, rm, a)
+                     ORDER BY u.m, u.n, u.a
+                     ON CONFLICT (message_id, attempt) DO UPDATE SET at = EXCLUDED.at
+                     WHERE EXCLUDED.at < d.at",
+                    &[&mids, &nums, &providers, &outcomes, &statuses, &codes, &lats, &rcs, &rms, &ats],
+                )
+                .await?;
+            }
             // One row per event id; a re-published event (a delay-tier move) keeps its earliest
             // time, whatever order the copies are read in.
             let mut first: HashMap<&str, &Fact> = HashMap::new();

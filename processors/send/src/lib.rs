@@ -184,8 +184,12 @@ impl Send {
                     out.push(routed);
                 } else {
                     let due = now + delay.as_millis() as i64;
+                    // Its own event id: the wrapped MessageRouted is another fact.
+                    let mut header = next.header.clone();
+                    header.event_id =
+                        event_id(&m.header.message_id, "retry_scheduled", attempt + 1);
                     let scheduled = DelayScheduled {
-                        header: next.header.clone(),
+                        header,
                         purpose: DelayPurpose::Retry,
                         due_at: due,
                         target_topic: topic,
