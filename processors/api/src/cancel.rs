@@ -17,7 +17,7 @@ use herald_core::worker::record;
 use herald_schemas::{Channel, EventHeader, MessageCanceled, Reason, topics};
 use serde_json::json;
 
-use crate::{ApiError, ApiState, authenticate, publish};
+use crate::{ApiError, ApiState, authenticate, db_err, publish};
 
 /// Statuses after which there is nothing left to cancel.
 const FINAL: [&str; 8] = [
@@ -30,14 +30,6 @@ const FINAL: [&str; 8] = [
     "expired",
     "unknown",
 ];
-
-fn db_err(e: tokio_postgres::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "database_unavailable",
-        herald_core::runtime::pg_error(e),
-    )
-}
 
 struct Target {
     message_id: String,

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
-use crate::{ApiError, ApiState, authenticate};
+use crate::{ApiError, ApiState, authenticate, db_err};
 
 /// Inbox notifications (`<app>/<user>`) for this process's streams.
 pub type Notifications = broadcast::Sender<String>;
@@ -73,14 +73,6 @@ pub struct InboxQuery {
     pub limit: Option<i64>,
     #[serde(default)]
     pub unread: Option<bool>,
-}
-
-fn db_err(e: tokio_postgres::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "database_unavailable",
-        herald_core::runtime::pg_error(e),
-    )
 }
 
 fn row_json(r: &tokio_postgres::Row) -> Value {

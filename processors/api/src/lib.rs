@@ -79,13 +79,7 @@ async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError>
     let quota = quota as i64;
     let counted = herald_core::quota::take(&state.db, app, n, quota)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                herald_core::runtime::pg_error(e),
-            )
-        })?;
+        .map_err(db_err)?;
     if !counted {
         let secs_to_midnight = 86_400 - (now_ms() / 1000).rem_euclid(86_400);
         let mut e = ApiError::new(
@@ -182,13 +176,7 @@ async fn authenticate(
     let nonce = req.nonce.unwrap_or_default();
     let fresh = auth::remember_nonce(&state.db, &app, nonce, window)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                herald_core::runtime::pg_error(e),
-            )
-        })?;
+        .map_err(db_err)?;
     if !fresh {
         return Err(refused(auth::AuthError::ReusedNonce));
     }
@@ -265,13 +253,7 @@ async fn send(
         && !cfg.templates.iter().any(|x| &x.code == t)
         && herald_core::templates::get(&state.db, t, None)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    herald_core::runtime::pg_error(e),
-                )
-            })?
+            .map_err(db_err)?
             .is_none()
     {
         return Err(ApiError::new(
@@ -335,13 +317,7 @@ async fn send(
     if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
         let owner = herald_core::idempotency::reserve(&state.db, &app, key, &request_id)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    herald_core::runtime::pg_error(e),
-                )
-            })?;
+            .map_err(db_err)?;
         if owner != request_id {
             metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "duplicate")
                 .increment(1);
@@ -414,16 +390,19 @@ async fn opt_out(
         .db
         .execute(sql, &[&app, &channel.as_str(), &address])
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                herald_core::runtime::pg_error(e),
-            )
-        })?;
+        .map_err(db_err)?;
     Ok(
         Json(json!({"channel": channel.as_str(), "address": address, "opted_out": opted_out}))
             .into_response(),
+    )
+}
+
+/// A database problem: 503, the client may retry.
+pub(crate) fn db_err(e: tokio_postgres::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        herald_core::runtime::pg_error(e),
     )
 }
 
@@ -474,13 +453,6 @@ async fn get_message(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
-    let db_err = |e: tokio_postgres::Error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            e.to_string(),
-        )
-    };
     let row = state
         .db
         .query_opt(
@@ -588,13 +560,6 @@ async fn get_request(
         )
         .field("limit"));
     }
-    let db_err = |e: tokio_postgres::Error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            e.to_string(),
-        )
-    };
     let counts = state
         .db
         .query(

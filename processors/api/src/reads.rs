@@ -12,15 +12,7 @@ use herald_core::util::recipient_key;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{ApiError, ApiState, authenticate};
-
-fn db_err(e: tokio_postgres::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "database_unavailable",
-        herald_core::runtime::pg_error(e),
-    )
-}
+use crate::{ApiError, ApiState, authenticate, db_err};
 
 #[derive(Debug, Deserialize)]
 pub struct HistoryQuery {

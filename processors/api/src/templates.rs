@@ -16,7 +16,7 @@ use herald_schemas::Channel;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{ApiError, ApiState, authenticate};
+use crate::{ApiError, ApiState, authenticate, db_err};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,14 +42,6 @@ pub struct TemplateBody {
 pub struct VersionQuery {
     #[serde(default)]
     pub version: Option<i32>,
-}
-
-fn db_err(e: tokio_postgres::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "database_unavailable",
-        herald_core::runtime::pg_error(e),
-    )
 }
 
 fn view(t: &TemplateConfig) -> serde_json::Value {
