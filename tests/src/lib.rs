@@ -201,6 +201,15 @@ pub fn herald_env(api: u16, admin: u16) -> Vec<(&'static str, String)> {
     .collect()
 }
 
+/// When a message's timeline first reached `status` (Unix ms), from `GET /v1/messages/{id}`.
+pub fn event_at(message: &serde_json::Value, status: &str) -> Option<i64> {
+    message["timeline"]
+        .as_array()?
+        .iter()
+        .find(|e| e["status"] == status)?["at"]
+        .as_i64()
+}
+
 /// The provider simulators started by `scripts/stack`.
 pub fn sim_url() -> String {
     env("HERALD_SIM_URL", "http://127.0.0.1:18100")

@@ -923,13 +923,7 @@ quiet_hours = {{ start = "{}", end = "{}", mode = "drop" }}
     let v = run
         .until(&held, "delivered", "held message released after the window")
         .await;
-    let delivered_at = v["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["status"] == "delivered")
-        .and_then(|e| e["at"].as_i64())
-        .unwrap();
+    let delivered_at = event_at(&v, "delivered").expect("delivered in the timeline");
     assert!(
         delivered_at >= quiet_end - 1_000,
         "not sent inside the quiet window: {v}"

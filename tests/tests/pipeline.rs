@@ -570,26 +570,14 @@ async fn a_scheduled_email_waits_in_the_delay_tier_and_is_sent_on_time() {
         },
     )
     .await;
-    let delivered_at = done["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["status"] == "delivered")
-        .and_then(|e| e["at"].as_i64())
-        .unwrap();
+    let delivered_at = event_at(&done, "delivered").expect("delivered in the timeline");
     assert!(
         delivered_at >= send_at,
         "sent {} ms early",
         send_at - delivered_at
     );
     // Fired within 1 s of its time: the delay tier released it and render took it by then.
-    let rendered_at = done["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["status"] == "rendered")
-        .and_then(|e| e["at"].as_i64())
-        .unwrap();
+    let rendered_at = event_at(&done, "rendered").expect("rendered in the timeline");
     assert!(
         (send_at..send_at + 1_000).contains(&rendered_at),
         "fired {} ms after its time",

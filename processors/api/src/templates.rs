@@ -3,7 +3,6 @@
 //! is PostgreSQL ([`herald_core::templates`]); render workers pick new versions up within a
 //! second, and each rendered message records the version it used.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -12,31 +11,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use herald_core::config::TemplateConfig;
-use herald_schemas::Channel;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::{ApiError, ApiState, authenticate, db_err};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TemplateBody {
-    pub channel: Channel,
-    #[serde(default)]
-    pub subject: Option<String>,
-    #[serde(default)]
-    pub text: Option<String>,
-    #[serde(default)]
-    pub html: Option<String>,
-    #[serde(default)]
-    pub markdown: Option<String>,
-    #[serde(default)]
-    pub provider_template: Option<String>,
-    #[serde(default)]
-    pub provider_params: BTreeMap<String, String>,
-    #[serde(default)]
-    pub provider_templates: BTreeMap<String, String>,
-}
 
 #[derive(Debug, Deserialize)]
 pub struct VersionQuery {
@@ -62,8 +40,16 @@ pub async fn put_template(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authenticate(&state, &method, &uri, &headers, &body).await?;
-    let b: TemplateBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    // The body is a template as in the config file, minus `code` (the path) and `version`
+    // (the store assigns the next one).
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    for k in ["code", "version"] {
+        if fields.contains_key(k) {
+            return Err(invalid(format!("{k} is not part of the body")).field(k));
+        }
+    }
     if code.is_empty()
         || code.len() > 128
         || !code
@@ -77,25 +63,10 @@ pub async fn put_template(
         )
         .field("code"));
     }
-    let t = TemplateConfig {
-        code,
-        channel: b.channel,
-        version: 0,
-        subject: b.subject,
-        text: b.text,
-        html: b.html,
-        markdown: b.markdown,
-        provider_template: b.provider_template,
-        provider_params: b.provider_params,
-        provider_templates: b.provider_templates,
-    };
-    if t.subject.is_none()
-        && t.text.is_none()
-        && t.html.is_none()
-        && t.markdown.is_none()
-        && t.provider_template.is_none()
-        && t.provider_templates.is_empty()
-    {
+    fields.insert("code".into(), json!(code));
+    let t: TemplateConfig = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| invalid(e.to_string()))?;
+    if !t.has_content() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "empty_template",

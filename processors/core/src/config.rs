@@ -533,6 +533,18 @@ fn one_i32() -> i32 {
     1
 }
 
+impl TemplateConfig {
+    /// Whether the template has anything to render.
+    pub fn has_content(&self) -> bool {
+        self.subject.is_some()
+            || self.text.is_some()
+            || self.html.is_some()
+            || self.markdown.is_some()
+            || self.provider_template.is_some()
+            || !self.provider_templates.is_empty()
+    }
+}
+
 impl Config {
     /// Reads `path` (if given), applies environment overrides, resolves secrets, validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -697,13 +709,7 @@ impl Config {
             if !tpl.insert((&t.code, t.version)) {
                 problems.push(format!("templates: duplicate {} v{}", t.code, t.version));
             }
-            if t.subject.is_none()
-                && t.text.is_none()
-                && t.html.is_none()
-                && t.markdown.is_none()
-                && t.provider_template.is_none()
-                && t.provider_templates.is_empty()
-            {
+            if !t.has_content() {
                 problems.push(format!("templates.{}: no content", t.code));
             }
         }
