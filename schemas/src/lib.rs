@@ -397,6 +397,10 @@ pub struct ReceiptReceived {
     pub reason: Option<Reason>,
     #[avro(with = crate::logical::ts_millis)]
     pub reported_at: i64,
+    /// The `callback_failure` rules' decision on an undelivered receipt (`retry`, `fail`,
+    /// `alert`); `None` when no rule matched.
+    #[serde(default)]
+    pub decision: Option<String>,
 }
 event!(ReceiptReceived, "receipt_received.avsc");
 

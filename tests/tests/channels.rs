@@ -1839,3 +1839,161 @@ async fn aliyun_sends_many_messages_per_call_with_send_batch_sms() {
     assert!(batched >= 2, "SendBatchSms carried them: {batched}");
     run.stop();
 }
+
+/// Undelivered receipts meet the `callback_failure` rules: `switch_provider` resends through the
+/// next provider, `retry` resends through the same one later, `alert` tells the operator, and no
+/// rule lets the receipt stand. Receipts count toward the provider's health: a provider that
+/// takes every call but delivers nothing is skipped by routing until its breaker lets it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn undelivered_receipts_meet_the_callback_rules_and_count_toward_provider_health() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-callback-rules.toml");
+    let breaker =
+        "breaker = { failure_rate = 0.5, min_calls = 5, window_secs = 10, open_secs = 15 }";
+    let base = std::fs::read_to_string(config_path()).unwrap();
+    assert!(base.contains(breaker), "config layout changed");
+    // aliyun-sim's breaker: the rule cases below (4 receipts) cannot open it, the next five
+    // undelivered ones do; it lets traffic back after 3 s (the next test finds it closed).
+    let text = base.replacen(
+        breaker,
+        "breaker = { failure_rate = 0.5, min_calls = 8, window_secs = 60, open_secs = 3 }",
+        1,
+    ) + r#"
+[[rules]]
+name = "carrier rejected: switch provider"
+scene = "callback_failure"
+channel = "SMS"
+provider = "aliyun-sim"
+error_codes = ["REJECTD"]
+action = "switch_provider"
+priority = 10
+
+[[rules]]
+name = "validity expired at the SMSC: retry once"
+scene = "callback_failure"
+channel = "SMS"
+error_codes = ["EXPIRED"]
+action = "retry"
+action_config = { max_retry = 1, delay_seconds = 1 }
+priority = 20
+
+[[rules]]
+name = "blacklisted number: alert"
+scene = "callback_failure"
+error_codes = ["DB:0141"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 30
+"#;
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_540, 19_940);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let undelivered =
+        |code: &str| json!({"kind": "undelivered", "code": code, "message": "simulated"});
+
+    // switch_provider: Aliyun accepts, its receipt says the carrier rejected it; Tencent
+    // delivers. The message is never `undelivered` on the way.
+    run.fault("aliyun", undelivered("REJECTD")).await;
+    let switched = run.send(sms(&phone("1"))).await.remove(0);
+    let v = run
+        .until(&switched, "delivered", "switched after the receipt")
+        .await;
+    assert_eq!(v["provider"], "tencent-sim", "{v}");
+    assert_eq!(v["attempts"], 2, "{v}");
+    assert!(!timeline_has(&v, "undelivered"), "{v}");
+    assert!(reason_codes(&v).contains(&"REJECTD".to_owned()), "{v}");
+    let tencent = run.sim_log("tencent").await;
+    assert!(
+        tencent["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["session_context"] == switched.as_str()),
+        "Tencent sent it: {tencent}"
+    );
+
+    // retry: the same provider again after the rule's delay.
+    run.fault("aliyun", undelivered("EXPIRED")).await;
+    let retried = run.send(sms(&phone("2"))).await.remove(0);
+    let v = run
+        .until(&retried, "delivered", "retried after the receipt")
+        .await;
+    assert_eq!(v["provider"], "aliyun-sim", "{v}");
+    assert_eq!(v["attempts"], 2, "{v}");
+    assert!(timeline_has(&v, "retry_scheduled"), "{v}");
+    let calls = run.sim_log("aliyun").await["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["out_id"] == retried.as_str())
+        .count();
+    assert_eq!(calls, 2, "Aliyun got it twice, once per attempt");
+
+    // alert: the receipt stands (`undelivered`) and the operator gets a signed alert.
+    run.fault("aliyun", undelivered("DB:0141")).await;
+    let alerted = run.send(sms(&phone("3"))).await.remove(0);
+    let v = run
+        .until(&alerted, "undelivered", "undelivered with an alert")
+        .await;
+    assert_eq!(v["attempts"], 1, "{v}");
+    let alerts_path = format!("{}/_log/alerts", sim_url());
+    let alert = eventually(Duration::from_secs(30), "the callback alert", || {
+        let (url, id) = (alerts_path.clone(), alerted.clone());
+        async move {
+            let log: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            log["accepted"]
+                .as_array()?
+                .iter()
+                .find(|a| a["message_id"] == id.as_str())
+                .cloned()
+        }
+    })
+    .await;
+    assert_eq!(alert["type"], "herald.callback_failure.alert", "{alert}");
+    assert_eq!(alert["response_code"], "DB:0141", "{alert}");
+    assert_eq!(alert["rule"], "blacklisted number: alert", "{alert}");
+
+    // Provider health: five more undelivered receipts in the window (no rule matches them:
+    // each stands) open aliyun-sim's receipt breaker; routing skips it…
+    for _ in 0..5 {
+        run.fault("aliyun", undelivered("UNDELIV")).await;
+    }
+    let mut five = sms("");
+    five["recipients"] = (4..9)
+        .map(|i| json!({"address": phone(&i.to_string())}))
+        .collect();
+    for id in run.send(five).await {
+        let v = run.until(&id, "undelivered", "undelivered, no rule").await;
+        assert_eq!(v["provider"], "aliyun-sim", "{v}");
+        assert_eq!(v["attempts"], 1, "{v}");
+    }
+    let skipped = eventually(Duration::from_secs(30), "routing skips aliyun-sim", || {
+        let run = &run;
+        async move {
+            let id = run.send(sms(&phone("9"))).await.remove(0);
+            let v = run
+                .until(&id, "delivered", "delivered while aliyun-sim is open")
+                .await;
+            (v["provider"] == "tencent-sim").then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(
+        skipped["attempts"], 1,
+        "routed past it, not failed over: {skipped}"
+    );
+    // …until its open period ends and receipts say it delivers again.
+    let back = eventually(Duration::from_secs(30), "aliyun-sim routed again", || {
+        let run = &run;
+        async move {
+            let id = run.send(sms(&phone("1"))).await.remove(0);
+            let v = run
+                .until(&id, "delivered", "delivered after reopening")
+                .await;
+            (v["provider"] == "aliyun-sim").then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(back["attempts"], 1, "{back}");
+    run.stop();
+}

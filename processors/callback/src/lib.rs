@@ -7,6 +7,13 @@
 //! - `POST /callbacks/{provider}/{token}`: SMS receipt pushes (Aliyun SmsReport, Tencent status
 //!   callback), which are unsigned: the path carries the provider's `callback_token`. Each report
 //!   is matched to its message through the send ledger, and only if that provider sent it.
+//!
+//! An `undelivered` receipt meets the `callback_failure` rules (CONTRACT.md §4): `retry` and
+//! `switch_provider` put the next attempt on its way (the send stage kept the message in its
+//! ledger for this), `alert` tells the operator, `fail` (or no rule) lets the receipt stand.
+//! The decision travels in the receipt event, so the projector keeps a resent message `sent`.
+//! Every receipt also feeds the provider's receipt breaker: a provider that accepts calls but
+//! delivers nothing is opened for routing like one that refuses them.
 
 pub mod sms;
 
@@ -20,10 +27,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use herald_core::config::ProviderKind;
+use herald_core::failure::alert::{Alerter, Scene, Target};
+use herald_core::failure::breaker::{Breakers, OpenSet, Signal};
+use herald_core::failure::rules::{self, Decision, Rules};
+use herald_core::failure::{CallResult, Next, next_attempt};
 use herald_core::runtime::Deps;
 use herald_core::util::{event_id, now_ms, random_id, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
-use herald_schemas::{Channel, EventHeader, Reason, ReceiptReceived, topics};
+use herald_schemas::{
+    Channel, DeliveryOutcome, EventHeader, MessageRouted, Reason, ReceiptReceived, topics,
+};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +48,25 @@ struct CallbackState {
     secrets: HashMap<String, Vec<u8>>,
     /// SMS providers: code → (kind, callback token).
     sms: HashMap<String, (&'static str, String)>,
-    db: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    db: tokio::sync::Mutex<Db>,
+    rules: Rules,
+    /// Receipt breakers per provider.
+    breakers: Breakers,
+    alerts: Alerter,
+}
+
+#[derive(Default)]
+struct Db {
+    client: Option<tokio_postgres::Client>,
+    /// Providers open by either signal (`switch_provider` skips them).
+    open: OpenSet,
+}
+
+/// A report matched to the attempt it is about.
+struct Matched {
+    report: sms::Report,
+    row: LedgerRow,
+    reported_at: i64,
 }
 
 impl CallbackState {
@@ -47,17 +78,7 @@ impl CallbackState {
         reports: &[sms::Report],
     ) -> Result<Vec<Option<LedgerRow>>, String> {
         let mut g = self.db.lock().await;
-        if g.as_ref().is_none_or(|c| c.is_closed()) {
-            *g = Some(
-                self.deps
-                    .postgres()
-                    .await
-                    .map_err(herald_core::runtime::pg_error)?,
-            );
-        }
-        let Some(db) = g.as_ref() else {
-            return Err("no database".into());
-        };
+        let db = Self::connected(&self.deps, &mut g).await?;
         let ids: Vec<&str> = reports
             .iter()
             .filter_map(|r| r.message_id.as_deref())
@@ -68,7 +89,7 @@ impl CallbackState {
             .collect();
         let rows = db
             .query(
-                "SELECT message_id, attempt, request_id, app_id, channel, provider_message_id
+                "SELECT message_id, attempt, request_id, app_id, channel, provider_message_id, routed
                  FROM send_ledger
                  WHERE provider = $1 AND (outcome IS NULL OR outcome IN ('SUCCEEDED', 'UNKNOWN'))
                    AND (message_id = ANY($2) OR provider_message_id = ANY($3))
@@ -86,6 +107,7 @@ impl CallbackState {
                 app_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
                 channel: r.get::<_, Option<String>>(4).unwrap_or_default(),
                 provider_message_id: r.get(5),
+                routed: r.get(6),
             })
             .collect();
         Ok(reports
@@ -117,6 +139,198 @@ struct LedgerRow {
     app_id: String,
     channel: String,
     provider_message_id: Option<String>,
+    /// The `MessageRouted` the send stage kept for a resend.
+    routed: Option<Vec<u8>>,
+}
+
+impl CallbackState {
+    async fn connected<'a>(
+        deps: &Deps,
+        g: &'a mut Db,
+    ) -> Result<&'a tokio_postgres::Client, String> {
+        if g.client.as_ref().is_none_or(|c| c.is_closed()) {
+            g.client = Some(
+                deps.postgres()
+                    .await
+                    .map_err(herald_core::runtime::pg_error)?,
+            );
+        }
+        g.client.as_ref().ok_or_else(|| "no database".into())
+    }
+
+    /// Publishes one `ReceiptReceived` per matched report, with the `callback_failure` rules'
+    /// decision and the next attempt it calls for, all in one publish (the provider is
+    /// acknowledged only after it). Then feeds the receipt breakers and sends alerts.
+    async fn publish(&self, provider: &str, matched: Vec<Matched>) -> Result<(), String> {
+        let now = now_ms();
+        let mut records = Vec::new();
+        let mut alerts = Vec::new();
+        let mut observed = Vec::with_capacity(matched.len());
+        let open = {
+            let mut g = self.db.lock().await;
+            // Without the database every provider counts as available.
+            let _ = Self::connected(&self.deps, &mut g).await;
+            let Db { client, open } = &mut *g;
+            if let Some(c) = client.as_ref() {
+                open.refresh(c).await;
+            }
+            open.clone()
+        };
+        for Matched {
+            report: rep,
+            row,
+            reported_at,
+        } in matched
+        {
+            let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == row.channel) else {
+                continue;
+            };
+            let status = if rep.delivered {
+                "delivered"
+            } else {
+                "undelivered"
+            };
+            observed.push((provider.to_owned(), !rep.delivered));
+            metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.to_owned(), "result" => status).increment(1);
+            let trace = random_id();
+            let mut reason =
+                (!rep.delivered).then(|| Reason::new(rep.code.clone(), rep.message.clone()));
+            let mut decision = None;
+            if !rep.delivered
+                && let Some(bytes) = &row.routed
+            {
+                match self.deps.codec.decode::<MessageRouted>(bytes).await {
+                    Ok(m) => {
+                        let available = |c: &str| self.breakers.available(c) && !open.is_open(c);
+                        if let Some(d) = self.rules.decide_receipt(
+                            &m,
+                            row.attempt,
+                            &rep.code,
+                            &rep.message,
+                            now,
+                            available,
+                        ) {
+                            metrics::counter!(herald_core::telemetry::names::RULE_ACTIONS, "provider" => provider.to_owned(), "action" => d.label())
+                                .increment(1);
+                            reason = rules::annotate(reason, &d);
+                            decision = Some(match &d {
+                                Decision::Retry { provider: p, .. } if *p != m.provider => {
+                                    "switch_provider"
+                                }
+                                d => d.label(),
+                            });
+                            match d {
+                                Decision::Retry {
+                                    delay,
+                                    provider,
+                                    kind,
+                                    ..
+                                } => {
+                                    let next = Next {
+                                        provider,
+                                        kind,
+                                        delay,
+                                        reason: reason.clone(),
+                                    };
+                                    records.push(
+                                        next_attempt(
+                                            &self.deps.codec,
+                                            STAGE,
+                                            &m,
+                                            row.attempt,
+                                            next,
+                                            &trace,
+                                            now,
+                                        )
+                                        .await
+                                        .map_err(|e| e.to_string())?,
+                                    );
+                                }
+                                Decision::Alert { rule, url, secret } => {
+                                    alerts.push((rule, url, secret, m, row.attempt, rep.clone()));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    // The kept record is ours; unreadable, the receipt still stands.
+                    Err(e) => {
+                        tracing::warn!(message_id = %row.message_id, error = %e, "kept message unreadable; no callback rules")
+                    }
+                }
+            }
+            let ev = ReceiptReceived {
+                header: EventHeader {
+                    // Deterministic: a receipt pushed twice is the same fact.
+                    event_id: event_id(&row.message_id, &format!("receipt:{status}"), row.attempt),
+                    event_time: now,
+                    stage: STAGE.into(),
+                    trace_id: trace.clone(),
+                    message_id: row.message_id.clone(),
+                    request_id: row.request_id.clone(),
+                    app_id: row.app_id.clone(),
+                    channel,
+                    attempt: row.attempt,
+                    metadata: Default::default(),
+                },
+                provider: provider.to_owned(),
+                status: status.into(),
+                provider_status_code: rep.code.clone(),
+                provider_message_id: rep
+                    .provider_message_id
+                    .clone()
+                    .or(row.provider_message_id.clone()),
+                reason,
+                reported_at,
+                decision: decision.map(str::to_owned),
+            };
+            records.push(
+                record(
+                    &self.deps.codec,
+                    topics::RECEIPTS,
+                    &row.message_id,
+                    &trace,
+                    &ev,
+                )
+                .await
+                .map_err(|e| e.to_string())?,
+            );
+        }
+        if !records.is_empty() {
+            let p = self.deps.transport.publisher().map_err(|e| e.to_string())?;
+            p.publish(records).await.map_err(|e| e.to_string())?;
+        }
+        let changes = self.breakers.record_failed(&observed);
+        if !changes.is_empty() {
+            let g = self.db.lock().await;
+            if let Some(db) = &g.client
+                && let Err(e) = self.breakers.persist(db, &changes).await
+            {
+                tracing::warn!(error = %herald_core::runtime::pg_error(e), "receipt breaker state not persisted");
+            }
+        }
+        for (rule, url, secret, m, attempt, rep) in alerts {
+            let r = CallResult::fail(
+                DeliveryOutcome::FailedPermanent,
+                Some(rep.code.clone()),
+                Reason::new(rep.code, rep.message),
+            );
+            self.alerts
+                .send(
+                    Target {
+                        url: &url,
+                        secret: &secret,
+                    },
+                    Scene::CallbackFailure,
+                    &rule,
+                    &m,
+                    attempt,
+                    &r,
+                )
+                .await;
+        }
+        Ok(())
+    }
 }
 
 async fn sms_receipt(
@@ -146,9 +360,9 @@ async fn sms_receipt(
         Ok(r) => r,
         Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     };
-    let mut records = Vec::new();
+    let mut matched = Vec::new();
     let mut unmatched = 0;
-    for (rep, row) in reports.iter().zip(rows) {
+    for (rep, row) in reports.into_iter().zip(rows) {
         let Some(row) = row else {
             // Not (yet) a message this provider sent for us: a receipt can overtake the send's
             // answer. Never attributed to anything; the provider is asked to push it again.
@@ -157,63 +371,14 @@ async fn sms_receipt(
             unmatched += 1;
             continue;
         };
-        let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == row.channel) else {
-            continue;
-        };
-        let status = if rep.delivered {
-            "delivered"
-        } else {
-            "undelivered"
-        };
-        metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.clone(), "result" => status).increment(1);
-        let ev = ReceiptReceived {
-            header: EventHeader {
-                // Deterministic: a receipt pushed twice is the same fact.
-                event_id: event_id(&row.message_id, &format!("receipt:{status}"), row.attempt),
-                event_time: now_ms(),
-                stage: STAGE.into(),
-                trace_id: random_id(),
-                message_id: row.message_id.clone(),
-                request_id: row.request_id.clone(),
-                app_id: row.app_id.clone(),
-                channel,
-                attempt: row.attempt,
-                metadata: Default::default(),
-            },
-            provider: provider.clone(),
-            status: status.into(),
-            provider_status_code: rep.code.clone(),
-            provider_message_id: rep.provider_message_id.clone(),
-            reason: (!rep.delivered).then(|| Reason::new(rep.code.clone(), rep.message.clone())),
+        matched.push(Matched {
+            report: rep,
+            row,
             reported_at: now_ms(),
-        };
-        match record(
-            &st.deps.codec,
-            topics::RECEIPTS,
-            &row.message_id,
-            &ev.header.trace_id,
-            &ev,
-        )
-        .await
-        {
-            Ok(r) => records.push(r),
-            Err(e) => {
-                return err(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    e.to_string(),
-                );
-            }
-        }
+        });
     }
-    if !records.is_empty() {
-        let published = match st.deps.transport.publisher() {
-            Ok(p) => p.publish(records).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = published {
-            return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
-        }
+    if let Err(e) = st.publish(&provider, matched).await {
+        return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
     }
     if unmatched > 0 {
         // The matched ones are published (their event ids are deterministic, so the retry's
@@ -231,9 +396,13 @@ async fn sms_receipt(
 #[serde(deny_unknown_fields)]
 struct GenericReceipt {
     message_id: String,
-    request_id: String,
-    app_id: String,
-    channel: Channel,
+    /// Optional: when given, they must match what the ledger has for the message.
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    app_id: Option<String>,
+    #[serde(default)]
+    channel: Option<Channel>,
     /// `delivered` or `undelivered`.
     status: String,
     code: String,
@@ -300,60 +469,40 @@ async fn receipt(
         );
     }
     // Only a message this provider really sent can get its receipt.
-    let probe = sms::Report {
+    let report = sms::Report {
         message_id: Some(r.message_id.clone()),
-        provider_message_id: None,
+        provider_message_id: r.provider_message_id.clone(),
         delivered: r.status == "delivered",
         code: r.code.clone(),
-        message: String::new(),
+        message: "provider reported undelivered".into(),
     };
-    match st.lookup(&provider, std::slice::from_ref(&probe)).await {
-        Ok(rows) if rows.first().is_some_and(|row| row.is_some()) => {}
-        Ok(_) => {
-            return err(
-                StatusCode::NOT_FOUND,
-                "unknown_message",
-                format!("{provider} sent no message {}", r.message_id),
-            );
-        }
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
-    }
-    let attempt = r.attempt.unwrap_or(1);
-    let ev = ReceiptReceived {
-        header: EventHeader {
-            event_id: event_id(&r.message_id, &format!("receipt:{}", r.status), attempt),
-            event_time: now_ms(),
-            stage: STAGE.into(),
-            trace_id: random_id(),
-            message_id: r.message_id.clone(),
-            request_id: r.request_id,
-            app_id: r.app_id,
-            channel: r.channel,
-            attempt,
-            metadata: Default::default(),
+    let row = match st.lookup(&provider, std::slice::from_ref(&report)).await {
+        Ok(mut rows) => match rows.pop().flatten() {
+            // The attempt (and request, app, channel) the provider names, when it names them.
+            Some(row)
+                if r.attempt.is_none_or(|a| a == row.attempt)
+                    && r.request_id.as_ref().is_none_or(|x| *x == row.request_id)
+                    && r.app_id.as_ref().is_none_or(|x| *x == row.app_id)
+                    && r.channel.is_none_or(|c| c.as_str() == row.channel) =>
+            {
+                row
+            }
+            _ => {
+                return err(
+                    StatusCode::NOT_FOUND,
+                    "unknown_message",
+                    format!("{provider} sent no message {}", r.message_id),
+                );
+            }
         },
-        provider,
-        reason: (r.status == "undelivered")
-            .then(|| Reason::new(r.code.clone(), "provider reported undelivered")),
-        status: r.status,
-        provider_status_code: r.code,
-        provider_message_id: r.provider_message_id,
+        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    };
+    let matched = Matched {
+        report,
+        row,
         reported_at: r.reported_at.unwrap_or_else(now_ms),
     };
-    let publish = async {
-        let rec = record(
-            &st.deps.codec,
-            topics::RECEIPTS,
-            &r.message_id,
-            &ev.header.trace_id,
-            &ev,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let p = st.deps.transport.publisher().map_err(|e| e.to_string())?;
-        p.publish(vec![rec]).await.map_err(|e| e.to_string())
-    };
-    match publish.await {
+    match st.publish(&provider, vec![matched]).await {
         Ok(()) => (StatusCode::OK, Json(json!({"ok": true}))).into_response(),
         // The provider retries a failed callback: nothing is lost.
         Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
@@ -387,6 +536,14 @@ pub fn router(deps: Deps) -> Router {
             ))
         })
         .collect();
+    let rules = Rules::new(&deps.config);
+    let breakers = Breakers::new(
+        Signal::Receipts,
+        deps.config
+            .providers
+            .iter()
+            .map(|p| (p.code.clone(), p.breaker)),
+    );
     Router::new()
         .route("/callbacks/{provider}", post(receipt))
         .route("/callbacks/{provider}/{token}", post(sms_receipt))
@@ -394,7 +551,10 @@ pub fn router(deps: Deps) -> Router {
             deps,
             secrets,
             sms,
-            db: tokio::sync::Mutex::new(None),
+            db: Default::default(),
+            rules,
+            breakers,
+            alerts: Alerter::new(),
         }))
 }
 

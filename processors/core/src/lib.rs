@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod failure;
 pub mod gate;
 pub mod idempotency;
 pub mod quota;

@@ -20,6 +20,16 @@ pub fn rank(status: &str) -> i16 {
     }
 }
 
+/// The status a receipt gives its message: `delivered` or `undelivered`, except when the
+/// `callback_failure` rules sent the message again (`retry`, `switch_provider`): then it stays
+/// `sent` until the next attempt's outcome.
+pub fn receipt_status(e: &herald_schemas::ReceiptReceived) -> &str {
+    match e.decision.as_deref() {
+        Some("retry" | "switch_provider") => "sent",
+        _ => &e.status,
+    }
+}
+
 /// One status fact about one message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fact {

@@ -153,7 +153,7 @@ impl Projector {
             }
             ReceiptReceived::FULL_NAME => {
                 let e = dec!(ReceiptReceived);
-                let mut f = Fact::new(&e.header, &e.status);
+                let mut f = Fact::new(&e.header, handler::receipt_status(&e));
                 f.provider = Some(e.provider);
                 f.reason = e.reason;
                 f

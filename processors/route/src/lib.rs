@@ -8,7 +8,6 @@ pub mod handler;
 pub mod policy;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use herald_core::config::PolicyConfig;
@@ -37,11 +36,10 @@ struct Route {
     policy_db: tokio_postgres::Client,
 }
 
-/// Open breakers, as the send stage last wrote them.
+/// Open breakers, as the send (calls) and callback (receipts) stages last wrote them.
 struct Health {
     db: Option<tokio_postgres::Client>,
-    open: HashSet<String>,
-    read_at: Option<Instant>,
+    open: herald_core::failure::breaker::OpenSet,
 }
 
 impl Health {
@@ -59,32 +57,11 @@ impl Health {
     /// Refreshes the open set at most once a second. Without the database every provider is
     /// available (routing never stops on a health read).
     async fn refresh(&mut self, deps: &Deps) {
-        if self
-            .read_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.read_at = Some(Instant::now());
         if self.db.as_ref().is_none_or(|c| c.is_closed()) {
             self.db = deps.postgres().await.ok();
         }
-        let Some(db) = &self.db else { return };
-        match db
-            .query(
-                "SELECT provider FROM provider_health WHERE open_until > now()",
-                &[],
-            )
-            .await
-        {
-            Ok(rows) => self.open = rows.iter().map(|r| r.get(0)).collect(),
-            // The table appears when the send stage first runs.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-                self.open.clear()
-            }
-            Err(e) => {
-                tracing::warn!(error = %herald_core::runtime::pg_error(e), "provider health not read")
-            }
+        if let Some(db) = &self.db {
+            self.open.refresh(db).await;
         }
     }
 }
@@ -214,7 +191,7 @@ impl BatchHandler for Route {
                     // route (the send stage's rules retry with backoff): never a failed message
                     // for a health state.
                     .and_then(|b| {
-                        b.pick(|code| !open.contains(code))
+                        b.pick(|code| !open.is_open(code))
                             .or_else(|| b.pick(|_| true))
                     });
                 let Some((provider, kind)) = choice else {
@@ -272,8 +249,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let policy_db = deps.postgres_migrated(&ddl).await?;
     let health = Health {
         db: None,
-        open: HashSet::new(),
-        read_at: None,
+        open: Default::default(),
     };
     run_worker(
         STAGE,

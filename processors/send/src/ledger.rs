@@ -30,6 +30,9 @@ ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS started_at timestamptz;
 ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS request_id text;
 ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS app_id text;
 ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS channel text;
+-- The MessageRouted record (as consumed) where a callback_failure rule may resend it after an
+-- undelivered receipt.
+ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS routed bytea;
 CREATE INDEX IF NOT EXISTS send_ledger_provider_id ON send_ledger (provider, provider_message_id)
     WHERE provider_message_id IS NOT NULL";
 
@@ -53,6 +56,8 @@ pub struct ClaimKey<'a> {
     pub request_id: &'a str,
     pub app_id: &'a str,
     pub channel: &'a str,
+    /// The consumed `MessageRouted` record, kept where a receipt may lead to a resend.
+    pub routed: Option<&'a [u8]>,
 }
 
 /// Claims each (message, attempt); answers in input order.
@@ -70,12 +75,13 @@ pub async fn claim(
     let requests: Vec<&str> = claims.iter().map(|k| k.request_id).collect();
     let apps: Vec<&str> = claims.iter().map(|k| k.app_id).collect();
     let channels: Vec<&str> = claims.iter().map(|k| k.channel).collect();
+    let routed: Vec<Option<&[u8]>> = claims.iter().map(|k| k.routed).collect();
     let fresh = db
         .query(
-            "INSERT INTO send_ledger (message_id, attempt, provider, request_id, app_id, channel)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
+            "INSERT INTO send_ledger (message_id, attempt, provider, request_id, app_id, channel, routed)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
              ON CONFLICT DO NOTHING RETURNING message_id, attempt",
-            &[&ids, &attempts, &providers, &requests, &apps, &channels],
+            &[&ids, &attempts, &providers, &requests, &apps, &channels, &routed],
         )
         .await?;
     let fresh: std::collections::HashSet<(String, i32)> =

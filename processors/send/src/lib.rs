@@ -7,11 +7,8 @@
 //! call. Provider-side idempotency keys are passed where the provider has one (webhook-id,
 //! SMTP Message-ID). Calls in a batch run concurrently, bounded per worker.
 
-pub mod alert;
-pub mod breaker;
 pub mod ledger;
 pub mod providers;
-pub mod rules;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,7 +16,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use herald_core::runtime::{Deps, delay_topic, tier_for};
+use herald_core::runtime::Deps;
 use herald_core::telemetry::names;
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, mask_address, now_ms};
@@ -27,15 +24,15 @@ use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
 use herald_schemas::{
-    Channel, DelayPurpose, DelayScheduled, DeliveryAttempted, DeliveryOutcome, MessageRouted,
-    MessageSuppressed, Reason, topics,
+    Channel, DeliveryAttempted, DeliveryOutcome, MessageRouted, MessageSuppressed, Reason, topics,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use herald_core::failure::rules::{self, Decision, Rules};
+use herald_core::failure::{Next, alert, breaker, next_attempt, outcome_from_str, outcome_str};
 use ledger::Prior;
 use providers::{CallResult, Provider};
-use rules::{Decision, Rules};
 
 pub const STAGE: &str = "send";
 
@@ -44,27 +41,6 @@ const CONCURRENCY: usize = 256;
 
 /// Waves in progress at once: the next wave starts while the last one's stragglers finish.
 const WAVES_IN_FLIGHT: usize = 2;
-
-pub fn outcome_str(o: DeliveryOutcome) -> &'static str {
-    match o {
-        DeliveryOutcome::Succeeded => "SUCCEEDED",
-        DeliveryOutcome::FailedPermanent => "FAILED_PERMANENT",
-        DeliveryOutcome::FailedTransient => "FAILED_TRANSIENT",
-        DeliveryOutcome::RateLimited => "RATE_LIMITED",
-        DeliveryOutcome::Unknown => "UNKNOWN",
-    }
-}
-
-pub fn outcome_from_str(s: &str) -> Option<DeliveryOutcome> {
-    Some(match s {
-        "SUCCEEDED" => DeliveryOutcome::Succeeded,
-        "FAILED_PERMANENT" => DeliveryOutcome::FailedPermanent,
-        "FAILED_TRANSIENT" => DeliveryOutcome::FailedTransient,
-        "RATE_LIMITED" => DeliveryOutcome::RateLimited,
-        "UNKNOWN" => DeliveryOutcome::Unknown,
-        _ => return None,
-    })
-}
 
 /// The status a delivery outcome gives the message (CONTRACT.md §3).
 pub fn status_for(outcome: DeliveryOutcome, has_receipts: bool) -> &'static str {
@@ -104,6 +80,8 @@ struct Send {
     alerts: alert::Alerter,
     limiters: Arc<HashMap<String, (u32, Limiter)>>,
     breakers: Arc<breaker::Breakers>,
+    /// Providers open by either signal in any process (`switch_provider` skips them).
+    health: breaker::OpenSet,
 }
 
 impl Send {
@@ -124,7 +102,7 @@ impl Send {
             .is_some_and(|p| p.has_receipts());
         let now = now_ms();
         let decision = self.rules.decide(m, attempt, &r, has_receipts, now, |c| {
-            self.breakers.available(c)
+            self.breakers.available(c) && !self.health.is_open(c)
         });
         metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
             .increment(1);
@@ -165,44 +143,30 @@ impl Send {
                 kind,
                 ..
             } => {
-                let mut next = m.clone();
-                if provider != m.provider {
-                    next.tried_providers.push(m.provider.clone());
-                }
-                next.provider = provider;
-                next.provider_kind = kind;
-                next.header = m.header.follow(
-                    STAGE,
-                    event_id(&m.header.message_id, "retry", attempt + 1),
-                    now,
+                let next = Next {
+                    provider,
+                    kind,
+                    delay,
+                    reason,
+                };
+                out.push(
+                    next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?,
                 );
-                next.header.attempt = attempt + 1;
-                let topic = topics::dispatch_lane(m.header.channel, m.priority);
-                let key = m.recipient.address.clone();
-                let routed = record(&self.deps.codec, &topic, &key, trace, &next).await?;
-                if delay.is_zero() {
-                    out.push(routed);
-                } else {
-                    let due = now + delay.as_millis() as i64;
-                    // Its own event id: the wrapped MessageRouted is another fact.
-                    let mut header = next.header.clone();
-                    header.event_id =
-                        event_id(&m.header.message_id, "retry_scheduled", attempt + 1);
-                    let scheduled = DelayScheduled {
-                        header,
-                        purpose: DelayPurpose::Retry,
-                        due_at: due,
-                        target_topic: topic,
-                        key: routed.key,
-                        payload: routed.payload,
-                        reason,
-                    };
-                    let tier = delay_topic(tier_for(due - now));
-                    out.push(record(&self.deps.codec, &tier, &key, trace, &scheduled).await?);
-                }
             }
             Decision::Alert { rule, url, secret } => {
-                self.alerts.send(&url, &secret, &rule, m, attempt, &r).await;
+                self.alerts
+                    .send(
+                        alert::Target {
+                            url: &url,
+                            secret: &secret,
+                        },
+                        alert::Scene::SendFailure,
+                        &rule,
+                        m,
+                        attempt,
+                        &r,
+                    )
+                    .await;
             }
             _ => {}
         }
@@ -216,9 +180,11 @@ impl BatchHandler for Send {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            self.health.refresh(&self.db).await;
             let mut out = Vec::with_capacity(batch.len());
             let mut msgs: Vec<(MessageRouted, i32, String)> = Vec::with_capacity(batch.len());
             let mut seen = HashSet::new();
+            let mut kept: HashMap<String, &[u8]> = HashMap::new();
             for input in batch {
                 let Some(m) = decode_or_dead_letter::<MessageRouted>(
                     &self.deps.codec,
@@ -233,6 +199,16 @@ impl BatchHandler for Send {
                 let attempt = m.header.attempt.max(1);
                 // The same attempt twice in one batch (a redelivery) is one attempt.
                 if seen.insert((m.header.message_id.clone(), attempt)) {
+                    // Kept in the ledger where an undelivered receipt may lead to a resend.
+                    if let Some(payload) = &input.payload
+                        && self.rules.may_act_on_receipt(m.header.channel, &m.provider)
+                        && self
+                            .providers
+                            .get(&m.provider)
+                            .is_some_and(|p| p.has_receipts())
+                    {
+                        kept.insert(m.header.message_id.clone(), payload.as_slice());
+                    }
                     msgs.push((m, attempt, trace_id(input)));
                 }
             }
@@ -295,6 +271,7 @@ impl BatchHandler for Send {
                     request_id: &m.header.request_id,
                     app_id: &m.header.app_id,
                     channel: m.header.channel.as_str(),
+                    routed: kept.get(&m.header.message_id).copied(),
                 })
                 .collect();
             let priors = ledger::claim(&self.db, &keys).await.map_err(|e| {
@@ -453,7 +430,7 @@ impl BatchHandler for Send {
                 .collect();
             let changes = self.breakers.record(&health);
             if !changes.is_empty()
-                && let Err(e) = breaker::persist(&self.db, &changes).await
+                && let Err(e) = self.breakers.persist(&self.db, &changes).await
             {
                 tracing::warn!(error = %herald_core::runtime::pg_error(e), "breaker state not persisted");
             }
@@ -548,6 +525,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     let limiters = Arc::new(limiters);
     let breakers = Arc::new(breaker::Breakers::new(
+        breaker::Signal::Calls,
         deps.config
             .providers
             .iter()
@@ -591,6 +569,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             alerts: alert::Alerter::new(),
             limiters: limiters.clone(),
             breakers: breakers.clone(),
+            health: Default::default(),
         };
         workers.push((spec, handler));
     }
@@ -615,6 +594,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             alerts: alert::Alerter::new(),
             limiters: limiters.clone(),
             breakers: breakers.clone(),
+            health: Default::default(),
         };
         workers.push((spec, handler));
     }

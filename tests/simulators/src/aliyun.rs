@@ -20,7 +20,7 @@ use herald_core::sign::{
 use herald_core::util::now_ms;
 use serde_json::{Value, json};
 
-use crate::{Sim, apply_fault, credential};
+use crate::{Fault, Sim, apply_fault, credential};
 
 const P: &str = "aliyun";
 const WINDOW_MS: i64 = 15 * 60 * 1000;
@@ -320,8 +320,34 @@ fn check(
 
 /// The scripted fault of an accepted call (an error answer, or how long to hang after it), and
 /// the call's `BizId` in the real `<digits>^0` shape.
-async fn accept_call(sim: &Sim) -> Result<(Option<u64>, String), Box<Response>> {
-    match apply_fault(sim.next_fault(P)).await {
+/// A call past its checks: the hang of a timeout fault, the `BizId`, and the receipt every
+/// number of it gets.
+struct Accepted {
+    hang: Option<u64>,
+    biz_id: String,
+    undelivered: Option<(String, String)>,
+}
+
+impl Accepted {
+    /// The SmsReport fields for a number: numbers ending in `0000` are never reached (the user
+    /// is out of service), and an `undelivered` fault reports its code.
+    fn report(&self, n: &str) -> Value {
+        let (ok, code, msg) = match &self.undelivered {
+            Some((code, msg)) => (false, code.as_str(), msg.as_str()),
+            None if n.ends_with("0000") => (false, "MK:0001", "用户不在服务区"),
+            None => (true, "DELIVERED", "用户接收成功"),
+        };
+        json!({
+            "phone_number": n, "send_time": "2026-01-01 00:00:00", "report_time": "2026-01-01 00:00:05",
+            "success": ok, "err_code": code, "err_msg": msg, "sms_size": "1", "biz_id": self.biz_id,
+        })
+    }
+}
+
+async fn accept_call(sim: &Sim) -> Result<Accepted, Box<Response>> {
+    let fault = sim.next_fault(P);
+    let undelivered = Fault::undelivered(&fault);
+    match apply_fault(fault).await {
         Err((code, msg)) => {
             let msg = if msg.is_empty() {
                 "simulated failure".into()
@@ -330,7 +356,11 @@ async fn accept_call(sim: &Sim) -> Result<(Option<u64>, String), Box<Response>> 
             };
             Err(Box::new(error(&code, &msg)))
         }
-        Ok(h) => Ok((h, format!("{}{:06}^0", now_ms(), sim.next_serial()))),
+        Ok(hang) => Ok(Accepted {
+            hang,
+            biz_id: format!("{}{:06}^0", now_ms(), sim.next_serial()),
+            undelivered,
+        }),
     }
 }
 
@@ -389,10 +419,11 @@ async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Respons
     }) {
         return error("isv.INVALID_JSON_PARAM", "JSON参数不合法，只接受字符串值");
     }
-    let (hang, biz_id) = match accept_call(sim).await {
+    let accepted = match accept_call(sim).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
+    let (hang, biz_id) = (accepted.hang, accepted.biz_id.clone());
     let mut reports = Vec::new();
     for (i, n) in numbers.iter().enumerate() {
         sim.record(
@@ -404,13 +435,9 @@ async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Respons
                 "biz_id": biz_id,
             }),
         );
-        let ok = !n.ends_with("0000");
-        reports.push(json!({
-            "phone_number": n, "send_time": "2026-01-01 00:00:00", "report_time": "2026-01-01 00:00:05",
-            "success": ok, "err_code": if ok { "DELIVERED" } else { "MK:0001" },
-            "err_msg": if ok { "用户接收成功" } else { "用户不在服务区" }, "sms_size": "1",
-            "biz_id": biz_id, "out_id": params.get("OutId").cloned().unwrap_or_default(),
-        }));
+        let mut report = accepted.report(n);
+        report["out_id"] = json!(params.get("OutId").cloned().unwrap_or_default());
+        reports.push(report);
     }
     sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
     crate::hang(hang).await;
@@ -481,21 +508,18 @@ async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
         let _ = n;
         return error("isv.BUSINESS_LIMIT_CONTROL", "触发分钟级流控Permits:1");
     }
-    let (hang, biz_id) = match accept_call(sim).await {
+    let accepted = match accept_call(sim).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
+    let (hang, biz_id) = (accepted.hang, accepted.biz_id.clone());
     record(sim, &params, &biz_id);
     let reports: Vec<Value> = numbers
         .iter()
         .map(|n| {
-            let ok = !n.ends_with("0000");
-            json!({
-                "phone_number": n, "send_time": "2026-01-01 00:00:00", "report_time": "2026-01-01 00:00:05",
-                "success": ok, "err_code": if ok { "DELIVERED" } else { "MK:0001" },
-                "err_msg": if ok { "用户接收成功" } else { "用户不在服务区" },
-                "sms_size": "1", "biz_id": biz_id, "out_id": params.get("OutId").cloned().unwrap_or_default(),
-            })
+            let mut report = accepted.report(n);
+            report["out_id"] = json!(params.get("OutId").cloned().unwrap_or_default());
+            report
         })
         .collect();
     sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));

@@ -78,6 +78,23 @@ pub enum Fault {
     Timeout { ms: u64 },
     /// Answer normally after `ms`.
     Slow { ms: u64 },
+    /// Take the request and answer success; its delivery receipts (SMS) then report every
+    /// number undelivered with this code.
+    Undelivered {
+        code: String,
+        #[serde(default)]
+        message: String,
+    },
+}
+
+impl Fault {
+    /// The receipt code and message an `Undelivered` fault scripts.
+    pub fn undelivered(fault: &Option<Fault>) -> Option<(String, String)> {
+        match fault {
+            Some(Fault::Undelivered { code, message }) => Some((code.clone(), message.clone())),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -262,7 +279,7 @@ pub async fn apply_fault(fault: Option<Fault>) -> Result<Option<u64>, (String, S
             Ok(None)
         }
         Some(Fault::Timeout { ms }) => Ok(Some(ms)),
-        None => Ok(None),
+        Some(Fault::Undelivered { .. }) | None => Ok(None),
     }
 }
 

@@ -224,6 +224,7 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
         return error("InvalidParameterValue", "SessionContext is too long.");
     }
     let fault = sim.next_fault(P);
+    let undelivered = Fault::undelivered(&fault);
     let per_number_fault = matches!(&fault, Some(Fault::Error { code, .. })
         if code.starts_with("FailedOperation.")
             || code.starts_with("LimitExceeded.Phone")
@@ -255,12 +256,15 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
             }
             (Some(e164), None) => {
                 let serial = format!("2433:{}{:08}", now_ms(), sim.next_serial());
-                let ok = !e164.ends_with("0000");
+                let (ok, code, description) = match &undelivered {
+                    Some((code, msg)) => (false, code.as_str(), msg.as_str()),
+                    None if e164.ends_with("0000") => (false, "UNDELIV", "用户短信未送达"),
+                    None => (true, "DELIVRD", "用户短信送达成功"),
+                };
                 reports.push(json!({
                     "user_receive_time": "2026-01-01 00:00:05", "nationcode": "86",
                     "mobile": e164.trim_start_matches("+86"), "report_status": if ok { "SUCCESS" } else { "FAIL" },
-                    "errmsg": if ok { "DELIVRD" } else { "UNDELIV" },
-                    "description": if ok { "用户短信送达成功" } else { "用户短信未送达" }, "sid": serial,
+                    "errmsg": code, "description": description, "sid": serial,
                 }));
                 {
                     sim.record(P, json!({"session_context": session, "numbers": [e164], "serial_no": serial, "template_id": req["TemplateId"], "params": req["TemplateParamSet"]}));

@@ -19,34 +19,7 @@ use futures::future::BoxFuture;
 use herald_core::config::{ProviderConfig, ProviderKind};
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
-/// The classified answer of one provider call.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CallResult {
-    pub outcome: DeliveryOutcome,
-    pub response_code: Option<String>,
-    pub provider_message_id: Option<String>,
-    pub reason: Option<Reason>,
-}
-
-impl CallResult {
-    pub fn ok(code: impl Into<String>, provider_message_id: Option<String>) -> Self {
-        CallResult {
-            outcome: DeliveryOutcome::Succeeded,
-            response_code: Some(code.into()),
-            provider_message_id,
-            reason: None,
-        }
-    }
-
-    pub fn fail(outcome: DeliveryOutcome, code: Option<String>, reason: Reason) -> Self {
-        CallResult {
-            outcome,
-            response_code: code,
-            provider_message_id: None,
-            reason: Some(reason),
-        }
-    }
-}
+pub use herald_core::failure::CallResult;
 
 pub trait Provider: Send + Sync {
     /// Whether the channel confirms delivery later by receipt (then success means `sent`).

@@ -7,12 +7,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use herald_core::config::{
+use crate::config::{
     ActionConfig, Config, RuleAction, RuleConfig, RuleScene, UnknownOutcomePolicy,
 };
 use herald_schemas::{Channel, DeliveryOutcome, MessageRouted, Reason};
 
-use crate::providers::CallResult;
+use super::CallResult;
 
 /// What happens to a message after an attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +57,10 @@ impl Decision {
 }
 
 pub struct Rules {
+    /// `send_failure` rules, by priority.
     rules: Vec<RuleConfig>,
+    /// `callback_failure` rules (undelivered receipts), by priority.
+    receipt_rules: Vec<RuleConfig>,
     /// Providers per channel in routing order: `(code, kind)`.
     order: HashMap<Channel, Vec<(String, String)>>,
     unknown: HashMap<Channel, UnknownOutcomePolicy>,
@@ -69,13 +72,16 @@ const TRANSIENT_DEFAULT: (u32, f64, f64) = (3, 5.0, 2.0);
 
 impl Rules {
     pub fn new(cfg: &Config) -> Rules {
-        let mut rules: Vec<RuleConfig> = cfg
-            .rules
-            .iter()
-            .filter(|r| r.scene == RuleScene::SendFailure)
-            .cloned()
-            .collect();
-        rules.sort_by_key(|r| r.priority);
+        let scene = |scene: RuleScene| {
+            let mut v: Vec<RuleConfig> = cfg
+                .rules
+                .iter()
+                .filter(|r| r.scene == scene)
+                .cloned()
+                .collect();
+            v.sort_by_key(|r| r.priority);
+            v
+        };
         let order = Channel::ALL
             .iter()
             .map(|c| {
@@ -92,7 +98,8 @@ impl Rules {
             .map(|c| (*c, cfg.unknown_outcome(*c)))
             .collect();
         Rules {
-            rules,
+            rules: scene(RuleScene::SendFailure),
+            receipt_rules: scene(RuleScene::CallbackFailure),
             order,
             unknown,
         }
@@ -208,13 +215,57 @@ impl Rules {
                 },
             },
         };
-        if let Decision::Retry { delay, .. } = &decision
-            && m.expires_at
-                .is_some_and(|e| now_ms + delay.as_millis() as i64 >= e)
-        {
-            return Decision::Expired;
+        Self::unless_expired(decision, m, now_ms)
+    }
+
+    /// Whether an undelivered receipt for a message of `channel` sent through `provider` could
+    /// meet a `callback_failure` rule: then the send stage keeps the message for a resend.
+    pub fn may_act_on_receipt(&self, channel: Channel, provider: &str) -> bool {
+        self.receipt_rules.iter().any(|r| {
+            r.channel.is_none_or(|c| c == channel)
+                && (r.provider.is_empty() || r.provider == provider)
+        })
+    }
+
+    /// Decides what follows an undelivered receipt (`code`, `message`) for attempt `attempt` of
+    /// `m`: the first matching `callback_failure` rule, or `None` (the receipt stands:
+    /// `undelivered`). A retry that would land after `expires_at` is `Expired`.
+    pub fn decide_receipt(
+        &self,
+        m: &MessageRouted,
+        attempt: i32,
+        code: &str,
+        message: &str,
+        now_ms: i64,
+        available: impl Fn(&str) -> bool,
+    ) -> Option<Decision> {
+        let r = CallResult::fail(
+            DeliveryOutcome::FailedPermanent,
+            Some(code.to_owned()),
+            Reason::new(code, message),
+        );
+        let rule = self
+            .receipt_rules
+            .iter()
+            .find(|rule| Self::matches(rule, m, &r))?;
+        Some(Self::unless_expired(
+            self.apply(rule, m, attempt, available),
+            m,
+            now_ms,
+        ))
+    }
+
+    /// A retry that would land after the message's `expires_at` becomes `Expired`.
+    fn unless_expired(decision: Decision, m: &MessageRouted, now_ms: i64) -> Decision {
+        match &decision {
+            Decision::Retry { delay, .. }
+                if m.expires_at
+                    .is_some_and(|e| now_ms + delay.as_millis() as i64 >= e) =>
+            {
+                Decision::Expired
+            }
+            _ => decision,
         }
-        decision
     }
 
     fn apply(
@@ -470,6 +521,75 @@ mod tests {
         assert_eq!(
             rules.decide(&expiring, 1, &transient, true, 0, |_| true),
             Decision::Expired
+        );
+    }
+
+    #[test]
+    fn undelivered_receipts_meet_the_callback_failure_rules_only() {
+        let rules = Rules::new(&cfg(r#"
+            [[rules]]
+            name = "carrier gateway fault: switch"
+            scene = "callback_failure"
+            provider = "ali"
+            error_codes = ["MK:0005"]
+            action = "switch_provider"
+            priority = 10
+            [[rules]]
+            name = "handset off: retry later"
+            scene = "callback_failure"
+            channel = "SMS"
+            error_keywords = ["undeliv"]
+            action = "retry"
+            action_config = { max_retry = 1, delay_seconds = 60 }
+            priority = 20
+            [[rules]]
+            name = "anything else undelivered: alert"
+            scene = "callback_failure"
+            channel = "SMS"
+            error_codes = ["MK:0001"]
+            action = "alert"
+            action_config = { webhook_url = "http://ops/alerts" }
+            priority = 30
+            [[rules]]
+            name = "send failures are another scene"
+            scene = "send_failure"
+            error_codes = ["MK:0009"]
+            action = "fail"
+            priority = 1
+        "#));
+        let m = msg("ali", None);
+        assert!(rules.may_act_on_receipt(Channel::Sms, "ali"));
+        assert!(rules.may_act_on_receipt(Channel::Sms, "tc"));
+        assert!(!rules.may_act_on_receipt(Channel::Email, "smtp"));
+        assert!(
+            matches!(rules.decide_receipt(&m, 1, "MK:0005", "gateway", 0, |_| true), Some(Decision::Retry { ref provider, delay, .. }) if provider == "tc" && delay.is_zero())
+        );
+        // Switching needs an available provider that has not had the message.
+        assert!(matches!(
+            rules.decide_receipt(&m, 1, "MK:0005", "gateway", 0, |c| c != "tc"),
+            Some(Decision::Fail { .. })
+        ));
+        assert!(
+            matches!(rules.decide_receipt(&m, 1, "UNDELIV", "用户短信未送达", 0, |_| true), Some(Decision::Retry { ref provider, delay, .. }) if provider == "ali" && delay == Duration::from_secs(60))
+        );
+        assert!(matches!(
+            rules.decide_receipt(&m, 2, "UNDELIV", "", 0, |_| true),
+            Some(Decision::Fail { .. })
+        ));
+        // A retry after the message's expiry is no retry.
+        let short = msg("ali", Some(30_000));
+        assert_eq!(
+            rules.decide_receipt(&short, 1, "UNDELIV", "", 0, |_| true),
+            Some(Decision::Expired)
+        );
+        assert!(matches!(
+            rules.decide_receipt(&m, 1, "MK:0001", "", 0, |_| true),
+            Some(Decision::Alert { ref url, .. }) if url == "http://ops/alerts"
+        ));
+        // No callback rule matches: the receipt stands.
+        assert_eq!(
+            rules.decide_receipt(&m, 1, "MK:0009", "", 0, |_| true),
+            None
         );
     }
 }

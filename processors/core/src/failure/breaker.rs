@@ -4,13 +4,19 @@
 //! half-open: traffic is let through again and the first outcomes decide — a failure reopens it,
 //! `min_calls` successes close it.
 //!
-//! The state is written to PostgreSQL (`provider_health`) when it changes, so the route stage —
-//! possibly another process — stops choosing an open provider, and `switch_provider` skips it.
+//! Two signals feed a provider's health, each through its own breaker with the provider's
+//! `breaker` config: call outcomes (the send stage) and delivery receipts (the callback stage:
+//! `undelivered` is a failure, `delivered` a success) — a provider that accepts every call but
+//! delivers nothing is as broken as one that refuses them.
+//!
+//! The state is written to PostgreSQL (`provider_health`, one column pair per signal) when it
+//! changes, so the route stage — possibly another process — stops choosing a provider either
+//! signal opened, and `switch_provider` skips it ([`OpenSet`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use herald_core::config::BreakerConfig;
+use crate::config::BreakerConfig;
 use herald_schemas::DeliveryOutcome;
 
 pub const SCHEMA: &str = "
@@ -19,7 +25,27 @@ CREATE TABLE IF NOT EXISTS provider_health (
     open_until timestamptz,
     failure_rate double precision NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
-)";
+);
+ALTER TABLE provider_health ADD COLUMN IF NOT EXISTS receipts_open_until timestamptz;
+ALTER TABLE provider_health ADD COLUMN IF NOT EXISTS receipts_failure_rate double precision NOT NULL DEFAULT 0";
+
+/// What a breaker counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Provider calls (send stage).
+    Calls,
+    /// Delivery receipts (callback stage).
+    Receipts,
+}
+
+impl Signal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::Calls => "calls",
+            Signal::Receipts => "receipts",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum State {
@@ -111,14 +137,19 @@ impl Breaker {
     }
 }
 
-/// The breakers of every provider in this process.
+/// The breakers of every provider in this process, for one signal.
 pub struct Breakers {
+    signal: Signal,
     by_provider: std::sync::Mutex<HashMap<String, Breaker>>,
 }
 
 impl Breakers {
-    pub fn new(cfgs: impl IntoIterator<Item = (String, BreakerConfig)>) -> Breakers {
+    pub fn new(
+        signal: Signal,
+        cfgs: impl IntoIterator<Item = (String, BreakerConfig)>,
+    ) -> Breakers {
         Breakers {
+            signal,
             by_provider: std::sync::Mutex::new(
                 cfgs.into_iter()
                     .map(|(p, c)| (p, Breaker::new(c)))
@@ -127,21 +158,30 @@ impl Breakers {
         }
     }
 
-    /// Records a batch's outcomes; answers the state changes to persist.
+    /// Records a batch's call outcomes; answers the state changes to persist.
     pub fn record(&self, outcomes: &[(String, DeliveryOutcome)]) -> Vec<Change> {
+        let signals: Vec<(String, bool)> = outcomes
+            .iter()
+            .filter_map(|(p, o)| Some((p.clone(), Breaker::health_signal(*o)?)))
+            .collect();
+        self.record_failed(&signals)
+    }
+
+    /// Records `(provider, failed)` observations; answers the state changes to persist.
+    pub fn record_failed(&self, observed: &[(String, bool)]) -> Vec<Change> {
         let now = Instant::now();
         let mut g = self.by_provider.lock().unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::new();
-        for (provider, outcome) in outcomes {
-            let (Some(b), Some(failed)) = (g.get_mut(provider), Breaker::health_signal(*outcome))
-            else {
+        for (provider, failed) in observed {
+            let Some(b) = g.get_mut(provider) else {
                 continue;
             };
+            let failed = *failed;
             if let Some(state) = b.record(failed, now) {
                 let rate = b.failure_rate();
-                metrics::gauge!(herald_core::telemetry::names::BREAKER_STATE, "provider" => provider.clone())
+                metrics::gauge!(crate::telemetry::names::BREAKER_STATE, "provider" => provider.clone(), "signal" => self.signal.label())
                     .set(if matches!(state, State::Open { .. }) { 1.0 } else { 0.0 });
-                tracing::warn!(%provider, ?state, failure_rate = rate, "circuit breaker changed");
+                tracing::warn!(%provider, signal = self.signal.label(), ?state, failure_rate = rate, "circuit breaker changed");
                 let open = match state {
                     State::Open { until } => Some(until.saturating_duration_since(now)),
                     _ => None,
@@ -157,25 +197,83 @@ impl Breakers {
         let g = self.by_provider.lock().unwrap_or_else(|p| p.into_inner());
         !matches!(g.get(provider).map(|b| b.state), Some(State::Open { until }) if Instant::now() < until)
     }
+
+    /// Persists state changes for the route stage (and the other processes' `switch_provider`).
+    pub async fn persist(
+        &self,
+        db: &tokio_postgres::Client,
+        changes: &[Change],
+    ) -> Result<(), tokio_postgres::Error> {
+        persist(db, self.signal, changes).await
+    }
 }
 
-/// Persists breaker changes for the route stage.
-pub async fn persist(
+async fn persist(
     db: &tokio_postgres::Client,
+    signal: Signal,
     changes: &[Change],
 ) -> Result<(), tokio_postgres::Error> {
-    for (provider, open, rate) in changes {
-        let secs = open.map(|d| d.as_secs_f64());
-        db.execute(
+    let sql = match signal {
+        Signal::Calls => {
             "INSERT INTO provider_health (provider, open_until, failure_rate, updated_at)
              VALUES ($1, now() + make_interval(secs => $2), $3, now())
              ON CONFLICT (provider) DO UPDATE
-               SET open_until = EXCLUDED.open_until, failure_rate = EXCLUDED.failure_rate, updated_at = now()",
-            &[provider, &secs, rate],
-        )
-        .await?;
+               SET open_until = EXCLUDED.open_until, failure_rate = EXCLUDED.failure_rate, updated_at = now()"
+        }
+        Signal::Receipts => {
+            "INSERT INTO provider_health (provider, receipts_open_until, receipts_failure_rate, updated_at)
+             VALUES ($1, now() + make_interval(secs => $2), $3, now())
+             ON CONFLICT (provider) DO UPDATE
+               SET receipts_open_until = EXCLUDED.receipts_open_until,
+                   receipts_failure_rate = EXCLUDED.receipts_failure_rate, updated_at = now()"
+        }
+    };
+    for (provider, open, rate) in changes {
+        let secs = open.map(|d| d.as_secs_f64());
+        db.execute(sql, &[provider, &secs, rate]).await?;
     }
     Ok(())
+}
+
+/// The providers open now by either signal, as PostgreSQL last has them, re-read at most once a
+/// second. A failed read keeps the last set (routing never stops on a health read).
+#[derive(Debug, Default, Clone)]
+pub struct OpenSet {
+    open: std::collections::HashSet<String>,
+    read_at: Option<Instant>,
+}
+
+impl OpenSet {
+    pub async fn refresh(&mut self, db: &tokio_postgres::Client) {
+        if self
+            .read_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.read_at = Some(Instant::now());
+        match db
+            .query(
+                "SELECT provider FROM provider_health
+                 WHERE open_until > now() OR receipts_open_until > now()",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => self.open = rows.iter().map(|r| r.get(0)).collect(),
+            // The table appears when the send stage first runs.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                self.open.clear()
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::runtime::pg_error(e), "provider health not read")
+            }
+        }
+    }
+
+    pub fn is_open(&self, provider: &str) -> bool {
+        self.open.contains(provider)
+    }
 }
 
 #[cfg(test)]
@@ -230,7 +328,7 @@ mod tests {
             None
         );
         assert_eq!(Breaker::health_signal(DeliveryOutcome::Unknown), Some(true));
-        let all = Breakers::new([("p".to_owned(), cfg())]);
+        let all = Breakers::new(Signal::Calls, [("p".to_owned(), cfg())]);
         let fails: Vec<_> = (0..4)
             .map(|_| ("p".to_owned(), DeliveryOutcome::FailedTransient))
             .collect();

@@ -5,14 +5,38 @@
 
 use std::time::Duration;
 
-use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
+use crate::util::{now_ms, standard_webhook_signature, webhook_key};
 use herald_schemas::MessageRouted;
 use tracing::warn;
 
-use crate::outcome_str;
-use crate::providers::CallResult;
+use super::{CallResult, outcome_str};
 
 pub const ALERTS: &str = "herald_send_alerts_total";
+
+/// Which rule scene raised the alert.
+#[derive(Debug, Clone, Copy)]
+pub enum Scene {
+    /// A provider call failed.
+    SendFailure,
+    /// A delivery receipt said undelivered.
+    CallbackFailure,
+}
+
+impl Scene {
+    fn event_type(self) -> &'static str {
+        match self {
+            Scene::SendFailure => "herald.send_failure.alert",
+            Scene::CallbackFailure => "herald.callback_failure.alert",
+        }
+    }
+}
+
+/// Where an alert goes: the rule's `webhook_url`, signed with its secret.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub url: &'a str,
+    pub secret: &'a str,
+}
 
 pub struct Alerter {
     client: reqwest::Client,
@@ -35,17 +59,19 @@ impl Alerter {
         }
     }
 
+    /// Sends one alert about attempt `attempt` of `m` (which ended with `r`) to `to`.
     pub async fn send(
         &self,
-        url: &str,
-        secret: &str,
+        to: Target<'_>,
+        scene: Scene,
         rule: &str,
         m: &MessageRouted,
         attempt: i32,
         r: &CallResult,
     ) {
+        let Target { url, secret } = to;
         let body = serde_json::json!({
-            "type": "herald.send_failure.alert",
+            "type": scene.event_type(),
             "rule": rule,
             "message_id": m.header.message_id,
             "request_id": m.header.request_id,
@@ -58,7 +84,7 @@ impl Alerter {
             "reason": r.reason.as_ref().map(|x| serde_json::json!({"code": x.code, "message": x.message})),
         })
         .to_string();
-        let id = format!("alert-{}-{attempt}", m.header.message_id);
+        let id = format!("{}-{}-{attempt}", scene.event_type(), m.header.message_id);
         let key = webhook_key(secret);
         for wait_ms in [200u64, 1000, 0] {
             let ts = now_ms() / 1000;
