@@ -301,6 +301,72 @@ async fn tencent_tc3_is_accepted_and_per_number_answers_classified() {
 }
 
 #[tokio::test]
+async fn tencent_batches_numbers_sharing_template_and_params_into_one_call() {
+    let sim = Peer::start().await;
+    let p = sim.provider(
+        &TENCENT.replace("timeout_ms = 1000", "timeout_ms = 1000\nbatch_max = 200"),
+        false,
+    );
+    assert_eq!(p.batch_max(), 200);
+    let same = || sms_content("1110", &[("1", "4370")]);
+    let msgs = [
+        message(Channel::Sms, "+8613800001001", same()),
+        message(Channel::Sms, "13800001002", same()),
+        // Rejected by number (Tencent answers per number): only this one fails.
+        message(Channel::Sms, "+861", same()),
+        // The same number again: a second call, never twice in one PhoneNumberSet.
+        message(Channel::Sms, "13800001001", same()),
+        // Other params: another call.
+        message(
+            Channel::Sms,
+            "13800001003",
+            sms_content("1110", &[("1", "9999")]),
+        ),
+        message(Channel::Sms, "13800001004", text("no template")),
+    ];
+    let items: Vec<(&MessageRouted, i32)> = msgs.iter().map(|m| (m, 1)).collect();
+    let rs = p.send_batch(&items).await;
+    let outcomes: Vec<DeliveryOutcome> = rs.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::FailedPermanent,
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::FailedPermanent,
+        ],
+        "{rs:?}"
+    );
+    assert_eq!(
+        rs[2].reason.as_ref().unwrap().code,
+        "InvalidParameterValue.IncorrectPhoneNumber"
+    );
+    assert_eq!(
+        rs[5].reason.as_ref().unwrap().code,
+        "missing_provider_template"
+    );
+    // Each message has its own number's SerialNo (the receipt key).
+    let serials: std::collections::HashSet<_> = [0, 1, 3, 4]
+        .iter()
+        .map(|i| rs[*i].provider_message_id.clone().unwrap())
+        .collect();
+    assert_eq!(serials.len(), 4);
+    let log = sim.log("tencent").await;
+    // Three calls: {1001, 1002, +861}, {1001 again}, {1003}.
+    assert_eq!(log["requests"], 3, "{log}");
+    let first = log["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["numbers"] == json!(["+8613800001002"]))
+        .unwrap();
+    assert_eq!(first["params"], json!(["4370"]));
+    assert_eq!(first["session_context"], msgs[0].header.message_id.as_str());
+}
+
+#[tokio::test]
 async fn robots_sign_and_their_limits_become_rate_limited() {
     let sim = Peer::start().await;
     let ding = r#"

@@ -1,6 +1,11 @@
 //! Tencent Cloud SMS `SendSms` 2021-01-11 (PROVIDERS.md §2), TC3-HMAC-SHA256 signed.
 //! `SessionContext` carries Herald's message id; the per-number `SerialNo` is the receipt key.
 //!
+//! With `batch_max` > 1 (at most 200), messages with the same `TemplateId` and the same
+//! `TemplateParamSet` (a notice to many) go out in one call of up to `batch_max` numbers; each
+//! message gets its own number's `SendStatusSet` entry. A batch's `SessionContext` names its
+//! first message (the receipt key is the per-number `SerialNo`).
+//!
 //! Config: credentials `secret_id`, `secret_key`; settings `sdk_app_id`, `sign_name`, optional
 //! `region` (default `ap-guangzhou`). Templates need `provider_template` (the `TemplateId`);
 //! `provider_params` are positional: keys `1`, `2`, … give `TemplateParamSet` in order.
@@ -32,6 +37,7 @@ pub struct TencentSms {
     sdk_app_id: String,
     sign_name: String,
     region: String,
+    batch_max: usize,
 }
 
 impl TencentSms {
@@ -57,8 +63,107 @@ impl TencentSms {
                 .get("region")
                 .cloned()
                 .unwrap_or_else(|| "ap-guangzhou".into()),
+            batch_max: p.batch_max.unwrap_or(1).clamp(1, 200),
         })
     }
+
+    /// One signed `SendSms` call; the answer's JSON, or the call's failure.
+    async fn call(&self, body: String) -> Result<serde_json::Value, CallResult> {
+        let ts = now_ms() / 1000;
+        let mut headers = BTreeMap::new();
+        headers.insert("content-type".to_owned(), CONTENT_TYPE.to_owned());
+        headers.insert("host".to_owned(), self.host.clone());
+        headers.insert("x-tc-action".to_owned(), "SendSms".to_owned());
+        let auth = Tc3 {
+            secret_key: &self.secret_key,
+            service: &self.service,
+            timestamp: ts,
+            signed_headers: SIGNED,
+            headers: &headers,
+            payload: body.as_bytes(),
+        }
+        .authorization(&self.secret_id);
+        let req = self
+            .client
+            .post(format!("{}/", self.endpoint))
+            .header("content-type", CONTENT_TYPE)
+            .header("x-tc-action", "SendSms")
+            .header("x-tc-version", VERSION)
+            .header("x-tc-region", &self.region)
+            .header("x-tc-timestamp", ts.to_string())
+            .header("authorization", auth)
+            .body(body);
+        json_call(req).await.map(|(_, v)| v)
+    }
+
+    /// The request body for messages sharing a template and its params.
+    fn body(&self, template: &str, group: &[&MessageRouted]) -> String {
+        let Some(first) = group.first() else {
+            return String::new();
+        };
+        serde_json::json!({
+            "PhoneNumberSet": group.iter().map(|m| m.recipient.address.as_str()).collect::<Vec<_>>(),
+            "SmsSdkAppId": self.sdk_app_id,
+            "SignName": self.sign_name,
+            "TemplateId": template,
+            "TemplateParamSet": template_param_set(&first.content.provider_params),
+            "SessionContext": first.header.message_id,
+        })
+        .to_string()
+    }
+}
+
+fn missing_template() -> CallResult {
+    CallResult::fail(
+        DeliveryOutcome::FailedPermanent,
+        None,
+        Reason::new(
+            "missing_provider_template",
+            "Tencent SMS needs the template's provider_template (TemplateId)",
+        ),
+    )
+}
+
+/// A mainland number's 11 digits (`+86`, `0086`, `86` prefixes dropped), to match a
+/// `SendStatusSet` entry (E.164) to the address a message was sent to.
+fn national(n: &str) -> &str {
+    n.strip_prefix("+86")
+        .or_else(|| n.strip_prefix("0086"))
+        .or_else(|| n.strip_prefix("86").filter(|r| r.len() == 11))
+        .unwrap_or(n)
+}
+
+/// A batch answer, one result per address in order: a request-level error is every message's;
+/// otherwise each message gets its number's `SendStatusSet` entry, and a number the answer does
+/// not mention has an unknown outcome (the call was taken).
+pub fn classify_batch(v: &serde_json::Value, addresses: &[&str]) -> Vec<CallResult> {
+    let resp = &v["Response"];
+    let Some(set) = resp["SendStatusSet"]
+        .as_array()
+        .filter(|_| resp.get("Error").is_none())
+    else {
+        let r = classify(v);
+        return vec![r; addresses.len()];
+    };
+    addresses
+        .iter()
+        .map(|a| {
+            set.iter()
+                .find(|e| {
+                    e["PhoneNumber"]
+                        .as_str()
+                        .is_some_and(|p| national(p) == national(a))
+                })
+                .map(|e| classify(&serde_json::json!({"Response": {"SendStatusSet": [e]}})))
+                .unwrap_or_else(|| {
+                    provider_error(
+                        DeliveryOutcome::Unknown,
+                        "missing_send_status",
+                        "the answer has no SendStatusSet entry for this number",
+                    )
+                })
+        })
+        .collect()
 }
 
 /// `TemplateParamSet` from positional params (`1`, `2`, … in numeric order).
@@ -114,55 +219,75 @@ impl Provider for TencentSms {
         true
     }
 
+    fn batch_max(&self) -> usize {
+        self.batch_max
+    }
+
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
             let Some(template) = super::provider_template(m) else {
-                return CallResult::fail(
-                    DeliveryOutcome::FailedPermanent,
-                    None,
-                    Reason::new(
-                        "missing_provider_template",
-                        "Tencent SMS needs the template's provider_template (TemplateId)",
-                    ),
-                );
+                return missing_template();
             };
-            let body = serde_json::json!({
-                "PhoneNumberSet": [m.recipient.address],
-                "SmsSdkAppId": self.sdk_app_id,
-                "SignName": self.sign_name,
-                "TemplateId": template,
-                "TemplateParamSet": template_param_set(&m.content.provider_params),
-                "SessionContext": m.header.message_id,
-            })
-            .to_string();
-            let ts = now_ms() / 1000;
-            let mut headers = BTreeMap::new();
-            headers.insert("content-type".to_owned(), CONTENT_TYPE.to_owned());
-            headers.insert("host".to_owned(), self.host.clone());
-            headers.insert("x-tc-action".to_owned(), "SendSms".to_owned());
-            let auth = Tc3 {
-                secret_key: &self.secret_key,
-                service: &self.service,
-                timestamp: ts,
-                signed_headers: SIGNED,
-                headers: &headers,
-                payload: body.as_bytes(),
-            }
-            .authorization(&self.secret_id);
-            let req = self
-                .client
-                .post(format!("{}/", self.endpoint))
-                .header("content-type", CONTENT_TYPE)
-                .header("x-tc-action", "SendSms")
-                .header("x-tc-version", VERSION)
-                .header("x-tc-region", &self.region)
-                .header("x-tc-timestamp", ts.to_string())
-                .header("authorization", auth)
-                .body(body);
-            match json_call(req).await {
-                Ok((_, v)) => classify(&v),
+            match self.call(self.body(&template, &[m])).await {
+                Ok(v) => classify(&v),
                 Err(r) => r,
             }
+        })
+    }
+
+    fn send_batch<'a>(
+        &'a self,
+        msgs: &'a [(&'a MessageRouted, i32)],
+    ) -> BoxFuture<'a, Vec<CallResult>> {
+        Box::pin(async move {
+            // One call per (TemplateId, TemplateParamSet); a number at most once per call.
+            type Key = (Option<String>, Vec<String>);
+            let mut calls: Vec<(Key, Vec<usize>)> = Vec::new();
+            for (i, (m, _)) in msgs.iter().enumerate() {
+                let key = (
+                    super::provider_template(m),
+                    template_param_set(&m.content.provider_params),
+                );
+                let addr = national(&m.recipient.address);
+                let fits = calls.iter_mut().find(|(k, idx)| {
+                    *k == key
+                        && idx.len() < self.batch_max
+                        && idx
+                            .iter()
+                            .all(|j| national(&msgs[*j].0.recipient.address) != addr)
+                });
+                match fits {
+                    Some((_, idx)) => idx.push(i),
+                    None => calls.push((key, vec![i])),
+                }
+            }
+            let mut out: Vec<Option<CallResult>> = vec![None; msgs.len()];
+            let results =
+                futures::future::join_all(calls.iter().map(|((template, _), idx)| async move {
+                    let Some(template) = template else {
+                        return vec![missing_template(); idx.len()];
+                    };
+                    let group: Vec<&MessageRouted> = idx.iter().map(|i| msgs[*i].0).collect();
+                    let addresses: Vec<&str> =
+                        group.iter().map(|m| m.recipient.address.as_str()).collect();
+                    match self.call(self.body(template, &group)).await {
+                        Ok(v) => classify_batch(&v, &addresses),
+                        Err(r) => vec![r; idx.len()],
+                    }
+                }))
+                .await;
+            for ((_, idx), rs) in calls.iter().zip(results) {
+                for (i, r) in idx.iter().zip(rs) {
+                    out[*i] = Some(r);
+                }
+            }
+            out.into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        provider_error(DeliveryOutcome::FailedTransient, "internal", "no result")
+                    })
+                })
+                .collect()
         })
     }
 }
@@ -207,6 +332,25 @@ mod tests {
         // "OK" is not Tencent's success code.
         let wrong = classify(&json!({"Response":{"SendStatusSet":[{"Code":"OK"}]}}));
         assert_ne!(wrong.outcome, DeliveryOutcome::Succeeded);
+    }
+
+    #[test]
+    fn batch_answers_go_to_their_numbers() {
+        let v = json!({"Response":{"SendStatusSet":[
+            {"SerialNo":"","PhoneNumber":"+8613800000002","Code":"FailedOperation.PhoneNumberInBlacklist","Message":"m"},
+            {"SerialNo":"5000:1","PhoneNumber":"+8613800000001","Code":"Ok","Message":"send success"}
+        ]}});
+        let rs = classify_batch(&v, &["13800000001", "+8613800000002", "008613800000003"]);
+        assert_eq!(rs[0].provider_message_id.as_deref(), Some("5000:1"));
+        assert_eq!(rs[1].outcome, DeliveryOutcome::FailedPermanent);
+        // Taken, but not answered for: unknown, never a silent resend.
+        assert_eq!(rs[2].outcome, DeliveryOutcome::Unknown);
+        let err = json!({"Response":{"Error":{"Code":"RequestLimitExceeded","Message":"m"}}});
+        assert!(
+            classify_batch(&err, &["1", "2"])
+                .iter()
+                .all(|r| r.outcome == DeliveryOutcome::RateLimited)
+        );
     }
 
     #[test]
