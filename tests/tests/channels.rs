@@ -1608,13 +1608,62 @@ struct Case {
     provider: &'static str,
     transient: (&'static str, &'static str),
     permanent: (&'static str, &'static str),
+    /// An error the rules answer with `switch_provider`, and the provider that then sends.
+    switch: (&'static str, &'static str),
+    backup: &'static str,
+    /// An error the rules answer with `alert`.
+    alert: (&'static str, &'static str),
     /// Status after a timeout, per the channel's unknown-outcome policy.
     after_timeout: &'static str,
     body: fn(&str) -> Value,
 }
 
+/// The matrix test's additions to ops/herald.toml: a second robot / account for the channels
+/// that have one provider (same simulator), and rules that switch or alert on one code each.
+const MATRIX_EXTRA: &str = r#"
+[[providers]]
+code = "dingtalk-backup"
+timeout_ms = 2000
+kind = "dingtalk_robot"
+endpoint = "http://127.0.0.1:18100/dingtalk/robot/send"
+priority = 1
+credentials_env = { access_token = "HERALD_SIM_DINGTALK_TOKEN", secret = "HERALD_SIM_DINGTALK_SECRET" }
+
+[[providers]]
+code = "feishu-backup"
+timeout_ms = 2000
+kind = "feishu_bot"
+endpoint = "http://127.0.0.1:18100/feishu/open-apis/bot/v2/hook/0b6b5b3c-sim-feishu-hook"
+priority = 1
+rate_limit_per_sec = 5
+credentials_env = { secret = "HERALD_SIM_FEISHU_SECRET" }
+
+[[providers]]
+code = "wechat-backup"
+timeout_ms = 2000
+kind = "wechat_oa"
+endpoint = "http://127.0.0.1:18100/wechat"
+priority = 1
+credentials_env = { app_id = "HERALD_SIM_WECHAT_APP_ID", app_secret = "HERALD_SIM_WECHAT_APP_SECRET" }
+
+[[rules]]
+name = "matrix: this robot or account is gone, switch"
+scene = "send_failure"
+error_codes = ["300005", "19022", "93000", "45009"]
+action = "switch_provider"
+priority = 5
+
+[[rules]]
+name = "matrix: the operator must fix it, alert"
+scene = "send_failure"
+error_codes = ["310000", "19021", "44004", "47003"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 5
+"#;
+
 #[tokio::test(flavor = "multi_thread")]
-async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
+async fn every_provider_through_the_pipeline_success_retry_switch_alert_permanent_timeout() {
     let _serial = SERIAL.lock().await;
     // Tencent first for SMS and the WeCom robot first for WECOM, so each provider is reached
     // directly (the Aliyun and WeCom-app rows are in the other tests).
@@ -1630,7 +1679,8 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             "code = \"wecom-app-sim\"\n",
             "code = \"wecom-app-sim\"\npriority = 2\n",
             1,
-        );
+        )
+        + MATRIX_EXTRA;
     assert!(
         text.contains("18100/aliyun\"\npriority = 2")
             && text.contains("wecom-app-sim\"\npriority = 2"),
@@ -1647,6 +1697,15 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             permanent: ("FailedOperation.PhoneNumberInBlacklist", "blacklisted"),
             // The SerialNo of a lost answer is unknown: the message stays `sent` (held for a
             // receipt that cannot be matched), never resent.
+            switch: (
+                "FailedOperation.InsufficientBalanceInSmsPackage",
+                "套餐包余量不足",
+            ),
+            backup: "aliyun-sim",
+            alert: (
+                "FailedOperation.SignatureIncorrectOrUnapproved",
+                "签名未审批",
+            ),
             after_timeout: "sent",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
@@ -1659,6 +1718,9 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             provider: "dingtalk-sim",
             transient: ("-1", "系统繁忙"),
             permanent: ("400102", "bot is stopped"),
+            switch: ("300005", "token is not exist"),
+            backup: "dingtalk-backup",
+            alert: ("310000", "sign not match"),
             after_timeout: "unknown",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "DINGTALK", "content": {"text": tag},
@@ -1670,6 +1732,9 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             provider: "feishu-sim",
             transient: ("11232", "frequency limited"),
             permanent: ("19024", "Key Words Not Found"),
+            switch: ("19022", "Ip Not Allowed"),
+            backup: "feishu-backup",
+            alert: ("19021", "sign match fail"),
             after_timeout: "unknown",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "FEISHU", "content": {"text": tag},
@@ -1681,6 +1746,9 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             provider: "wecom-robot-sim",
             transient: ("-1", "system busy"),
             permanent: ("40008", "invalid message type"),
+            switch: ("93000", "invalid webhook url"),
+            backup: "wecom-app-sim",
+            alert: ("44004", "empty content"),
             after_timeout: "unknown",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "WECOM", "content": {"text": tag},
@@ -1693,6 +1761,9 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
             transient: ("-1", "system busy"),
             permanent: ("40037", "invalid template_id"),
             // WeChat dedups on client_msg_id (= message id): resending is safe, and delivers.
+            switch: ("45009", "reach max api daily quota limit"),
+            backup: "wechat-backup",
+            alert: ("47003", "argument invalid! data.thing1.value invalid"),
             after_timeout: "delivered",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "WECHAT", "template": "order_shipped",
@@ -1761,6 +1832,44 @@ async fn every_provider_through_the_pipeline_success_retry_permanent_timeout() {
         assert!(
             reason_codes(&v).contains(&c.permanent.0.to_owned()),
             "{}: {v}",
+            c.sim
+        );
+        // An error the rules answer with switch_provider: the next provider sends it.
+        run.fault(
+            c.sim,
+            json!({"kind": "error", "code": c.switch.0, "message": c.switch.1}),
+        )
+        .await;
+        let sw = run.send((c.body)(&unique("s"))).await.remove(0);
+        let v = run
+            .until(&sw, "delivered", &format!("{} switched", c.sim))
+            .await;
+        assert_eq!(v["provider"], c.backup, "{}: {v}", c.sim);
+        assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
+        assert!(
+            reason_codes(&v).contains(&c.switch.0.to_owned()),
+            "{}: {v}",
+            c.sim
+        );
+        // An error the rules answer with alert: failed, and the operator is told (signed).
+        run.fault(
+            c.sim,
+            json!({"kind": "error", "code": c.alert.0, "message": c.alert.1}),
+        )
+        .await;
+        let al = run.send((c.body)(&unique("a"))).await.remove(0);
+        run.until(&al, "failed", &format!("{} alerted", c.sim))
+            .await;
+        let alerts = run.sim_log("alerts").await;
+        assert!(
+            alerts["accepted"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["message_id"] == al.as_str()
+                    && a["response_code"] == c.alert.0
+                    && a["type"] == "herald.send_failure.alert"),
+            "{}: alert received and verified: {alerts}",
             c.sim
         );
         // A timeout after the request left: unknown, handled by the channel's policy.
