@@ -2008,15 +2008,6 @@ async fn undelivered_receipts_meet_the_callback_rules_and_count_toward_provider_
         1,
     ) + r#"
 [[rules]]
-name = "carrier rejected: switch provider"
-scene = "callback_failure"
-channel = "SMS"
-provider = "aliyun-sim"
-error_codes = ["REJECTD"]
-action = "switch_provider"
-priority = 10
-
-[[rules]]
 name = "validity expired at the SMSC: retry once"
 scene = "callback_failure"
 channel = "SMS"
@@ -2039,8 +2030,8 @@ priority = 30
     let undelivered =
         |code: &str| json!({"kind": "undelivered", "code": code, "message": "simulated"});
 
-    // switch_provider: Aliyun accepts, its receipt says the carrier rejected it; Tencent
-    // delivers. The message is never `undelivered` on the way.
+    // switch_provider (ops/herald.toml's receipt rule): Aliyun accepts, its receipt says the
+    // carrier rejected it; Tencent delivers. The message is never `undelivered` on the way.
     run.fault("aliyun", undelivered("REJECTD")).await;
     let switched = run.send(sms(&phone("1"))).await.remove(0);
     let v = run

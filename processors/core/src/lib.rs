@@ -6,6 +6,8 @@
 //! - [`codec`]: Avro in the Confluent wire format behind a schema resolver.
 //! - [`worker`]: the batch loop (consume → handle → commit) with rebuild-on-failure, and the
 //!   dead-letter helpers that keep promise 5 (bad input never stops a stage).
+//! - [`failure`]: the failure rule engine, circuit breakers and operator alerts, shared by the
+//!   send stage (failed calls) and the callback stage (undelivered receipts).
 //! - [`config`], [`telemetry`], [`shutdown`], [`util`].
 
 pub mod cli;
