@@ -8,7 +8,7 @@
 //! `/wechat/cgi-bin/{stable_token,message/template/send}`.
 //!
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
-//! by the next request that passes authentication), `PUT /_control/{provider}/limit` sets a
+//! by the next request that passes authentication; `DELETE` drops what is left), `PUT /_control/{provider}/limit` sets a
 //! per-minute limit, `POST /_control/{provider}/revoke` revokes the current access token,
 //! `PUT /_control/{provider}/receipts` sets where receipts are pushed, `POST /_alerts` is an
 //! operator endpoint for Herald's alert action,
@@ -301,6 +301,12 @@ async fn add_faults(
     Json(json!({"queued": q.len()}))
 }
 
+/// Drops the faults still queued for a provider (a test cleaning up after itself).
+async fn clear_faults(State(sim): State<Arc<Sim>>, Path(provider): Path<String>) -> Json<Value> {
+    let dropped = sim.lock().faults.remove(&provider).map_or(0, |q| q.len());
+    Json(json!({ "dropped": dropped }))
+}
+
 #[derive(Deserialize)]
 struct Limit {
     per_minute: u32,
@@ -428,7 +434,10 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .merge(tencent::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
-        .route("/_control/{provider}/faults", post(add_faults))
+        .route(
+            "/_control/{provider}/faults",
+            post(add_faults).delete(clear_faults),
+        )
         .route("/_control/{provider}/limit", put(set_limit))
         .route("/_control/{provider}/revoke", post(revoke))
         .route("/_control/{provider}/receipts", put(set_receipts))
