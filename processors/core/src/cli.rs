@@ -88,6 +88,7 @@ pub type StageFn = fn(Deps, CancellationToken) -> BoxFuture<'static, Result<(), 
 
 /// The `main` of a single-stage binary: `herald-<stage> [--config FILE]` (or `HERALD_CONFIG`).
 pub fn stage_main(stage: &'static str, run: StageFn) -> std::process::ExitCode {
+    crate::memory::limit_arenas();
     telemetry::init_tracing();
     let mut args = std::env::args().skip(1);
     let mut path = std::env::var("HERALD_CONFIG").ok();
@@ -114,6 +115,7 @@ pub fn stage_main(stage: &'static str, run: StageFn) -> std::process::ExitCode {
         let deps = Deps::new(config).map_err(|e| e.to_string())?;
         setup(&deps).await?;
         let shutdown = crate::shutdown::on_signals();
+        crate::memory::spawn_trimmer(Duration::from_secs(2), shutdown.clone());
         let admin = tokio::spawn(serve_admin(deps.clone(), shutdown.clone()));
         let outcome = run(deps, shutdown.clone()).await;
         shutdown.cancel();

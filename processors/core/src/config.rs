@@ -180,7 +180,8 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Most records a stage handles (and commits) as one batch.
+    /// Most records a stage handles (and commits) as one batch. Larger batches cost memory
+    /// (every stage holds one in flight) and latency more than they gain in throughput.
     pub batch_max: usize,
     /// After a batch's first record, how long to keep filling it.
     pub batch_linger_ms: u64,
@@ -193,7 +194,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            batch_max: 2000,
+            batch_max: 1000,
             batch_linger_ms: 5,
             poll_wait_ms: 200,
             max_recipients: 10_000,

@@ -16,6 +16,7 @@ pub mod config;
 pub mod failure;
 pub mod gate;
 pub mod idempotency;
+pub mod memory;
 pub mod quota;
 pub mod readmodel;
 pub mod runtime;

@@ -127,6 +127,7 @@ async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Resul
     }
     setup(&deps).await?;
     let shutdown = herald_core::shutdown::on_signals();
+    herald_core::memory::spawn_trimmer(std::time::Duration::from_secs(2), shutdown.clone());
     let tracker = tokio_util::task::TaskTracker::new();
     let failed = CancellationToken::new();
     let spawn = |name: &'static str,
@@ -303,8 +304,23 @@ async fn api_get(deps: &Deps, path: &str, app: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before any thread exists (the runtime's workers would each take a malloc arena).
+    herald_core::memory::limit_arenas();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async_main());
+}
+
+async fn async_main() {
     telemetry::init_tracing();
     let cli = Cli::parse();
     let result = async {

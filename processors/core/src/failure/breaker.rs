@@ -61,6 +61,8 @@ pub type Change = (String, Option<Duration>, f64);
 pub struct Breaker {
     cfg: BreakerConfig,
     calls: VecDeque<(Instant, bool)>,
+    /// Failures among `calls` (kept so the rate is O(1) per call).
+    failures: usize,
     pub state: State,
 }
 
@@ -69,6 +71,7 @@ impl Breaker {
         Breaker {
             cfg,
             calls: VecDeque::new(),
+            failures: 0,
             state: State::Closed,
         }
     }
@@ -86,19 +89,22 @@ impl Breaker {
         if self.calls.is_empty() {
             return 0.0;
         }
-        self.calls.iter().filter(|(_, f)| *f).count() as f64 / self.calls.len() as f64
+        self.failures as f64 / self.calls.len() as f64
     }
 
     /// Records one call; answers the new state when it changed.
     pub fn record(&mut self, failed: bool, now: Instant) -> Option<State> {
         let window = Duration::from_secs(self.cfg.window_secs);
         self.calls.push_back((now, failed));
+        self.failures += usize::from(failed);
         while self
             .calls
             .front()
             .is_some_and(|(t, _)| now.duration_since(*t) > window)
         {
-            self.calls.pop_front();
+            if let Some((_, true)) = self.calls.pop_front() {
+                self.failures -= 1;
+            }
         }
         let open = State::Open {
             until: now + Duration::from_secs(self.cfg.open_secs),
@@ -116,6 +122,7 @@ impl Breaker {
             State::HalfOpen { .. } if failed => open,
             State::HalfOpen { successes } if successes + 1 >= self.cfg.min_calls => {
                 self.calls.clear();
+                self.failures = 0;
                 State::Closed
             }
             State::HalfOpen { successes } => State::HalfOpen {

@@ -91,8 +91,9 @@ impl KafkaSettings {
             ("heartbeat.interval.ms", "1000"),
             ("fetch.wait.max.ms", "20"),
             // One process runs a consumer per stage: librdkafka's default prefetch (64 MiB each)
-            // alone would blow the all-in-one memory budget. 4 MiB still holds many batches.
-            ("queued.max.messages.kbytes", "4096"),
+            // alone would blow the all-in-one memory budget. 1 MiB is a few batches of
+            // messages, and measured as fast as 4 MiB on the benchmark (scripts/bench).
+            ("queued.max.messages.kbytes", "1024"),
             ("partition.assignment.strategy", "cooperative-sticky"),
         ]);
         let consumer: StreamConsumer = c.create()?;
