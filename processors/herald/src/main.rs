@@ -37,6 +37,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, default_value_t = 3)]
+    count: usize,
+    #[arg(long, default_value = "EMAIL")]
+    channel: String,
+    /// Recipient address; `{i}` is replaced by the message number.
+    #[arg(long, default_value = "user{i}@example.com")]
+    to: String,
+    #[arg(long, default_value = "welcome")]
+    template: String,
+    #[arg(long, default_value = "demo")]
+    app: String,
+    /// Requests per publish batch.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Requests per second, published every 50 ms (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run stages (comma-separated, or `all`) until SIGTERM.
@@ -55,22 +76,7 @@ enum Cmd {
         cmd: ConfigCmd,
     },
     /// Publish demo requests (Avro, through the registry) to herald.requests.v1.
-    Demo {
-        #[arg(long, default_value_t = 3)]
-        count: usize,
-        #[arg(long, default_value = "EMAIL")]
-        channel: String,
-        /// Recipient address; `{i}` is replaced by the message number.
-        #[arg(long, default_value = "user{i}@example.com")]
-        to: String,
-        #[arg(long, default_value = "welcome")]
-        template: String,
-        #[arg(long, default_value = "demo")]
-        app: String,
-        /// Requests per publish batch.
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
-    },
+    Demo(DemoArgs),
     /// Drop the read model (messages, timeline) and replay every topic into it from the start.
     /// Stop the projector first; it rebuilds the tables when it starts again.
     Rebuild,
@@ -209,69 +215,81 @@ fn s_static(s: &str) -> &'static str {
     STAGES.iter().find(|x| **x == s).copied().unwrap_or("stage")
 }
 
-async fn demo(
-    deps: &Deps,
-    count: usize,
-    channel: &str,
-    to: &str,
-    template: &str,
-    app: &str,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let channel = Channel::parse(channel).with_context(|| format!("unknown channel {channel}"))?;
+async fn demo(deps: &Deps, args: DemoArgs) -> anyhow::Result<()> {
+    let DemoArgs {
+        count,
+        channel,
+        to,
+        template,
+        app,
+        batch,
+        rate,
+    } = args;
+    let channel = Channel::parse(&channel).with_context(|| format!("unknown channel {channel}"))?;
     setup(deps).await?;
     let publisher = deps.transport.publisher()?;
-    let mut pending: Vec<OutRecord> = Vec::with_capacity(batch);
-    for i in 0..count {
-        let request_id = random_id();
-        let now = now_ms();
-        let req = SendRequested {
-            request_id: request_id.clone(),
-            app_id: app.into(),
-            idempotency_key: None,
-            channel,
-            template: (!template.is_empty()).then(|| template.to_owned()),
-            params: [
-                ("name".to_owned(), format!("user {i}")),
-                ("product".to_owned(), "Herald".to_owned()),
-            ]
-            .into(),
-            recipients: vec![Recipient {
-                address: to.replace("{i}", &i.to_string()),
-                params: Default::default(),
-                timezone: None,
-            }],
-            content: template.is_empty().then(|| Content {
-                subject: Some("Hello".into()),
-                text: Some(format!("Hello from Herald #{i}")),
-                ..Default::default()
-            }),
-            send_at: None,
-            priority: Priority::Normal,
-            expires_at: None,
-            metadata: [("sent_ms".to_owned(), now.to_string())].into(),
-            requested_at: now,
-        };
-        pending.push(
-            record(
-                &deps.codec,
-                topics::REQUESTS,
-                &request_id,
-                &random_id(),
-                &req,
-            )
-            .await?,
-        );
-        if pending.len() >= batch {
-            publisher.publish(std::mem::take(&mut pending)).await?;
+    // Paced: a slice of the rate every 50 ms, each request stamped when its slice goes out.
+    let chunk = if rate > 0 {
+        (rate / 20).max(1)
+    } else {
+        batch.max(1)
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let mut i = 0;
+    while i < count {
+        if rate > 0 {
+            tick.tick().await;
         }
-        println!(
-            "{} {}",
-            request_id,
-            herald_core::util::message_id(app, &request_id, 0)
-        );
+        let mut pending: Vec<OutRecord> = Vec::with_capacity(chunk);
+        for i in i..(i + chunk).min(count) {
+            let request_id = random_id();
+            let now = now_ms();
+            let req = SendRequested {
+                request_id: request_id.clone(),
+                app_id: app.clone(),
+                idempotency_key: None,
+                channel,
+                template: (!template.is_empty()).then(|| template.clone()),
+                params: [
+                    ("name".to_owned(), format!("user {i}")),
+                    ("product".to_owned(), "Herald".to_owned()),
+                ]
+                .into(),
+                recipients: vec![Recipient {
+                    address: to.replace("{i}", &i.to_string()),
+                    params: Default::default(),
+                    timezone: None,
+                }],
+                content: template.is_empty().then(|| Content {
+                    subject: Some("Hello".into()),
+                    text: Some(format!("Hello from Herald #{i}")),
+                    ..Default::default()
+                }),
+                send_at: None,
+                priority: Priority::Normal,
+                expires_at: None,
+                metadata: [("sent_ms".to_owned(), now.to_string())].into(),
+                requested_at: now,
+            };
+            pending.push(
+                record(
+                    &deps.codec,
+                    topics::REQUESTS,
+                    &request_id,
+                    &random_id(),
+                    &req,
+                )
+                .await?,
+            );
+            println!(
+                "{} {}",
+                request_id,
+                herald_core::util::message_id(&app, &request_id, 0)
+            );
+        }
+        i += pending.len();
+        publisher.publish(pending).await?;
     }
-    publisher.publish(pending).await?;
     Ok(())
 }
 
@@ -345,14 +363,7 @@ async fn async_main() {
                 callback_listen,
             } => run(deps, &stages, callback_listen).await,
             Cmd::Setup => setup(&deps).await,
-            Cmd::Demo {
-                count,
-                channel,
-                to,
-                template,
-                app,
-                batch,
-            } => demo(&deps, count, &channel, &to, &template, &app, batch).await,
+            Cmd::Demo(args) => demo(&deps, args).await,
             Cmd::Config { .. } => Ok(()),
             Cmd::Get { path, app } => api_get(&deps, &path, &app).await,
             Cmd::Rebuild => rebuild(&deps).await,

@@ -299,7 +299,7 @@ impl Projector {
                  SELECT u.e, u.m, u.s, to_timestamp(u.a / 1000.0), u.st, u.p, u.at, u.rc, u.rm
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::text[], $9::text[])
                       AS u(e, m, s, a, st, p, at, rc, rm)
-                 ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at
+                 ON CONFLICT (message_id, event_id) DO UPDATE SET at = EXCLUDED.at
                  WHERE EXCLUDED.at < message_events.at",
                 &[&eids, &mids, &sts, &ats, &stages, &provs, &atts, &rc, &rm],
             )

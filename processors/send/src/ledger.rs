@@ -33,6 +33,12 @@ ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS channel text;
 -- The MessageRouted record (as consumed) where a callback_failure rule may resend it after an
 -- undelivered receipt.
 ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS routed bytea;
+-- Each attempt's row is updated twice (started, finished): room for HOT updates.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'send_ledger' AND reloptions @> ARRAY['fillfactor=70']) THEN
+    ALTER TABLE send_ledger SET (fillfactor = 70);
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS send_ledger_provider_id ON send_ledger (provider, provider_message_id)
     WHERE provider_message_id IS NOT NULL";
 

@@ -40,7 +40,7 @@ pub const STAGE: &str = "send";
 const CONCURRENCY: usize = 256;
 
 /// Waves in progress at once: the next wave starts while the last one's stragglers finish.
-const WAVES_IN_FLIGHT: usize = 2;
+const WAVES_IN_FLIGHT: usize = 4;
 
 /// The status a delivery outcome gives the message (CONTRACT.md §3).
 pub fn status_for(outcome: DeliveryOutcome, has_receipts: bool) -> &'static str {

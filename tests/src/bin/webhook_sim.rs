@@ -90,6 +90,12 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Forgets everything received (between benchmark phases).
+async fn reset(State(sim): State<Arc<Sim>>) -> StatusCode {
+    *sim.stats.lock().unwrap_or_else(|p| p.into_inner()) = Stats::default();
+    StatusCode::OK
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut port = 18099u16;
@@ -109,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Router::new()
         .route("/hook", post(hook))
         .route("/stats", get(stats))
+        .route("/reset", post(reset))
         .with_state(sim);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("webhook simulator on 127.0.0.1:{port}");
