@@ -1659,6 +1659,26 @@ struct Case {
     body: fn(&str) -> Value,
 }
 
+/// Scripts one provider error for the case's simulator, sends a message, and waits for
+/// `status`; the provider's code is in the message's reasons. Answers the message.
+async fn scripted_error(run: &Run, c: &Case, (code, message): (&str, &str), status: &str) -> Value {
+    run.fault(
+        c.sim,
+        json!({"kind": "error", "code": code, "message": message}),
+    )
+    .await;
+    let id = run.send((c.body)(&unique("e"))).await.remove(0);
+    let v = run
+        .until(&id, status, &format!("{} after {code}", c.sim))
+        .await;
+    assert!(
+        reason_codes(&v).contains(&code.to_owned()),
+        "{}: {v}",
+        c.sim
+    );
+    v
+}
+
 /// The matrix test's additions to ops/herald.toml: a second robot / account for the channels
 /// that have one provider (same simulator), and rules that switch or alert on one code each.
 const MATRIX_EXTRA: &str = r#"
@@ -1851,95 +1871,33 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
             );
         }
         // A transient error: retried by the rules, then delivered.
-        run.fault(
-            c.sim,
-            json!({"kind": "error", "code": c.transient.0, "message": c.transient.1}),
-        )
-        .await;
-        let t = run.send((c.body)(&unique("t"))).await.remove(0);
-        let v = run
-            .until(&t, "delivered", &format!("{} retried", c.sim))
-            .await;
+        let v = scripted_error(&run, c, c.transient, "delivered").await;
         assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
-        assert!(
-            reason_codes(&v).contains(&c.transient.0.to_owned()),
-            "{}: {v}",
-            c.sim
-        );
         // A permanent error: failed with the provider's code, not retried.
-        run.fault(
-            c.sim,
-            json!({"kind": "error", "code": c.permanent.0, "message": c.permanent.1}),
-        )
-        .await;
-        let p = run.send((c.body)(&unique("p"))).await.remove(0);
-        let v = run
-            .until(&p, "failed", &format!("{} permanent", c.sim))
-            .await;
+        let v = scripted_error(&run, c, c.permanent, "failed").await;
         assert_eq!(v["attempts"], 1, "{}: {v}", c.sim);
-        assert!(
-            reason_codes(&v).contains(&c.permanent.0.to_owned()),
-            "{}: {v}",
-            c.sim
-        );
         // The provider's rate limit: slowed down through the delay tier, then delivered.
-        run.fault(
-            c.sim,
-            json!({"kind": "error", "code": c.limited.0, "message": c.limited.1}),
-        )
+        let v = scripted_error(&run, c, c.limited, "delivered").await;
+        let path = format!("/v1/messages/{}", v["message_id"].as_str().unwrap());
+        let v = eventually(Duration::from_secs(30), "both attempts projected", || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                (v["delivery_attempts"].as_array()?.len() == 2).then_some(v)
+            }
+        })
         .await;
-        let lim = run.send((c.body)(&unique("l"))).await.remove(0);
-        let path = format!("/v1/messages/{lim}");
-        let v = eventually(
-            Duration::from_secs(60),
-            "rate-limited, then delivered",
-            || {
-                let path = path.clone();
-                async move {
-                    let v = api_json(&path, api).await?;
-                    (v["status"] == "delivered" && v["delivery_attempts"].as_array()?.len() == 2)
-                        .then_some(v)
-                }
-            },
-        )
-        .await;
-        assert_eq!(
-            v["delivery_attempts"][0]["outcome"], "RATE_LIMITED",
-            "{}: {v}",
-            c.sim
-        );
-        assert_eq!(
-            v["delivery_attempts"][0]["response_code"], c.limited.0,
-            "{}: {v}",
-            c.sim
-        );
+        let first = &v["delivery_attempts"][0];
+        assert_eq!(first["outcome"], "RATE_LIMITED", "{}: {v}", c.sim);
+        assert_eq!(first["response_code"], c.limited.0, "{}: {v}", c.sim);
         assert!(timeline_has(&v, "retry_scheduled"), "{}: {v}", c.sim);
         // An error the rules answer with switch_provider: the next provider sends it.
-        run.fault(
-            c.sim,
-            json!({"kind": "error", "code": c.switch.0, "message": c.switch.1}),
-        )
-        .await;
-        let sw = run.send((c.body)(&unique("s"))).await.remove(0);
-        let v = run
-            .until(&sw, "delivered", &format!("{} switched", c.sim))
-            .await;
+        let v = scripted_error(&run, c, c.switch, "delivered").await;
         assert_eq!(v["provider"], c.backup, "{}: {v}", c.sim);
         assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
-        assert!(
-            reason_codes(&v).contains(&c.switch.0.to_owned()),
-            "{}: {v}",
-            c.sim
-        );
         // An error the rules answer with alert: failed, and the operator is told (signed).
-        run.fault(
-            c.sim,
-            json!({"kind": "error", "code": c.alert.0, "message": c.alert.1}),
-        )
-        .await;
-        let al = run.send((c.body)(&unique("a"))).await.remove(0);
-        run.until(&al, "failed", &format!("{} alerted", c.sim))
-            .await;
+        let v = scripted_error(&run, c, c.alert, "failed").await;
+        let al = v["message_id"].as_str().unwrap().to_owned();
         let alerts = run.sim_log("alerts").await;
         assert!(
             alerts["accepted"]

@@ -30,7 +30,7 @@ use herald_core::config::ProviderKind;
 use herald_core::failure::alert::{Alerter, Scene, Target};
 use herald_core::failure::breaker::{Breakers, OpenSet, Signal};
 use herald_core::failure::rules::{self, Decision, Rules};
-use herald_core::failure::{CallResult, Next, next_attempt};
+use herald_core::failure::{CallResult, next_attempt};
 use herald_core::runtime::Deps;
 use herald_core::util::{event_id, now_ms, random_id, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
@@ -61,6 +61,17 @@ struct Db {
     /// Providers open by either signal (`switch_provider` skips them).
     open: OpenSet,
 }
+
+/// What a receipt's rule decision adds to the receipt: its reason, the records to publish
+/// with it, and the alerts to send after.
+struct Follow<'a> {
+    reason: &'a mut Option<Reason>,
+    records: &'a mut Vec<herald_core::transport::OutRecord>,
+    alerts: &'a mut Vec<PendingAlert>,
+}
+
+/// An alert to send once the receipt is published: rule, url, secret, message, attempt, report.
+type PendingAlert = (String, String, String, MessageRouted, i32, sms::Report);
 
 /// A report matched to the attempt it is about.
 struct Matched {
@@ -158,6 +169,59 @@ impl CallbackState {
         g.client.as_ref().ok_or_else(|| "no database".into())
     }
 
+    /// The `callback_failure` rules on an undelivered receipt for the message the send stage
+    /// kept (`row.routed`): the decision's name, the next attempt (into `follow.records`), the
+    /// alert to send, and the rule noted in the reason.
+    async fn apply_rules(
+        &self,
+        provider: &str,
+        row: &LedgerRow,
+        rep: &sms::Report,
+        open: &OpenSet,
+        trace: &str,
+        follow: &mut Follow<'_>,
+    ) -> Result<Option<&'static str>, String> {
+        let Some(kept) = &row.routed else {
+            return Ok(None);
+        };
+        let m = match self.deps.codec.decode::<MessageRouted>(kept).await {
+            Ok(m) => m,
+            // The kept record is ours; unreadable, the receipt still stands.
+            Err(e) => {
+                tracing::warn!(message_id = %row.message_id, error = %e, "kept message unreadable; no callback rules");
+                return Ok(None);
+            }
+        };
+        let available = |c: &str| self.breakers.available(c) && !open.is_open(c);
+        let now = now_ms();
+        let Some(d) =
+            self.rules
+                .decide_receipt(&m, row.attempt, &rep.code, &rep.message, now, available)
+        else {
+            return Ok(None);
+        };
+        metrics::counter!(herald_core::telemetry::names::RULE_ACTIONS, "provider" => provider.to_owned(), "action" => d.label())
+            .increment(1);
+        *follow.reason = rules::annotate(follow.reason.take(), &d);
+        let name = match &d {
+            Decision::Retry { provider: p, .. } if *p != m.provider => "switch_provider",
+            d => d.label(),
+        };
+        if let Some(next) = d.next(follow.reason.clone()) {
+            follow.records.push(
+                next_attempt(&self.deps.codec, STAGE, &m, row.attempt, next, trace, now)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        if let Decision::Alert { rule, url, secret } = d {
+            follow
+                .alerts
+                .push((rule, url, secret, m, row.attempt, rep.clone()));
+        }
+        Ok(Some(name))
+    }
+
     /// Publishes one `ReceiptReceived` per matched report, with the `callback_failure` rules'
     /// decision and the next attempt it calls for, all in one publish (the provider is
     /// acknowledged only after it). Then feeds the receipt breakers and sends alerts.
@@ -195,70 +259,17 @@ impl CallbackState {
             let trace = random_id();
             let mut reason =
                 (!rep.delivered).then(|| Reason::new(rep.code.clone(), rep.message.clone()));
-            let mut decision = None;
-            if !rep.delivered
-                && let Some(bytes) = &row.routed
-            {
-                match self.deps.codec.decode::<MessageRouted>(bytes).await {
-                    Ok(m) => {
-                        let available = |c: &str| self.breakers.available(c) && !open.is_open(c);
-                        if let Some(d) = self.rules.decide_receipt(
-                            &m,
-                            row.attempt,
-                            &rep.code,
-                            &rep.message,
-                            now,
-                            available,
-                        ) {
-                            metrics::counter!(herald_core::telemetry::names::RULE_ACTIONS, "provider" => provider.to_owned(), "action" => d.label())
-                                .increment(1);
-                            reason = rules::annotate(reason, &d);
-                            decision = Some(match &d {
-                                Decision::Retry { provider: p, .. } if *p != m.provider => {
-                                    "switch_provider"
-                                }
-                                d => d.label(),
-                            });
-                            match d {
-                                Decision::Retry {
-                                    delay,
-                                    provider,
-                                    kind,
-                                    ..
-                                } => {
-                                    let next = Next {
-                                        provider,
-                                        kind,
-                                        delay,
-                                        reason: reason.clone(),
-                                    };
-                                    records.push(
-                                        next_attempt(
-                                            &self.deps.codec,
-                                            STAGE,
-                                            &m,
-                                            row.attempt,
-                                            next,
-                                            &trace,
-                                            now,
-                                        )
-                                        .await
-                                        .map_err(|e| e.to_string())?,
-                                    );
-                                }
-                                Decision::Alert { rule, url, secret } => {
-                                    alerts.push((rule, url, secret, m, row.attempt, rep.clone()));
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                    // The kept record is ours; unreadable, the receipt still stands.
-                    Err(e) => {
-                        tracing::warn!(message_id = %row.message_id, error = %e, "kept message unreadable; no callback rules")
-                    }
-                }
-            }
+            let decision = if rep.delivered {
+                None
+            } else {
+                let mut follow = Follow {
+                    reason: &mut reason,
+                    records: &mut records,
+                    alerts: &mut alerts,
+                };
+                self.apply_rules(provider, &row, &rep, &open, &trace, &mut follow)
+                    .await?
+            };
             let ev = ReceiptReceived {
                 header: EventHeader {
                     // Deterministic: a receipt pushed twice is the same fact.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use herald_core::failure::rules::{self, Decision, Rules};
-use herald_core::failure::{Next, alert, breaker, next_attempt, outcome_from_str, outcome_str};
+use herald_core::failure::{alert, breaker, next_attempt, outcome_from_str, outcome_str};
 use ledger::Prior;
 use providers::{CallResult, Provider};
 
@@ -136,39 +136,14 @@ impl Send {
             )
             .await?,
         );
-        match decision {
-            Decision::Retry {
-                delay,
-                provider,
-                kind,
-                ..
-            } => {
-                let next = Next {
-                    provider,
-                    kind,
-                    delay,
-                    reason,
-                };
-                out.push(
-                    next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?,
-                );
-            }
-            Decision::Alert { rule, url, secret } => {
-                self.alerts
-                    .send(
-                        alert::Target {
-                            url: &url,
-                            secret: &secret,
-                        },
-                        alert::Scene::SendFailure,
-                        &rule,
-                        m,
-                        attempt,
-                        &r,
-                    )
-                    .await;
-            }
-            _ => {}
+        if let Some(next) = decision.next(reason) {
+            out.push(next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?);
+        }
+        if let Decision::Alert { rule, url, secret } = &decision {
+            let to = alert::Target { url, secret };
+            self.alerts
+                .send(to, alert::Scene::SendFailure, rule, m, attempt, &r)
+                .await;
         }
         Ok(())
     }

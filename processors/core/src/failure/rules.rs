@@ -12,7 +12,7 @@ use crate::config::{
 };
 use herald_schemas::{Channel, DeliveryOutcome, MessageRouted, Reason};
 
-use super::CallResult;
+use super::{CallResult, Next};
 
 /// What happens to a message after an attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,25 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Where and when the next attempt goes, if this decision calls for one (`reason` is
+    /// recorded with a delayed attempt).
+    pub fn next(&self, reason: Option<Reason>) -> Option<Next> {
+        match self {
+            Decision::Retry {
+                delay,
+                provider,
+                kind,
+                ..
+            } => Some(Next {
+                provider: provider.clone(),
+                kind: kind.clone(),
+                delay: *delay,
+                reason,
+            }),
+            _ => None,
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Decision::Done => "done",
