@@ -82,6 +82,17 @@ impl Run {
         assert!(r.status().is_success());
     }
 
+    /// Sends SMS until one is delivered through `provider` (routing changes within a second of
+    /// a breaker's); answers that message.
+    async fn sms_delivered_by(&self, provider: &str, what: &str) -> Value {
+        eventually(Duration::from_secs(30), what, || async {
+            let id = self.send(sms(&phone("9"))).await.remove(0);
+            let v = self.until(&id, "delivered", what).await;
+            (v["provider"] == provider).then_some(v)
+        })
+        .await
+    }
+
     /// A provider as the next test expects it: no scripted faults left over, and open by no
     /// breaker (an earlier test may have opened it on purpose; this waits out its open period).
     async fn provider_ready(&self, sim: &str, provider: &str) {
@@ -416,18 +427,10 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
         row.map(|_| ())
     })
     .await;
-    let skipped = eventually(
-        Duration::from_secs(20),
-        "a new SMS routed around the open breaker",
-        || async {
-            let id = run.send(sms(&phone("7"))).await.remove(0);
-            let v = run
-                .until(&id, "delivered", "SMS delivered while aliyun is open")
-                .await;
-            (v["provider"] == "tencent-sim" && v["attempts"] == 1).then_some(v)
-        },
-    )
-    .await;
+    let skipped = run
+        .sms_delivered_by("tencent-sim", "a new SMS routed around the open breaker")
+        .await;
+    assert_eq!(skipped["attempts"], 1, "{skipped}");
     assert!(
         skipped["timeline"]
             .as_array()
@@ -2146,33 +2149,17 @@ priority = 30
         assert_eq!(v["provider"], "aliyun-sim", "{v}");
         assert_eq!(v["attempts"], 1, "{v}");
     }
-    let skipped = eventually(Duration::from_secs(30), "routing skips aliyun-sim", || {
-        let run = &run;
-        async move {
-            let id = run.send(sms(&phone("9"))).await.remove(0);
-            let v = run
-                .until(&id, "delivered", "delivered while aliyun-sim is open")
-                .await;
-            (v["provider"] == "tencent-sim").then_some(v)
-        }
-    })
-    .await;
+    let skipped = run
+        .sms_delivered_by("tencent-sim", "routing skips aliyun-sim")
+        .await;
     assert_eq!(
         skipped["attempts"], 1,
         "routed past it, not failed over: {skipped}"
     );
     // …until its open period ends and receipts say it delivers again.
-    let back = eventually(Duration::from_secs(30), "aliyun-sim routed again", || {
-        let run = &run;
-        async move {
-            let id = run.send(sms(&phone("1"))).await.remove(0);
-            let v = run
-                .until(&id, "delivered", "delivered after reopening")
-                .await;
-            (v["provider"] == "aliyun-sim").then_some(v)
-        }
-    })
-    .await;
+    let back = run
+        .sms_delivered_by("aliyun-sim", "aliyun-sim routed again")
+        .await;
     assert_eq!(back["attempts"], 1, "{back}");
     run.stop();
 }
