@@ -285,7 +285,7 @@ impl Provider for AliyunSms {
                     .or_default()
                     .push(i);
             }
-            let mut out: Vec<Option<CallResult>> = vec![None; msgs.len()];
+            let mut groups = Vec::with_capacity(by_template.len());
             for (_, idx) in by_template {
                 let group: Vec<&MessageRouted> = idx.iter().map(|i| msgs[*i].0).collect();
                 let results = if group.len() == 1 {
@@ -293,17 +293,9 @@ impl Provider for AliyunSms {
                 } else {
                     self.batch_call(&group).await
                 };
-                for (i, r) in idx.into_iter().zip(results) {
-                    out[i] = Some(r);
-                }
+                groups.push((idx, results));
             }
-            out.into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        provider_error(DeliveryOutcome::FailedTransient, "internal", "no result")
-                    })
-                })
-                .collect()
+            super::in_message_order(msgs.len(), groups)
         })
     }
 }

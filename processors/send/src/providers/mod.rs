@@ -48,6 +48,30 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// Puts grouped calls' results back in message order: each group is the indexes of the messages
+/// one call carried and that call's results. A message no result came back for (a provider
+/// answering for fewer numbers than it was sent) gets a transient internal error.
+pub fn in_message_order<I: AsRef<[usize]>>(
+    n: usize,
+    groups: impl IntoIterator<Item = (I, Vec<CallResult>)>,
+) -> Vec<CallResult> {
+    let mut out: Vec<Option<CallResult>> = vec![None; n];
+    for (idx, results) in groups {
+        for (i, r) in idx.as_ref().iter().zip(results) {
+            if let Some(slot) = out.get_mut(*i) {
+                *slot = Some(r);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                provider_error(DeliveryOutcome::FailedTransient, "internal", "no result")
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("provider {0}: {1}")]

@@ -261,7 +261,6 @@ impl Provider for TencentSms {
                     None => calls.push((key, vec![i])),
                 }
             }
-            let mut out: Vec<Option<CallResult>> = vec![None; msgs.len()];
             let results =
                 futures::future::join_all(calls.iter().map(|((template, _), idx)| async move {
                     let Some(template) = template else {
@@ -276,18 +275,10 @@ impl Provider for TencentSms {
                     }
                 }))
                 .await;
-            for ((_, idx), rs) in calls.iter().zip(results) {
-                for (i, r) in idx.iter().zip(rs) {
-                    out[*i] = Some(r);
-                }
-            }
-            out.into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        provider_error(DeliveryOutcome::FailedTransient, "internal", "no result")
-                    })
-                })
-                .collect()
+            super::in_message_order(
+                msgs.len(),
+                calls.iter().map(|(_, idx)| idx.as_slice()).zip(results),
+            )
         })
     }
 }
