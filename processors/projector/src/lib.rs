@@ -378,6 +378,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
     let use_offsets = deps.transport.kind() == "kafka";
+    if use_offsets {
+        // The rows and the positions they came from commit together, so a commit PostgreSQL
+        // loses in a crash is simply replayed: no need to wait for each commit's flush.
+        db.batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
+    }
     let spec = deps.spec(STAGE, input_topics(), false);
     let transport = deps.transport.clone();
     run_worker(
