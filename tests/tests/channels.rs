@@ -1761,8 +1761,6 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
             provider: "tencent-sim",
             transient: ("InternalError.Timeout", "internal timeout"),
             permanent: ("FailedOperation.PhoneNumberInBlacklist", "blacklisted"),
-            // The SerialNo of a lost answer is unknown: the message stays `sent` (held for a
-            // receipt that cannot be matched), never resent.
             switch: (
                 "FailedOperation.InsufficientBalanceInSmsPackage",
                 "套餐包余量不足",
@@ -1773,6 +1771,8 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
                 "签名未审批",
             ),
             limited: ("RequestLimitExceeded", "请求的次数超过了频率限制"),
+            // The SerialNo of a lost answer is unknown: the message stays `sent` (held for a
+            // receipt that cannot be matched), never resent.
             after_timeout: "sent",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
@@ -1830,11 +1830,11 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
             provider: "wechat-sim",
             transient: ("-1", "system busy"),
             permanent: ("40037", "invalid template_id"),
-            // WeChat dedups on client_msg_id (= message id): resending is safe, and delivers.
             switch: ("48001", "api unauthorized"),
             backup: "wechat-backup",
             alert: ("47003", "argument invalid! data.thing1.value invalid"),
             limited: ("45009", "reach max api daily quota limit"),
+            // WeChat dedups on client_msg_id (= message id): resending is safe, and delivers.
             after_timeout: "delivered",
             body: |tag| {
                 json!({"app_id": "demo", "channel": "WECHAT", "template": "order_shipped",

@@ -513,6 +513,18 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())
         .collect();
+    // Every worker shares the providers, rules, limiters and breakers; each has its own database
+    // connection and view of provider health.
+    let handler = |db| Send {
+        deps: deps.clone(),
+        db,
+        providers: providers.clone(),
+        rules: rules.clone(),
+        alerts: alert::Alerter::new(),
+        limiters: limiters.clone(),
+        breakers: breakers.clone(),
+        health: Default::default(),
+    };
     let mut workers = Vec::new();
     for channel in channels.iter().copied() {
         let db = deps
@@ -536,17 +548,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         {
             spec.max_batch = spec.max_batch.min((2 * rate as usize).max(10));
         }
-        let handler = Send {
-            deps: deps.clone(),
-            db,
-            providers: providers.clone(),
-            rules: rules.clone(),
-            alerts: alert::Alerter::new(),
-            limiters: limiters.clone(),
-            breakers: breakers.clone(),
-            health: Default::default(),
-        };
-        workers.push((spec, handler));
+        workers.push((spec, handler(db)));
     }
     // The HIGH lane: one worker for every channel's HIGH messages.
     if !channels.is_empty() {
@@ -561,17 +563,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         );
         // HIGH messages are few and urgent: small batches, never held up by a long one.
         spec.max_batch = spec.max_batch.min(100);
-        let handler = Send {
-            deps: deps.clone(),
-            db,
-            providers: providers.clone(),
-            rules: rules.clone(),
-            alerts: alert::Alerter::new(),
-            limiters: limiters.clone(),
-            breakers: breakers.clone(),
-            health: Default::default(),
-        };
-        workers.push((spec, handler));
+        workers.push((spec, handler(db)));
     }
     run_workers(STAGE, deps.transport.clone(), workers, shutdown).await
 }
