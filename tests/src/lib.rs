@@ -169,6 +169,8 @@ impl Drop for Herald {
 // --- Herald process, publishing and signed API reads, shared by the pipeline tests ----------
 
 pub const SECRET: &str = "pipeline-test-secret";
+/// The server secret Herald runs with in tests (`HERALD_SERVER_SECRET`).
+pub const SERVER_SECRET: &str = "test-server-secret-0123456789";
 
 pub fn config_path() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/herald.toml"))
@@ -184,6 +186,7 @@ pub fn herald_env(api: u16, admin: u16) -> Vec<(&'static str, String)> {
         ("HERALD_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
         ("HERALD_CALLBACK_LISTEN", format!("127.0.0.1:{}", api + 1)),
         ("HERALD_APP_DEMO_SECRET", SECRET.to_owned()),
+        ("HERALD_SERVER_SECRET", SERVER_SECRET.to_owned()),
         (
             "HERALD_WEBHOOK_SECRET",
             "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),

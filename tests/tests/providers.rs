@@ -80,6 +80,9 @@ impl Peer {
         let text = toml.replace("{base}", &self.base);
         let mut cfg = Config::parse(&text).unwrap();
         cfg.apply_env(|k| {
+            if k == "HERALD_SERVER_SECRET" {
+                return Some(herald_tests::SERVER_SECRET.into());
+            }
             if wrong_secret && (k.ends_with("SECRET") || k.ends_with("SECRET_KEY")) {
                 return Some("wrong".into());
             }
@@ -89,7 +92,12 @@ impl Peer {
                 .then(|| credential(k))
         });
         cfg.validate().unwrap();
-        providers::build(&cfg.providers[0], "").unwrap()
+        providers::build(
+            &cfg.providers[0],
+            "",
+            &herald_core::netguard::Guard::new(&cfg.security.outbound_allow),
+        )
+        .unwrap()
     }
 }
 
@@ -689,12 +697,18 @@ settings = {{ tls_ca_file = "{}", tls_domain = "localhost" }}
     let mut cfg = Config::parse(&text).unwrap();
     let password = password.to_owned();
     cfg.apply_env(|k| match k {
+        "HERALD_SERVER_SECRET" => Some(herald_tests::SERVER_SECRET.into()),
         "SMTP_USER" => Some("herald".into()),
         "SMTP_PASS" => Some(password.clone()),
         _ => None,
     });
     cfg.validate().unwrap();
-    providers::build(&cfg.providers[0], "").unwrap()
+    providers::build(
+        &cfg.providers[0],
+        "",
+        &herald_core::netguard::Guard::new(&cfg.security.outbound_allow),
+    )
+    .unwrap()
 }
 
 fn mails(dir: &std::path::Path, port: u16) -> Vec<String> {

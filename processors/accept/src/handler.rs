@@ -3,28 +3,31 @@
 use std::collections::{HashMap, HashSet};
 
 use herald_core::util::{event_id, message_id};
+use herald_core::validate::{self, Limits, Problem};
 use herald_schemas::{
-    Channel, EventHeader, MessageAccepted, MessageFailed, Reason, Recipient, SendRequested,
+    EventHeader, MessageAccepted, MessageFailed, Reason, Recipient, SendRequested,
 };
 
 /// What accept needs to know from the operator's config.
 #[derive(Debug, Clone)]
 pub struct AcceptPolicy {
-    pub max_recipients: usize,
+    pub limits: Limits,
     /// Known template codes.
     pub templates: HashSet<String>,
-    /// Largest payload (summed params and content) per message, bytes.
-    pub max_payload_bytes: usize,
+    /// Configured apps: a request for any other app is refused.
+    pub apps: HashSet<String>,
 }
-
-/// Longest accepted scheduling horizon.
-const MAX_SCHEDULE_AHEAD_MS: i64 = 366 * 24 * 3600 * 1000;
 
 /// The plan for one request.
 #[derive(Debug, PartialEq)]
 pub enum Plan {
-    /// The request as a whole is invalid: nothing to send; dead-lettered with this reason.
-    Rejected(Reason),
+    /// The request cannot be attributed to messages (its identifiers are unusable, its app is
+    /// not configured, it names more recipients than allowed): a dead letter with this reason,
+    /// nothing else.
+    Refused(Reason),
+    /// The request as a whole is invalid: a dead letter, and every recipient's message fails
+    /// with this reason (so `GET /v1/messages/{id}` answers `failed`, not 404).
+    Rejected(Reason, Vec<MessageFailed>),
     /// One entry per recipient, in recipient order.
     Messages(Vec<Planned>),
 }
@@ -36,120 +39,80 @@ pub enum Planned {
     Failed(Box<MessageFailed>),
 }
 
-pub fn plan(req: &SendRequested, policy: &AcceptPolicy, trace_id: &str, now: i64) -> Plan {
-    if req.request_id.trim().is_empty() {
-        return Plan::Rejected(Reason::new("invalid_request_id", "request_id is empty"));
-    }
-    if req.app_id.trim().is_empty() {
-        return Plan::Rejected(Reason::new("invalid_app_id", "app_id is empty"));
-    }
-    if req.recipients.is_empty() {
-        return Plan::Rejected(Reason::new("no_recipients", "recipients is empty"));
-    }
-    if req.recipients.len() > policy.max_recipients {
-        return Plan::Rejected(Reason::new(
-            "too_many_recipients",
-            format!(
-                "{} recipients, at most {}",
-                req.recipients.len(),
-                policy.max_recipients
-            ),
-        ));
-    }
-    match &req.template {
-        Some(t) if !policy.templates.contains(t) => {
-            return Plan::Rejected(Reason::new(
-                "unknown_template",
-                format!("template {t:?} is not defined"),
-            ));
-        }
-        None if req.content.as_ref().is_none_or(|c| {
-            c.subject.is_none() && c.text.is_none() && c.html.is_none() && c.markdown.is_none()
-        }) =>
-        {
-            return Plan::Rejected(Reason::new(
-                "no_content",
-                "neither template nor content is set",
-            ));
-        }
-        _ => {}
-    }
-    if let Some(at) = req.send_at
-        && at > now + MAX_SCHEDULE_AHEAD_MS
-    {
-        return Plan::Rejected(Reason::new(
-            "invalid_send_at",
-            "send_at is more than a year ahead",
-        ));
-    }
-    if let (Some(exp), Some(at)) = (req.expires_at, req.send_at)
-        && exp <= at
-    {
-        return Plan::Rejected(Reason::new(
-            "invalid_expires_at",
-            "expires_at is not after send_at",
-        ));
-    }
+/// Problems that leave nothing to attribute a failure to.
+fn refused(p: &Problem) -> bool {
+    matches!(
+        p.field.as_str(),
+        "request_id" | "app_id" | "idempotency_key"
+    ) || p.code == "too_many_recipients"
+}
 
-    let shared_size: usize = req
-        .params
-        .iter()
-        .map(|(k, v)| k.len() + v.len())
-        .sum::<usize>()
-        + req.content.as_ref().map_or(0, |c| {
-            [&c.subject, &c.text, &c.html, &c.markdown]
-                .iter()
-                .map(|s| s.as_ref().map_or(0, String::len))
-                .sum()
-        });
+pub fn plan(req: &SendRequested, policy: &AcceptPolicy, trace_id: &str, now: i64) -> Plan {
+    let header = |i: usize, fact: &str, metadata: HashMap<String, String>| {
+        let mid = message_id(&req.app_id, &req.request_id, i);
+        EventHeader {
+            event_id: event_id(&mid, fact, 0),
+            event_time: now,
+            stage: "accept".into(),
+            trace_id: trace_id.to_owned(),
+            message_id: mid,
+            request_id: req.request_id.clone(),
+            app_id: req.app_id.clone(),
+            channel: req.channel,
+            attempt: 0,
+            metadata,
+        }
+    };
+    let whole = validate::request(req, &policy.limits, now).and_then(|()| match &req.template {
+        Some(t) if !policy.templates.contains(t) => Err(Problem {
+            code: "unknown_template",
+            message: format!("template {t:?} is not defined"),
+            field: "template".into(),
+        }),
+        _ => Ok(()),
+    });
+    let whole = if whole.as_ref().is_err_and(refused) {
+        whole
+    } else if !policy.apps.contains(&req.app_id) {
+        Err(Problem {
+            code: "unknown_app",
+            message: format!("app {:?} is not configured", req.app_id),
+            field: "app_id".into(),
+        })
+    } else {
+        whole
+    };
+    if let Err(p) = whole {
+        if refused(&p) {
+            return Plan::Refused(p.reason());
+        }
+        // The metadata may be what is wrong: failure events carry none.
+        let failed = (0..req.recipients.len())
+            .map(|i| MessageFailed {
+                header: header(i, "failed", HashMap::new()),
+                provider: None,
+                reason: p.reason(),
+            })
+            .collect();
+        return Plan::Rejected(p.reason(), failed);
+    }
 
     let messages = req
         .recipients
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let mid = message_id(&req.app_id, &req.request_id, i);
-            let header = EventHeader {
-                event_id: event_id(&mid, "accepted", 0),
-                event_time: now,
-                stage: "accept".into(),
-                trace_id: trace_id.to_owned(),
-                message_id: mid,
-                request_id: req.request_id.clone(),
-                app_id: req.app_id.clone(),
-                channel: req.channel,
-                attempt: 0,
-                metadata: req.metadata.clone(),
-            };
-            let size = shared_size
-                + r.params
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>();
-            let problem = validate_address(req.channel, &r.address).err().or_else(|| {
-                (size > policy.max_payload_bytes).then(|| {
-                    Reason::new(
-                        "payload_too_large",
-                        format!("{size} bytes, at most {}", policy.max_payload_bytes),
-                    )
-                })
-            });
-            if let Some(reason) = problem {
-                let mut header = header;
-                header.event_id = event_id(&header.message_id, "failed", 0);
+            if let Err(p) = validate::recipient(req, i, r, &policy.limits) {
                 return Planned::Failed(Box::new(MessageFailed {
-                    header,
+                    header: header(i, "failed", req.metadata.clone()),
                     provider: None,
-                    reason: Reason::new(
-                        reason.code,
-                        format!("recipients[{i}].address: {}", reason.message),
-                    ),
+                    reason: p.reason(),
                 }));
             }
             let mut params: HashMap<String, String> = req.params.clone();
             params.extend(r.params.clone());
             Planned::Accepted(Box::new(MessageAccepted {
-                header,
+                header: header(i, "accepted", req.metadata.clone()),
                 recipient: Recipient {
                     address: r.address.trim().to_owned(),
                     params: r.params.clone(),
@@ -169,65 +132,20 @@ pub fn plan(req: &SendRequested, policy: &AcceptPolicy, trace_id: &str, now: i64
     Plan::Messages(messages)
 }
 
-/// Checks a recipient address for its channel.
-pub fn validate_address(channel: Channel, address: &str) -> Result<(), Reason> {
-    let a = address.trim();
-    let bad = |m: &str| Err(Reason::new("invalid_recipient", m.to_owned()));
-    if a.is_empty() {
-        return bad("empty address");
-    }
-    if a.len() > 512 {
-        return bad("address longer than 512 bytes");
-    }
-    match channel {
-        Channel::Email => {
-            let Some((local, domain)) = a.rsplit_once('@') else {
-                return bad("not an e-mail address (no @)");
-            };
-            if local.is_empty()
-                || domain.is_empty()
-                || !domain.contains('.')
-                || a.chars().any(char::is_whitespace)
-            {
-                return bad("not an e-mail address");
-            }
-            Ok(())
-        }
-        Channel::Sms => {
-            let digits = a.strip_prefix('+').unwrap_or(a);
-            if (6..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) {
-                Ok(())
-            } else {
-                bad("not a phone number (E.164: optional + and 6 to 15 digits)")
-            }
-        }
-        Channel::Webhook => {
-            if a.starts_with("https://") || a.starts_with("http://") {
-                Ok(())
-            } else {
-                bad("not an http(s) URL")
-            }
-        }
-        _ => {
-            if a.chars().any(char::is_control) {
-                bad("control characters in address")
-            } else {
-                Ok(())
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_schemas::{Content, Priority};
+    use herald_schemas::{Channel, Content, Priority};
 
     fn policy() -> AcceptPolicy {
         AcceptPolicy {
-            max_recipients: 3,
+            limits: Limits {
+                max_recipients: 3,
+                max_message_bytes: 1000,
+                max_request_bytes: 100_000,
+            },
             templates: HashSet::from(["welcome".to_owned()]),
-            max_payload_bytes: 1000,
+            apps: HashSet::from(["shop".to_owned()]),
         }
     }
 
@@ -298,13 +216,11 @@ mod tests {
     }
 
     #[test]
-    fn whole_request_problems_are_rejected_with_a_reason() {
+    fn whole_request_problems_fail_every_message_with_a_reason() {
         let cases: Vec<(SendRequested, &str)> = vec![
-            (req(&[]), "no_recipients"),
-            (req(&["a@x.io"; 4]), "too_many_recipients"),
             (
                 {
-                    let mut r = req(&["a@x.io"]);
+                    let mut r = req(&["a@x.io", "b@x.io"]);
                     r.template = Some("nope".into());
                     r
                 },
@@ -312,7 +228,7 @@ mod tests {
             ),
             (
                 {
-                    let mut r = req(&["a@x.io"]);
+                    let mut r = req(&["a@x.io", "b@x.io"]);
                     r.template = None;
                     r
                 },
@@ -320,7 +236,7 @@ mod tests {
             ),
             (
                 {
-                    let mut r = req(&["a@x.io"]);
+                    let mut r = req(&["a@x.io", "b@x.io"]);
                     r.send_at = Some(i64::MAX);
                     r
                 },
@@ -328,17 +244,24 @@ mod tests {
             ),
             (
                 {
-                    let mut r = req(&["a@x.io"]);
-                    r.send_at = Some(10);
-                    r.expires_at = Some(5);
+                    let mut r = req(&["a@x.io", "b@x.io"]);
+                    r.metadata.insert("m".into(), "\0".into());
                     r
                 },
-                "invalid_expires_at",
+                "invalid_character",
             ),
         ];
         for (r, code) in cases {
             match plan(&r, &policy(), "t", 0) {
-                Plan::Rejected(reason) => assert_eq!(reason.code, code),
+                Plan::Rejected(reason, failed) => {
+                    assert_eq!(reason.code, code);
+                    assert_eq!(failed.len(), 2, "{code}: one failure per recipient");
+                    assert!(
+                        failed
+                            .iter()
+                            .all(|f| f.reason.code == code && f.header.metadata.is_empty())
+                    );
+                }
                 other => panic!("{code}: {other:?}"),
             }
         }
@@ -355,9 +278,45 @@ mod tests {
     }
 
     #[test]
+    fn requests_that_name_no_usable_message_are_refused() {
+        let cases: Vec<(SendRequested, &str)> = vec![
+            (req(&[]), "no_recipients"),
+            (req(&["a@x.io"; 4]), "too_many_recipients"),
+            (
+                {
+                    let mut r = req(&["a@x.io"]);
+                    r.request_id = "r\0".into();
+                    r
+                },
+                "invalid_identifier",
+            ),
+            (
+                {
+                    let mut r = req(&["a@x.io"]);
+                    r.app_id = "elsewhere".into();
+                    r
+                },
+                "unknown_app",
+            ),
+        ];
+        for (r, code) in cases {
+            match plan(&r, &policy(), "t", 0) {
+                Plan::Refused(reason) if reason.code == code => {}
+                Plan::Rejected(reason, failed) if code == "no_recipients" => {
+                    assert_eq!(reason.code, code);
+                    assert!(failed.is_empty());
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn oversized_payload_fails_the_message() {
         let mut r = req(&["a@x.io"]);
-        r.params.insert("blob".into(), "x".repeat(2000));
+        r.recipients[0]
+            .params
+            .insert("blob".into(), "x".repeat(2000));
         let Plan::Messages(p) = plan(&r, &policy(), "t", 0) else {
             panic!()
         };
@@ -366,11 +325,13 @@ mod tests {
     }
 
     #[test]
-    fn addresses_per_channel() {
-        assert!(validate_address(Channel::Sms, "+8613800000000").is_ok());
-        assert!(validate_address(Channel::Sms, "12ab").is_err());
-        assert!(validate_address(Channel::Webhook, "https://h/x").is_ok());
-        assert!(validate_address(Channel::Webhook, "ftp://h").is_err());
-        assert!(validate_address(Channel::Email, "a b@x.io").is_err());
+    fn a_nul_in_an_address_fails_only_that_recipient() {
+        let Plan::Messages(p) = plan(&req(&["a@x.io", "b\0@x.io"]), &policy(), "t", 0) else {
+            panic!()
+        };
+        assert!(matches!(p[0], Planned::Accepted(_)));
+        let Planned::Failed(f) = &p[1] else { panic!() };
+        assert_eq!(f.reason.code, "invalid_recipient");
+        assert!(f.reason.message.starts_with("recipients[1].address"));
     }
 }

@@ -43,18 +43,25 @@ fn source(input: &InRecord) -> String {
 }
 
 impl Accept {
-    async fn handle_one(
+    /// The records of one planned request.
+    async fn emit(
         &self,
         input: &InRecord,
-        req: SendRequested,
+        req: &SendRequested,
+        plan: Plan,
         over_quota: bool,
         out: &mut Vec<OutRecord>,
     ) -> Result<(), StageError> {
         let codec = &self.deps.codec;
         let trace = trace_id(input);
         let now = now_ms();
-        match handler::plan(&req, &self.policy, &trace, now) {
-            Plan::Rejected(reason) => {
+        let messages = match plan {
+            Plan::Refused(reason) => {
+                let rid = Some(req.request_id.clone()).filter(|r| !r.contains('\0'));
+                out.push(dead_letter(codec, STAGE, input, reason, None, rid).await?);
+                return Ok(());
+            }
+            Plan::Rejected(reason, failed) => {
                 out.push(
                     dead_letter(
                         codec,
@@ -66,53 +73,56 @@ impl Accept {
                     )
                     .await?,
                 );
+                for f in failed {
+                    out.push(
+                        record(codec, topics::STATUS, &f.header.message_id, &trace, &f).await?,
+                    );
+                }
+                return Ok(());
             }
-            Plan::Messages(messages) => {
-                for m in messages {
-                    match m {
-                        Planned::Failed(f) => {
-                            out.push(
-                                record(codec, topics::STATUS, &f.header.message_id, &trace, &*f)
-                                    .await?,
-                            );
-                        }
-                        Planned::Accepted(m) if over_quota => {
-                            let mid = m.header.message_id.clone();
-                            let ev = MessageFailed {
-                                header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
-                                provider: None,
-                                reason: Reason::new(
-                                    "quota_exceeded",
-                                    format!("app {} is over its daily quota", m.header.app_id),
+            Plan::Messages(m) => m,
+        };
+        for m in messages {
+            match m {
+                Planned::Failed(f) => {
+                    out.push(
+                        record(codec, topics::STATUS, &f.header.message_id, &trace, &*f).await?,
+                    );
+                }
+                Planned::Accepted(m) if over_quota => {
+                    let mid = m.header.message_id.clone();
+                    let ev = MessageFailed {
+                        header: m.header.follow(STAGE, event_id(&mid, "failed", 0), now),
+                        provider: None,
+                        reason: Reason::new(
+                            "quota_exceeded",
+                            format!("app {} is over its daily quota", m.header.app_id),
+                        ),
+                    };
+                    out.push(record(codec, topics::STATUS, &mid, &trace, &ev).await?);
+                }
+                Planned::Accepted(m) => {
+                    let key = m.recipient.address.clone();
+                    let accepted = record(codec, topics::ACCEPTED, &key, &trace, &*m).await?;
+                    match m.send_at {
+                        Some(at) if at > now + 500 => {
+                            let scheduled = DelayScheduled {
+                                header: m.header.follow(
+                                    STAGE,
+                                    event_id(&m.header.message_id, "scheduled", 0),
+                                    now,
                                 ),
+                                purpose: DelayPurpose::ScheduledSend,
+                                due_at: at,
+                                target_topic: topics::ACCEPTED.into(),
+                                key: accepted.key.clone(),
+                                payload: accepted.payload,
+                                reason: None,
                             };
-                            out.push(record(codec, topics::STATUS, &mid, &trace, &ev).await?);
+                            let tier = delay_topic(tier_for(at - now));
+                            out.push(record(codec, &tier, &key, &trace, &scheduled).await?);
                         }
-                        Planned::Accepted(m) => {
-                            let key = m.recipient.address.clone();
-                            let accepted =
-                                record(codec, topics::ACCEPTED, &key, &trace, &*m).await?;
-                            match m.send_at {
-                                Some(at) if at > now + 500 => {
-                                    let scheduled = DelayScheduled {
-                                        header: m.header.follow(
-                                            STAGE,
-                                            event_id(&m.header.message_id, "scheduled", 0),
-                                            now,
-                                        ),
-                                        purpose: DelayPurpose::ScheduledSend,
-                                        due_at: at,
-                                        target_topic: topics::ACCEPTED.into(),
-                                        key: accepted.key.clone(),
-                                        payload: accepted.payload,
-                                        reason: None,
-                                    };
-                                    let tier = delay_topic(tier_for(at - now));
-                                    out.push(record(codec, &tier, &key, &trace, &scheduled).await?);
-                                }
-                                _ => out.push(accepted),
-                            }
-                        }
+                        _ => out.push(accepted),
                     }
                 }
             }
@@ -122,6 +132,14 @@ impl Accept {
 }
 
 impl BatchHandler for Accept {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { self.db.simple_query("SELECT 1").await.is_ok() })
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],
@@ -141,32 +159,41 @@ impl BatchHandler for Accept {
             }
             let mut out = Vec::with_capacity(batch.len());
             let mut reqs = Vec::with_capacity(batch.len());
+            let now = now_ms();
             for input in batch {
                 if let Some(req) =
                     decode_or_dead_letter::<SendRequested>(&self.deps.codec, STAGE, input, &mut out)
                         .await?
                 {
-                    reqs.push((input, req));
+                    // Validated before anything is stored: a request PostgreSQL could not hold
+                    // never reaches it.
+                    let plan = handler::plan(&req, &self.policy, &trace_id(input), now);
+                    reqs.push((input, req, plan));
                 }
             }
-            // One round trip for the batch's idempotency keys.
-            let seen: Vec<idempotency::Seen> = reqs
+            // Invalid requests end here; valid ones are checked for replays in one round trip.
+            let mut valid = Vec::with_capacity(reqs.len());
+            for (input, req, plan) in reqs {
+                if matches!(plan, Plan::Messages(_)) {
+                    valid.push((input, req, plan));
+                } else {
+                    self.emit(input, &req, plan, false, &mut out).await?;
+                }
+            }
+            let seen: Vec<idempotency::Seen> = valid
                 .iter()
-                .map(|(input, r)| idempotency::Seen {
+                .map(|(input, r, _)| idempotency::Seen {
                     app_id: &r.app_id,
                     request_id: &r.request_id,
                     idempotency_key: r.idempotency_key.as_deref().filter(|k| !k.is_empty()),
                     source: source(input),
                 })
                 .collect();
-            let duplicate = idempotency::check(&self.db, &seen).await.map_err(|e| {
-                StageError::Transient(format!(
-                    "idempotency keys: {}",
-                    herald_core::runtime::pg_error(e)
-                ))
-            })?;
+            let duplicate = idempotency::check(&self.db, &seen)
+                .await
+                .map_err(|e| StageError::postgres("idempotency keys", e))?;
             drop(seen);
-            for ((input, req), dup) in reqs.into_iter().zip(duplicate) {
+            for ((input, req, plan), dup) in valid.into_iter().zip(duplicate) {
                 if dup {
                     // The original request's messages exist (same ids); nothing new.
                     metrics::counter!(herald_core::telemetry::names::DUPLICATE_REQUESTS, "app" => req.app_id.clone())
@@ -175,12 +202,14 @@ impl BatchHandler for Accept {
                     continue;
                 }
                 // Requests that did not come through the gateway count against the app's daily
-                // quota here (the gateway counted its own).
+                // quota here (the gateway counted its own, and vouches for it with a keyed mark
+                // an outside producer cannot forge).
                 let quota = self.quotas.get(&req.app_id).copied();
                 let counted = input
-                    .headers
-                    .iter()
-                    .any(|(k, _)| k == herald_core::quota::COUNTED_HEADER);
+                    .header(herald_core::quota::COUNTED_HEADER)
+                    .is_some_and(|mark| {
+                        herald_core::quota::verify_mark(&self.deps.config, &req.request_id, mark)
+                    });
                 let over_quota = match quota {
                     Some(q) if !counted => !herald_core::quota::take(
                         &self.db,
@@ -189,15 +218,10 @@ impl BatchHandler for Accept {
                         q as i64,
                     )
                     .await
-                    .map_err(|e| {
-                        StageError::Transient(format!(
-                            "quota: {}",
-                            herald_core::runtime::pg_error(e)
-                        ))
-                    })?,
+                    .map_err(|e| StageError::postgres("quota", e))?,
                     _ => false,
                 };
-                self.handle_one(input, req, over_quota, &mut out).await?;
+                self.emit(input, &req, plan, over_quota, &mut out).await?;
             }
             Ok(out)
         })
@@ -207,14 +231,14 @@ impl BatchHandler for Accept {
 /// Runs the accept stage until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let policy = AcceptPolicy {
-        max_recipients: deps.config.pipeline.max_recipients,
+        limits: herald_core::validate::Limits::from_config(&deps.config.pipeline),
+        apps: deps.config.apps.iter().map(|a| a.id.clone()).collect(),
         templates: deps
             .config
             .templates
             .iter()
             .map(|t| t.code.clone())
             .collect::<HashSet<_>>(),
-        max_payload_bytes: 256 * 1024,
     };
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();

@@ -87,19 +87,7 @@ async fn by(
         )
         .await
         .map_err(db_err)?;
-    run(state, &app, rows, &format!("no {what} {id}")).await
-}
-
-async fn run(
-    state: &ApiState,
-    app: &str,
-    rows: Vec<tokio_postgres::Row>,
-    missing: &str,
-) -> Result<Response, ApiError> {
-    if rows.is_empty() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing));
-    }
-    let targets: Vec<Target> = rows
+    let mut targets: Vec<Target> = rows
         .iter()
         .map(|r| Target {
             message_id: r.get(0),
@@ -108,6 +96,40 @@ async fn run(
             status: r.get(3),
         })
         .collect();
+    if targets.is_empty() {
+        // Accepted by the gateway, not projected yet: cancelable at once.
+        let accepted = match key {
+            Key::Message => herald_core::intake::message(&state.db, &app, id)
+                .await
+                .map_err(db_err)?
+                .into_iter()
+                .collect(),
+            Key::Request => herald_core::intake::request(&state.db, &app, id)
+                .await
+                .map_err(db_err)?,
+        };
+        targets = accepted
+            .into_iter()
+            .map(|a| Target {
+                message_id: a.message_id,
+                request_id: a.request_id,
+                channel: a.channel,
+                status: "accepted".into(),
+            })
+            .collect();
+    }
+    run(state, &app, targets, &format!("no {what} {id}")).await
+}
+
+async fn run(
+    state: &ApiState,
+    app: &str,
+    targets: Vec<Target>,
+    missing: &str,
+) -> Result<Response, ApiError> {
+    if targets.is_empty() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing));
+    }
     let open: Vec<&Target> = targets
         .iter()
         .filter(|t| !FINAL.contains(&t.status.as_str()))

@@ -42,6 +42,8 @@ pub struct ApiState {
     pub inbox: inbox::Notifications,
     /// Per-app request rate limits (`rate_limit_per_sec`), per API process.
     pub limits: HashMap<String, governor::DefaultDirectRateLimiter>,
+    /// Where webhook recipients may point.
+    pub guard: herald_core::netguard::Guard,
 }
 
 /// The app's request rate limit: 429 with `Retry-After` when over it.
@@ -233,46 +235,6 @@ async fn send(
         .field("app_id"));
     }
     let cfg = &state.deps.config;
-    if b.recipients.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "no_recipients",
-            "recipients is empty",
-        )
-        .field("recipients"));
-    }
-    if b.recipients.len() > cfg.pipeline.max_recipients {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_recipients",
-            format!("at most {}", cfg.pipeline.max_recipients),
-        )
-        .field("recipients"));
-    }
-    if let Some(t) = &b.template
-        && !cfg.templates.iter().any(|x| &x.code == t)
-        && herald_core::templates::get(&state.db, t, None)
-            .await
-            .map_err(db_err)?
-            .is_none()
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unknown_template",
-            format!("template {t:?} is not defined"),
-        )
-        .field("template"));
-    }
-    for (i, r) in b.recipients.iter().enumerate() {
-        if r.address.trim().is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_recipient",
-                "empty address",
-            )
-            .field(format!("recipients[{i}].address")));
-        }
-    }
     let request_id = b.request_id.clone().unwrap_or_else(random_id);
     let req = SendRequested {
         request_id: request_id.clone(),
@@ -291,10 +253,42 @@ async fn send(
         metadata: b.metadata,
         requested_at: b.requested_at.unwrap_or_else(now_ms),
     };
+    // Everything accept would reject is refused here, with the same code (promise 5).
+    let limits = herald_core::validate::Limits::from_config(&cfg.pipeline);
+    herald_core::validate::all(&req, &limits, now_ms()).map_err(|p| {
+        let status = if p.code == "request_too_large" {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, p.code, p.message).field(p.field)
+    })?;
+    if let Some(t) = &req.template
+        && !cfg.templates.iter().any(|x| &x.code == t)
+        && herald_core::templates::get(&state.db, t, None)
+            .await
+            .map_err(db_err)?
+            .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_template",
+            format!("template {t:?} is not defined"),
+        )
+        .field("template"));
+    }
+    if req.channel == Channel::Webhook {
+        for (i, r) in req.recipients.iter().enumerate() {
+            state.guard.check_url(r.address.trim()).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "destination_not_allowed", e)
+                    .field(format!("recipients[{i}].address"))
+            })?;
+        }
+    }
     let trace = header(&headers, "traceparent")
         .map(str::to_owned)
         .unwrap_or_else(random_id);
-    let rec = record(
+    let mut rec = record(
         &state.deps.codec,
         topics::REQUESTS,
         &request_id,
@@ -309,10 +303,26 @@ async fn send(
             e.to_string(),
         )
     })?;
-    // The gateway counts this request against the daily quota (below); accept must not again.
-    let mut rec = rec;
-    rec.headers
-        .push((herald_core::quota::COUNTED_HEADER.into(), b"1".to_vec()));
+    if rec.payload.len() > herald_core::worker::MAX_OUTPUT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request is {} bytes as a record, at most {}",
+                rec.payload.len(),
+                herald_core::worker::MAX_OUTPUT_BYTES
+            ),
+        ));
+    }
+    // The gateway counts this request against the daily quota (below) and vouches for that
+    // with a keyed mark, so accept does not count it again.
+    rec.headers.push((
+        herald_core::quota::COUNTED_HEADER.into(),
+        herald_core::quota::mark(cfg, &request_id),
+    ));
+    let ids: Vec<String> = (0..req.recipients.len())
+        .map(|i| message_id(&app, &request_id, i))
+        .collect();
     // An idempotency key already used answers the original request; nothing is published.
     if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
         let owner = herald_core::idempotency::reserve(&state.db, &app, key, &request_id)
@@ -339,14 +349,21 @@ async fn send(
             let _ = herald_core::idempotency::release(&state.db, &app, key, &request_id).await;
             return Err(e);
         }
+        if let Err(e) = herald_core::idempotency::confirm(&state.db, &app, key, &request_id).await {
+            // Accept confirms it too when it takes the request; nothing is lost.
+            tracing::warn!(error = %herald_core::runtime::pg_error(e), "idempotency key not confirmed");
+        }
     } else {
         take_quota(&state, &app, req.recipients.len() as i64).await?;
         publish(&state, vec![rec]).await?;
     }
+    // Readable and cancelable at once, before the projector catches up.
+    if let Err(e) =
+        herald_core::intake::record(&state.db, &app, &request_id, req.channel.as_str(), &ids).await
+    {
+        tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake not recorded; reads follow the projector");
+    }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
-    let ids: Vec<String> = (0..req.recipients.len())
-        .map(|i| message_id(&app, &request_id, i))
-        .collect();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"request_id": request_id, "message_ids": ids})),
@@ -462,8 +479,29 @@ async fn get_message(
             &[&id, &app],
         )
         .await
-        .map_err(db_err)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "message_not_found", format!("no message {id}")))?;
+        .map_err(db_err)?;
+    let Some(row) = row else {
+        // Accepted by the gateway, not projected yet: `accepted`, true at once.
+        let a = herald_core::intake::message(&state.db, &app, &id)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "message_not_found",
+                    format!("no message {id}"),
+                )
+            })?;
+        return Ok(Json(json!({
+            "message_id": a.message_id, "request_id": a.request_id, "app_id": app,
+            "channel": a.channel, "recipient": null, "status": "accepted", "provider": null,
+            "attempts": 0, "template": null, "template_version": null,
+            "created_at": a.at, "updated_at": a.at,
+            "timeline": [{"status": "accepted", "at": a.at, "provider": null, "attempt": 0, "reason": null}],
+            "delivery_attempts": [],
+        }))
+        .into_response());
+    };
     let events = state
         .db
         .query(
@@ -569,11 +607,42 @@ async fn get_request(
         .await
         .map_err(db_err)?;
     if counts.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "request_not_found",
-            format!("no request {id}"),
-        ));
+        let accepted = herald_core::intake::request(&state.db, &app, &id)
+            .await
+            .map_err(db_err)?;
+        if accepted.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "request_not_found",
+                format!("no request {id}"),
+            ));
+        }
+        // Accepted by the gateway, not projected yet.
+        let after = page.cursor.unwrap_or_default();
+        let page_rows: Vec<_> = accepted
+            .iter()
+            .filter(|a| a.message_id > after)
+            .take(limit as usize + 1)
+            .collect();
+        let more = page_rows.len() as i64 > limit;
+        let messages: Vec<_> = page_rows
+            .iter()
+            .take(limit as usize)
+            .map(|a| json!({"message_id": a.message_id, "recipient": null, "status": "accepted"}))
+            .collect();
+        let next_cursor = more
+            .then(|| {
+                page_rows
+                    .get(limit as usize - 1)
+                    .map(|a| a.message_id.clone())
+            })
+            .flatten();
+        return Ok(Json(json!({
+            "request_id": id, "app_id": app, "total": accepted.len(),
+            "counts": {"accepted": accepted.len()}, "messages": messages,
+            "next_cursor": next_cursor,
+        }))
+        .into_response());
     }
     let total: i64 = counts.iter().map(|r| r.get::<_, i64>(1)).sum();
     let counts: serde_json::Map<String, serde_json::Value> = counts
@@ -706,8 +775,52 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
+        .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Every error answer in the JSON error shape, also those axum and its layers write themselves
+/// (body too large, wrong method, unparsable path or query).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal_error",
+        _ => "invalid_request",
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    if let Some(allow) = parts.headers.get(axum::http::header::ALLOW) {
+        out.headers_mut()
+            .insert(axum::http::header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// Serves the API until `shutdown`.
@@ -723,6 +836,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         auth::NONCE_SCHEMA,
         herald_core::quota::SCHEMA,
         herald_core::templates::SCHEMA,
+        herald_core::intake::SCHEMA,
     ]
     .join(";\n");
     let db = deps.postgres_migrated(&ddl).await?;
@@ -746,6 +860,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .map(|a| (a.id.clone(), a.secret.clone()))
         .collect();
     let listen = deps.config.api.listen.clone();
+    let deps_guard = deps.config.security.outbound_allow.clone();
     let state = Arc::new(ApiState {
         deps,
         db,
@@ -754,6 +869,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         http: reqwest::Client::new(),
         inbox,
         limits,
+        guard: herald_core::netguard::Guard::new(&deps_guard),
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

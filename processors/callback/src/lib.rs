@@ -521,6 +521,9 @@ async fn receipt(
 }
 
 pub fn router(deps: Deps) -> Router {
+    let alerts = Alerter::new(&herald_core::netguard::Guard::new(
+        &deps.config.security.outbound_allow,
+    ));
     let secrets = deps
         .config
         .providers
@@ -565,7 +568,7 @@ pub fn router(deps: Deps) -> Router {
             db: Default::default(),
             rules,
             breakers,
-            alerts: Alerter::new(),
+            alerts,
         }))
 }
 

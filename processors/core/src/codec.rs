@@ -14,7 +14,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Schema, from_value};
 use futures::future::BoxFuture;
-use herald_schemas::{Event, topics};
+use herald_schemas::{Event, EventHeader, topics};
 use schema_registry_converter::async_impl::schema_registry::{
     SrSettings, get_schema_by_id, post_schema,
 };
@@ -301,6 +301,25 @@ impl Codec {
     pub async fn event_name(&self, bytes: &[u8]) -> Result<String, CodecError> {
         let (id, _) = Self::frame(bytes)?;
         Ok(self.writer(id).await?.full_name.clone())
+    }
+
+    /// The `header` of a framed event of any internal type (`None` for types without one, such
+    /// as `SendRequested`): what a stage needs to fail a message whose record it cannot process.
+    pub async fn header(&self, bytes: &[u8]) -> Result<Option<EventHeader>, CodecError> {
+        let (id, mut body) = Self::frame(bytes)?;
+        let writer = self.writer(id).await?;
+        let undecodable = |e: apache_avro::Error| CodecError::Undecodable {
+            id,
+            detail: e.to_string(),
+        };
+        let value = writer.reader.read_value(&mut body).map_err(undecodable)?;
+        let apache_avro::types::Value::Record(fields) = value else {
+            return Ok(None);
+        };
+        match fields.into_iter().find(|(name, _)| name == "header") {
+            Some((_, h)) => Ok(from_value::<EventHeader>(&h).ok()),
+            None => Ok(None),
+        }
     }
 
     /// `None` when `writer` is our own schema for `T` (no resolution needed).

@@ -37,6 +37,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub api: ApiConfig,
     pub pipeline: PipelineConfig,
+    pub security: SecurityConfig,
     pub apps: Vec<AppConfig>,
     pub providers: Vec<ProviderConfig>,
     pub templates: Vec<TemplateConfig>,
@@ -57,6 +58,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             api: ApiConfig::default(),
             pipeline: PipelineConfig::default(),
+            security: SecurityConfig::default(),
             apps: Vec::new(),
             providers: Vec::new(),
             templates: Vec::new(),
@@ -189,6 +191,11 @@ pub struct PipelineConfig {
     pub poll_wait_ms: u64,
     /// Largest number of recipients in one request.
     pub max_recipients: usize,
+    /// Largest payload of one message (shared and own params, content, metadata), bytes.
+    pub max_message_bytes: usize,
+    /// Largest total a request may fan out into (its messages' payloads summed), bytes: shared
+    /// params and metadata are copied into every message.
+    pub max_request_bytes: usize,
 }
 
 impl Default for PipelineConfig {
@@ -198,6 +205,33 @@ impl Default for PipelineConfig {
             batch_linger_ms: 5,
             poll_wait_ms: 200,
             max_recipients: 10_000,
+            max_message_bytes: 256 * 1024,
+            max_request_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Name of the environment variable holding the server secret: it keys the recipient lookup
+    /// hash and the marks stages leave for each other on records (never logged).
+    pub secret_env: String,
+    /// Resolved from `secret_env` at load.
+    #[serde(skip)]
+    pub secret: String,
+    /// Outbound destinations allowed although they are loopback, private, link-local … (webhook
+    /// recipients, alert and status URLs): exact `host:port` or a CIDR (`10.1.0.0/16`).
+    /// Env: HERALD_OUTBOUND_ALLOW (comma-separated, added to these).
+    pub outbound_allow: Vec<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            secret_env: "HERALD_SERVER_SECRET".into(),
+            secret: String::new(),
+            outbound_allow: Vec::new(),
         }
     }
 }
@@ -592,6 +626,16 @@ impl Config {
         for app in &mut self.apps {
             app.secret = env(&app.secret_env).unwrap_or_default();
         }
+        self.security.secret = env(&self.security.secret_env).unwrap_or_default();
+        if let Some(extra) = env("HERALD_OUTBOUND_ALLOW") {
+            self.security.outbound_allow.extend(
+                extra
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            );
+        }
         for r in &mut self.rules {
             if let Some(var) = &r.action_config.secret_env {
                 r.action_config.secret = env(var).unwrap_or_default();
@@ -619,6 +663,32 @@ impl Config {
                     "apps.{}: secret variable {} is not set",
                     app.id, app.secret_env
                 ));
+            }
+        }
+        if self.security.secret.len() < 16 {
+            problems.push(format!(
+                "security: server secret variable {} must be set (at least 16 characters)",
+                self.security.secret_env
+            ));
+        }
+        for a in &self.security.outbound_allow {
+            if let Err(e) = crate::netguard::Allow::parse(a) {
+                problems.push(format!("security.outbound_allow: {e}"));
+            }
+        }
+        let guard = crate::netguard::Guard::new(&self.security.outbound_allow);
+        for app in &self.apps {
+            if let Some(url) = &app.status_url
+                && let Err(e) = guard.check_url(url)
+            {
+                problems.push(format!("apps.{}: status_url: {e}", app.id));
+            }
+        }
+        for r in &self.rules {
+            if let Some(url) = &r.action_config.webhook_url
+                && let Err(e) = guard.check_url(url)
+            {
+                problems.push(format!("rules.{}: webhook_url: {e}", r.name));
             }
         }
         let mut codes = HashSet::new();
@@ -714,6 +784,12 @@ impl Config {
                 problems.push(format!("templates.{}: no content", t.code));
             }
         }
+        if self.pipeline.max_message_bytes > crate::worker::MAX_OUTPUT_BYTES / 3 {
+            problems.push(format!(
+                "pipeline.max_message_bytes must be at most {} (a message travels inside larger records)",
+                crate::worker::MAX_OUTPUT_BYTES / 3
+            ));
+        }
         if self.pipeline.batch_max == 0 {
             problems.push("pipeline.batch_max must be positive".into());
         }
@@ -799,6 +875,7 @@ mod tests {
         let mut cfg = Config::parse("[[apps]]\nid = \"a\"\nsecret_env = \"S\"").unwrap();
         cfg.apply_env(|k| match k {
             "S" => Some("s3cret".into()),
+            "HERALD_SERVER_SECRET" => Some("a-server-secret-of-some-length".into()),
             "HERALD_KAFKA_BROKERS" => Some("k:1".into()),
             "HERALD_TRANSPORT" => Some("redis".into()),
             _ => None,

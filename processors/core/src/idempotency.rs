@@ -54,6 +54,14 @@ pub async fn check(db: &Client, reqs: &[Seen<'_>]) -> Result<Vec<bool>, tokio_po
         &[&apps, &keys, &rids, &sources],
     )
     .await?;
+    // A gateway reservation whose request accept now takes holds for good (no takeover).
+    db.execute(
+        "UPDATE request_keys k SET source = 'api'
+         FROM UNNEST($1::text[], $2::text[], $3::text[]) AS q(a, k2, r)
+         WHERE k.app_id = q.a AND k.key = q.k2 AND k.request_id = q.r AND k.source = 'api-pending'",
+        &[&apps, &keys, &rids],
+    )
+    .await?;
     let rows = db
         .query(
             "SELECT k.app_id, k.key, k.request_id, k.source FROM request_keys k
@@ -80,8 +88,13 @@ pub async fn check(db: &Client, reqs: &[Seen<'_>]) -> Result<Vec<bool>, tokio_po
         .collect())
 }
 
-/// Gateway: reserves `idem:<key>` for `request_id`; answers the request id that owns it (the
-/// given one when newly reserved).
+/// How long a gateway reservation waits for its publish before another request may take it
+/// over (a process that died between reserving and publishing leaves nothing reserved for good).
+pub const PENDING_SECS: f64 = 60.0;
+
+/// Gateway: reserves `idem:<key>` for `request_id` (pending until [`confirm`]); answers the
+/// request id that owns it (the given one when newly reserved, or taken over from a reservation
+/// whose publish never came).
 pub async fn reserve(
     db: &Client,
     app_id: &str,
@@ -89,19 +102,38 @@ pub async fn reserve(
     request_id: &str,
 ) -> Result<String, tokio_postgres::Error> {
     let k = format!("idem:{key}");
-    db.execute(
-        "INSERT INTO request_keys (app_id, key, request_id, source) VALUES ($1, $2, $3, 'api')
-         ON CONFLICT DO NOTHING",
-        &[&app_id, &k, &request_id],
-    )
-    .await?;
     let row = db
         .query_one(
-            "SELECT request_id FROM request_keys WHERE app_id = $1 AND key = $2",
-            &[&app_id, &k],
+            "WITH claimed AS (
+                 INSERT INTO request_keys AS r (app_id, key, request_id, source)
+                 VALUES ($1, $2, $3, 'api-pending')
+                 ON CONFLICT (app_id, key) DO UPDATE SET request_id = EXCLUDED.request_id, at = now()
+                 WHERE r.source = 'api-pending' AND r.at < now() - make_interval(secs => $4)
+                 RETURNING request_id)
+             SELECT request_id FROM claimed
+             UNION ALL
+             SELECT request_id FROM request_keys WHERE app_id = $1 AND key = $2
+             LIMIT 1",
+            &[&app_id, &k, &request_id, &PENDING_SECS],
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Gateway: the request was published; its reservation holds for good.
+pub async fn confirm(
+    db: &Client,
+    app_id: &str,
+    key: &str,
+    request_id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "UPDATE request_keys SET source = 'api' WHERE app_id = $1 AND key = $2 AND request_id = $3
+         AND source = 'api-pending'",
+        &[&app_id, &format!("idem:{key}"), &request_id],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Gateway: gives a reservation back when the request could not be published.
@@ -112,7 +144,8 @@ pub async fn release(
     request_id: &str,
 ) -> Result<(), tokio_postgres::Error> {
     db.execute(
-        "DELETE FROM request_keys WHERE app_id = $1 AND key = $2 AND request_id = $3 AND source = 'api'",
+        "DELETE FROM request_keys WHERE app_id = $1 AND key = $2 AND request_id = $3
+         AND source IN ('api', 'api-pending')",
         &[&app_id, &format!("idem:{key}"), &request_id],
     )
     .await?;

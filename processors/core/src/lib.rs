@@ -16,7 +16,9 @@ pub mod config;
 pub mod failure;
 pub mod gate;
 pub mod idempotency;
+pub mod intake;
 pub mod memory;
+pub mod netguard;
 pub mod quota;
 pub mod readmodel;
 pub mod runtime;
@@ -26,6 +28,7 @@ pub mod telemetry;
 pub mod templates;
 pub mod transport;
 pub mod util;
+pub mod validate;
 pub mod worker;
 
 pub use herald_schemas as schemas;

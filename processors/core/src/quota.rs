@@ -5,6 +5,8 @@
 
 use tokio_postgres::Client;
 
+use crate::config::Config;
+
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS app_usage (
     app_id text NOT NULL,
@@ -13,8 +15,26 @@ CREATE TABLE IF NOT EXISTS app_usage (
     PRIMARY KEY (app_id, day)
 )";
 
-/// Header on requests the gateway already counted.
+/// Header on requests the gateway already counted. Its value is a keyed mark of the request id
+/// ([`mark`]): an outside producer that copies the header name cannot skip the quota.
 pub const COUNTED_HEADER: &str = "herald-quota-counted";
+
+/// The gateway's mark for `request_id`: HMAC-SHA256 under the server secret, hex.
+pub fn mark(config: &Config, request_id: &str) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(config.security.secret.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(b"quota-counted\0");
+    mac.update(request_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes()).into_bytes()
+}
+
+/// Whether `value` is the gateway's mark for `request_id`.
+pub fn verify_mark(config: &Config, request_id: &str, value: &[u8]) -> bool {
+    let want = mark(config, request_id);
+    std::str::from_utf8(value)
+        .is_ok_and(|v| crate::sign::ct_eq(v, std::str::from_utf8(&want).unwrap_or_default()))
+}
 
 /// Counts `n` messages for `app` today unless that would pass `quota`; true when counted.
 pub async fn take(

@@ -12,6 +12,10 @@ pub mod names {
     pub const DEAD_LETTERS: &str = "herald_stage_dead_letters_total";
     pub const BATCH_SECONDS: &str = "herald_stage_batch_seconds";
     pub const SOURCE_RESTARTS: &str = "herald_stage_source_restarts_total";
+    /// Failed batch rounds, by stage and error class.
+    pub const STAGE_ERRORS: &str = "herald_stage_errors_total";
+    /// Records isolated and ended alone because they failed alone.
+    pub const POISON_RECORDS: &str = "herald_stage_poison_records_total";
     pub const SEND_ATTEMPTS: &str = "herald_send_attempts_total";
     pub const SEND_SECONDS: &str = "herald_send_provider_call_seconds";
     pub const PROJECTOR_ROWS: &str = "herald_projector_events_applied_total";

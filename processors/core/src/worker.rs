@@ -1,22 +1,35 @@
 //! The consume → handle → commit loop every stage runs, and the helpers stages use to turn
 //! events into records and bad input into dead letters.
+//!
+//! Promise 5 lives here: a record whose data a dependency refuses (a byte PostgreSQL cannot
+//! store, an output over Kafka's size limit) never stalls the records behind it. A batch that
+//! fails with [`StageError::Permanent`] is split in halves until the record that fails alone is
+//! found; that record is ended by [`BatchHandler::reject`] (a dead letter with its original bytes
+//! and, where the stage can, a `failed` status) and the rest proceed. A batch that keeps failing
+//! with a transient error is retried with back-off, and every few rounds probed the same way: a
+//! record that still fails alone while the stage's dependencies answer is isolated too. A
+//! dependency that is down only pauses the stage.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use herald_schemas::{DeadLettered, Event, Reason, headers, topics};
+use herald_schemas::{DeadLettered, Event, MessageFailed, Reason, headers, topics};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::codec::{Codec, CodecError};
 use crate::telemetry::names;
 use crate::transport::{InRecord, OutRecord, SourceSpec, Transport};
-use crate::util::{now_ms, random_id};
+use crate::util::{event_id, now_ms, random_id};
 
-/// Why a stage could not finish a batch.
+/// Why a stage could not finish a batch, classified once where it happened.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// Something in this batch's data is refused for good (a constraint or encoding the data
+    /// breaks, a record too large): the worker isolates the record and ends it alone.
+    #[error("permanent: {0}")]
+    Permanent(String),
     /// A dependency is unavailable (registry, PostgreSQL, a provider outage …): the batch is not
     /// acknowledged and is processed again after a back-off.
     #[error("transient: {0}")]
@@ -24,6 +37,27 @@ pub enum StageError {
     /// The stage cannot go on (bad configuration): the process exits non-zero.
     #[error("fatal: {0}")]
     Fatal(String),
+}
+
+impl StageError {
+    /// Classifies a PostgreSQL error: data the server refuses for what it is (SQLSTATE class 22
+    /// data exception — e.g. a NUL byte, 22021 —, class 54 program limit exceeded, and integrity
+    /// violations other than a unique race) is permanent for the record carrying it; everything
+    /// else (connection lost, timeouts, serialization failures) is transient.
+    pub fn postgres(context: &str, e: tokio_postgres::Error) -> StageError {
+        let permanent = e.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code.starts_with("22")
+                || code.starts_with("54")
+                || (code.starts_with("23") && code != "23505")
+        });
+        let text = format!("{context}: {}", crate::runtime::pg_error(e));
+        if permanent {
+            StageError::Permanent(text)
+        } else {
+            StageError::Transient(text)
+        }
+    }
 }
 
 impl From<CodecError> for StageError {
@@ -38,10 +72,110 @@ pub trait BatchHandler: Send {
         &'a mut self,
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>>;
+
+    /// The codec the worker encodes dead letters with.
+    fn codec(&self) -> &Codec;
+
+    /// Ends a record this stage cannot process (isolated by the worker): by default a dead
+    /// letter with the original bytes. Stages that move messages forward override it to also
+    /// fail the message ([`fail_message`]), so it reaches a terminal status.
+    fn reject<'a>(
+        &'a mut self,
+        stage: &'static str,
+        input: &'a InRecord,
+        reason: Reason,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let header = match input.payload.as_deref() {
+                Some(p) => self.codec().header(p).await.ok().flatten(),
+                None => None,
+            };
+            let (mid, rid) =
+                header.map_or((None, None), |h| (Some(h.message_id), Some(h.request_id)));
+            Ok(vec![
+                dead_letter(self.codec(), stage, input, reason, mid, rid).await?,
+            ])
+        })
+    }
+
+    /// Whether the stage's own dependencies answer (PostgreSQL …): a record that keeps failing
+    /// alone while they do is isolated; while they do not, the stage waits.
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
 }
 
-/// Runs `handler` over `spec` until `shutdown`. A failing source or a transient error drops the
-/// source (nothing uncommitted is acknowledged) and rebuilds it after a back-off; a batch in
+/// Largest record a stage may publish (Kafka's default `message.max.bytes` less room for the
+/// framing); a larger output marks its input as poison instead of failing every commit.
+pub const MAX_OUTPUT_BYTES: usize = 1_000_000 - 16 * 1024;
+
+/// After this many failed rounds in a row, a round probes the batch for a poison record.
+const PROBE_EVERY: u32 = 3;
+
+/// How the worker handles one polled batch.
+struct Isolating<'h, H> {
+    stage: &'static str,
+    handler: &'h mut H,
+}
+
+impl<H: BatchHandler> Isolating<'_, H> {
+    /// The handler over `batch`, with its outputs checked against [`MAX_OUTPUT_BYTES`].
+    async fn attempt(&mut self, batch: &[InRecord]) -> Result<Vec<OutRecord>, StageError> {
+        let out = self.handler.handle(batch).await?;
+        if let Some(big) = out.iter().find(|r| r.payload.len() > MAX_OUTPUT_BYTES) {
+            return Err(StageError::Permanent(format!(
+                "an output record for {} is {} bytes, over the {MAX_OUTPUT_BYTES}-byte limit",
+                big.topic,
+                big.payload.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Handles `batch`, splitting it on a permanent error (and, when `probe`, on a transient
+    /// one) until the records that fail alone are found and rejected. Boxed: it recurses.
+    fn run<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+        probe: bool,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let err = match self.attempt(batch).await {
+                Ok(out) => return Ok(out),
+                Err(StageError::Fatal(e)) => return Err(StageError::Fatal(e)),
+                Err(StageError::Transient(e)) if !probe => return Err(StageError::Transient(e)),
+                Err(e) => e,
+            };
+            if let [input] = batch {
+                let transient = matches!(err, StageError::Transient(_));
+                if transient && !self.handler.healthy().await {
+                    return Err(err);
+                }
+                let code = if transient {
+                    "stage_retries_exhausted"
+                } else {
+                    "refused_by_dependency"
+                };
+                metrics::counter!(names::POISON_RECORDS, "stage" => self.stage, "class" => if transient { "transient" } else { "permanent" })
+                    .increment(1);
+                warn!(stage = self.stage, topic = %input.topic, partition = input.partition,
+                      offset = input.offset, error = %err, "isolated a record that fails alone");
+                return self
+                    .handler
+                    .reject(self.stage, input, Reason::new(code, err.to_string()))
+                    .await;
+            }
+            let (a, b) = batch.split_at(batch.len() / 2);
+            let mut out = self.run(a, probe).await?;
+            out.extend(self.run(b, probe).await?);
+            Ok(out)
+        })
+    }
+}
+
+/// Runs `handler` over `spec` until `shutdown`. A failing source drops the source (nothing
+/// uncommitted is acknowledged) and rebuilds it after a back-off; a batch that fails is retried
+/// in place with back-off and probed for poison records (see the module header); a batch in
 /// flight when shutdown comes is finished and committed first.
 pub async fn run_worker(
     stage: &'static str,
@@ -87,17 +221,38 @@ pub async fn run_worker(
             };
             let started = Instant::now();
             metrics::counter!(names::RECORDS_IN, "stage" => stage).increment(batch.len() as u64);
-            let outputs = match handler.handle(&batch).await {
-                Ok(o) => o,
-                Err(StageError::Fatal(e)) => {
-                    source.close().await;
-                    return Err(StageError::Fatal(e));
-                }
-                Err(StageError::Transient(e)) => {
-                    warn!(stage, error = %e, "batch failed; it will be processed again");
-                    break;
+            let mut failures = 0u32;
+            let outputs = loop {
+                let probe = failures > 0 && failures.is_multiple_of(PROBE_EVERY);
+                let mut isolating = Isolating {
+                    stage,
+                    handler: &mut handler,
+                };
+                match isolating.run(&batch, probe).await {
+                    Ok(o) => break Some(o),
+                    Err(StageError::Fatal(e)) => {
+                        source.close().await;
+                        return Err(StageError::Fatal(e));
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        metrics::counter!(names::STAGE_ERRORS, "stage" => stage, "class" => "transient")
+                            .increment(1);
+                        warn!(stage, error = %e, failures, "batch failed; it will be processed again");
+                        // Long outages: give the source back (the broker may have presumed this
+                        // consumer dead) and rebuild it.
+                        if failures >= 4 * PROBE_EVERY {
+                            break None;
+                        }
+                        if wait(&shutdown, backoff).await {
+                            source.close().await;
+                            return Ok(());
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             };
+            let Some(outputs) = outputs else { break };
             let n = outputs.len() as u64;
             if let Err(e) = source.commit(outputs).await {
                 warn!(stage, error = %e, "commit failed; the batch will be processed again");
@@ -184,6 +339,22 @@ pub async fn dead_letter(
         .increment(1);
     warn!(stage, topic = %input.topic, partition = input.partition, offset = input.offset,
           reason = %reason.code, "dead-lettered");
+    // A record near the broker's size limit cannot travel again inside a dead letter whole:
+    // keep what fits and say so.
+    let room = MAX_OUTPUT_BYTES - 64 * 1024;
+    let mut reason = reason;
+    let payload = input.payload.as_ref().map(|p| {
+        if p.len() > room {
+            reason.message = format!(
+                "{} (original payload of {} bytes truncated to {room})",
+                reason.message,
+                p.len()
+            );
+            p[..room].to_vec()
+        } else {
+            p.clone()
+        }
+    });
     let event = DeadLettered {
         event_id: random_id(),
         event_time: now_ms(),
@@ -192,7 +363,7 @@ pub async fn dead_letter(
         source_partition: input.partition,
         source_offset: input.offset,
         key: input.key.clone(),
-        payload: input.payload.clone(),
+        payload,
         reason,
         message_id,
         request_id,
@@ -209,6 +380,47 @@ pub async fn dead_letter(
         DeadLettered::FULL_NAME.as_bytes().to_vec(),
     ));
     Ok(out)
+}
+
+/// Ends a message whose record a stage had to isolate: a dead letter with the original bytes
+/// and, when the record carries a message header, a `MessageFailed` so the message reaches a
+/// terminal status with the reason. For stages whose outputs feed the status topic (never the
+/// projector or notify, which read it).
+pub async fn fail_message(
+    codec: &Codec,
+    stage: &'static str,
+    input: &InRecord,
+    reason: Reason,
+) -> Result<Vec<OutRecord>, StageError> {
+    let header = match input.payload.as_deref() {
+        Some(p) => codec.header(p).await.ok().flatten(),
+        None => None,
+    };
+    let Some(header) = header else {
+        return Ok(vec![
+            dead_letter(codec, stage, input, reason, None, None).await?,
+        ]);
+    };
+    let mid = header.message_id.clone();
+    let letter = dead_letter(
+        codec,
+        stage,
+        input,
+        reason.clone(),
+        Some(mid.clone()),
+        Some(header.request_id.clone()),
+    )
+    .await?;
+    let failed = MessageFailed {
+        header: header.follow(stage, event_id(&mid, "failed", header.attempt), now_ms()),
+        provider: None,
+        reason,
+    };
+    let trace = trace_id(input);
+    Ok(vec![
+        letter,
+        record(codec, topics::STATUS, &mid, &trace, &failed).await?,
+    ])
 }
 
 /// Decodes `input` as `T`. Bad input becomes a dead letter pushed to `out` (and `None`); a
@@ -260,4 +472,153 @@ pub fn trace_id(input: &InRecord) -> String {
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned)
         .unwrap_or_else(random_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::MemoryResolver;
+
+    /// Fails a batch holding a `poison` record for good, one holding a `sticky` record
+    /// transiently (as if a dependency refused just that record); echoes everything else.
+    struct Picky {
+        codec: Codec,
+        calls: usize,
+        up: bool,
+    }
+
+    impl BatchHandler for Picky {
+        fn handle<'a>(
+            &'a mut self,
+            batch: &'a [InRecord],
+        ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+            self.calls += 1;
+            Box::pin(async move {
+                let has = |p: &[u8]| batch.iter().any(|r| r.payload.as_deref() == Some(p));
+                if has(b"poison") {
+                    return Err(StageError::Permanent("22021: invalid byte".into()));
+                }
+                if has(b"sticky") || !self.up {
+                    return Err(StageError::Transient("refused".into()));
+                }
+                if has(b"huge") {
+                    return Ok(vec![OutRecord {
+                        topic: "t".into(),
+                        key: None,
+                        payload: vec![0; MAX_OUTPUT_BYTES + 1],
+                        headers: vec![],
+                    }]);
+                }
+                Ok(batch
+                    .iter()
+                    .map(|r| OutRecord {
+                        topic: "out".into(),
+                        key: None,
+                        payload: r.payload.clone().unwrap_or_default(),
+                        headers: vec![],
+                    })
+                    .collect())
+            })
+        }
+
+        fn codec(&self) -> &Codec {
+            &self.codec
+        }
+
+        fn healthy(&mut self) -> BoxFuture<'_, bool> {
+            let up = self.up;
+            Box::pin(async move { up })
+        }
+    }
+
+    fn batch(bad_at: usize, bad: &[u8]) -> Vec<InRecord> {
+        (0..16)
+            .map(|i| InRecord {
+                topic: "in".into(),
+                partition: 0,
+                offset: i as i64,
+                entry_id: None,
+                key: None,
+                payload: Some(if i == bad_at {
+                    bad.to_vec()
+                } else {
+                    vec![b'a' + i as u8]
+                }),
+                headers: vec![],
+            })
+            .collect()
+    }
+
+    fn picky(up: bool) -> Picky {
+        Picky {
+            codec: Codec::new(Arc::new(MemoryResolver::default())),
+            calls: 0,
+            up,
+        }
+    }
+
+    fn split(out: &[OutRecord]) -> (usize, usize) {
+        let letters = out
+            .iter()
+            .filter(|r| r.topic == topics::DEAD_LETTERS)
+            .count();
+        (out.len() - letters, letters)
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_isolated_and_the_rest_proceed() {
+        for bad in [b"poison".as_slice(), b"huge"] {
+            let mut h = picky(true);
+            let b = batch(11, bad);
+            let out = Isolating {
+                stage: "t",
+                handler: &mut h,
+            }
+            .run(&b, false)
+            .await
+            .unwrap();
+            assert_eq!(
+                split(&out),
+                (15, 1),
+                "{bad:?}: 15 records through, 1 dead letter"
+            );
+            // Bisection: about 2·log2(16) handler calls, not one per record.
+            assert!(h.calls <= 10, "{} calls", h.calls);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_that_keeps_failing_alone_is_isolated_only_while_dependencies_answer() {
+        let b = batch(3, b"sticky");
+        let mut h = picky(true);
+        // Not probing: the transient error is the batch's, retried later.
+        assert!(matches!(
+            Isolating {
+                stage: "t",
+                handler: &mut h
+            }
+            .run(&b, false)
+            .await,
+            Err(StageError::Transient(_))
+        ));
+        let out = Isolating {
+            stage: "t",
+            handler: &mut h,
+        }
+        .run(&b, true)
+        .await
+        .unwrap();
+        assert_eq!(split(&out), (15, 1));
+        // A dependency that is down isolates nothing: the stage waits.
+        let mut down = picky(false);
+        assert!(matches!(
+            Isolating {
+                stage: "t",
+                handler: &mut down
+            }
+            .run(&batch(99, b""), true)
+            .await,
+            Err(StageError::Transient(_))
+        ));
+    }
 }

@@ -13,6 +13,7 @@ use herald_core::util::now_ms;
 use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
+use herald_schemas::Reason;
 use herald_schemas::{DelayScheduled, headers, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +46,24 @@ struct Delay {
 }
 
 impl BatchHandler for Delay {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn reject<'a>(
+        &'a mut self,
+        stage: &'static str,
+        input: &'a InRecord,
+        reason: Reason,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(herald_core::worker::fail_message(
+            &self.deps.codec,
+            stage,
+            input,
+            reason,
+        ))
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],

@@ -158,6 +158,14 @@ impl Notify {
 }
 
 impl BatchHandler for Notify {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { self.db.simple_query("SELECT 1").await.is_ok() })
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],
@@ -184,12 +192,7 @@ impl BatchHandler for Notify {
                         &[&ids, &apps, &payloads],
                     )
                     .await
-                    .map_err(|e| {
-                        StageError::Transient(format!(
-                            "notification outbox: {}",
-                            herald_core::runtime::pg_error(e)
-                        ))
-                    })?;
+                    .map_err(|e| StageError::postgres("notification outbox", e))?;
             }
             Ok(out)
         })
@@ -198,13 +201,13 @@ impl BatchHandler for Notify {
 
 /// Delivers due notifications until `shutdown`.
 async fn dispatch(
+    guard: herald_core::netguard::Guard,
     db: Client,
     apps: Arc<HashMap<String, (String, Vec<u8>)>>,
     shutdown: CancellationToken,
 ) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
+    let http = guard
+        .client(reqwest::Client::builder().timeout(Duration::from_secs(10)))
         .build()
         .unwrap_or_default();
     loop {
@@ -323,7 +326,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .postgres()
         .await
         .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
-    let dispatcher = tokio::spawn(dispatch(dispatcher_db, apps.clone(), shutdown.clone()));
+    let dispatcher = tokio::spawn(dispatch(
+        herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
+        dispatcher_db,
+        apps.clone(),
+        shutdown.clone(),
+    ));
     let mut spec = deps.spec(
         STAGE,
         vec![

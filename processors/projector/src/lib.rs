@@ -326,6 +326,14 @@ impl Projector {
 }
 
 impl BatchHandler for Projector {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { self.db.simple_query("SELECT 1").await.is_ok() })
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],
@@ -352,9 +360,9 @@ impl BatchHandler for Projector {
                 }
             }
             let n = facts.len() as u64;
-            self.apply(&facts, &positions).await.map_err(|e| {
-                StageError::Transient(format!("postgres: {}", herald_core::runtime::pg_error(e)))
-            })?;
+            self.apply(&facts, &positions)
+                .await
+                .map_err(|e| StageError::postgres("postgres", e))?;
             metrics::counter!(names::PROJECTOR_ROWS).increment(n);
             Ok(out)
         })

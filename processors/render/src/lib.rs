@@ -12,6 +12,7 @@ use herald_core::util::{event_id, now_ms};
 use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_worker, trace_id,
 };
+use herald_schemas::Reason;
 use herald_schemas::{MessageAccepted, MessageFailed, MessageRendered, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,24 @@ struct Render {
 }
 
 impl BatchHandler for Render {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn reject<'a>(
+        &'a mut self,
+        stage: &'static str,
+        input: &'a InRecord,
+        reason: Reason,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(herald_core::worker::fail_message(
+            &self.deps.codec,
+            stage,
+            input,
+            reason,
+        ))
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],

@@ -67,6 +67,28 @@ impl Health {
 }
 
 impl BatchHandler for Route {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn reject<'a>(
+        &'a mut self,
+        stage: &'static str,
+        input: &'a InRecord,
+        reason: Reason,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(herald_core::worker::fail_message(
+            &self.deps.codec,
+            stage,
+            input,
+            reason,
+        ))
+    }
+
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { self.policy_db.simple_query("SELECT 1").await.is_ok() })
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],
@@ -132,12 +154,7 @@ impl BatchHandler for Route {
             let refs: Vec<&MessageRendered> = sendable.iter().map(|i| &live[*i].0).collect();
             let stateful = policy::stateful(&mut self.policy_db, &refs, &self.policies)
                 .await
-                .map_err(|e| {
-                    StageError::Transient(format!(
-                        "route policies: {}",
-                        herald_core::runtime::pg_error(e)
-                    ))
-                })?;
+                .map_err(|e| StageError::postgres("route policies", e))?;
             for (i, v) in sendable.into_iter().zip(stateful) {
                 verdicts[i] = v;
             }

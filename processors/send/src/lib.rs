@@ -150,6 +150,28 @@ impl Send {
 }
 
 impl BatchHandler for Send {
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
+
+    fn reject<'a>(
+        &'a mut self,
+        stage: &'static str,
+        input: &'a InRecord,
+        reason: Reason,
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(herald_core::worker::fail_message(
+            &self.deps.codec,
+            stage,
+            input,
+            reason,
+        ))
+    }
+
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async { self.db.simple_query("SELECT 1").await.is_ok() })
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],
@@ -222,12 +244,7 @@ impl BatchHandler for Send {
             if !first.is_empty() {
                 let canceled = herald_core::gate::open_for_sending(&self.db, &first)
                     .await
-                    .map_err(|e| {
-                        StageError::Transient(format!(
-                            "send gate: {}",
-                            herald_core::runtime::pg_error(e)
-                        ))
-                    })?;
+                    .map_err(|e| StageError::postgres("send gate", e))?;
                 if !canceled.is_empty() {
                     metrics::counter!(names::CANCELED_DROPPED, "stage" => STAGE)
                         .increment(canceled.len() as u64);
@@ -249,12 +266,9 @@ impl BatchHandler for Send {
                     routed: kept.get(&m.header.message_id).copied(),
                 })
                 .collect();
-            let priors = ledger::claim(&self.db, &keys).await.map_err(|e| {
-                StageError::Transient(format!(
-                    "ledger claim: {}",
-                    herald_core::runtime::pg_error(e)
-                ))
-            })?;
+            let priors = ledger::claim(&self.db, &keys)
+                .await
+                .map_err(|e| StageError::postgres("ledger claim", e))?;
 
             // Calls go out in waves; each wave is marked started (one statement) before any of
             // its calls begins, so a crash can only leave the waves in progress in doubt.
@@ -315,12 +329,7 @@ impl BatchHandler for Send {
                                 .record(waited.elapsed().as_secs_f64());
                         }
                     }
-                    ledger::start(db, &starting).await.map_err(|e| {
-                        StageError::Transient(format!(
-                            "ledger start: {}",
-                            herald_core::runtime::pg_error(e)
-                        ))
-                    })?;
+                    ledger::start(db, &starting).await.map_err(|e| StageError::postgres("ledger start", e))?;
                     // Fresh messages of a provider that takes batches go out in batch calls; the
                     // rest one call each.
                     let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -389,12 +398,9 @@ impl BatchHandler for Send {
                     )
                 })
                 .collect();
-            ledger::finish(&self.db, &finished).await.map_err(|e| {
-                StageError::Transient(format!(
-                    "ledger finish: {}",
-                    herald_core::runtime::pg_error(e)
-                ))
-            })?;
+            ledger::finish(&self.db, &finished)
+                .await
+                .map_err(|e| StageError::postgres("ledger finish", e))?;
 
             // Only calls made now say anything about the provider's health (an interrupted
             // call from before a crash does not).
@@ -476,8 +482,9 @@ async fn call_one(
 /// Runs one send worker per channel that has providers, until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let mut built: HashMap<String, Box<dyn Provider>> = HashMap::new();
+    let guard = herald_core::netguard::Guard::new(&deps.config.security.outbound_allow);
     for p in &deps.config.providers {
-        let client = providers::build(p, &deps.config.postgres.url)
+        let client = providers::build(p, &deps.config.postgres.url, &guard)
             .map_err(|e| StageError::Fatal(e.to_string()))?;
         built.insert(p.code.clone(), client);
     }
@@ -520,7 +527,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         db,
         providers: providers.clone(),
         rules: rules.clone(),
-        alerts: alert::Alerter::new(),
+        alerts: alert::Alerter::new(&herald_core::netguard::Guard::new(
+            &deps.config.security.outbound_allow,
+        )),
         limiters: limiters.clone(),
         breakers: breakers.clone(),
         health: Default::default(),

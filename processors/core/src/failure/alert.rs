@@ -42,18 +42,13 @@ pub struct Alerter {
     client: reqwest::Client,
 }
 
-impl Default for Alerter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Alerter {
-    pub fn new() -> Alerter {
+    /// Alerts go only where the outbound guard permits (the config is checked at load; names
+    /// are checked again, address by address, when they resolve).
+    pub fn new(guard: &crate::netguard::Guard) -> Alerter {
         Alerter {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .redirect(reqwest::redirect::Policy::none())
+            client: guard
+                .client(reqwest::Client::builder().timeout(Duration::from_secs(5)))
                 .build()
                 .unwrap_or_default(),
         }

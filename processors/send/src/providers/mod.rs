@@ -79,10 +79,15 @@ pub enum ProviderError {
 }
 
 /// Builds the client for a configured provider.
-pub fn build(p: &ProviderConfig, postgres_url: &str) -> Result<Box<dyn Provider>, ProviderError> {
+/// `guard` applies where the destination comes from the message (webhook recipients).
+pub fn build(
+    p: &ProviderConfig,
+    postgres_url: &str,
+    guard: &herald_core::netguard::Guard,
+) -> Result<Box<dyn Provider>, ProviderError> {
     Ok(match p.kind {
         ProviderKind::Smtp => Box::new(smtp::Smtp::new(p)?),
-        ProviderKind::Webhook => Box::new(webhook::Webhook::new(p)?),
+        ProviderKind::Webhook => Box::new(webhook::Webhook::new(p, guard)?),
         ProviderKind::AliyunSms => Box::new(aliyun::AliyunSms::new(p)?),
         ProviderKind::TencentSms => Box::new(tencent::TencentSms::new(p)?),
         ProviderKind::DingtalkRobot => Box::new(dingtalk::DingtalkRobot::new(p)?),
@@ -98,13 +103,18 @@ pub fn build(p: &ProviderConfig, postgres_url: &str) -> Result<Box<dyn Provider>
 
 /// One pooled HTTP client per provider, with the provider's timeout.
 pub(crate) fn http_client(p: &ProviderConfig) -> Result<reqwest::Client, ProviderError> {
+    http_client_builder(p)
+        .build()
+        .map_err(|e| ProviderError::Config(p.code.clone(), e.to_string()))
+}
+
+/// The provider's client settings, before building.
+pub(crate) fn http_client_builder(p: &ProviderConfig) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(Duration::from_millis(p.timeout_ms))
         .connect_timeout(Duration::from_millis(p.timeout_ms.min(3000)))
         .pool_max_idle_per_host(64)
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| ProviderError::Config(p.code.clone(), e.to_string()))
 }
 
 /// A credential the provider cannot work without.

@@ -5,7 +5,11 @@ use herald_core::config::ProviderConfig;
 use herald_core::util::{standard_webhook_signature, webhook_key};
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
-use super::{CallResult, Provider, ProviderError, http_client, transport_failure};
+use herald_core::netguard::Guard;
+
+use super::{
+    CallResult, Provider, ProviderError, http_client, http_client_builder, transport_failure,
+};
 
 /// Generic outgoing webhook, signed per the Standard Webhooks spec
 /// (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256>`).
@@ -13,16 +17,28 @@ pub struct Webhook {
     client: reqwest::Client,
     endpoint: Option<String>,
     key: Vec<u8>,
+    /// Recipient URLs are the caller's choice: checked before the call, and every connection
+    /// of the client resolves through the guard.
+    guard: Guard,
 }
 
 impl Webhook {
-    pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
-        let client = http_client(p)?;
+    pub fn new(p: &ProviderConfig, guard: &Guard) -> Result<Self, ProviderError> {
+        let endpoint = (!p.endpoint.is_empty()).then(|| p.endpoint.clone());
+        let client = match endpoint {
+            // The operator's own endpoint: no guard.
+            Some(_) => http_client(p)?,
+            None => guard
+                .client(http_client_builder(p))
+                .build()
+                .map_err(|e| ProviderError::Config(p.code.clone(), e.to_string()))?,
+        };
         let secret = p.credentials.get("secret").cloned().unwrap_or_default();
         Ok(Webhook {
             client,
-            endpoint: (!p.endpoint.is_empty()).then(|| p.endpoint.clone()),
+            endpoint,
             key: webhook_key(&secret),
+            guard: guard.clone(),
         })
     }
 }
@@ -30,10 +46,20 @@ impl Webhook {
 impl Provider for Webhook {
     fn send<'a>(&'a self, m: &'a MessageRouted, attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
-            let url = self
-                .endpoint
-                .clone()
-                .unwrap_or_else(|| m.recipient.address.clone());
+            let url = match &self.endpoint {
+                Some(e) => e.clone(),
+                None => {
+                    let url = m.recipient.address.trim().to_owned();
+                    if let Err(e) = self.guard.check_url(&url) {
+                        return CallResult::fail(
+                            DeliveryOutcome::FailedPermanent,
+                            None,
+                            Reason::new("destination_not_allowed", e),
+                        );
+                    }
+                    url
+                }
+            };
             let body = serde_json::json!({
                 "type": "message.send",
                 "message_id": m.header.message_id,

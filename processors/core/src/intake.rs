@@ -1,0 +1,104 @@
+//! What the gateway accepted and the projector may not have shown yet (promise: a 202 is true at
+//! once). After the broker acknowledged a request, the gateway records its message ids here, so
+//! `GET /v1/messages/{id}`, `GET /v1/requests/{id}` and the cancel routes answer `accepted` —
+//! and a cancel takes effect through the send gate — before the projector has caught up, from
+//! any API process. Rows are only a bridge: the projector's `messages` row wins once it exists,
+//! and rows older than [`KEEP`] are purged.
+
+use tokio_postgres::Client;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS intake (
+    message_id text PRIMARY KEY,
+    request_id text NOT NULL,
+    app_id text NOT NULL,
+    channel text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS intake_request ON intake (app_id, request_id);
+CREATE INDEX IF NOT EXISTS intake_at ON intake (at)";
+
+/// How long a row bridges the gap (the projector is seconds behind at worst in normal running).
+pub const KEEP: &str = "1 hour";
+
+/// One accepted message not necessarily projected yet.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub message_id: String,
+    pub request_id: String,
+    pub channel: String,
+    /// Unix ms.
+    pub at: i64,
+}
+
+/// Records a published request's messages.
+pub async fn record(
+    db: &Client,
+    app_id: &str,
+    request_id: &str,
+    channel: &str,
+    message_ids: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "INSERT INTO intake (message_id, request_id, app_id, channel)
+         SELECT unnest($1::text[]), $2, $3, $4 ON CONFLICT DO NOTHING",
+        &[&message_ids, &request_id, &app_id, &channel],
+    )
+    .await?;
+    Ok(())
+}
+
+fn row(r: &tokio_postgres::Row) -> Accepted {
+    Accepted {
+        message_id: r.get(0),
+        request_id: r.get(1),
+        channel: r.get(2),
+        at: r.get(3),
+    }
+}
+
+const COLUMNS: &str = "message_id, request_id, channel, (extract(epoch from at) * 1000)::bigint";
+
+/// The app's accepted message `id`, if recorded.
+pub async fn message(
+    db: &Client,
+    app_id: &str,
+    id: &str,
+) -> Result<Option<Accepted>, tokio_postgres::Error> {
+    let r = db
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM intake WHERE message_id = $1 AND app_id = $2"),
+            &[&id, &app_id],
+        )
+        .await?;
+    Ok(r.as_ref().map(row))
+}
+
+/// The app's accepted messages of request `id`, in message id order.
+pub async fn request(
+    db: &Client,
+    app_id: &str,
+    id: &str,
+) -> Result<Vec<Accepted>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM intake WHERE app_id = $1 AND request_id = $2 ORDER BY message_id"
+            ),
+            &[&app_id, &id],
+        )
+        .await?;
+    Ok(rows.iter().map(row).collect())
+}
+
+/// Drops rows past [`KEEP`], a bounded number at a time; answers how many went.
+pub async fn purge(db: &Client) -> Result<u64, tokio_postgres::Error> {
+    db.execute(
+        &format!(
+            "DELETE FROM intake WHERE message_id IN (
+                 SELECT message_id FROM intake WHERE at < now() - interval '{KEEP}' LIMIT 5000)"
+        ),
+        &[],
+    )
+    .await
+}
