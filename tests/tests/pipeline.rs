@@ -114,10 +114,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
     assert_eq!(body["provider"], "smtp-local");
     assert_eq!(body["template"], "welcome");
     assert_eq!(body["template_version"], 1);
-    assert_eq!(
-        body["recipient"], "ad***@example.com",
-        "addresses are masked"
-    );
+    assert_eq!(body["recipient"], "ad***@***om", "addresses are masked");
     let timeline: Vec<String> = body["timeline"]
         .as_array()
         .unwrap()

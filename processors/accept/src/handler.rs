@@ -12,8 +12,8 @@ use herald_schemas::{
 #[derive(Debug, Clone)]
 pub struct AcceptPolicy {
     pub limits: Limits,
-    /// Known template codes.
-    pub templates: HashSet<String>,
+    /// Known templates: (owning app, code); app "" is shared by every app.
+    pub templates: HashSet<(String, String)>,
     /// Configured apps: a request for any other app is refused.
     pub apps: HashSet<String>,
 }
@@ -64,11 +64,16 @@ pub fn plan(req: &SendRequested, policy: &AcceptPolicy, trace_id: &str, now: i64
         }
     };
     let whole = validate::request(req, &policy.limits, now).and_then(|()| match &req.template {
-        Some(t) if !policy.templates.contains(t) => Err(Problem {
-            code: "unknown_template",
-            message: format!("template {t:?} is not defined"),
-            field: "template".into(),
-        }),
+        Some(t)
+            if !policy.templates.contains(&(req.app_id.clone(), t.clone()))
+                && !policy.templates.contains(&(String::new(), t.clone())) =>
+        {
+            Err(Problem {
+                code: "unknown_template",
+                message: format!("template {t:?} is not defined"),
+                field: "template".into(),
+            })
+        }
         _ => Ok(()),
     });
     let whole = if whole.as_ref().is_err_and(refused) {
@@ -144,7 +149,7 @@ mod tests {
                 max_message_bytes: 1000,
                 max_request_bytes: 100_000,
             },
-            templates: HashSet::from(["welcome".to_owned()]),
+            templates: HashSet::from([(String::new(), "welcome".to_owned())]),
             apps: HashSet::from(["shop".to_owned()]),
         }
     }

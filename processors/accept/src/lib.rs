@@ -147,7 +147,10 @@ impl BatchHandler for Accept {
         Box::pin(async move {
             match self.watch.changed().await {
                 Ok(Some(all)) => {
-                    self.policy.templates = all.into_iter().map(|t| t.code).collect();
+                    self.policy.templates = all
+                        .into_iter()
+                        .map(|t| (t.app.unwrap_or_default(), t.code))
+                        .collect();
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -237,7 +240,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             .config
             .templates
             .iter()
-            .map(|t| t.code.clone())
+            .map(|t| (t.app.clone().unwrap_or_default(), t.code.clone()))
             .collect::<HashSet<_>>(),
     };
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);

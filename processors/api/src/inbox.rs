@@ -203,6 +203,14 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
+    // Live streams hold a connection and a task each: bounded per app.
+    let slot = state.streams.acquire(&app).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!("app {app} has {MAX_STREAMS_PER_APP} live streams open"),
+        )
+    })?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -213,6 +221,7 @@ pub async fn stream(
     let key = format!("{app}/{user}");
     let state2 = state.clone();
     let s = async_stream(move |tx| async move {
+        let _slot = slot;
         let mut last = start;
         loop {
             match newer(&state2.db, &app, &user, last.clone()).await {
@@ -255,6 +264,46 @@ pub async fn stream(
         }
     });
     Ok(Sse::new(s).keep_alive(KeepAlive::default()))
+}
+
+/// Most live inbox streams one app may hold open on one API process.
+pub const MAX_STREAMS_PER_APP: usize = 100;
+
+/// Live streams per app.
+#[derive(Default)]
+pub struct StreamSlots {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open stream; closing it (dropping) frees the slot.
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    app: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.app) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl StreamSlots {
+    /// A slot for one more of `app`'s streams, unless it holds [`MAX_STREAMS_PER_APP`].
+    pub fn acquire(self: &Arc<Self>, app: &str) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(app.to_owned()).or_default();
+        if *n >= MAX_STREAMS_PER_APP {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            slots: self.clone(),
+            app: app.to_owned(),
+        })
+    }
 }
 
 /// A stream fed by a task through a bounded channel (the task stops when the client goes).

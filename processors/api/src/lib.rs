@@ -44,6 +44,8 @@ pub struct ApiState {
     pub limits: HashMap<String, governor::DefaultDirectRateLimiter>,
     /// Where webhook recipients may point.
     pub guard: herald_core::netguard::Guard,
+    /// Live inbox streams per app.
+    pub streams: Arc<inbox::StreamSlots>,
 }
 
 /// The app's request rate limit: 429 with `Retry-After` when over it.
@@ -264,8 +266,11 @@ async fn send(
         ApiError::new(status, p.code, p.message).field(p.field)
     })?;
     if let Some(t) = &req.template
-        && !cfg.templates.iter().any(|x| &x.code == t)
-        && herald_core::templates::get(&state.db, t, None)
+        && !cfg
+            .templates
+            .iter()
+            .any(|x| &x.code == t && x.app.as_deref().is_none_or(|a| a == app))
+        && herald_core::templates::get(&state.db, &app, t, None)
             .await
             .map_err(db_err)?
             .is_none()
@@ -870,15 +875,34 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         inbox,
         limits,
         guard: herald_core::netguard::Guard::new(&deps_guard),
+        streams: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("api listen {listen}: {e}")))?;
     tracing::info!(%listen, "api listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|e| StageError::Fatal(format!("api: {e}")))
+    // Accepted messages older than an hour are the projector's: the bridge is purged.
+    let purge_db = state.clone();
+    let purge_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = purge_stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            }
+            if let Err(e) = herald_core::intake::purge(&purge_db.db).await {
+                tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake purge");
+            }
+        }
+    });
+    herald_core::serve::serve(
+        listener,
+        router(state),
+        herald_core::serve::Limits::default(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| StageError::Fatal(format!("api: {e}")))
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ pub async fn history(
              WHERE app_id = $1 AND recipient_key = $2 AND ($3::text IS NULL OR channel = $3)
                AND ((extract(epoch from created_at) * 1000)::bigint, message_id) < ($4, $5)
              ORDER BY created_at DESC, message_id DESC LIMIT $6",
-            &[&app, &recipient_key(&address), &channel, &cur_ms, &cur_id, &(limit + 1)],
+            &[&app, &recipient_key(&state.deps.config.security.secret, &address), &channel, &cur_ms, &cur_id, &(limit + 1)],
         )
         .await
         .map_err(db_err)?;

@@ -24,7 +24,7 @@ pub struct VersionQuery {
 
 fn view(t: &TemplateConfig) -> serde_json::Value {
     json!({
-        "code": t.code, "channel": t.channel, "version": t.version, "subject": t.subject,
+        "code": t.code, "app": t.app, "channel": t.channel, "version": t.version, "subject": t.subject,
         "text": t.text, "html": t.html, "markdown": t.markdown,
         "provider_template": t.provider_template, "provider_params": t.provider_params,
         "provider_templates": t.provider_templates,
@@ -39,13 +39,13 @@ pub async fn put_template(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authenticate(&state, &method, &uri, &headers, &body).await?;
+    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     // The body is a template as in the config file, minus `code` (the path) and `version`
     // (the store assigns the next one).
     let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
     let mut fields: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-    for k in ["code", "version"] {
+    for k in ["code", "version", "app"] {
         if fields.contains_key(k) {
             return Err(invalid(format!("{k} is not part of the body")).field(k));
         }
@@ -77,7 +77,7 @@ pub async fn put_template(
     herald_render::handler::Templates::compile(std::slice::from_ref(&t))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_template", e))?;
     let mut db = state.deps.postgres().await.map_err(db_err)?;
-    let stored = herald_core::templates::put(&mut db, t)
+    let stored = herald_core::templates::put(&mut db, &app, t)
         .await
         .map_err(db_err)?;
     Ok((StatusCode::CREATED, Json(view(&stored))).into_response())
@@ -91,8 +91,8 @@ pub async fn get_template(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate(&state, &method, &uri, &headers, b"").await?;
-    let t = herald_core::templates::get(&state.db, &code, q.version)
+    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
+    let t = herald_core::templates::get(&state.db, &app, &code, q.version)
         .await
         .map_err(db_err)?
         .or_else(|| {
@@ -101,7 +101,11 @@ pub async fn get_template(
                 .config
                 .templates
                 .iter()
-                .filter(|t| t.code == code && q.version.is_none_or(|v| v == t.version))
+                .filter(|t| {
+                    t.code == code
+                        && t.app.as_deref().is_none_or(|a| a == app)
+                        && q.version.is_none_or(|v| v == t.version)
+                })
                 .max_by_key(|t| t.version)
                 .cloned()
         })

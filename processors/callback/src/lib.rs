@@ -80,7 +80,65 @@ struct Matched {
     reported_at: i64,
 }
 
+/// Signed receipts seen, by `webhook-id`: a replay of one is acknowledged and ignored. The
+/// signature's timestamp window (300 s) bounds how long an id must be remembered.
+pub const RECEIPT_IDS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS receipt_ids (
+    provider text NOT NULL,
+    webhook_id text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider, webhook_id)
+)";
+
 impl CallbackState {
+    /// Claims a signed receipt's `webhook-id`; false when it was already taken (a replay).
+    async fn claim_receipt(&self, provider: &str, id: &str) -> Result<bool, String> {
+        let mut g = self.db.lock().await;
+        let db = Self::connected(&self.deps, &mut g).await?;
+        static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if !READY.load(std::sync::atomic::Ordering::Relaxed) {
+            db.batch_execute(RECEIPT_IDS_SCHEMA)
+                .await
+                .map_err(herald_core::runtime::pg_error)?;
+            READY.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Past the signature window a replay fails verification anyway.
+        if CLAIMS
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(500)
+        {
+            db.execute(
+                "DELETE FROM receipt_ids WHERE at < now() - interval '15 minutes'",
+                &[],
+            )
+            .await
+            .map_err(herald_core::runtime::pg_error)?;
+        }
+        let n = db
+            .execute(
+                "INSERT INTO receipt_ids (provider, webhook_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&provider, &id],
+            )
+            .await
+            .map_err(herald_core::runtime::pg_error)?;
+        Ok(n == 1)
+    }
+
+    /// Gives a claimed `webhook-id` back when its receipt could not be published (the provider
+    /// retries it).
+    async fn release_receipt(&self, provider: &str, id: &str) {
+        let mut g = self.db.lock().await;
+        if let Ok(db) = Self::connected(&self.deps, &mut g).await {
+            let _ = db
+                .execute(
+                    "DELETE FROM receipt_ids WHERE provider = $1 AND webhook_id = $2",
+                    &[&provider, &id],
+                )
+                .await;
+        }
+    }
+
     /// Attempts and message facts for reports, from the send ledger: keyed by message id and by
     /// provider message id.
     async fn lookup(
@@ -513,10 +571,23 @@ async fn receipt(
         row,
         reported_at: r.reported_at.unwrap_or_else(now_ms),
     };
+    // The same signed receipt twice (a replay, or the provider's retry of one we took) counts
+    // once: no second receipt event, no second rule decision.
+    let webhook_id = h("webhook-id");
+    match st.claim_receipt(&provider, &webhook_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return (StatusCode::OK, Json(json!({"ok": true, "duplicate": true}))).into_response();
+        }
+        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    }
     match st.publish(&provider, vec![matched]).await {
         Ok(()) => (StatusCode::OK, Json(json!({"ok": true}))).into_response(),
         // The provider retries a failed callback: nothing is lost.
-        Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        Err(e) => {
+            st.release_receipt(&provider, &webhook_id).await;
+            err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e)
+        }
     }
 }
 
@@ -581,8 +652,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
-    axum::serve(listener, router(deps))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|e| StageError::Fatal(format!("callback: {e}")))
+    herald_core::serve::serve(
+        listener,
+        router(deps),
+        herald_core::serve::Limits::default(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| StageError::Fatal(format!("callback: {e}")))
 }

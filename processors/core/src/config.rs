@@ -542,6 +542,10 @@ fn default_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
     pub code: String,
+    /// The app that owns the template; none: shared by every app (readable, not writable
+    /// through the API). An app's own template of the same code shadows the shared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     pub channel: Channel,
     #[serde(default = "one_i32")]
     pub version: i32,

@@ -133,8 +133,23 @@ impl Deps {
     }
 }
 
+/// Longest a single statement may run before the server cancels it (a transient error for the
+/// stage, retried): no input can hold a connection for ever.
+pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
 pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let mut cfg: tokio_postgres::Config = url.parse()?;
+    let timeout = format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}");
+    let options = match cfg.get_options() {
+        Some(o) if o.contains("statement_timeout") => o.to_owned(),
+        Some(o) => format!("{o} {timeout}"),
+        None => timeout,
+    };
+    cfg.options(&options);
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(Duration::from_secs(10));
+    }
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection closed");

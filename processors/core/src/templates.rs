@@ -17,73 +17,107 @@ CREATE TABLE IF NOT EXISTS templates (
     body text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (code, version)
-)";
+);
+-- Templates belong to an app ('' = shared, from the config). Rows from before tenancy are
+-- shared: nobody's to overwrite.
+ALTER TABLE templates ADD COLUMN IF NOT EXISTS app_id text NOT NULL DEFAULT '';
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE c.relname = 'templates_pkey' AND i.indnatts = 2) THEN
+    ALTER TABLE templates DROP CONSTRAINT templates_pkey;
+    ALTER TABLE templates ADD PRIMARY KEY (app_id, code, version);
+  END IF;
+END $$";
 
 fn to_json(t: &TemplateConfig) -> String {
     serde_json::to_string(t).unwrap_or_default()
+}
+
+fn owner(t: &TemplateConfig) -> &str {
+    t.app.as_deref().unwrap_or("")
 }
 
 /// Stores the config file's templates (versions already stored are left alone).
 pub async fn seed(db: &Client, templates: &[TemplateConfig]) -> Result<(), tokio_postgres::Error> {
     for t in templates {
         db.execute(
-            "INSERT INTO templates (code, version, body) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&t.code, &t.version, &to_json(t)],
+            "INSERT INTO templates (app_id, code, version, body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&owner(t), &t.code, &t.version, &to_json(t)],
         )
         .await?;
     }
     Ok(())
 }
 
-/// Every stored version of every template.
+/// Every stored version of every template, of every app.
 pub async fn load_all(db: &Client) -> Result<Vec<TemplateConfig>, tokio_postgres::Error> {
     let rows = db
-        .query("SELECT body FROM templates ORDER BY code, version", &[])
+        .query(
+            "SELECT app_id, body FROM templates ORDER BY app_id, code, version",
+            &[],
+        )
         .await?;
     Ok(rows
         .iter()
-        .filter_map(|r| serde_json::from_str(r.get::<_, &str>(0)).ok())
+        .filter_map(|r| {
+            let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+            let app: String = r.get(0);
+            t.app = (!app.is_empty()).then_some(app);
+            Some(t)
+        })
         .collect())
 }
 
-/// The latest (or a given) version of one template.
+/// The latest (or a given) version of template `code` as `app` sees it: its own, else the
+/// shared one.
 pub async fn get(
     db: &Client,
+    app: &str,
     code: &str,
     version: Option<i32>,
 ) -> Result<Option<TemplateConfig>, tokio_postgres::Error> {
     let row = db
         .query_opt(
-            "SELECT body FROM templates WHERE code = $1 AND ($2::int IS NULL OR version = $2)
-             ORDER BY version DESC LIMIT 1",
-            &[&code, &version],
+            "SELECT app_id, body FROM templates
+             WHERE code = $1 AND app_id IN ($2, '') AND ($3::int IS NULL OR version = $3)
+             ORDER BY app_id = $2 DESC, version DESC LIMIT 1",
+            &[&code, &app, &version],
         )
         .await?;
-    Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()))
+    Ok(row.and_then(|r| {
+        let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+        let owner: String = r.get(0);
+        t.app = (!owner.is_empty()).then_some(owner);
+        Some(t)
+    }))
 }
 
-/// Stores `t` as the next version of its code; answers it with its version set.
+/// Stores `t` as `app`'s next version of its code (numbered after the shared versions too, so
+/// the app's view only ever moves forward); answers it with its version set.
 pub async fn put(
     db: &mut Client,
+    app: &str,
     mut t: TemplateConfig,
 ) -> Result<TemplateConfig, tokio_postgres::Error> {
+    t.app = Some(app.to_owned());
     let tx = db.transaction().await?;
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 11))",
-        &[&t.code],
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 11))",
+        &[&app, &t.code],
     )
     .await?;
     let next: i32 = tx
         .query_one(
-            "SELECT coalesce(max(version), 0) + 1 FROM templates WHERE code = $1",
-            &[&t.code],
+            "SELECT coalesce(max(version), 0) + 1 FROM templates WHERE code = $1 AND app_id IN ($2, '')",
+            &[&t.code, &app],
         )
         .await?
         .get(0);
     t.version = next;
     tx.execute(
-        "INSERT INTO templates (code, version, body) VALUES ($1, $2, $3)",
-        &[&t.code, &t.version, &to_json(&t)],
+        "INSERT INTO templates (app_id, code, version, body) VALUES ($1, $2, $3, $4)",
+        &[&app, &t.code, &t.version, &to_json(&t)],
     )
     .await?;
     tx.commit().await?;

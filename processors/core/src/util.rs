@@ -36,21 +36,26 @@ pub fn random_id() -> String {
     Uuid::new_v4().to_string()
 }
 
-/// Masks an address for logs and public read models: `ad***@example.com`, `138****0000`.
+/// Masks an address for logs and public read models, showing at most a third of it:
+/// `a***@***om`, `+86***34`.
 pub fn mask_address(addr: &str) -> String {
     let chars: Vec<char> = addr.chars().collect();
-    if let Some(at) = addr.find('@') {
-        let local: Vec<char> = addr[..at].chars().collect();
-        let keep = local.len().min(2);
-        let shown: String = local[..keep].iter().collect();
-        return format!("{shown}***{}", &addr[at..]);
+    let n = chars.len();
+    // Shown characters: a sixth at each end, at most 4 each.
+    let each = (n / 6).min(4);
+    if let Some(at) = chars.iter().position(|c| *c == '@') {
+        let head = each.min(at);
+        let tail = each.min(n - at - 1);
+        let shown_head: String = chars[..head].iter().collect();
+        let shown_tail: String = chars[n - tail..].iter().collect();
+        return format!("{shown_head}***@***{shown_tail}");
     }
-    if chars.len() >= 7 {
-        let head: String = chars[..3].iter().collect();
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        return format!("{head}****{tail}");
+    if each == 0 {
+        return "***".into();
     }
-    "***".into()
+    let head: String = chars[..each].iter().collect();
+    let tail: String = chars[n - each..].iter().collect();
+    format!("{head}***{tail}")
 }
 
 #[cfg(test)]
@@ -68,10 +73,23 @@ mod tests {
 
     #[test]
     fn masks_personal_data() {
-        assert_eq!(mask_address("ada@example.com"), "ad***@example.com");
-        assert_eq!(mask_address("+8613800001234"), "+86****1234");
+        assert_eq!(mask_address("ada@example.com"), "ad***@***om");
+        assert_eq!(mask_address("+8613800001234"), "+8***34");
         assert_eq!(mask_address("短"), "***");
-        assert_eq!(mask_address("é@x"), "é***@x");
+        assert_eq!(mask_address("é@x"), "***@***");
+        // Never more than a third of the address is shown.
+        for a in [
+            "ada@example.com",
+            "+8613800001234",
+            "user-12345",
+            "someone.long@mail.example.org",
+        ] {
+            let shown = mask_address(a)
+                .chars()
+                .filter(|c| *c != '*' && *c != '@')
+                .count();
+            assert!(3 * shown <= a.chars().count(), "{a}: {}", mask_address(a));
+        }
     }
 }
 
@@ -85,11 +103,15 @@ pub fn webhook_key(secret: &str) -> Vec<u8> {
         .unwrap_or_else(|| secret.as_bytes().to_vec())
 }
 
-/// The key of a recipient in the read model: SHA-256 of the raw address (history lookups
-/// without storing addresses).
-pub fn recipient_key(address: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(address.as_bytes()))
+/// The key of a recipient in the read model: HMAC-SHA256 of the address under the server
+/// secret (history lookups without storing addresses; unlike a bare hash, not reversible by
+/// hashing every phone number).
+pub fn recipient_key(server_secret: &str, address: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(server_secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(address.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 /// Standard Webhooks signature: `v1,` + base64(HMAC-SHA256(key, "id.timestamp.body")).

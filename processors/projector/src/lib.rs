@@ -104,7 +104,10 @@ impl Projector {
                 let e = dec!(MessageAccepted);
                 let mut f = Fact::new(&e.header, "accepted");
                 f.recipient_masked = Some(herald_core::util::mask_address(&e.recipient.address));
-                f.recipient_key = Some(herald_core::util::recipient_key(&e.recipient.address));
+                f.recipient_key = Some(herald_core::util::recipient_key(
+                    &self.deps.config.security.secret,
+                    &e.recipient.address,
+                ));
                 f.template = e.template;
                 f
             }

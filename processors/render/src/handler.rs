@@ -6,11 +6,38 @@ use herald_core::config::TemplateConfig;
 use herald_schemas::{Content, MessageAccepted, Reason, RenderedContent};
 use minijinja::{Environment, UndefinedBehavior};
 
-/// Compiled templates: the newest version of each code.
+/// Compiled templates: the newest version of each (app, code); app "" is shared.
 pub struct Templates {
     env: Environment<'static>,
-    /// code → (version, which parts exist)
-    index: HashMap<String, TemplateEntry>,
+    /// (app, code) → (version, which parts exist)
+    index: HashMap<(String, String), TemplateEntry>,
+}
+
+/// Instructions one render may spend (minijinja fuel): a hostile template's loops stop here.
+pub const RENDER_FUEL: u64 = 1_000_000;
+/// Largest rendered part, bytes.
+pub const MAX_RENDERED_BYTES: usize = 256 * 1024;
+
+/// A writer that refuses to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct Capped {
+    buf: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered output too large"));
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct TemplateEntry {
@@ -23,8 +50,8 @@ struct TemplateEntry {
 
 const PARTS: [&str; 4] = ["subject", "text", "html", "markdown"];
 
-fn name(code: &str, version: i32, part: &str) -> String {
-    format!("{code}@{version}/{part}")
+fn name(app: &str, code: &str, version: i32, part: &str) -> String {
+    format!("{app}/{code}@{version}/{part}")
 }
 
 impl Templates {
@@ -32,17 +59,16 @@ impl Templates {
     pub fn compile(configs: &[TemplateConfig]) -> Result<Templates, String> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
-        let mut newest: BTreeMap<&str, &TemplateConfig> = BTreeMap::new();
+        env.set_fuel(Some(RENDER_FUEL));
+        let mut newest: BTreeMap<(&str, &str), &TemplateConfig> = BTreeMap::new();
         for t in configs {
-            if newest
-                .get(t.code.as_str())
-                .is_none_or(|n| n.version < t.version)
-            {
-                newest.insert(&t.code, t);
+            let key = (t.app.as_deref().unwrap_or(""), t.code.as_str());
+            if newest.get(&key).is_none_or(|n| n.version < t.version) {
+                newest.insert(key, t);
             }
         }
         let mut index = HashMap::new();
-        for (code, t) in newest {
+        for ((app, code), t) in newest {
             let mut parts = Vec::new();
             for (part, src) in PARTS
                 .iter()
@@ -51,9 +77,9 @@ impl Templates {
                 if let Some(src) = src {
                     // HTML parts auto-escape variables; text parts do not.
                     let file = if *part == "html" {
-                        format!("{}.html", name(code, t.version, part))
+                        format!("{}.html", name(app, code, t.version, part))
                     } else {
-                        name(code, t.version, part)
+                        name(app, code, t.version, part)
                     };
                     env.add_template_owned(file, src.clone())
                         .map_err(|e| format!("template {code} v{} {part}: {e}", t.version))?;
@@ -62,12 +88,15 @@ impl Templates {
             }
             let mut provider_params = Vec::new();
             for (k, src) in &t.provider_params {
-                env.add_template_owned(name(code, t.version, &format!("param.{k}")), src.clone())
-                    .map_err(|e| format!("template {code} v{} param {k}: {e}", t.version))?;
+                env.add_template_owned(
+                    name(app, code, t.version, &format!("param.{k}")),
+                    src.clone(),
+                )
+                .map_err(|e| format!("template {code} v{} param {k}: {e}", t.version))?;
                 provider_params.push(k.clone());
             }
             index.insert(
-                code.to_owned(),
+                (app.to_owned(), code.to_owned()),
                 TemplateEntry {
                     version: t.version,
                     parts,
@@ -88,7 +117,7 @@ impl Templates {
         let mut missing: Vec<String> = tmpl
             .undeclared_variables(false)
             .into_iter()
-            .filter(|v| !vars.contains_key(v))
+            .filter(|v| !vars.contains_key(v) && !self.env.globals().any(|(g, _)| g == v))
             .collect();
         if !missing.is_empty() {
             missing.sort();
@@ -97,8 +126,16 @@ impl Templates {
                 format!("missing variable(s): {}", missing.join(", ")),
             ));
         }
-        tmpl.render(vars)
-            .map_err(|e| Reason::new("render_error", e.to_string()))
+        let mut out = Capped::default();
+        let rendered = tmpl.render_captured_to(vars, &mut out);
+        if out.overflowed {
+            return Err(Reason::new(
+                "render_too_large",
+                format!("rendered output over {MAX_RENDERED_BYTES} bytes"),
+            ));
+        }
+        rendered.map_err(|e| Reason::new("render_error", e.to_string()))?;
+        String::from_utf8(out.buf).map_err(|e| Reason::new("render_error", e.to_string()))
     }
 
     /// Renders a message: `(template version, content)` or the reason it cannot be rendered.
@@ -120,18 +157,26 @@ impl Templates {
                 },
             ));
         };
-        let entry = self.index.get(code).ok_or_else(|| {
-            Reason::new(
-                "unknown_template",
-                format!("template {code:?} is not defined"),
-            )
-        })?;
+        let app = m.header.app_id.as_str();
+        let (owner, entry) = [app, ""]
+            .into_iter()
+            .find_map(|owner| {
+                self.index
+                    .get(&(owner.to_owned(), code.clone()))
+                    .map(|e| (owner, e))
+            })
+            .ok_or_else(|| {
+                Reason::new(
+                    "unknown_template",
+                    format!("template {code:?} is not defined"),
+                )
+            })?;
         let mut out = RenderedContent::default();
         for part in &entry.parts {
             let file = if *part == "html" {
-                format!("{}.html", name(code, entry.version, part))
+                format!("{}.html", name(owner, code, entry.version, part))
             } else {
-                name(code, entry.version, part)
+                name(owner, code, entry.version, part)
             };
             let text = self.render_part(&file, &m.params)?;
             match *part {
@@ -144,8 +189,10 @@ impl Templates {
         out.provider_template = entry.provider_template.clone();
         out.provider_templates = entry.provider_templates.clone();
         for k in &entry.provider_params {
-            let v =
-                self.render_part(&name(code, entry.version, &format!("param.{k}")), &m.params)?;
+            let v = self.render_part(
+                &name(owner, code, entry.version, &format!("param.{k}")),
+                &m.params,
+            )?;
             out.provider_params.insert(k.clone(), v);
         }
         Ok((Some(entry.version), out))
@@ -159,6 +206,7 @@ mod tests {
 
     fn tpl(version: i32, text: &str) -> TemplateConfig {
         TemplateConfig {
+            app: None,
             code: "welcome".into(),
             channel: Channel::Email,
             version,
@@ -229,5 +277,45 @@ mod tests {
     #[test]
     fn syntax_errors_are_reported_at_compile_time() {
         assert!(Templates::compile(&[tpl(1, "{{ broken ")]).is_err());
+    }
+
+    #[test]
+    fn hostile_templates_stop_at_their_bounds() {
+        let mut endless = tpl(
+            1,
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+        );
+        endless.html = None;
+        let t = Templates::compile(&[endless]).unwrap();
+        let err = t.render(&msg(&[("name", "Ada")])).unwrap_err();
+        assert!(
+            matches!(err.code.as_str(), "render_error" | "render_too_large"),
+            "{err:?}"
+        );
+
+        let mut wide = tpl(1, "{% for i in range(1000) %}{{ blob }}{% endfor %}");
+        wide.html = None;
+        let t = Templates::compile(&[wide]).unwrap();
+        let blob = "x".repeat(10_000);
+        let err = t
+            .render(&msg(&[("name", "Ada"), ("blob", &blob)]))
+            .unwrap_err();
+        assert_eq!(err.code, "render_too_large");
+    }
+
+    #[test]
+    fn an_apps_own_template_shadows_the_shared_one_and_no_other_app_sees_it() {
+        let shared = tpl(1, "shared {{ name }}");
+        let mut own = tpl(2, "own {{ name }}");
+        own.app = Some("a".into());
+        let mut other = tpl(3, "other {{ name }}");
+        other.app = Some("b".into());
+        let t = Templates::compile(&[shared, own, other]).unwrap();
+        let (v, c) = t.render(&msg(&[("name", "Ada")])).unwrap();
+        assert_eq!((v, c.text.as_deref()), (Some(2), Some("own Ada")));
+        let mut m = msg(&[("name", "Ada")]);
+        m.header.app_id = "c".into();
+        let (v, c) = t.render(&m).unwrap();
+        assert_eq!((v, c.text.as_deref()), (Some(1), Some("shared Ada")));
     }
 }

@@ -82,6 +82,7 @@ struct Send {
     breakers: Arc<breaker::Breakers>,
     /// Providers open by either signal in any process (`switch_provider` skips them).
     health: breaker::OpenSet,
+    redactor: herald_core::redact::Redactor,
 }
 
 impl Send {
@@ -385,6 +386,13 @@ impl BatchHandler for Send {
                 calls.extend(done?);
             }
             drop(waves);
+            // Before anything is stored or published: no secret or signed query leaves in a
+            // reason (promise 8).
+            for (_, r, _, _) in &mut calls {
+                if let Some(reason) = &mut r.reason {
+                    reason.message = self.redactor.clean(&reason.message);
+                }
+            }
 
             let finished: Vec<(String, i32, CallResult, i64)> = calls
                 .iter()
@@ -522,6 +530,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     // Every worker shares the providers, rules, limiters and breakers; each has its own database
     // connection and view of provider health.
+    let redactor = herald_core::redact::Redactor::new(&deps.config);
     let handler = |db| Send {
         deps: deps.clone(),
         db,
@@ -533,6 +542,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         limiters: limiters.clone(),
         breakers: breakers.clone(),
         health: Default::default(),
+        redactor: redactor.clone(),
     };
     let mut workers = Vec::new();
     for channel in channels.iter().copied() {

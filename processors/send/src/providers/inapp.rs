@@ -37,10 +37,9 @@ impl Inapp {
     async fn db(&self) -> Result<&tokio_postgres::Client, String> {
         self.db
             .get_or_try_init(|| async {
-                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                let client = herald_core::runtime::connect_postgres(&self.url)
                     .await
                     .map_err(herald_core::runtime::pg_error)?;
-                tokio::spawn(conn);
                 client
                     .batch_execute(SCHEMA)
                     .await

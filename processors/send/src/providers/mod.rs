@@ -169,6 +169,8 @@ pub(crate) fn signed_host(p: &ProviderConfig, endpoint: &str) -> Result<String, 
 /// A request that failed before an answer: refused connections never reached the provider
 /// (transient); anything else (timeout, reset mid-answer) may have, so the outcome is unknown.
 pub(crate) fn transport_failure(e: reqwest::Error) -> CallResult {
+    // The URL carries signed queries and tokens: never in a reason.
+    let e = e.without_url();
     if e.is_connect() {
         CallResult::fail(
             DeliveryOutcome::FailedTransient,
@@ -198,7 +200,7 @@ pub(crate) async fn json_call(
 ) -> Result<(u16, serde_json::Value), CallResult> {
     let resp = req.send().await.map_err(transport_failure)?;
     let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.map_err(transport_failure)?;
+    let bytes = read_capped(resp).await?;
     match serde_json::from_slice(&bytes) {
         Ok(v) => Ok((status, v)),
         Err(_) => {
@@ -215,6 +217,31 @@ pub(crate) async fn json_call(
             ))
         }
     }
+}
+
+/// Largest provider answer read, bytes: a provider (or whatever answers in its place) cannot
+/// make the send stage buffer without bound.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// Reads an answer's body up to [`MAX_RESPONSE_BYTES`]; a longer one is a transient error (the
+/// provider answered, so the call is not unknown — but the answer is unusable).
+pub(crate) async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, CallResult> {
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport_failure)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(CallResult::fail(
+                DeliveryOutcome::FailedTransient,
+                Some(status.to_string()),
+                Reason::new(
+                    "response_too_large",
+                    format!("answer longer than {MAX_RESPONSE_BYTES} bytes"),
+                ),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A failure with the provider's own code as both response code and reason code, so rules can

@@ -95,8 +95,15 @@ pub async fn fetch_token(req: reqwest::RequestBuilder) -> Result<(String, u64), 
             &format!("access token fetch: {e}"),
         )
     };
-    let resp = req.send().await.map_err(failed)?;
-    let v: serde_json::Value = resp.json().await.map_err(failed)?;
+    let resp = req.send().await.map_err(|e| failed(e.without_url()))?;
+    let body = super::read_capped(resp).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        provider_error(
+            DeliveryOutcome::FailedTransient,
+            "token_unavailable",
+            &format!("access token fetch: {e}"),
+        )
+    })?;
     if let Some(t) = v.get("access_token").and_then(|t| t.as_str()) {
         let exp = v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(7200);
         return Ok((t.to_owned(), exp));
