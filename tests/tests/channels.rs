@@ -1150,11 +1150,14 @@ async fn app_rate_limits_quotas_and_nonces_across_api_processes() {
             ("body".to_owned(), "b".to_owned()),
         ]
         .into(),
-        recipients: vec![herald_schemas::Recipient {
-            address: unique("d"),
-            params: Default::default(),
-            timezone: None,
-        }],
+        // The whole daily quota: over it whatever the gateway's requests above left.
+        recipients: (0..5)
+            .map(|_| herald_schemas::Recipient {
+                address: unique("d"),
+                params: Default::default(),
+                timezone: None,
+            })
+            .collect(),
         content: None,
         send_at: None,
         priority: herald_schemas::Priority::Normal,
