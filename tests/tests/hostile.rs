@@ -35,7 +35,15 @@ struct Run {
 impl Run {
     async fn start(name: &str, api: u16, admin: u16) -> Run {
         let cfg = std::env::temp_dir().join(format!("herald-hostile-{name}.toml"));
-        let mut text = std::fs::read_to_string(config_path()).unwrap();
+        let mut text = std::fs::read_to_string(config_path()).unwrap().replacen(
+            "[api]\n",
+            "[api]\nheader_read_timeout_ms = 1000\n",
+            1,
+        );
+        assert!(
+            text.contains("header_read_timeout_ms"),
+            "config layout changed"
+        );
         text.push_str(&format!(
             "\n[[apps]]\nid = \"{TENANT_B}\"\nsecret_env = \"HERALD_APP_TENANT_B_SECRET\"\ndaily_quota = 2\n"
         ));
@@ -285,6 +293,37 @@ async fn the_gateway_refuses_what_accept_would_reject_in_the_json_error_shape() 
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "method_not_allowed");
 
+    // A client that never finishes its headers is cut off (1 s in this config), and does not
+    // hold the listener: other requests are served meanwhile.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", run.api))
+            .await
+            .unwrap();
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let r = run
+            .http
+            .get(format!("http://127.0.0.1:{}/health", run.api))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success() || r.status().as_u16() == 503);
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "a slow-header connection is closed by the server"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     // Nothing refused was published: once a later message is through, none of them exists.
     run.still_delivers("the refusals").await;
     for id in ids {
@@ -302,7 +341,10 @@ async fn the_gateway_refuses_what_accept_would_reject_in_the_json_error_shape() 
 }
 
 /// Records published straight to a topic, as an outside producer would.
-async fn produce(topic: &str, recs: Vec<(String, Vec<u8>, Vec<(String, Vec<u8>)>)>) {
+/// A record to produce: key, payload, headers.
+type Raw = (String, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+async fn produce(topic: &str, recs: Vec<Raw>) {
     let transport = KafkaTransport::new(KafkaSettings::new(brokers()));
     transport
         .ensure_topics(&herald_core::runtime::all_topics(4))

@@ -881,6 +881,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .await
         .map_err(|e| StageError::Fatal(format!("api listen {listen}: {e}")))?;
     tracing::info!(%listen, "api listening");
+    let limits = state.deps.config.api.limits();
     // Accepted messages older than an hour are the projector's: the bridge is purged.
     let purge_db = state.clone();
     let purge_stop = shutdown.clone();
@@ -895,14 +896,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             }
         }
     });
-    herald_core::serve::serve(
-        listener,
-        router(state),
-        herald_core::serve::Limits::default(),
-        shutdown,
-    )
-    .await
-    .map_err(|e| StageError::Fatal(format!("api: {e}")))
+    herald_core::serve::serve(listener, router(state), limits, shutdown)
+        .await
+        .map_err(|e| StageError::Fatal(format!("api: {e}")))
 }
 
 #[cfg(test)]

@@ -461,9 +461,22 @@ async fn sms_receipt(
     (StatusCode::OK, Json(sms::ack(kind))).into_response()
 }
 
+/// The generic receipt body (`POST /callbacks/{provider}`), checked: the status is
+/// `delivered` or `undelivered`.
+pub fn parse_generic(body: &[u8]) -> Result<GenericReceipt, String> {
+    let r: GenericReceipt = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if r.status != "delivered" && r.status != "undelivered" {
+        return Err(format!(
+            "status {:?}: want delivered or undelivered",
+            r.status
+        ));
+    }
+    Ok(r)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GenericReceipt {
+pub struct GenericReceipt {
     message_id: String,
     /// Optional: when given, they must match what the ledger has for the message.
     #[serde(default)]
@@ -526,17 +539,10 @@ async fn receipt(
             "receipt signature does not verify".into(),
         );
     }
-    let r: GenericReceipt = match serde_json::from_slice(&body) {
+    let r = match parse_generic(&body) {
         Ok(r) => r,
-        Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()),
+        Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
-    if r.status != "delivered" && r.status != "undelivered" {
-        return err(
-            StatusCode::BAD_REQUEST,
-            "invalid_status",
-            format!("status {:?}: want delivered or undelivered", r.status),
-        );
-    }
     // Only a message this provider really sent can get its receipt.
     let report = sms::Report {
         message_id: Some(r.message_id.clone()),
@@ -652,12 +658,8 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
-    herald_core::serve::serve(
-        listener,
-        router(deps),
-        herald_core::serve::Limits::default(),
-        shutdown,
-    )
-    .await
-    .map_err(|e| StageError::Fatal(format!("callback: {e}")))
+    let limits = deps.config.api.limits();
+    herald_core::serve::serve(listener, router(deps), limits, shutdown)
+        .await
+        .map_err(|e| StageError::Fatal(format!("callback: {e}")))
 }

@@ -185,6 +185,9 @@ pub fn subject_for(topic: &str, full_name: &str) -> String {
 
 type SharedReader = Arc<GenericDatumReader<'static>>;
 
+/// Largest allocation one decode may make, bytes.
+pub const MAX_DECODE_ALLOCATION: usize = 8 << 20;
+
 /// The codec shared by all stages of a process.
 pub struct Codec {
     resolver: Arc<dyn SchemaResolver>,
@@ -200,6 +203,9 @@ pub struct Codec {
 
 impl Codec {
     pub fn new(resolver: Arc<dyn SchemaResolver>) -> Self {
+        // A hostile record can claim a string or array of any length: no single decode may
+        // allocate more than a record could carry (Kafka's 1 MB, with room).
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
         Codec {
             resolver,
             ids: RwLock::default(),

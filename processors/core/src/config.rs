@@ -167,6 +167,10 @@ pub struct ApiConfig {
     pub signature_window_secs: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// How long a client may take to send its request headers (API and callback listeners).
+    pub header_read_timeout_ms: u64,
+    /// Most connections open at once on each listener; more wait in the backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -175,6 +179,19 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8080".into(),
             signature_window_secs: 300,
             max_body_bytes: 1 << 20,
+            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The listener bounds of the API and callback ports.
+    pub fn limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits {
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            max_connections: self.max_connections.max(1),
+            ..Default::default()
         }
     }
 }

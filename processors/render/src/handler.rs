@@ -57,9 +57,14 @@ fn name(app: &str, code: &str, version: i32, part: &str) -> String {
 impl Templates {
     /// Compiles every template; a syntax error is reported with the template's code.
     pub fn compile(configs: &[TemplateConfig]) -> Result<Templates, String> {
+        Self::compile_with_fuel(configs, RENDER_FUEL)
+    }
+
+    /// [`Templates::compile`] with another fuel budget per render (the fuzzer's is smaller).
+    pub fn compile_with_fuel(configs: &[TemplateConfig], fuel: u64) -> Result<Templates, String> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_fuel(Some(RENDER_FUEL));
+        env.set_fuel(Some(fuel));
         let mut newest: BTreeMap<(&str, &str), &TemplateConfig> = BTreeMap::new();
         for t in configs {
             let key = (t.app.as_deref().unwrap_or(""), t.code.as_str());

@@ -1,0 +1,500 @@
+//! Fuzz targets (see the crate's `lib.rs`): each runs `FUZZ_CASES` generated cases and prints
+//! `fuzz: target=<name> cases=<n> crashes=<c>`. A panic anywhere is a crash and fails the test.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use herald_core::codec::{Codec, MemoryResolver};
+use herald_core::config::TemplateConfig;
+use herald_core::validate::{self, Limits};
+use herald_schemas::*;
+use proptest::collection::{hash_map, vec};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+
+fn cases() -> u32 {
+    std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+fn seed() -> u64 {
+    std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x4845_5241_4c44)
+}
+
+/// Runs `check` over `cases()` values of `strategy`; prints the target's line.
+fn fuzz<S: Strategy>(
+    target: &str,
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        rng_seed: RngSeed::Fixed(seed()),
+        failure_persistence: None,
+        max_shrink_iters: 2_000,
+        ..Config::default()
+    });
+    let n = AtomicU64::new(0);
+    let result = runner.run(&strategy, |v| {
+        n.fetch_add(1, Ordering::Relaxed);
+        check(v)
+    });
+    let crashes = u64::from(result.is_err());
+    println!(
+        "fuzz: target={target} cases={} crashes={crashes}",
+        n.load(Ordering::Relaxed)
+    );
+    if let Err(e) = result {
+        panic!("{target}: {e}");
+    }
+}
+
+/// Strings a hostile caller would send: NUL and control characters, odd Unicode, long runs.
+fn hostile() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[a-z0-9@.+:/_-]{0,24}",
+        2 => any::<String>(),
+        1 => "[\\x00-\\x1f\\x7f]{1,4}",
+        1 => "[a-z]{0,4}\\x00[a-z]{0,4}",
+        1 => (0usize..3000).prop_map(|n| "x".repeat(n)),
+    ]
+}
+
+fn channel() -> impl Strategy<Value = Channel> {
+    prop::sample::select(Channel::ALL.to_vec())
+}
+
+fn strings() -> impl Strategy<Value = HashMap<String, String>> {
+    hash_map(hostile(), hostile(), 0..4)
+}
+
+fn request() -> impl Strategy<Value = SendRequested> {
+    (
+        (
+            hostile(),
+            prop_oneof![Just("demo".to_owned()), hostile()],
+            proptest::option::of(hostile()),
+            channel(),
+        ),
+        (
+            proptest::option::of(prop_oneof![Just("welcome".to_owned()), hostile()]),
+            strings(),
+        ),
+        vec(
+            (
+                hostile(),
+                strings(),
+                proptest::option::of(prop_oneof![Just("Asia/Shanghai".to_owned()), hostile()]),
+            ),
+            0..5,
+        ),
+        proptest::option::of((
+            proptest::option::of(hostile()),
+            proptest::option::of(hostile()),
+        )),
+        (
+            proptest::option::of(any::<i64>()),
+            proptest::option::of(any::<i64>()),
+            strings(),
+            any::<i64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (rid, app, idem, channel),
+                (template, params),
+                recipients,
+                content,
+                (send_at, expires_at, metadata, requested_at),
+            )| {
+                SendRequested {
+                    request_id: rid,
+                    app_id: app,
+                    idempotency_key: idem,
+                    channel,
+                    template,
+                    params,
+                    recipients: recipients
+                        .into_iter()
+                        .map(|(address, params, timezone)| Recipient {
+                            address,
+                            params,
+                            timezone,
+                        })
+                        .collect(),
+                    content: content.map(|(subject, text)| Content {
+                        subject,
+                        text,
+                        ..Default::default()
+                    }),
+                    send_at,
+                    priority: Priority::Normal,
+                    expires_at,
+                    metadata,
+                    requested_at,
+                }
+            },
+        )
+}
+
+// --- Avro decode of every input topic -----------------------------------------------------
+
+struct AvroFixture {
+    rt: tokio::runtime::Runtime,
+    codec: Codec,
+    /// Registered writer ids, one per event type.
+    ids: Vec<u32>,
+    /// A valid `SendRequested` record to mutate.
+    sample: Vec<u8>,
+}
+
+static AVRO: LazyLock<AvroFixture> = LazyLock::new(|| {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let codec = Codec::new(Arc::new(MemoryResolver::default()));
+    let t = "fuzz";
+    let (ids, sample) = rt.block_on(async {
+        let ids = vec![
+            codec.schema_id::<SendRequested>(t).await.unwrap(),
+            codec.schema_id::<MessageAccepted>(t).await.unwrap(),
+            codec.schema_id::<MessageRendered>(t).await.unwrap(),
+            codec.schema_id::<MessageRouted>(t).await.unwrap(),
+            codec.schema_id::<DelayScheduled>(t).await.unwrap(),
+            codec.schema_id::<DeliveryAttempted>(t).await.unwrap(),
+            codec.schema_id::<ReceiptReceived>(t).await.unwrap(),
+            codec.schema_id::<MessageFailed>(t).await.unwrap(),
+            codec.schema_id::<MessageCanceled>(t).await.unwrap(),
+            codec.schema_id::<MessageSuppressed>(t).await.unwrap(),
+            codec.schema_id::<DeadLettered>(t).await.unwrap(),
+        ];
+        let mut req = SendRequested {
+            request_id: "r".into(),
+            app_id: "demo".into(),
+            idempotency_key: Some("k".into()),
+            channel: Channel::Email,
+            template: Some("welcome".into()),
+            params: HashMap::from([("name".into(), "Ada".into())]),
+            recipients: vec![Recipient {
+                address: "a@x.io".into(),
+                params: HashMap::new(),
+                timezone: Some("UTC".into()),
+            }],
+            content: None,
+            send_at: Some(1),
+            priority: Priority::High,
+            expires_at: Some(2),
+            metadata: HashMap::from([("m".into(), "v".into())]),
+            requested_at: 3,
+        };
+        req.content = Some(Content {
+            subject: Some("s".into()),
+            ..Default::default()
+        });
+        let sample = codec.encode(t, &req).await.unwrap();
+        (ids, sample)
+    });
+    AvroFixture {
+        rt,
+        codec,
+        ids,
+        sample,
+    }
+});
+
+/// Decodes `bytes` as every event type, its header and its name: none may panic.
+fn decode_all(bytes: &[u8]) {
+    let f = &*AVRO;
+    f.rt.block_on(async {
+        let c = &f.codec;
+        let _ = c.event_name(bytes).await;
+        let _ = c.header(bytes).await;
+        let _ = c.decode::<SendRequested>(bytes).await;
+        let _ = c.decode::<MessageAccepted>(bytes).await;
+        let _ = c.decode::<MessageRendered>(bytes).await;
+        let _ = c.decode::<MessageRouted>(bytes).await;
+        let _ = c.decode::<DelayScheduled>(bytes).await;
+        let _ = c.decode::<DeliveryAttempted>(bytes).await;
+        let _ = c.decode::<ReceiptReceived>(bytes).await;
+        let _ = c.decode::<MessageFailed>(bytes).await;
+        let _ = c.decode::<MessageCanceled>(bytes).await;
+        let _ = c.decode::<MessageSuppressed>(bytes).await;
+        let _ = c.decode::<DeadLettered>(bytes).await;
+    });
+}
+
+#[test]
+fn avro_decode_of_every_input_topic() {
+    let strategy = (
+        0usize..3,
+        any::<prop::sample::Index>(),
+        vec(any::<u8>(), 0..256),
+        vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        proptest::option::of(any::<prop::sample::Index>()),
+    );
+    fuzz("avro", strategy, |(shape, which, body, flips, cut)| {
+        let f = &*AVRO;
+        let bytes = match shape {
+            // Arbitrary bytes.
+            0 => body,
+            // A valid frame naming a real schema, then arbitrary bytes.
+            1 => {
+                let id = f.ids[which.index(f.ids.len())];
+                let mut b = vec![0u8];
+                b.extend_from_slice(&id.to_be_bytes());
+                b.extend_from_slice(&body);
+                b
+            }
+            // A valid record, mutated and maybe truncated.
+            _ => {
+                let mut b = f.sample.clone();
+                for (at, v) in flips {
+                    let i = 5 + at.index(b.len() - 5);
+                    b[i] = v;
+                }
+                if let Some(c) = cut {
+                    b.truncate(c.index(b.len() + 1));
+                }
+                b
+            }
+        };
+        decode_all(&bytes);
+        Ok(())
+    });
+}
+
+// --- The gateway: JSON body, validation, and authentication headers ------------------------
+
+fn limits() -> Limits {
+    Limits {
+        max_recipients: 4,
+        max_message_bytes: 4096,
+        max_request_bytes: 8192,
+    }
+}
+
+#[test]
+fn gateway_json_body_and_validation() {
+    let strategy = prop_oneof![
+        vec(any::<u8>(), 0..256).prop_map(|b| (b, None)),
+        request().prop_map(|r| (Vec::new(), Some(r))),
+    ];
+    let policy = herald_accept::handler::AcceptPolicy {
+        limits: limits(),
+        templates: HashSet::from([(String::new(), "welcome".to_owned())]),
+        apps: HashSet::from(["demo".to_owned()]),
+    };
+    fuzz("gateway", strategy, |(raw, req)| {
+        let _ = serde_json::from_slice::<herald_api::SendBody>(&raw);
+        let Some(req) = req else { return Ok(()) };
+        let now = 1_700_000_000_000;
+        // The JSON the gateway would take parses back to the same request.
+        if let Ok(text) = serde_json::to_vec(&req) {
+            let _ = serde_json::from_slice::<herald_api::SendBody>(&text);
+        }
+        let gateway = validate::all(&req, &limits(), now);
+        let known_template = req.template.as_deref().is_none_or(|t| t == "welcome");
+        let plan = herald_accept::handler::plan(&req, &policy, "t", now);
+        // One validation: what the gateway lets through (for a known app and template),
+        // accept takes whole, every recipient.
+        if gateway.is_ok() && known_template && req.app_id == "demo" {
+            match plan {
+                herald_accept::handler::Plan::Messages(m) => {
+                    for p in m {
+                        prop_assert!(
+                            matches!(p, herald_accept::handler::Planned::Accepted(_)),
+                            "accept failed a recipient the gateway took: {p:?}"
+                        );
+                    }
+                }
+                other => prop_assert!(false, "accept rejected what the gateway took: {other:?}"),
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn gateway_authentication_headers() {
+    let strategy = (
+        proptest::option::of(hostile()),
+        proptest::option::of(prop_oneof![
+            hostile(),
+            any::<i64>().prop_map(|t| t.to_string())
+        ]),
+        proptest::option::of(hostile()),
+        proptest::option::of(hostile()),
+        hostile(),
+        vec(any::<u8>(), 0..64),
+    );
+    let nonces = herald_api::auth::NonceCache::default();
+    fuzz("auth", strategy, |(app, ts, nonce, sig, path, body)| {
+        let req = herald_api::auth::Request {
+            app: app.as_deref(),
+            timestamp: ts.as_deref(),
+            nonce: nonce.as_deref(),
+            signature: sig.as_deref(),
+            method: "POST",
+            path_and_query: &path,
+            body: &body,
+        };
+        let secret = |a: &str| (a == "demo").then(|| "s3cret".to_owned());
+        let r = herald_api::auth::verify(&req, secret, &nonces, 1_700_000_000, 300);
+        prop_assert!(r.is_err() || app.as_deref() == Some("demo"));
+        Ok(())
+    });
+}
+
+// --- Provider callbacks ----------------------------------------------------------------
+
+fn json_like() -> impl Strategy<Value = Vec<u8>> {
+    let key = prop::sample::select(vec![
+        "phone_number",
+        "success",
+        "biz_id",
+        "out_id",
+        "err_code",
+        "err_msg",
+        "report_time",
+        "mobile",
+        "report_status",
+        "errmsg",
+        "description",
+        "sid",
+        "user_receive_time",
+        "message_id",
+        "status",
+        "code",
+        "attempt",
+        "provider_message_id",
+        "reported_at",
+    ]);
+    let value = prop_oneof![
+        hostile().prop_map(serde_json::Value::String),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        any::<bool>().prop_map(|b| serde_json::json!(b)),
+        Just(serde_json::Value::Null),
+    ];
+    vec(hash_map(key, value, 0..8), 0..4).prop_map(|objs| {
+        let arr: Vec<serde_json::Value> = objs
+            .into_iter()
+            .map(|o| {
+                serde_json::Value::Object(o.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            })
+            .collect();
+        if arr.len() == 1 {
+            serde_json::to_vec(&arr[0]).unwrap_or_default()
+        } else {
+            serde_json::to_vec(&arr).unwrap_or_default()
+        }
+    })
+}
+
+#[test]
+fn provider_callback_parsers() {
+    let strategy = prop_oneof![vec(any::<u8>(), 0..256), json_like()];
+    fuzz("callbacks", strategy, |body| {
+        let _ = herald_callback::sms::parse("aliyun_sms", &body);
+        let _ = herald_callback::sms::parse("tencent_sms", &body);
+        let _ = herald_callback::parse_generic(&body);
+        Ok(())
+    });
+}
+
+// --- Templates -------------------------------------------------------------------------
+
+fn template_source() -> impl Strategy<Value = String> {
+    let token = prop_oneof![
+        Just("{{ ".to_owned()),
+        Just(" }}".to_owned()),
+        Just("{% ".to_owned()),
+        Just(" %}".to_owned()),
+        Just("for i in range(100000)".to_owned()),
+        Just("endfor".to_owned()),
+        Just("if name".to_owned()),
+        Just("endif".to_owned()),
+        Just("name".to_owned()),
+        Just("blob".to_owned()),
+        Just("|upper".to_owned()),
+        Just("|join(blob)".to_owned()),
+        Just(" ~ ".to_owned()),
+        Just(" * ".to_owned()),
+        Just("macro m()".to_owned()),
+        Just("m()".to_owned()),
+        Just("endmacro".to_owned()),
+        Just("set x = ".to_owned()),
+        Just("include 'x'".to_owned()),
+        Just("(".to_owned()),
+        Just(")".to_owned()),
+        "[a-z0-9 ]{0,4}",
+        any::<String>(),
+    ];
+    vec(token, 0..24).prop_map(|t| t.concat())
+}
+
+#[test]
+fn templates_compile_and_render() {
+    let accepted = MessageAccepted {
+        header: EventHeader {
+            event_id: "e".into(),
+            event_time: 0,
+            stage: "accept".into(),
+            trace_id: "t".into(),
+            message_id: "m".into(),
+            request_id: "r".into(),
+            app_id: "demo".into(),
+            channel: Channel::Email,
+            attempt: 0,
+            metadata: HashMap::new(),
+        },
+        recipient: Recipient {
+            address: "a@x.io".into(),
+            params: HashMap::new(),
+            timezone: None,
+        },
+        recipient_index: 0,
+        template: Some("t".into()),
+        params: HashMap::from([
+            ("name".into(), "Ada".into()),
+            ("blob".into(), "x".repeat(1000)),
+        ]),
+        content: None,
+        send_at: None,
+        priority: Priority::Normal,
+        expires_at: None,
+        requested_at: 0,
+    };
+    fuzz(
+        "templates",
+        (template_source(), template_source()),
+        |(text, html)| {
+            let t = TemplateConfig {
+                code: "t".into(),
+                app: None,
+                channel: Channel::Email,
+                version: 1,
+                subject: None,
+                text: Some(text),
+                html: Some(html),
+                markdown: None,
+                provider_template: None,
+                provider_params: BTreeMap::new(),
+                provider_templates: BTreeMap::new(),
+            };
+            if let Ok(compiled) = herald_render::handler::Templates::compile_with_fuel(&[t], 20_000)
+            {
+                if let Ok((_, c)) = compiled.render(&accepted) {
+                    let size = c.text.map_or(0, |s| s.len()) + c.html.map_or(0, |s| s.len());
+                    prop_assert!(size <= 2 * herald_render::handler::MAX_RENDERED_BYTES);
+                }
+            }
+            Ok(())
+        },
+    );
+}
