@@ -209,10 +209,12 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
     .to_string();
     let key = herald_core::util::webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     let ts = now_ms() / 1000;
+    // Standard Webhooks ids are unique per receipt (a repeated one is a replay, taken once).
+    let wid = format!("rcpt-{mid}");
     let post = |sig: String| {
         reqwest::Client::new()
             .post(&callback)
-            .header("webhook-id", "rcpt-1")
+            .header("webhook-id", &wid)
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", sig)
             .body(receipt.clone())
@@ -220,7 +222,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
     };
     let forged = post("v1,AAAA".into()).await.unwrap();
     assert_eq!(forged.status(), 401, "an unsigned receipt must be refused");
-    let sig = herald_core::util::standard_webhook_signature(&key, "rcpt-1", ts, receipt.as_bytes());
+    let sig = herald_core::util::standard_webhook_signature(&key, &wid, ts, receipt.as_bytes());
     let ok = post(sig).await.unwrap();
     assert_eq!(ok.status(), 200, "{}", ok.text().await.unwrap_or_default());
     let after: serde_json::Value = eventually(

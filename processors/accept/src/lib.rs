@@ -27,7 +27,7 @@ pub const STAGE: &str = "accept";
 struct Accept {
     deps: Deps,
     policy: AcceptPolicy,
-    db: tokio_postgres::Client,
+    db: herald_core::db::Db,
     /// Templates added through the API count as known within a second.
     watch: herald_core::templates::Watch,
     /// Daily quotas per app.
@@ -145,6 +145,7 @@ impl BatchHandler for Accept {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            self.db.ensure().await?;
             match self.watch.changed().await {
                 Ok(Some(all)) => {
                     self.policy.templates = all

@@ -77,7 +77,9 @@ async fn by(
         Key::Request => ("request_id", "request"),
     };
     let rows = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             &format!(
                 "SELECT message_id, request_id, channel, status FROM messages
@@ -99,14 +101,18 @@ async fn by(
     if targets.is_empty() {
         // Accepted by the gateway, not projected yet: cancelable at once.
         let accepted = match key {
-            Key::Message => herald_core::intake::message(&state.db, &app, id)
-                .await
-                .map_err(db_err)?
-                .into_iter()
-                .collect(),
-            Key::Request => herald_core::intake::request(&state.db, &app, id)
-                .await
-                .map_err(db_err)?,
+            Key::Message => {
+                herald_core::intake::message(&*state.db().await.map_err(db_err)?, &app, id)
+                    .await
+                    .map_err(db_err)?
+                    .into_iter()
+                    .collect()
+            }
+            Key::Request => {
+                herald_core::intake::request(&*state.db().await.map_err(db_err)?, &app, id)
+                    .await
+                    .map_err(db_err)?
+            }
         };
         targets = accepted
             .into_iter()
@@ -135,7 +141,9 @@ async fn run(
         .filter(|t| !FINAL.contains(&t.status.as_str()))
         .collect();
     let ids: Vec<String> = open.iter().map(|t| t.message_id.clone()).collect();
-    let results = gate::cancel(&state.db, &ids).await.map_err(db_err)?;
+    let results = gate::cancel(&*state.db().await.map_err(db_err)?, &ids)
+        .await
+        .map_err(db_err)?;
     let now = now_ms();
     let mut recs = Vec::new();
     for (t, r) in open.iter().zip(&results) {

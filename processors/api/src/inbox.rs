@@ -104,7 +104,9 @@ pub async fn list(
     let (cur_ms, cur_id) = crate::parse_cursor(q.cursor.as_deref())?;
     let unread_only = q.unread.unwrap_or(false);
     let rows = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             &format!(
                 "SELECT {COLUMNS} FROM inbox
@@ -130,7 +132,9 @@ pub async fn list(
         })
         .flatten();
     let unread: i64 = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query_one(
             "SELECT count(*) FROM inbox WHERE app_id = $1 AND user_id = $2 AND read_at IS NULL",
             &[&app, &user],
@@ -155,7 +159,9 @@ pub async fn mark_read(
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let n = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .execute(
             "UPDATE inbox SET read_at = coalesce(read_at, now())
              WHERE app_id = $1 AND user_id = $2 AND message_id = $3",
@@ -224,7 +230,11 @@ pub async fn stream(
         let _slot = slot;
         let mut last = start;
         loop {
-            match newer(&state2.db, &app, &user, last.clone()).await {
+            let rows = match state2.db().await {
+                Ok(db) => newer(&db, &app, &user, last.clone()).await,
+                Err(e) => Err(e),
+            };
+            match rows {
                 Ok(rows) => {
                     for m in rows {
                         let id = format!(

@@ -28,14 +28,14 @@ use herald_core::worker::{StageError, record};
 use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topics};
 use serde::Deserialize;
 use serde_json::json;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 pub const STAGE: &str = "api";
 
 pub struct ApiState {
     pub deps: Deps,
-    pub db: Client,
+    /// Reconnects after a PostgreSQL restart: take it with [`ApiState::db`].
+    pub pg: herald_core::db::SharedDb,
     pub nonces: auth::NonceCache,
     pub secrets: HashMap<String, String>,
     pub http: reqwest::Client,
@@ -46,6 +46,13 @@ pub struct ApiState {
     pub guard: herald_core::netguard::Guard,
     /// Live inbox streams per app.
     pub streams: Arc<inbox::StreamSlots>,
+}
+
+impl ApiState {
+    /// The live PostgreSQL client (reconnected if the connection was lost).
+    pub async fn db(&self) -> Result<Arc<tokio_postgres::Client>, tokio_postgres::Error> {
+        self.pg.get().await
+    }
 }
 
 /// The app's request rate limit: 429 with `Retry-After` when over it.
@@ -81,7 +88,7 @@ async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError>
         return Ok(());
     };
     let quota = quota as i64;
-    let counted = herald_core::quota::take(&state.db, app, n, quota)
+    let counted = herald_core::quota::take(&*state.db().await.map_err(db_err)?, app, n, quota)
         .await
         .map_err(db_err)?;
     if !counted {
@@ -178,7 +185,7 @@ async fn authenticate(
     .map_err(refused)?;
     // The nonce once across every API process: PostgreSQL holds them for the window.
     let nonce = req.nonce.unwrap_or_default();
-    let fresh = auth::remember_nonce(&state.db, &app, nonce, window)
+    let fresh = auth::remember_nonce(&*state.db().await.map_err(db_err)?, &app, nonce, window)
         .await
         .map_err(db_err)?;
     if !fresh {
@@ -270,7 +277,7 @@ async fn send(
             .templates
             .iter()
             .any(|x| &x.code == t && x.app.as_deref().is_none_or(|a| a == app))
-        && herald_core::templates::get(&state.db, &app, t, None)
+        && herald_core::templates::get(&*state.db().await.map_err(db_err)?, &app, t, None)
             .await
             .map_err(db_err)?
             .is_none()
@@ -330,9 +337,14 @@ async fn send(
         .collect();
     // An idempotency key already used answers the original request; nothing is published.
     if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
-        let owner = herald_core::idempotency::reserve(&state.db, &app, key, &request_id)
-            .await
-            .map_err(db_err)?;
+        let owner = herald_core::idempotency::reserve(
+            &*state.db().await.map_err(db_err)?,
+            &app,
+            key,
+            &request_id,
+        )
+        .await
+        .map_err(db_err)?;
         if owner != request_id {
             metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "duplicate")
                 .increment(1);
@@ -351,10 +363,16 @@ async fn send(
             Err(e) => Err(e),
         };
         if let Err(e) = published {
-            let _ = herald_core::idempotency::release(&state.db, &app, key, &request_id).await;
+            if let Ok(db) = state.db().await {
+                let _ = herald_core::idempotency::release(&db, &app, key, &request_id).await;
+            }
             return Err(e);
         }
-        if let Err(e) = herald_core::idempotency::confirm(&state.db, &app, key, &request_id).await {
+        let confirmed = match state.db().await {
+            Ok(db) => herald_core::idempotency::confirm(&db, &app, key, &request_id).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = confirmed {
             // Accept confirms it too when it takes the request; nothing is lost.
             tracing::warn!(error = %herald_core::runtime::pg_error(e), "idempotency key not confirmed");
         }
@@ -363,9 +381,13 @@ async fn send(
         publish(&state, vec![rec]).await?;
     }
     // Readable and cancelable at once, before the projector catches up.
-    if let Err(e) =
-        herald_core::intake::record(&state.db, &app, &request_id, req.channel.as_str(), &ids).await
-    {
+    let recorded = match state.db().await {
+        Ok(db) => {
+            herald_core::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recorded {
         tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake not recorded; reads follow the projector");
     }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
@@ -409,7 +431,9 @@ async fn opt_out(
         "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3"
     };
     state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .execute(sql, &[&app, &channel.as_str(), &address])
         .await
         .map_err(db_err)?;
@@ -476,7 +500,9 @@ async fn get_message(
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let row = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query_opt(
             "SELECT message_id, request_id, app_id, channel, recipient_masked, status, provider, attempts, template,
                     template_version, (extract(epoch from created_at) * 1000)::bigint, (extract(epoch from updated_at) * 1000)::bigint
@@ -487,7 +513,7 @@ async fn get_message(
         .map_err(db_err)?;
     let Some(row) = row else {
         // Accepted by the gateway, not projected yet: `accepted`, true at once.
-        let a = herald_core::intake::message(&state.db, &app, &id)
+        let a = herald_core::intake::message(&*state.db().await.map_err(db_err)?, &app, &id)
             .await
             .map_err(db_err)?
             .ok_or_else(|| {
@@ -508,7 +534,9 @@ async fn get_message(
         .into_response());
     };
     let events = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             "SELECT status, (extract(epoch from at) * 1000)::bigint, provider, attempt, reason_code, reason_message
              FROM message_events WHERE message_id = $1 ORDER BY at, status",
@@ -530,7 +558,9 @@ async fn get_message(
         })
         .collect();
     let attempts = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             "SELECT attempt, provider, outcome, status, response_code, latency_ms, reason_code,
                     (extract(epoch from at) * 1000)::bigint
@@ -604,7 +634,9 @@ async fn get_request(
         .field("limit"));
     }
     let counts = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             "SELECT status, count(*) FROM messages WHERE request_id = $1 AND app_id = $2 GROUP BY status",
             &[&id, &app],
@@ -612,7 +644,7 @@ async fn get_request(
         .await
         .map_err(db_err)?;
     if counts.is_empty() {
-        let accepted = herald_core::intake::request(&state.db, &app, &id)
+        let accepted = herald_core::intake::request(&*state.db().await.map_err(db_err)?, &app, &id)
             .await
             .map_err(db_err)?;
         if accepted.is_empty() {
@@ -656,7 +688,9 @@ async fn get_request(
         .collect();
     let after = page.cursor.unwrap_or_default();
     let rows = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             "SELECT message_id, recipient_masked, status FROM messages
              WHERE request_id = $1 AND app_id = $2 AND message_id > $3
@@ -691,38 +725,10 @@ async fn get_request(
     .into_response())
 }
 
-/// `GET /health`: each dependency's state.
+/// `GET /health` and `/health/ready`: each dependency's state (503 when one is down).
 pub async fn health(State(state): State<Arc<ApiState>>) -> Response {
-    let deps = &state.deps;
-    let kafka_or_redis = deps.transport.ping().await;
-    let pg = state.db.simple_query("SELECT 1").await;
-    let registry = state
-        .http
-        .get(format!(
-            "{}/subjects",
-            deps.config.registry.url.trim_end_matches('/')
-        ))
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false);
-    let up = |ok: bool| json!({"status": if ok { "UP" } else { "DOWN" }});
-    let transport_key = deps.transport.kind();
-    let all = kafka_or_redis.is_ok() && pg.is_ok() && registry;
-    let body = json!({
-        "status": if all { "UP" } else { "DOWN" },
-        "services": {
-            transport_key: up(kafka_or_redis.is_ok()),
-            "registry": up(registry),
-            "postgres": up(pg.is_ok()),
-        }
-    });
-    let code = if all {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body)).into_response()
+    let (ok, body) = herald_core::health::check(&state.deps, &state.pg, &state.http).await;
+    herald_core::health::answer(ok, body)
 }
 
 /// The OpenAPI document of this API, served at `/openapi.json`.
@@ -746,6 +752,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/inbox/{user}/stream"),
     ("post", "/v1/inbox/{user}/{message_id}/read"),
     ("get", "/health"),
+    ("get", "/health/ready"),
+    ("get", "/health/live"),
     ("get", "/openapi.json"),
 ];
 
@@ -779,6 +787,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/inbox/{user}/stream", get(inbox::stream))
         .route("/v1/inbox/{user}/{message_id}/read", post(inbox::mark_read))
         .route("/health", get(health))
+        .route("/health/ready", get(health))
+        .route("/health/live", get(herald_core::health::live))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
@@ -868,7 +878,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let deps_guard = deps.config.security.outbound_allow.clone();
     let state = Arc::new(ApiState {
         deps,
-        db,
+        pg: herald_core::db::SharedDb::from_db(db),
         nonces: auth::NonceCache::default(),
         secrets,
         http: reqwest::Client::new(),
@@ -891,7 +901,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
                 _ = purge_stop.cancelled() => return,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
             }
-            if let Err(e) = herald_core::intake::purge(&purge_db.db).await {
+            let purged = match purge_db.db().await {
+                Ok(db) => herald_core::intake::purge(&db).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = purged {
                 tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake purge");
             }
         }

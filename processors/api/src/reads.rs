@@ -46,7 +46,9 @@ pub async fn history(
     let (cur_ms, cur_id) = crate::parse_cursor(q.cursor.as_deref())?;
     let channel = q.channel.map(|c| c.to_ascii_lowercase());
     let rows = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             "SELECT message_id, request_id, channel, status, provider, template, recipient_masked,
                     (extract(epoch from created_at) * 1000)::bigint AS c, (extract(epoch from updated_at) * 1000)::bigint
@@ -154,7 +156,9 @@ pub async fn stats(
         }
     };
     let rows = state
-        .db
+        .db()
+        .await
+        .map_err(db_err)?
         .query(
             &format!(
                 "SELECT {column} AS k, count(*),

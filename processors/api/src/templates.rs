@@ -110,29 +110,30 @@ pub async fn get_template(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
-    let t = herald_core::templates::get(&state.db, &app, &code, q.version)
-        .await
-        .map_err(db_err)?
-        .or_else(|| {
-            state
-                .deps
-                .config
-                .templates
-                .iter()
-                .filter(|t| {
-                    t.code == code
-                        && t.app.as_deref().is_none_or(|a| a == app)
-                        && q.version.is_none_or(|v| v == t.version)
-                })
-                .max_by_key(|t| t.version)
-                .cloned()
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "template_not_found",
-                format!("no template {code}"),
-            )
-        })?;
+    let t =
+        herald_core::templates::get(&*state.db().await.map_err(db_err)?, &app, &code, q.version)
+            .await
+            .map_err(db_err)?
+            .or_else(|| {
+                state
+                    .deps
+                    .config
+                    .templates
+                    .iter()
+                    .filter(|t| {
+                        t.code == code
+                            && t.app.as_deref().is_none_or(|a| a == app)
+                            && q.version.is_none_or(|v| v == t.version)
+                    })
+                    .max_by_key(|t| t.version)
+                    .cloned()
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "template_not_found",
+                    format!("no template {code}"),
+                )
+            })?;
     Ok(Json(view(&t)).into_response())
 }

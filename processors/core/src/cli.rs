@@ -43,11 +43,32 @@ pub async fn setup(deps: &Deps) -> Result<(), String> {
     Ok(())
 }
 
-/// Serves `/metrics` (Prometheus text) and `/health` (transport reachability) until `shutdown`.
+/// Serves `/metrics` (Prometheus text), `/health/live` (the process answers) and `/health` =
+/// `/health/ready` (each dependency: transport, registry, PostgreSQL) until `shutdown`.
 pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let handle = telemetry::metrics_handle();
     let listen = deps.config.admin.listen.clone();
-    let transport = deps.transport.clone();
+    // Connected lazily: the admin port answers (DOWN) while PostgreSQL is unreachable.
+    let pg = std::sync::Arc::new(tokio::sync::OnceCell::<crate::db::SharedDb>::new());
+    let http = reqwest::Client::new();
+    let ready = move || {
+        let (deps, pg, http) = (deps.clone(), pg.clone(), http.clone());
+        async move {
+            match pg
+                .get_or_try_init(|| crate::db::SharedDb::connect(&deps.config.postgres.url))
+                .await
+            {
+                Ok(db) => {
+                    let (ok, body) = crate::health::check(&deps, db, &http).await;
+                    crate::health::answer(ok, body)
+                }
+                Err(e) => crate::health::answer(
+                    false,
+                    serde_json::json!({"status": "DOWN", "services": {"postgres": {"status": "DOWN", "error": crate::runtime::pg_error(e)}}}),
+                ),
+            }
+        }
+    };
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -56,23 +77,9 @@ pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), 
                 async move { h.render() }
             }),
         )
-        .route(
-            "/health",
-            get(move || {
-                let t = transport.clone();
-                async move {
-                    let ok = t.ping().await.is_ok();
-                    let state = if ok { "UP" } else { "DOWN" };
-                    let body = serde_json::json!({"status": state, "services": {t.kind(): {"status": state}}});
-                    let code = if ok {
-                        axum::http::StatusCode::OK
-                    } else {
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (code, axum::Json(body))
-                }
-            }),
-        );
+        .route("/health", get(ready.clone()))
+        .route("/health/ready", get(ready))
+        .route("/health/live", get(crate::health::live));
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("admin listen {listen}: {e}")))?;

@@ -13,8 +13,10 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod db;
 pub mod failure;
 pub mod gate;
+pub mod health;
 pub mod idempotency;
 pub mod intake;
 pub mod memory;

@@ -111,14 +111,14 @@ impl Deps {
         spec
     }
 
-    /// A PostgreSQL client with `ddl` applied (under the migration lock); failures are fatal.
+    /// A reconnecting PostgreSQL connection with `ddl` applied (under the migration lock);
+    /// failures are fatal.
     pub async fn postgres_migrated(
         &self,
         ddl: &str,
-    ) -> Result<tokio_postgres::Client, crate::worker::StageError> {
+    ) -> Result<crate::db::Db, crate::worker::StageError> {
         use crate::worker::StageError;
-        let mut db = self
-            .postgres()
+        let mut db = crate::db::Db::connect(&self.config.postgres.url)
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {}", pg_error(e))))?;
         migrate(&mut db, ddl)

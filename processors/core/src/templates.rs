@@ -137,13 +137,13 @@ async fn stamp(db: &Client) -> Result<(i64, Option<f64>), tokio_postgres::Error>
 
 /// A process's view of the store, refreshed at most once a second.
 pub struct Watch {
-    db: Client,
+    db: crate::db::Db,
     stamp: Option<(i64, Option<f64>)>,
     checked: Option<Instant>,
 }
 
 impl Watch {
-    pub fn new(db: Client) -> Watch {
+    pub fn new(db: crate::db::Db) -> Watch {
         Watch {
             db,
             stamp: None,
@@ -153,6 +153,7 @@ impl Watch {
 
     /// The templates when they changed since the last call (always on the first call).
     pub async fn changed(&mut self) -> Result<Option<Vec<TemplateConfig>>, tokio_postgres::Error> {
+        self.db.reconnect_if_closed().await?;
         if self
             .checked
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))

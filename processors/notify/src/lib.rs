@@ -21,7 +21,6 @@ use herald_schemas::{
     DeliveryAttempted, Event, MessageCanceled, MessageFailed, MessageSuppressed, ReceiptReceived,
     topics,
 };
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -56,7 +55,7 @@ const GIVE_UP_AFTER_SECS: i64 = 86_400;
 
 struct Notify {
     deps: Deps,
-    db: Client,
+    db: herald_core::db::Db,
     /// Apps with a status URL.
     apps: Arc<HashMap<String, (String, Vec<u8>)>>,
 }
@@ -171,6 +170,7 @@ impl BatchHandler for Notify {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            self.db.ensure().await?;
             let mut out = Vec::new();
             let (mut ids, mut apps, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
             for input in batch {
@@ -202,7 +202,7 @@ impl BatchHandler for Notify {
 /// Delivers due notifications until `shutdown`.
 async fn dispatch(
     guard: herald_core::netguard::Guard,
-    db: Client,
+    mut db: herald_core::db::Db,
     apps: Arc<HashMap<String, (String, Vec<u8>)>>,
     shutdown: CancellationToken,
 ) {
@@ -211,6 +211,9 @@ async fn dispatch(
         .build()
         .unwrap_or_default();
     loop {
+        if let Err(e) = db.reconnect_if_closed().await {
+            warn!(error = %herald_core::runtime::pg_error(e), "notification outbox unreachable");
+        }
         let rows = db
             .query(
                 "SELECT message_id, app_id, payload, attempts, extract(epoch from now() - created_at)::bigint
@@ -322,8 +325,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     let apps = Arc::new(apps);
     let db = deps.postgres_migrated(SCHEMA).await?;
-    let dispatcher_db = deps
-        .postgres()
+    let dispatcher_db = herald_core::db::Db::connect(&deps.config.postgres.url)
         .await
         .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
     let dispatcher = tokio::spawn(dispatch(

@@ -43,7 +43,7 @@ pub fn input_topics() -> Vec<String> {
 
 struct Projector {
     deps: Deps,
-    db: Client,
+    db: herald_core::db::Db,
     /// Kafka mode: positions already applied, loaded from PostgreSQL.
     offsets: HashMap<(String, i32), i64>,
     use_offsets: bool,
@@ -342,6 +342,13 @@ impl BatchHandler for Projector {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            if self.db.ensure().await? && self.use_offsets {
+                // A new session: the positions PostgreSQL really holds (an asynchronous commit
+                // lost in a crash is not applied).
+                self.offsets = load_offsets(&self.db)
+                    .await
+                    .map_err(|e| StageError::postgres("projector offsets", e))?;
+            }
             let mut out = Vec::new();
             let mut facts = Vec::with_capacity(batch.len());
             let mut positions: HashMap<(String, i32), i64> = HashMap::new();
@@ -372,27 +379,34 @@ impl BatchHandler for Projector {
     }
 }
 
-/// Runs the projector until `shutdown`.
-pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let db = deps
-        .postgres_migrated(herald_core::readmodel::SCHEMA)
-        .await?;
+/// The positions applied, as PostgreSQL holds them.
+async fn load_offsets(db: &Client) -> Result<HashMap<(String, i32), i64>, tokio_postgres::Error> {
     let rows = db
         .query(
             "SELECT topic, partition, next_offset FROM projector_offsets",
             &[],
         )
-        .await
-        .map_err(|e| StageError::Fatal(format!("projector offsets: {e}")))?;
-    let offsets = rows
+        .await?;
+    Ok(rows
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
+        .collect())
+}
+
+/// Runs the projector until `shutdown`.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let mut db = deps
+        .postgres_migrated(herald_core::readmodel::SCHEMA)
+        .await?;
+    let offsets = load_offsets(&db)
+        .await
+        .map_err(|e| StageError::Fatal(format!("projector offsets: {e}")))?;
     let use_offsets = deps.transport.kind() == "kafka";
     if use_offsets {
         // The rows and the positions they came from commit together, so a commit PostgreSQL
         // loses in a crash is simply replayed: no need to wait for each commit's flush.
-        db.batch_execute("SET synchronous_commit = off")
+        db = db
+            .with_session("SET synchronous_commit = off")
             .await
             .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
     }

@@ -33,7 +33,7 @@ struct Route {
     balancers: HashMap<Channel, Balancer>,
     health: Health,
     policies: HashMap<Channel, PolicyConfig>,
-    policy_db: tokio_postgres::Client,
+    policy_db: herald_core::db::Db,
 }
 
 /// Open breakers, as the send (calls) and callback (receipts) stages last wrote them.
@@ -96,6 +96,7 @@ impl BatchHandler for Route {
         Box::pin(async move {
             let codec = self.deps.codec.clone();
             let mut out = Vec::with_capacity(batch.len());
+            self.policy_db.ensure().await?;
             self.health.refresh(&self.deps).await;
             let mut decoded = Vec::with_capacity(batch.len());
             for input in batch {

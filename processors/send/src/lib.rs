@@ -74,7 +74,7 @@ type Limiter = governor::DefaultDirectRateLimiter;
 
 struct Send {
     deps: Deps,
-    db: tokio_postgres::Client,
+    db: herald_core::db::Db,
     providers: Arc<HashMap<String, Box<dyn Provider>>>,
     rules: Arc<Rules>,
     alerts: alert::Alerter,
@@ -178,6 +178,7 @@ impl BatchHandler for Send {
         batch: &'a [InRecord],
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            self.db.ensure().await?;
             self.health.refresh(&self.db).await;
             let mut out = Vec::with_capacity(batch.len());
             let mut msgs: Vec<(MessageRouted, i32, String)> = Vec::with_capacity(batch.len());
@@ -546,8 +547,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     };
     let mut workers = Vec::new();
     for channel in channels.iter().copied() {
-        let db = deps
-            .postgres()
+        let db = herald_core::db::Db::connect(&deps.config.postgres.url)
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
         let mut spec = deps.spec(
@@ -571,8 +571,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     // The HIGH lane: one worker for every channel's HIGH messages.
     if !channels.is_empty() {
-        let db = deps
-            .postgres()
+        let db = herald_core::db::Db::connect(&deps.config.postgres.url)
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
         let mut spec = deps.spec(

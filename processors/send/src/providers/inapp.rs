@@ -15,7 +15,8 @@ use herald_core::readmodel::{INBOX_CHANNEL as CHANNEL, INBOX_SCHEMA as SCHEMA};
 
 pub struct Inapp {
     url: String,
-    db: OnceCell<tokio_postgres::Client>,
+    /// Reconnects after a PostgreSQL restart.
+    db: OnceCell<herald_core::db::SharedDb>,
 }
 
 impl Inapp {
@@ -34,19 +35,22 @@ impl Inapp {
         self
     }
 
-    async fn db(&self) -> Result<&tokio_postgres::Client, String> {
-        self.db
+    async fn db(&self) -> Result<std::sync::Arc<tokio_postgres::Client>, String> {
+        let shared = self
+            .db
             .get_or_try_init(|| async {
-                let client = herald_core::runtime::connect_postgres(&self.url)
+                let shared = herald_core::db::SharedDb::connect(&self.url)
                     .await
                     .map_err(herald_core::runtime::pg_error)?;
+                let client = shared.get().await.map_err(herald_core::runtime::pg_error)?;
                 client
                     .batch_execute(SCHEMA)
                     .await
                     .map_err(herald_core::runtime::pg_error)?;
-                Ok(client)
+                Ok::<_, String>(shared)
             })
-            .await
+            .await?;
+        shared.get().await.map_err(herald_core::runtime::pg_error)
     }
 }
 

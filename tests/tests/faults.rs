@@ -1,0 +1,107 @@
+//! Faults of the dependencies (ARCHITECTURE.md §4.1, "nothing is lost"): PostgreSQL crashes and
+//! comes back while Herald runs. Every stage pauses while it is down and resumes by itself —
+//! no operator action, no Herald restart — and `/health` tells the truth throughout.
+
+use std::time::Duration;
+
+use herald_tests::*;
+use serde_json::{Value, json};
+
+async fn send_email(api: u16, what: &str) -> String {
+    let to = format!("{}@example.com", unique(what));
+    let body = serde_json::to_vec(&json!({"channel": "EMAIL", "template": "welcome",
+        "params": {"name": "Ada", "product": "Herald"}, "recipients": [{"address": to}]}))
+    .unwrap();
+    let v: Value = eventually(
+        Duration::from_secs(60),
+        "the gateway takes a request",
+        || {
+            let body = body.clone();
+            async move {
+                let r = signed("POST", "/v1/messages", &body, api)
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status().as_u16() == 202).then_some(())?;
+                r.json().await.ok()
+            }
+        },
+    )
+    .await;
+    v["message_ids"][0].as_str().unwrap().to_owned()
+}
+
+async fn delivered(api: u16, id: &str, what: &str) {
+    let path = format!("/v1/messages/{id}");
+    eventually(Duration::from_secs(90), what, || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["status"] == "delivered").then_some(())
+        }
+    })
+    .await;
+}
+
+async fn health(url: &str) -> (u16, Value) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_crash_and_restart_needs_no_operator_action() {
+    let (api, admin) = (18_570, 19_970);
+    let cfg = std::env::temp_dir().join("herald-faults-pg.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    let mut herald = Herald::start(&cfg, &herald_env(api, admin));
+    let before = send_email(api, "before").await;
+    delivered(api, &before, "a message before the crash").await;
+    let ready = format!("http://127.0.0.1:{admin}/health/ready");
+    assert_eq!(health(&ready).await.0, 200);
+
+    // PostgreSQL dies the way a crash kills it, stays down a few seconds, and comes back.
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+    let restart = std::thread::spawn(move || {
+        std::process::Command::new(stack)
+            .args(["restart-postgres", "4"])
+            .status()
+            .expect("scripts/stack restart-postgres")
+    });
+    // While it is down, readiness says so (and names PostgreSQL); liveness does not flap.
+    let (code, body) = eventually(Duration::from_secs(10), "readiness DOWN", || {
+        let ready = ready.clone();
+        async move {
+            let (c, b) = health(&ready).await;
+            (c == 503).then_some((c, b))
+        }
+    })
+    .await;
+    assert_eq!(code, 503);
+    assert_eq!(body["services"]["postgres"]["status"], "DOWN", "{body}");
+    let (live, _) = health(&format!("http://127.0.0.1:{admin}/health/live")).await;
+    assert_eq!(live, 200);
+    assert!(restart.join().unwrap().success(), "postgres restarted");
+
+    // Back: the gateway, every stage and the projector reconnect on their own.
+    let after = send_email(api, "after").await;
+    delivered(
+        api,
+        &after,
+        "a message after the restart, with no Herald restart",
+    )
+    .await;
+    eventually(Duration::from_secs(30), "readiness UP again", || {
+        let ready = ready.clone();
+        async move { (health(&ready).await.0 == 200).then_some(()) }
+    })
+    .await;
+    let (code, body) = health(&format!("http://127.0.0.1:{api}/health")).await;
+    assert_eq!(code, 200, "{body}");
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+}
