@@ -395,47 +395,16 @@ fn request(app: &str, rid: &str, channel: Channel, addresses: &[&str]) -> SendRe
 
 /// Every dead letter on the topic: (original key, reason code, original payload).
 fn dead_letters(codec: &Codec) -> Vec<(Vec<u8>, String, Option<Vec<u8>>)> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("dlq-reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topics::DEAD_LETTERS), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for p in md.topics()[0].partitions() {
-        let (lo, hi) = consumer
-            .fetch_watermarks(topics::DEAD_LETTERS, p.id(), Duration::from_secs(10))
-            .unwrap();
-        if hi > lo {
-            tpl.add_partition_offset(topics::DEAD_LETTERS, p.id(), rdkafka::Offset::Offset(lo))
-                .unwrap();
-            ends.insert(p.id(), hi);
-        }
-    }
-    consumer.assign(&tpl).unwrap();
     let rt = tokio::runtime::Handle::current();
-    let mut out = Vec::new();
-    let start = std::time::Instant::now();
-    while !ends.is_empty() && start.elapsed() < Duration::from_secs(60) {
-        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
-            ends.remove(&m.partition());
-        }
-        let Some(payload) = m.payload() else { continue };
-        let Ok(dl) =
-            tokio::task::block_in_place(|| rt.block_on(codec.decode::<DeadLettered>(payload)))
-        else {
-            continue;
-        };
-        out.push((dl.key.unwrap_or_default(), dl.reason.code, dl.payload));
-    }
-    out
+    topic_records(topics::DEAD_LETTERS)
+        .into_iter()
+        .filter_map(|payload| {
+            let dl =
+                tokio::task::block_in_place(|| rt.block_on(codec.decode::<DeadLettered>(&payload)))
+                    .ok()?;
+            Some((dl.key.unwrap_or_default(), dl.reason.code, dl.payload))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -900,9 +869,17 @@ async fn no_secret_leaves_in_a_reason_topic_table_answer_or_log() {
 
 /// Every record of `topic` (all partitions, from the start), as lossy text.
 fn topic_text(topic: &str) -> String {
+    topic_records(topic)
+        .iter()
+        .map(|p| String::from_utf8_lossy(p) + "\n")
+        .collect()
+}
+
+/// The payload of every record of `topic` (all partitions, from the start to the current end).
+fn topic_records(topic: &str) -> Vec<Vec<u8>> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
-        .set("group.id", unique("leak-reader"))
+        .set("group.id", unique("topic-reader"))
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
@@ -922,7 +899,7 @@ fn topic_text(topic: &str) -> String {
         }
     }
     consumer.assign(&tpl).unwrap();
-    let mut text = String::new();
+    let mut out = Vec::new();
     let start = std::time::Instant::now();
     while !ends.is_empty() && start.elapsed() < Duration::from_secs(120) {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
@@ -931,8 +908,7 @@ fn topic_text(topic: &str) -> String {
         if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
             ends.remove(&m.partition());
         }
-        text.push_str(&String::from_utf8_lossy(m.payload().unwrap_or_default()));
-        text.push('\n');
+        out.push(m.payload().unwrap_or_default().to_vec());
     }
-    text
+    out
 }

@@ -76,9 +76,15 @@ pub trait BatchHandler: Send {
     /// The codec the worker encodes dead letters with.
     fn codec(&self) -> &Codec;
 
-    /// Ends a record this stage cannot process (isolated by the worker): by default a dead
-    /// letter with the original bytes. Stages that move messages forward override it to also
-    /// fail the message ([`fail_message`]), so it reaches a terminal status.
+    /// Whether a record this stage isolates also fails its message ([`fail_message`]): true
+    /// for stages that move messages forward; false (a dead letter only) for stages that read
+    /// the status topic themselves (projector, notify), which must not feed it their poison.
+    fn fails_messages(&self) -> bool {
+        false
+    }
+
+    /// Ends a record this stage cannot process (isolated by the worker): a dead letter with the
+    /// original bytes, and a `failed` status where [`BatchHandler::fails_messages`].
     fn reject<'a>(
         &'a mut self,
         stage: &'static str,
@@ -86,6 +92,9 @@ pub trait BatchHandler: Send {
         reason: Reason,
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
+            if self.fails_messages() {
+                return fail_message(self.codec(), stage, input, reason).await;
+            }
             let header = match input.payload.as_deref() {
                 Some(p) => self.codec().header(p).await.ok().flatten(),
                 None => None,

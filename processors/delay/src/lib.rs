@@ -13,7 +13,6 @@ use herald_core::util::now_ms;
 use herald_core::worker::{
     BatchHandler, StageError, decode_or_dead_letter, record, run_workers, trace_id,
 };
-use herald_schemas::Reason;
 use herald_schemas::{DelayScheduled, headers, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -50,18 +49,8 @@ impl BatchHandler for Delay {
         &self.deps.codec
     }
 
-    fn reject<'a>(
-        &'a mut self,
-        stage: &'static str,
-        input: &'a InRecord,
-        reason: Reason,
-    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
-        Box::pin(herald_core::worker::fail_message(
-            &self.deps.codec,
-            stage,
-            input,
-            reason,
-        ))
+    fn fails_messages(&self) -> bool {
+        true
     }
 
     fn handle<'a>(

@@ -71,18 +71,8 @@ impl BatchHandler for Route {
         &self.deps.codec
     }
 
-    fn reject<'a>(
-        &'a mut self,
-        stage: &'static str,
-        input: &'a InRecord,
-        reason: Reason,
-    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
-        Box::pin(herald_core::worker::fail_message(
-            &self.deps.codec,
-            stage,
-            input,
-            reason,
-        ))
+    fn fails_messages(&self) -> bool {
+        true
     }
 
     fn healthy(&mut self) -> BoxFuture<'_, bool> {
