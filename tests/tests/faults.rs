@@ -53,6 +53,28 @@ async fn health(url: &str) -> (u16, Value) {
     }
 }
 
+#[tokio::test]
+async fn every_connection_carries_the_statement_timeout() {
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .expect("postgres (scripts/stack up)");
+    let row = db.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "30s");
+    // And it bites: a statement past it is canceled by the server (a transient error).
+    let cancel = db
+        .batch_execute("SET statement_timeout = 200; SELECT pg_sleep(2)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        cancel.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    assert!(matches!(
+        herald_core::worker::StageError::postgres("t", cancel),
+        herald_core::worker::StageError::Transient(_)
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_crash_and_restart_needs_no_operator_action() {
     let (api, admin) = (18_570, 19_970);

@@ -37,7 +37,7 @@ impl Run {
         let cfg = std::env::temp_dir().join(format!("herald-hostile-{name}.toml"));
         let mut text = std::fs::read_to_string(config_path()).unwrap().replacen(
             "[api]\n",
-            "[api]\nheader_read_timeout_ms = 1000\n",
+            "[api]\nheader_read_timeout_ms = 1000\nmax_streams_per_app = 2\n",
             1,
         );
         assert!(
@@ -323,6 +323,26 @@ async fn the_gateway_refuses_what_accept_would_reject_in_the_json_error_shape() 
             started.elapsed()
         );
     }
+
+    // Live inbox streams are bounded per app (2 in this config): the third is refused, and a
+    // slot comes back when a stream closes.
+    let stream = || signed_get("/v1/inbox/someone/stream", run.api).send();
+    let first = stream().await.unwrap();
+    let second = stream().await.unwrap();
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = stream().await.unwrap();
+    assert_eq!(third.status().as_u16(), 429);
+    let v: Value = third.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_streams");
+    drop(first);
+    eventually(Duration::from_secs(30), "a stream slot freed", || async {
+        (stream().await.ok()?.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    drop(second);
 
     // Nothing refused was published: once a later message is through, none of them exists.
     run.still_delivers("the refusals").await;

@@ -210,11 +210,12 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     // Live streams hold a connection and a task each: bounded per app.
-    let slot = state.streams.acquire(&app).ok_or_else(|| {
+    let max = state.deps.config.api.max_streams_per_app;
+    let slot = state.streams.acquire(&app, max).ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_streams",
-            format!("app {app} has {MAX_STREAMS_PER_APP} live streams open"),
+            format!("app {app} has {max} live streams open"),
         )
     })?;
     let resume = headers
@@ -276,9 +277,6 @@ pub async fn stream(
     Ok(Sse::new(s).keep_alive(KeepAlive::default()))
 }
 
-/// Most live inbox streams one app may hold open on one API process.
-pub const MAX_STREAMS_PER_APP: usize = 100;
-
 /// Live streams per app.
 #[derive(Default)]
 pub struct StreamSlots {
@@ -301,11 +299,11 @@ impl Drop for StreamSlot {
 }
 
 impl StreamSlots {
-    /// A slot for one more of `app`'s streams, unless it holds [`MAX_STREAMS_PER_APP`].
-    pub fn acquire(self: &Arc<Self>, app: &str) -> Option<StreamSlot> {
+    /// A slot for one more of `app`'s streams, unless it holds `max` already.
+    pub fn acquire(self: &Arc<Self>, app: &str, max: usize) -> Option<StreamSlot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(app.to_owned()).or_default();
-        if *n >= MAX_STREAMS_PER_APP {
+        if *n >= max {
             return None;
         }
         *n += 1;

@@ -171,6 +171,8 @@ pub struct ApiConfig {
     pub header_read_timeout_ms: u64,
     /// Most connections open at once on each listener; more wait in the backlog.
     pub max_connections: usize,
+    /// Most live inbox streams (SSE) one app may hold open on one API process.
+    pub max_streams_per_app: usize,
 }
 
 impl Default for ApiConfig {
@@ -181,6 +183,7 @@ impl Default for ApiConfig {
             max_body_bytes: 1 << 20,
             header_read_timeout_ms: 10_000,
             max_connections: 4096,
+            max_streams_per_app: 100,
         }
     }
 }

@@ -284,3 +284,54 @@ pub(crate) fn provider_template(m: &MessageRouted) -> Option<String> {
         .or(m.content.provider_template.as_ref())
         .cloned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A loopback server answering every request with a body of `len` bytes.
+    async fn answering(len: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = vec![b' '; 64 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn a_provider_answer_is_read_up_to_its_cap() {
+        let client = reqwest::Client::new();
+        let small = answering(1000).await;
+        let body = read_capped(client.get(&small).send().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(body.len(), 1000);
+        let huge = answering(MAX_RESPONSE_BYTES + 1).await;
+        let err = read_capped(client.get(&huge).send().await.unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.outcome, DeliveryOutcome::FailedTransient);
+        assert_eq!(
+            err.reason.map(|r| r.code).as_deref(),
+            Some("response_too_large")
+        );
+    }
+}
