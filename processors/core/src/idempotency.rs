@@ -55,13 +55,15 @@ pub async fn check(db: &Client, reqs: &[Seen<'_>]) -> Result<Vec<bool>, tokio_po
     )
     .await?;
     // A gateway reservation whose request accept now takes holds for good (no takeover).
-    db.execute(
-        "UPDATE request_keys k SET source = 'api'
+    if reqs.iter().any(|r| r.idempotency_key.is_some()) {
+        db.execute(
+            "UPDATE request_keys k SET source = 'api'
          FROM UNNEST($1::text[], $2::text[], $3::text[]) AS q(a, k2, r)
          WHERE k.app_id = q.a AND k.key = q.k2 AND k.request_id = q.r AND k.source = 'api-pending'",
-        &[&apps, &keys, &rids],
-    )
-    .await?;
+            &[&apps, &keys, &rids],
+        )
+        .await?;
+    }
     let rows = db
         .query(
             "SELECT k.app_id, k.key, k.request_id, k.source FROM request_keys k

@@ -77,12 +77,24 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The protocol detection waits for a first byte with no timeout of its own: a
+            // client that connects and sends nothing would hold its slot for ever.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    debug!(%peer, "no request within the header timeout; closed");
+                    drop(permit);
+                    return;
+                }
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 debug!(%peer, error = %e, "connection ended");
             }
             drop(permit);
@@ -96,4 +108,65 @@ pub async fn serve(
         warn!("connections still open after the drain time; closing");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn get(addr: std::net::SocketAddr) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_wait_and_slow_headers_are_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 1,
+            drain: Duration::from_secs(1),
+        };
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(serve(listener, router, limits, stop.clone()));
+
+        // One idle connection holds the only slot: a second client is not served meanwhile.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::spawn(get(addr));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!waiting.is_finished(), "served over the connection limit");
+        // The idle one sends no headers: cut off after the header-read timeout, which frees
+        // the slot for the waiting client.
+        let mut buf = Vec::new();
+        let cut = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf)).await;
+        assert!(cut.is_ok(), "a slow-header connection is closed");
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("served once the slot is free")
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // A keep-alive connection that goes quiet after a request is closed too.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), kept.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "an idle keep-alive connection is closed");
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 }
