@@ -652,6 +652,33 @@ async fn tenants_stay_apart_and_a_202_is_true_at_once_and_replays_count_once() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 
+    // A template that builds a huge string (forty doublings) fails its own message in the
+    // render sandbox; the render stage, and every other app's mail, go on.
+    let mut bomb = "{% set v0 = name %}".to_owned();
+    for i in 1..=40 {
+        bomb.push_str(&format!("{{% set v{i} = v{} ~ v{} %}}", i - 1, i - 1));
+    }
+    bomb.push_str("{{ v40 | length }}");
+    let code = unique("bomb");
+    let r = put("demo", SECRET, &code, &bomb).await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    // Render workers pick the template up within a second: until then it is unknown to them.
+    let mut reason = None;
+    for _ in 0..5 {
+        let mut body = email(&format!("{}@example.com", unique("bomb")));
+        body["template"] = json!(code);
+        let (status, v) = run.post(body).await;
+        assert_eq!(status, 202, "{v}");
+        let id = v["message_ids"][0].as_str().unwrap().to_owned();
+        let failed = run.until(&id, "failed", "the template bomb").await;
+        reason = reason_code(&failed);
+        if reason.as_deref() != Some("unknown_template") {
+            break;
+        }
+    }
+    assert_eq!(reason.as_deref(), Some("render_resource_limit"));
+    run.still_delivers("a template bomb").await;
+
     // Scheduled, then read and canceled at once: the answers are true before the projector.
     let mut body = email(&format!("{}@example.com", unique("later")));
     body["send_at"] = json!(herald_core::util::now_ms() + 60_000);

@@ -16,6 +16,8 @@ pub mod names {
     pub const STAGE_ERRORS: &str = "herald_stage_errors_total";
     /// Records isolated and ended alone because they failed alone.
     pub const POISON_RECORDS: &str = "herald_stage_poison_records_total";
+    /// Render children killed by a render (memory or time exhausted), restarted at once.
+    pub const RENDER_SANDBOX_DEATHS: &str = "herald_render_sandbox_deaths_total";
     pub const SEND_ATTEMPTS: &str = "herald_send_attempts_total";
     pub const SEND_SECONDS: &str = "herald_send_provider_call_seconds";
     pub const PROJECTOR_ROWS: &str = "herald_projector_events_applied_total";

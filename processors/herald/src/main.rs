@@ -323,6 +323,8 @@ async fn api_get(deps: &Deps, path: &str, app: &str) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // A render child (see herald_render::sandbox) serves renders and exits here.
+    herald_render::sandbox::serve_if_child();
     // Before any thread exists (the runtime's workers would each take a malloc arena).
     herald_core::memory::limit_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

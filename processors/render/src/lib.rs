@@ -4,6 +4,7 @@
 //! fails with the variable's name, the stage moves on). Exactly-once between topics.
 
 pub mod handler;
+pub mod sandbox;
 
 use futures::future::BoxFuture;
 use herald_core::runtime::Deps;
@@ -15,13 +16,14 @@ use herald_core::worker::{
 use herald_schemas::{MessageAccepted, MessageFailed, MessageRendered, topics};
 use tokio_util::sync::CancellationToken;
 
-use handler::Templates;
+use sandbox::Sandbox;
 
 pub const STAGE: &str = "render";
 
 struct Render {
     deps: Deps,
-    templates: Templates,
+    /// Renders run in a memory-limited child process (see [`sandbox`]).
+    sandbox: Sandbox,
     watch: herald_core::templates::Watch,
 }
 
@@ -41,11 +43,12 @@ impl BatchHandler for Render {
         Box::pin(async move {
             // Templates added through the API reach every render worker within a second.
             match self.watch.changed().await {
-                Ok(Some(all)) => match Templates::compile(&all) {
-                    Ok(t) => self.templates = t,
-                    Err(e) => {
+                Ok(Some(all)) => match self.sandbox.load(all).await {
+                    Ok(()) => {}
+                    Err(e @ sandbox::SandboxError::Compile(_)) => {
                         tracing::error!(error = %e, "stored templates do not compile; keeping the previous set")
                     }
+                    Err(e) => return Err(StageError::Transient(e.to_string())),
                 },
                 Ok(None) => {}
                 Err(e) => {
@@ -57,16 +60,24 @@ impl BatchHandler for Render {
             }
             let codec = &self.deps.codec;
             let mut out = Vec::with_capacity(batch.len());
+            let mut decoded = Vec::with_capacity(batch.len());
             for input in batch {
-                let Some(m) =
+                if let Some(m) =
                     decode_or_dead_letter::<MessageAccepted>(codec, STAGE, input, &mut out).await?
-                else {
-                    continue;
-                };
-                let trace = trace_id(input);
+                {
+                    decoded.push((trace_id(input), m));
+                }
+            }
+            let messages: Vec<MessageAccepted> = decoded.iter().map(|(_, m)| m.clone()).collect();
+            let rendered = self
+                .sandbox
+                .render(&messages)
+                .await
+                .map_err(|e| StageError::Transient(e.to_string()))?;
+            for ((trace, m), result) in decoded.into_iter().zip(rendered) {
                 let now = now_ms();
                 let mid = m.header.message_id.clone();
-                match self.templates.render(&m) {
+                match result {
                     Ok((version, content)) => {
                         let ev = MessageRendered {
                             header: m.header.follow(STAGE, event_id(&mid, "rendered", 0), now),
@@ -99,7 +110,13 @@ impl BatchHandler for Render {
 
 /// Runs the render stage until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let templates = Templates::compile(&deps.config.templates).map_err(StageError::Fatal)?;
+    let sandbox = Sandbox::start(
+        Sandbox::current_exe().map_err(|e| StageError::Fatal(e.to_string()))?,
+        sandbox::Limits::default(),
+        deps.config.templates.clone(),
+    )
+    .await
+    .map_err(|e| StageError::Fatal(e.to_string()))?;
     let db = deps
         .postgres_migrated(herald_core::templates::SCHEMA)
         .await?;
@@ -117,7 +134,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         spec,
         Render {
             deps,
-            templates,
+            sandbox,
             watch,
         },
         shutdown,

@@ -430,6 +430,8 @@ fn template_source() -> impl Strategy<Value = String> {
         Just("endmacro".to_owned()),
         Just("set x = ".to_owned()),
         Just("include 'x'".to_owned()),
+        Just("{% set blob = blob ~ blob ~ blob %}".to_owned()),
+        Just("{{ blob * 1000 }}".to_owned()),
         Just("(".to_owned()),
         Just(")".to_owned()),
         "[a-z0-9 ]{0,4}",
@@ -470,6 +472,37 @@ fn templates_compile_and_render() {
         expires_at: None,
         requested_at: 0,
     };
+    // Renders run where the stage runs them: in a memory-limited child (herald-render, built
+    // beside this test), so a template that exhausts memory kills a child, never the fuzzer.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let program = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("herald-render"))
+        .unwrap();
+    assert!(
+        program.exists(),
+        "build the binaries first: {}",
+        program.display()
+    );
+    let limits = herald_render::sandbox::Limits {
+        memory_bytes: 512 << 20,
+        fuel: 20_000,
+    };
+    let sandbox = std::sync::Mutex::new(
+        runtime
+            .block_on(herald_render::sandbox::Sandbox::start(
+                program,
+                limits,
+                Vec::new(),
+            ))
+            .unwrap(),
+    );
+    let exhausted = AtomicU64::new(0);
     fuzz(
         "templates",
         (template_source(), template_source()),
@@ -487,13 +520,30 @@ fn templates_compile_and_render() {
                 provider_params: BTreeMap::new(),
                 provider_templates: BTreeMap::new(),
             };
-            if let Ok(compiled) = herald_render::handler::Templates::compile_with_fuel(&[t], 20_000)
-                && let Ok((_, c)) = compiled.render(&accepted)
-            {
-                let size = c.text.map_or(0, |s| s.len()) + c.html.map_or(0, |s| s.len());
-                prop_assert!(size <= 2 * herald_render::handler::MAX_RENDERED_BYTES);
+            let mut sandbox = sandbox.lock().unwrap();
+            if runtime.block_on(sandbox.load(vec![t])).is_err() {
+                return Ok(()); // does not compile: refused when stored
+            }
+            let rendered = runtime
+                .block_on(sandbox.render(std::slice::from_ref(&accepted)))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(rendered.len(), 1);
+            match &rendered[0] {
+                Ok((_, c)) => {
+                    let size = c.text.as_ref().map_or(0, String::len)
+                        + c.html.as_ref().map_or(0, String::len);
+                    prop_assert!(size <= 2 * herald_render::handler::MAX_RENDERED_BYTES);
+                }
+                Err(reason) if reason.code == "render_resource_limit" => {
+                    exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {}
             }
             Ok(())
         },
+    );
+    println!(
+        "fuzz: target=templates sandbox_exhausted={}",
+        exhausted.load(Ordering::Relaxed)
     );
 }
