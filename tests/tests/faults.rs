@@ -7,6 +7,9 @@ use std::time::Duration;
 use herald_tests::*;
 use serde_json::{Value, json};
 
+/// One Herald at a time: they share the stage groups, and one test restarts PostgreSQL.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn send_email(api: u16, what: &str) -> String {
     let to = format!("{}@example.com", unique(what));
     let body = serde_json::to_vec(&json!({"channel": "EMAIL", "template": "welcome",
@@ -77,6 +80,7 @@ async fn every_connection_carries_the_statement_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_crash_and_restart_needs_no_operator_action() {
+    let _serial = SERIAL.lock().await;
     let (api, admin) = (18_570, 19_970);
     let cfg = std::env::temp_dir().join("herald-faults-pg.toml");
     std::fs::copy(config_path(), &cfg).unwrap();
@@ -107,6 +111,30 @@ async fn a_postgres_crash_and_restart_needs_no_operator_action() {
     assert_eq!(body["services"]["postgres"]["status"], "DOWN", "{body}");
     let (live, _) = health(&format!("http://127.0.0.1:{admin}/health/live")).await;
     assert_eq!(live, 200);
+    // A request published straight to Kafka while PostgreSQL is down waits; it is not ended.
+    let during = herald_schemas::SendRequested {
+        request_id: unique("during"),
+        app_id: "demo".into(),
+        idempotency_key: None,
+        channel: herald_schemas::Channel::Email,
+        template: Some("welcome".into()),
+        params: [("name", "Ada"), ("product", "Herald")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        recipients: vec![herald_schemas::Recipient {
+            address: format!("{}@example.com", unique("during")),
+            params: Default::default(),
+            timezone: None,
+        }],
+        content: None,
+        send_at: None,
+        priority: herald_schemas::Priority::Normal,
+        expires_at: None,
+        metadata: Default::default(),
+        requested_at: herald_core::util::now_ms(),
+    };
+    publish_on("kafka", std::slice::from_ref(&during)).await;
     assert!(restart.join().unwrap().success(), "postgres restarted");
 
     // Back: the gateway, every stage and the projector reconnect on their own.
@@ -124,6 +152,92 @@ async fn a_postgres_crash_and_restart_needs_no_operator_action() {
     .await;
     let (code, body) = health(&format!("http://127.0.0.1:{api}/health")).await;
     assert_eq!(code, 200, "{body}");
+    let id = herald_core::util::message_id("demo", &during.request_id, 0);
+    delivered(api, &id, "the message published during the outage").await;
+    // No stage took the outage for a bad record.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let isolated: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("herald_stage_poison_records_total"))
+        .collect();
+    assert!(isolated.is_empty(), "{isolated:?}");
     herald.signal("TERM");
     assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+}
+
+/// What PostgreSQL holds of the projector's positions.
+async fn projector_offsets(db: &tokio_postgres::Client) -> Vec<(String, i32, i64)> {
+    db.query(
+        "SELECT topic, partition, next_offset FROM projector_offsets",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_projector_projects_again_what_postgresql_lost() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_575, 19_975);
+    let cfg = std::env::temp_dir().join("herald-faults-projector.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .expect("postgres (scripts/stack up)");
+    let mut herald = Herald::start(&cfg, &herald_env(api, admin));
+    let first = send_email(api, "kept").await;
+    delivered(api, &first, "a message projected before the loss").await;
+    let kept = projector_offsets(&db).await;
+
+    let lost = send_email(api, "lost").await;
+    delivered(api, &lost, "a message whose rows PostgreSQL will lose").await;
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+
+    // PostgreSQL loses every projector commit after `kept` (what an asynchronous commit lost in
+    // a crash looks like), while Kafka's committed offsets are already past them.
+    db.execute("DELETE FROM projector_offsets", &[])
+        .await
+        .unwrap();
+    for (topic, partition, next) in &kept {
+        db.execute(
+            "INSERT INTO projector_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)",
+            &[topic, partition, next],
+        )
+        .await
+        .unwrap();
+    }
+    for table in ["message_events", "delivery_attempts", "messages"] {
+        db.execute(
+            &format!("DELETE FROM {table} WHERE message_id = $1"),
+            &[&lost],
+        )
+        .await
+        .unwrap();
+    }
+
+    // On start, the projector moves its consumer back to the stored positions.
+    let _herald = Herald::start(&cfg, &herald_env(api, admin));
+    delivered(api, &lost, "the lost rows, projected again").await;
+    let events: i64 = db
+        .query_one(
+            "SELECT count(*) FROM message_events WHERE message_id = $1",
+            &[&lost],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(events >= 4, "the whole timeline is back: {events} events");
+    let v = api_json(&format!("/v1/messages/{first}"), api)
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "delivered", "{v}");
 }

@@ -73,11 +73,17 @@ pub trait SchemaResolver: Send + Sync {
     ) -> BoxFuture<'a, Result<u32, CodecError>>;
     /// The schema text registered under `id`.
     fn fetch(&self, id: u32) -> BoxFuture<'_, Result<String, CodecError>>;
+    /// Whether the registry answers now.
+    fn reachable(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
 }
 
 /// A Confluent-compatible registry (Confluent, Apicurio's `/apis/ccompat/v7`, Karapace …).
 pub struct RegistryResolver {
     settings: SrSettings,
+    url: String,
+    http: reqwest::Client,
 }
 
 impl RegistryResolver {
@@ -86,7 +92,15 @@ impl RegistryResolver {
             .set_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| CodecError::Registry(e.to_string()))?;
-        Ok(RegistryResolver { settings })
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(3))
+            .build()
+            .map_err(|e| CodecError::Registry(e.without_url().to_string()))?;
+        Ok(RegistryResolver {
+            settings,
+            url: url.trim_end_matches('/').to_owned(),
+            http,
+        })
     }
 }
 
@@ -117,6 +131,13 @@ impl SchemaResolver for RegistryResolver {
                 Err(e) if e.retriable => Err(CodecError::Registry(e.to_string())),
                 Err(_) => Err(CodecError::UnknownSchema(id)),
             }
+        })
+    }
+
+    fn reachable(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let r = self.http.get(format!("{}/subjects", self.url)).send().await;
+            r.is_ok_and(|r| r.status().is_success())
         })
     }
 }
@@ -213,6 +234,12 @@ impl Codec {
             encoders: RwLock::default(),
             resolvers: RwLock::default(),
         }
+    }
+
+    /// Whether the schema registry answers now (a stage's transient failure is not its
+    /// record's fault while it does not).
+    pub async fn registry_reachable(&self) -> bool {
+        self.resolver.reachable().await
     }
 
     /// Registers `T` for `topic` (idempotent) and returns its id.

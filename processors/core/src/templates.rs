@@ -143,6 +143,11 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Whether the template store answers now.
+    pub async fn reachable(&self) -> bool {
+        self.db.simple_query("SELECT 1").await.is_ok()
+    }
+
     pub fn new(db: crate::db::Db) -> Watch {
         Watch {
             db,

@@ -107,6 +107,12 @@ pub trait BatchHandler: Send {
         })
     }
 
+    /// Whether the source must move back to the positions the stage keeps before the batch
+    /// just handled is committed (see [`crate::transport::Source::reposition`]).
+    fn take_reposition(&mut self) -> bool {
+        false
+    }
+
     /// Whether the stage's own dependencies answer (PostgreSQL …): a record that keeps failing
     /// alone while they do is isolated; while they do not, the stage waits.
     fn healthy(&mut self) -> BoxFuture<'_, bool> {
@@ -157,7 +163,12 @@ impl<H: BatchHandler> Isolating<'_, H> {
             };
             if let [input] = batch {
                 let transient = matches!(err, StageError::Transient(_));
-                if transient && !self.handler.healthy().await {
+                // A transient failure is the record's own only while everything the stage
+                // depends on answers; during an outage the stage waits, it ends nothing.
+                if transient
+                    && !(self.handler.healthy().await
+                        && self.handler.codec().registry_reachable().await)
+                {
                     return Err(err);
                 }
                 let code = if transient {
@@ -262,6 +273,16 @@ pub async fn run_worker(
                 }
             };
             let Some(outputs) = outputs else { break };
+            if handler.take_reposition() {
+                info!(
+                    stage,
+                    "moving every partition to the positions the stage keeps"
+                );
+                if let Err(e) = source.reposition().await {
+                    warn!(stage, error = %e, "reposition failed; rebuilding source");
+                    break;
+                }
+            }
             let n = outputs.len() as u64;
             if let Err(e) = source.commit(outputs).await {
                 warn!(stage, error = %e, "commit failed; the batch will be processed again");

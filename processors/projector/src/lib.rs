@@ -8,6 +8,12 @@
 //! `projector_offsets` in the same transaction as the rows, and records at or below it are
 //! skipped, so a replay after a crash applies nothing twice; rows are upserts keyed by event id
 //! and a status only moves up in rank, so out-of-order topics never move a message backwards.
+//!
+//! Those stored positions, not Kafka's committed offsets, say where projecting resumes: rows
+//! commit asynchronously, so a PostgreSQL crash can lose commits whose Kafka offsets were
+//! already committed. Every partition the consumer is assigned starts at the stored position,
+//! and when PostgreSQL comes back in a new session every assigned partition is moved back to
+//! what it really holds: what it lost is projected again.
 
 pub mod handler;
 
@@ -16,7 +22,7 @@ use std::collections::HashMap;
 use futures::future::BoxFuture;
 use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
 use herald_core::telemetry::names;
-use herald_core::transport::{InRecord, OutRecord};
+use herald_core::transport::{InRecord, OutRecord, Positions};
 use herald_core::worker::{BatchHandler, StageError, dead_letter, run_worker};
 use herald_schemas::*;
 use tokio_postgres::Client;
@@ -44,9 +50,14 @@ pub fn input_topics() -> Vec<String> {
 struct Projector {
     deps: Deps,
     db: herald_core::db::Db,
-    /// Kafka mode: positions already applied, loaded from PostgreSQL.
-    offsets: HashMap<(String, i32), i64>,
+    /// Kafka mode: the next position to apply per partition, as PostgreSQL holds it; the
+    /// consumer starts assigned partitions there.
+    offsets: Positions,
     use_offsets: bool,
+    /// PostgreSQL came back in a new session whose positions are not loaded yet.
+    stale: bool,
+    /// Positions were reloaded: move the consumer back before committing.
+    reposition: bool,
 }
 
 impl Projector {
@@ -321,8 +332,11 @@ impl Projector {
             .await?;
         }
         tx.commit().await?;
-        for (k, v) in positions {
-            self.offsets.insert(k.clone(), v + 1);
+        if let Ok(mut offsets) = self.offsets.lock() {
+            for (k, v) in positions {
+                let next = offsets.entry(k.clone()).or_insert(v + 1);
+                *next = (*next).max(v + 1);
+            }
         }
         Ok(())
     }
@@ -331,6 +345,10 @@ impl Projector {
 impl BatchHandler for Projector {
     fn codec(&self) -> &herald_core::codec::Codec {
         &self.deps.codec
+    }
+
+    fn take_reposition(&mut self) -> bool {
+        std::mem::take(&mut self.reposition)
     }
 
     fn healthy(&mut self) -> BoxFuture<'_, bool> {
@@ -343,11 +361,20 @@ impl BatchHandler for Projector {
     ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
         Box::pin(async move {
             if self.db.ensure().await? && self.use_offsets {
-                // A new session: the positions PostgreSQL really holds (an asynchronous commit
-                // lost in a crash is not applied).
-                self.offsets = load_offsets(&self.db)
+                self.stale = true;
+            }
+            if self.stale {
+                // A new session: what PostgreSQL really holds (an asynchronous commit lost in a
+                // crash is gone). This batch may start past it: drop it, move back, read again.
+                let held = load_offsets(&self.db)
                     .await
                     .map_err(|e| StageError::postgres("projector offsets", e))?;
+                if let Ok(mut offsets) = self.offsets.lock() {
+                    *offsets = held;
+                }
+                self.stale = false;
+                self.reposition = true;
+                return Ok(Vec::new());
             }
             let mut out = Vec::new();
             let mut facts = Vec::with_capacity(batch.len());
@@ -355,11 +382,8 @@ impl BatchHandler for Projector {
             for input in batch {
                 let key = (input.topic.clone(), input.partition);
                 if self.use_offsets {
-                    if self
-                        .offsets
-                        .get(&key)
-                        .is_some_and(|next| input.offset < *next)
-                    {
+                    let applied = self.offsets.lock().ok().and_then(|o| o.get(&key).copied());
+                    if applied.is_some_and(|next| input.offset < next) {
                         continue; // applied before a crash; its offset commit was lost
                     }
                     let p = positions.entry(key).or_insert(input.offset);
@@ -410,7 +434,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             .await
             .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
     }
-    let spec = deps.spec(STAGE, input_topics(), false);
+    let offsets: Positions = std::sync::Arc::new(std::sync::Mutex::new(offsets));
+    let mut spec = deps.spec(STAGE, input_topics(), false);
+    if use_offsets {
+        spec.positions = Some(offsets.clone());
+    }
     let transport = deps.transport.clone();
     run_worker(
         STAGE,
@@ -421,6 +449,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             db,
             offsets,
             use_offsets,
+            stale: false,
+            reposition: false,
         },
         shutdown,
     )

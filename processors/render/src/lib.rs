@@ -36,6 +36,10 @@ impl BatchHandler for Render {
         true
     }
 
+    fn healthy(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(self.watch.reachable())
+    }
+
     fn handle<'a>(
         &'a mut self,
         batch: &'a [InRecord],

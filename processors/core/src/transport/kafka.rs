@@ -8,18 +8,21 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::{
-    Delivery, InRecord, OutRecord, Publisher, Source, SourceSpec, TResult, TopicSpec, Transport,
-    TransportError,
+    Delivery, InRecord, OutRecord, Positions, Publisher, Source, SourceSpec, TResult, TopicSpec,
+    Transport, TransportError,
 };
 
 /// Connection settings shared by every client of the process.
@@ -69,7 +72,7 @@ impl KafkaSettings {
         Ok(c.create()?)
     }
 
-    fn consumer(&self, spec: &SourceSpec) -> TResult<StreamConsumer> {
+    fn consumer(&self, spec: &SourceSpec) -> TResult<StreamConsumer<StageContext>> {
         let auto_commit = if spec.delivery == Delivery::AtLeastOnce {
             "true"
         } else {
@@ -96,10 +99,74 @@ impl KafkaSettings {
             ("queued.max.messages.kbytes", "1024"),
             ("partition.assignment.strategy", "cooperative-sticky"),
         ]);
-        let consumer: StreamConsumer = c.create()?;
+        let consumer: StreamConsumer<StageContext> = c.create_with_context(StageContext {
+            positions: spec.positions.clone(),
+        })?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(consumer)
+    }
+}
+
+/// Where a partition starts for a stage that keeps its own positions.
+fn start_at(positions: &Positions, topic: &str, partition: i32) -> Offset {
+    let next = positions
+        .lock()
+        .ok()
+        .and_then(|p| p.get(&(topic.to_owned(), partition)).copied());
+    next.map_or(Offset::Beginning, Offset::Offset)
+}
+
+/// The consumers' context: a stage that keeps its own positions starts each partition it is
+/// assigned there (librdkafka's default rebalance, with the offsets set first).
+pub struct StageContext {
+    positions: Option<Positions>,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(positions) = &self.positions {
+                    for mut tp in tpl.elements() {
+                        let offset = start_at(positions, tp.topic(), tp.partition());
+                        if let Err(e) = tp.set_offset(offset) {
+                            warn!(error = %e, "cannot set a start position");
+                        }
+                    }
+                }
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                warn!(error = ?other, "rebalance error");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "rebalance failed");
+        }
     }
 }
 
@@ -219,7 +286,7 @@ impl Publisher for KafkaPublisher {
 }
 
 pub struct KafkaSource {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<StageContext>>,
     producer: FutureProducer,
     spec: SourceSpec,
     /// (topic, partition) → (first offset, last offset) polled since the last commit.
@@ -362,6 +429,24 @@ impl Source for KafkaSource {
 
     fn commit(&mut self, outputs: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>> {
         Box::pin(self.commit_batch(outputs))
+    }
+
+    fn reposition(&mut self) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(async move {
+            let Some(positions) = self.spec.positions.clone() else {
+                return Ok(());
+            };
+            self.positions.clear();
+            let consumer = self.consumer.clone();
+            blocking(move || {
+                for tp in consumer.assignment()?.elements() {
+                    let offset = start_at(&positions, tp.topic(), tp.partition());
+                    consumer.seek(tp.topic(), tp.partition(), offset, Duration::from_secs(10))?;
+                }
+                Ok(())
+            })
+            .await
+        })
     }
 
     fn close(self: Box<Self>) -> BoxFuture<'static, ()> {

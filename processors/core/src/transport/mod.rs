@@ -81,7 +81,14 @@ pub struct SourceSpec {
     /// A group with no position yet starts at the end (new records only) instead of the
     /// beginning: for consumers that react to what happens from now on (status webhooks).
     pub from_end: bool,
+    /// Positions the stage keeps itself (the projector keeps them with its rows): where each
+    /// partition starts when assigned, instead of the group's committed offset.
+    pub positions: Option<Positions>,
 }
+
+/// Next offset to read per (topic, partition), shared by a stage and its source.
+pub type Positions =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>>;
 
 impl SourceSpec {
     pub fn new(group: impl Into<String>, topics: Vec<String>) -> Self {
@@ -95,6 +102,7 @@ impl SourceSpec {
             linger: Duration::from_millis(5),
             max_batch_time: Duration::from_secs(300),
             from_end: false,
+            positions: None,
         }
     }
 }
@@ -121,6 +129,12 @@ pub trait Source: Send {
     fn commit(&mut self, outputs: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>>;
     /// Commits what was acknowledged and leaves the group.
     fn close(self: Box<Self>) -> BoxFuture<'static, ()>;
+    /// Moves every assigned partition to the position [`SourceSpec::positions`] holds for it
+    /// (its start when none), forgetting what was polled since the last commit. Transports
+    /// without positions (Redis Streams) ignore it.
+    fn reposition(&mut self) -> BoxFuture<'_, TResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Publishes records outside a consume loop (gateway, callbacks, demo).
