@@ -431,6 +431,8 @@ fn template_source() -> impl Strategy<Value = String> {
         Just("set x = ".to_owned()),
         Just("include 'x'".to_owned()),
         Just("{% set blob = blob ~ blob ~ blob %}".to_owned()),
+        // A ladder that alone needs far more memory than the render child may use.
+        Just("{% set blob = blob ~ blob %}".repeat(24)),
         Just("{{ blob * 1000 }}".to_owned()),
         Just("(".to_owned()),
         Just(")".to_owned()),
