@@ -241,3 +241,76 @@ async fn the_projector_projects_again_what_postgresql_lost() {
         .unwrap();
     assert_eq!(v["status"], "delivered", "{v}");
 }
+
+/// Mails at the SMTP server for message `id`.
+fn mails_with(id: &str) -> usize {
+    mails_for(&[id.to_owned()]).get(id).map_or(0, |m| m.0)
+}
+
+const REFUSE_OUTCOMES: &str = "
+CREATE OR REPLACE FUNCTION herald_test_refuse_outcomes() RETURNS trigger AS $$
+BEGIN
+  IF NEW.outcome IS NOT NULL AND OLD.outcome IS NULL THEN
+    RAISE EXCEPTION 'not now (test)' USING ERRCODE = '57P03';
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS herald_test_refuse_outcomes ON send_ledger;
+CREATE TRIGGER herald_test_refuse_outcomes BEFORE UPDATE ON send_ledger
+  FOR EACH ROW EXECUTE FUNCTION herald_test_refuse_outcomes();";
+
+const ACCEPT_OUTCOMES: &str = "DROP TRIGGER IF EXISTS herald_test_refuse_outcomes ON send_ledger";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_the_ledger_cannot_record_yet_is_kept_until_it_can() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_580, 19_980);
+    let cfg = std::env::temp_dir().join("herald-faults-ledger.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .expect("postgres (scripts/stack up)");
+    let _herald = Herald::start(&cfg, &herald_env(api, admin));
+    let warm = send_email(api, "warm").await;
+    delivered(api, &warm, "a first message (the ledger exists)").await;
+
+    // PostgreSQL refuses, for a while, to record outcomes (as it does while shutting down).
+    db.batch_execute(REFUSE_OUTCOMES).await.unwrap();
+    let body = tokio::spawn(async move {
+        let id = send_email(api, "refused").await;
+        eventually(Duration::from_secs(60), "the mail is sent", || {
+            let id = id.clone();
+            async move { (mails_with(&id) == 1).then_some(()) }
+        })
+        .await;
+        // The call was made and its answer is held, not recorded.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        id
+    })
+    .await;
+    db.batch_execute(ACCEPT_OUTCOMES).await.unwrap();
+    let id = body.unwrap();
+
+    delivered(
+        api,
+        &id,
+        "the held answer, recorded once PostgreSQL takes it",
+    )
+    .await;
+    let outcomes: Vec<Option<String>> = db
+        .query(
+            "SELECT outcome FROM send_ledger WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(outcomes.len(), 1, "one attempt: {outcomes:?}");
+    assert!(
+        outcomes[0].as_deref().is_some_and(|o| o != "unknown"),
+        "{outcomes:?}"
+    );
+    assert_eq!(mails_with(&id), 1, "sent exactly once");
+}

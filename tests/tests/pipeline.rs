@@ -33,35 +33,6 @@ fn request(to: &str, name: &str) -> SendRequested {
     }
 }
 
-/// Mails at the SMTP server whose Message-ID is one of ours: (count, last text) per message id.
-fn mails_for(ids: &[String]) -> HashMap<String, (usize, String)> {
-    let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let mut out: HashMap<String, (usize, String)> = HashMap::new();
-    for dir in ["new", "cur"] {
-        let Ok(entries) = std::fs::read_dir(maildir().join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(e.path()) else {
-                continue;
-            };
-            let id = text
-                .lines()
-                .take_while(|l| !l.is_empty())
-                .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
-                .and_then(|l| l.split_once('<'))
-                .and_then(|(_, rest)| rest.split_once("@herald>"))
-                .map(|(id, _)| id.trim().to_owned());
-            if let Some(id) = id.filter(|id| wanted.contains(id.as_str())) {
-                let entry = out.entry(id).or_insert((0, String::new()));
-                entry.0 += 1;
-                entry.1 = text;
-            }
-        }
-    }
-    out
-}
-
 async fn db() -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&postgres(), tokio_postgres::NoTls)
         .await

@@ -12,7 +12,7 @@ pub mod providers;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -85,7 +85,53 @@ struct Send {
     redactor: herald_core::redact::Redactor,
 }
 
+/// Text PostgreSQL can store (a provider may answer with a NUL byte).
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
 impl Send {
+    /// Records the answers of calls made (promise 2: a known outcome is never downgraded to
+    /// `unknown`). Retried with back-off for as long as PostgreSQL is away — the answers exist
+    /// only in this process until then; only a crash meanwhile leaves them in doubt.
+    async fn record_finished(
+        &mut self,
+        finished: &[(String, i32, CallResult, i64)],
+    ) -> Result<(), StageError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut refused = 0;
+        loop {
+            let written = match self.db.ensure().await {
+                Ok(_) => ledger::finish(&self.db, finished)
+                    .await
+                    .map_err(|e| StageError::postgres("ledger finish", e)),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                // Refused for its data, again and again: nothing a wait will change.
+                Err(StageError::Permanent(e)) if refused >= 2 => {
+                    return Err(StageError::Permanent(e));
+                }
+                Err(e) => {
+                    if matches!(e, StageError::Permanent(_)) {
+                        refused += 1;
+                    }
+                    metrics::counter!(names::STAGE_ERRORS, "stage" => STAGE, "class" => "ledger_finish")
+                        .increment(1);
+                    tracing::warn!(error = %e, calls = finished.len(),
+                        "known outcomes not recorded yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// The attempt's `DeliveryAttempted`, plus what the rules' decision publishes (the next
     /// attempt, now or through the delay tier).
     async fn outcome(
@@ -371,17 +417,31 @@ impl BatchHandler for Send {
                     Ok(futures::future::join_all(calls).await.into_iter().flatten().collect())
                 }));
             }
+            // Every wave runs to its end even when another fails: calls made are answers
+            // known, and they are recorded before the failure is reported.
             let mut calls = Vec::with_capacity(msgs.len());
+            let mut failed = None;
             let mut waves = futures::stream::iter(wave_futs).buffer_unordered(WAVES_IN_FLIGHT);
             while let Some(done) = waves.next().await {
-                calls.extend(done?);
+                match done {
+                    Ok(done) => calls.extend(done),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
             drop(waves);
             // Before anything is stored or published: no secret or signed query leaves in a
-            // reason (promise 8).
+            // reason (promise 8), and nothing a provider answered can break the ledger's text.
             for (_, r, _, _) in &mut calls {
                 if let Some(reason) = &mut r.reason {
-                    reason.message = self.redactor.clean(&reason.message);
+                    reason.message = storable(self.redactor.clean(&reason.message));
+                }
+                for text in [&mut r.response_code, &mut r.provider_message_id]
+                    .into_iter()
+                    .flatten()
+                {
+                    *text = storable(std::mem::take(text));
                 }
             }
 
@@ -397,9 +457,10 @@ impl BatchHandler for Send {
                     )
                 })
                 .collect();
-            ledger::finish(&self.db, &finished)
-                .await
-                .map_err(|e| StageError::postgres("ledger finish", e))?;
+            self.record_finished(&finished).await?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
 
             // Only calls made now say anything about the provider's health (an interrupted
             // call from before a crash does not).
