@@ -298,6 +298,8 @@ impl Sandbox {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // A child killed by its limit says so in one line, without a backtrace.
+            .env("RUST_BACKTRACE", "0")
             .kill_on_drop(true)
             .spawn()
             .map_err(spawn_error)?;
