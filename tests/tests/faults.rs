@@ -314,3 +314,133 @@ async fn an_answer_the_ledger_cannot_record_yet_is_kept_until_it_can() {
     );
     assert_eq!(mails_with(&id), 1, "sent exactly once");
 }
+
+/// An alert endpoint that accepts connections and answers nothing until `answer` is set; then
+/// it answers 200 and records each `webhook-id` it was sent.
+struct AlertSink {
+    answer: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ids: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl AlertSink {
+    fn start(port: u16) -> AlertSink {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let sink = AlertSink {
+            answer: Default::default(),
+            accepted: Default::default(),
+            ids: Default::default(),
+        };
+        let (answer, accepted, ids) =
+            (sink.answer.clone(), sink.accepted.clone(), sink.ids.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                if !answer.load(Ordering::SeqCst) {
+                    held.push(stream); // never answered
+                    continue;
+                }
+                let mut reader = BufReader::new(stream);
+                let (mut len, mut id) = (0usize, None);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.starts_with("webhook-id:") {
+                        id = line.split_once(':').map(|(_, v)| v.trim().to_owned());
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                if let Some(id) = id {
+                    ids.lock().unwrap().insert(id);
+                }
+                let _ = reader.get_mut().write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        sink
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_alert_endpoint_never_slows_sending_and_alerts_arrive_later() {
+    use std::sync::atomic::Ordering;
+    let _serial = SERIAL.lock().await;
+    let sink = AlertSink::start(18_199);
+    let (api, admin) = (18_585, 19_985);
+    let cfg = std::env::temp_dir().join("herald-faults-alerts.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap();
+    let text = text.replacen(
+        "webhook_url = \"http://127.0.0.1:18100/_alerts\"",
+        "webhook_url = \"http://127.0.0.1:18199/alerts\"",
+        1,
+    );
+    assert!(text.contains("18199/alerts"), "config layout changed");
+    std::fs::write(&cfg, text).unwrap();
+    let mut env = herald_env(api, admin);
+    env.push(("HERALD_OUTBOUND_ALLOW", "127.0.0.1:18199".to_owned()));
+    let _herald = Herald::start(&cfg, &env);
+    let warm = send_email(api, "warm").await;
+    delivered(api, &warm, "a first message").await;
+
+    // Six SMS the provider refuses with the code the alert rule watches.
+    let http = reqwest::Client::new();
+    let fault =
+        json!({"kind": "error", "code": "isv.SMS_SIGNATURE_ILLEGAL", "message": "签名不合法"});
+    let r = http
+        .post(format!("{}/_control/aliyun/faults", sim_url()))
+        .json(&json!(vec![fault; 6]))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let n = herald_core::util::now_ms() % 10_000_000;
+        let body = serde_json::to_vec(&json!({"channel": "SMS", "template": "verify_code",
+            "params": {"code": "482913"}, "recipients": [{"address": format!("139{n:07}{i}")}]}))
+        .unwrap();
+        let r = signed("POST", "/v1/messages", &body, api)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let v: Value = r.json().await.unwrap();
+        ids.push(v["message_ids"][0].as_str().unwrap().to_owned());
+    }
+    // Every message ends while the alert endpoint has answered nothing (each alert call would
+    // wait out its timeout, three times, if it were made in the send path).
+    for id in &ids {
+        let path = format!("/v1/messages/{id}");
+        eventually(Duration::from_secs(30), "failed, the alert pending", || {
+            let path = path.clone();
+            async move {
+                let v = api_json(&path, api).await?;
+                (v["status"] == "failed").then_some(())
+            }
+        })
+        .await;
+    }
+    assert!(sink.ids.lock().unwrap().is_empty());
+
+    // The endpoint comes back: the outbox delivers each alert.
+    sink.answer.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(60), "every alert delivered", || async {
+        let got = sink.ids.lock().unwrap().clone();
+        ids.iter()
+            .all(|id| got.iter().any(|w| w.contains(id.as_str())))
+            .then_some(())
+    })
+    .await;
+    assert!(sink.accepted.load(Ordering::SeqCst) >= 6);
+}

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use herald_core::config::ProviderKind;
-use herald_core::failure::alert::{Alerter, Scene, Target};
+use herald_core::failure::alert::{Alert, Scene};
 use herald_core::failure::breaker::{Breakers, OpenSet, Signal};
 use herald_core::failure::rules::{self, Decision, Rules};
 use herald_core::failure::{CallResult, next_attempt};
@@ -52,7 +52,6 @@ struct CallbackState {
     rules: Rules,
     /// Receipt breakers per provider.
     breakers: Breakers,
-    alerts: Alerter,
 }
 
 #[derive(Default)]
@@ -70,8 +69,8 @@ struct Follow<'a> {
     alerts: &'a mut Vec<PendingAlert>,
 }
 
-/// An alert to send once the receipt is published: rule, url, secret, message, attempt, report.
-type PendingAlert = (String, String, String, MessageRouted, i32, sms::Report);
+/// An alert for the outbox: rule, url, message, attempt, report.
+type PendingAlert = (String, String, MessageRouted, i32, sms::Report);
 
 /// A report matched to the attempt it is about.
 struct Matched {
@@ -272,10 +271,8 @@ impl CallbackState {
                     .map_err(|e| e.to_string())?,
             );
         }
-        if let Decision::Alert { rule, url, secret } = d {
-            follow
-                .alerts
-                .push((rule, url, secret, m, row.attempt, rep.clone()));
+        if let Decision::Alert { rule, url, .. } = d {
+            follow.alerts.push((rule, url, m, row.attempt, rep.clone()));
         }
         Ok(Some(name))
     }
@@ -365,6 +362,26 @@ impl CallbackState {
                 .map_err(|e| e.to_string())?,
             );
         }
+        // Alerts go into the outbox before the receipts are published: a failure here is a
+        // 503, the provider calls again, and the outbox takes each alert once.
+        if !alerts.is_empty() {
+            let alerts: Vec<Alert> = alerts
+                .into_iter()
+                .map(|(rule, url, m, attempt, rep)| {
+                    let r = CallResult::fail(
+                        DeliveryOutcome::FailedPermanent,
+                        Some(rep.code.clone()),
+                        Reason::new(rep.code, rep.message),
+                    );
+                    Alert::new(Scene::CallbackFailure, &rule, &url, &m, attempt, &r)
+                })
+                .collect();
+            let mut g = self.db.lock().await;
+            let db = Self::connected(&self.deps, &mut g).await?;
+            herald_core::failure::alert::enqueue(db, &alerts)
+                .await
+                .map_err(herald_core::runtime::pg_error)?;
+        }
         if !records.is_empty() {
             let p = self.deps.transport.publisher().map_err(|e| e.to_string())?;
             p.publish(records).await.map_err(|e| e.to_string())?;
@@ -378,26 +395,7 @@ impl CallbackState {
                 tracing::warn!(error = %herald_core::runtime::pg_error(e), "receipt breaker state not persisted");
             }
         }
-        for (rule, url, secret, m, attempt, rep) in alerts {
-            let r = CallResult::fail(
-                DeliveryOutcome::FailedPermanent,
-                Some(rep.code.clone()),
-                Reason::new(rep.code, rep.message),
-            );
-            self.alerts
-                .send(
-                    Target {
-                        url: &url,
-                        secret: &secret,
-                    },
-                    Scene::CallbackFailure,
-                    &rule,
-                    &m,
-                    attempt,
-                    &r,
-                )
-                .await;
-        }
+
         Ok(())
     }
 }
@@ -598,9 +596,6 @@ async fn receipt(
 }
 
 pub fn router(deps: Deps) -> Router {
-    let alerts = Alerter::new(&herald_core::netguard::Guard::new(
-        &deps.config.security.outbound_allow,
-    ));
     let secrets = deps
         .config
         .providers
@@ -645,7 +640,6 @@ pub fn router(deps: Deps) -> Router {
             db: Default::default(),
             rules,
             breakers,
-            alerts,
         }))
 }
 
@@ -658,6 +652,16 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
+    deps.postgres_migrated(herald_core::failure::alert::SCHEMA)
+        .await?;
+    herald_core::failure::alert::spawn_dispatcher(
+        &herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
+        herald_core::db::Db::connect(&deps.config.postgres.url)
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        herald_core::failure::alert::keys(&deps.config),
+        shutdown.clone(),
+    );
     let limits = deps.config.api.limits();
     herald_core::serve::serve(listener, router(deps), limits, shutdown)
         .await

@@ -77,7 +77,6 @@ struct Send {
     db: herald_core::db::Db,
     providers: Arc<HashMap<String, Box<dyn Provider>>>,
     rules: Arc<Rules>,
-    alerts: alert::Alerter,
     limiters: Arc<HashMap<String, (u32, Limiter)>>,
     breakers: Arc<breaker::Breakers>,
     /// Providers open by either signal in any process (`switch_provider` skips them).
@@ -141,7 +140,7 @@ impl Send {
         r: CallResult,
         latency_ms: i64,
         trace: &str,
-        out: &mut Vec<OutRecord>,
+        (out, alerts): (&mut Vec<OutRecord>, &mut Vec<alert::Alert>),
     ) -> Result<(), StageError> {
         let has_receipts = self
             .providers
@@ -186,11 +185,15 @@ impl Send {
         if let Some(next) = decision.next(reason) {
             out.push(next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?);
         }
-        if let Decision::Alert { rule, url, secret } = &decision {
-            let to = alert::Target { url, secret };
-            self.alerts
-                .send(to, alert::Scene::SendFailure, rule, m, attempt, &r)
-                .await;
+        if let Decision::Alert { rule, url, .. } = &decision {
+            alerts.push(alert::Alert::new(
+                alert::Scene::SendFailure,
+                rule,
+                url,
+                m,
+                attempt,
+                &r,
+            ));
         }
         Ok(())
     }
@@ -476,12 +479,17 @@ impl BatchHandler for Send {
                 tracing::warn!(error = %herald_core::runtime::pg_error(e), "breaker state not persisted");
             }
             calls.sort_by_key(|c| c.0);
+            let mut alerts = Vec::new();
             for (i, r, latency, _) in calls {
                 let (m, attempt, trace) = &msgs[i];
                 debug!(message_id = %m.header.message_id, outcome = outcome_str(r.outcome), "attempt done");
-                self.outcome(m, *attempt, r, latency, trace, &mut out)
+                self.outcome(m, *attempt, r, latency, trace, (&mut out, &mut alerts))
                     .await?;
             }
+            // Alerts leave through the outbox, with the batch: never a call in this path.
+            alert::enqueue(&self.db, &alerts)
+                .await
+                .map_err(|e| StageError::postgres("alert outbox", e))?;
             Ok(out)
         })
     }
@@ -576,6 +584,15 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     deps.postgres_migrated(ledger::SCHEMA).await?;
     deps.postgres_migrated(breaker::SCHEMA).await?;
     deps.postgres_migrated(herald_core::gate::SCHEMA).await?;
+    deps.postgres_migrated(alert::SCHEMA).await?;
+    alert::spawn_dispatcher(
+        &guard,
+        herald_core::db::Db::connect(&deps.config.postgres.url)
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        alert::keys(&deps.config),
+        shutdown.clone(),
+    );
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())
@@ -588,9 +605,6 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         db,
         providers: providers.clone(),
         rules: rules.clone(),
-        alerts: alert::Alerter::new(&herald_core::netguard::Guard::new(
-            &deps.config.security.outbound_allow,
-        )),
         limiters: limiters.clone(),
         breakers: breakers.clone(),
         health: Default::default(),

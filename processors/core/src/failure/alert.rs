@@ -1,17 +1,45 @@
-//! The `alert` rule action: a Standard-Webhooks-signed JSON POST to an operator URL, made while
-//! the batch is handled (so the alert goes out before the failure is committed), with a short
-//! bounded retry. An alert that cannot be delivered is logged and counted, never blocks the
-//! stage.
+//! The `alert` rule action: a Standard-Webhooks-signed JSON POST to an operator URL, through an
+//! outbox so that an alert endpoint that is slow or down never slows sending.
+//!
+//! The stage that decides an alert writes it to `alert_outbox` in the batch, before the batch
+//! commits (one statement; `ON CONFLICT DO NOTHING` on the stable `webhook-id`, so a batch
+//! processed again adds nothing). A dispatcher task delivers due rows with retries and back-off
+//! (2 s, 4 s … up to 10 min, for 24 h); a receiver that gets a retry it already processed can
+//! drop it by its `webhook-id`. Rows hold the rule's name and URL, never its secret: the
+//! dispatcher signs with the secret the configuration holds for the rule.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::util::{now_ms, standard_webhook_signature, webhook_key};
 use herald_schemas::MessageRouted;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{CallResult, outcome_str};
+use crate::config::{Config, RuleAction};
+use crate::util::{now_ms, standard_webhook_signature, webhook_key};
 
 pub const ALERTS: &str = "herald_send_alerts_total";
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id text PRIMARY KEY,
+    rule text NOT NULL,
+    url text NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    attempts int NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    delivered_at timestamptz,
+    last_error text
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (next_attempt_at)
+    WHERE delivered_at IS NULL";
+
+/// How long an alert is retried before it is given up (and counted).
+const GIVE_UP_AFTER_SECS: i64 = 86_400;
 
 /// Which rule scene raised the alert.
 #[derive(Debug, Clone, Copy)]
@@ -31,41 +59,27 @@ impl Scene {
     }
 }
 
-/// Where an alert goes: the rule's `webhook_url`, signed with its secret.
-#[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
-    pub url: &'a str,
-    pub secret: &'a str,
+/// One alert, ready for the outbox.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    /// The `webhook-id`: stable per (scene, message, attempt).
+    pub id: String,
+    pub rule: String,
+    pub url: String,
+    pub payload: String,
 }
 
-pub struct Alerter {
-    client: reqwest::Client,
-}
-
-impl Alerter {
-    /// Alerts go only where the outbound guard permits (the config is checked at load; names
-    /// are checked again, address by address, when they resolve).
-    pub fn new(guard: &crate::netguard::Guard) -> Alerter {
-        Alerter {
-            client: guard
-                .client(reqwest::Client::builder().timeout(Duration::from_secs(5)))
-                .build()
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Sends one alert about attempt `attempt` of `m` (which ended with `r`) to `to`.
-    pub async fn send(
-        &self,
-        to: Target<'_>,
+impl Alert {
+    /// The alert about attempt `attempt` of `m` (which ended with `r`), for rule `rule`.
+    pub fn new(
         scene: Scene,
         rule: &str,
+        url: &str,
         m: &MessageRouted,
         attempt: i32,
         r: &CallResult,
-    ) {
-        let Target { url, secret } = to;
-        let body = serde_json::json!({
+    ) -> Alert {
+        let payload = serde_json::json!({
             "type": scene.event_type(),
             "rule": rule,
             "message_id": m.header.message_id,
@@ -79,34 +93,162 @@ impl Alerter {
             "reason": r.reason.as_ref().map(|x| serde_json::json!({"code": x.code, "message": x.message})),
         })
         .to_string();
-        let id = format!("{}-{}-{attempt}", scene.event_type(), m.header.message_id);
-        let key = webhook_key(secret);
-        for wait_ms in [200u64, 1000, 0] {
-            let ts = now_ms() / 1000;
-            let sig = standard_webhook_signature(&key, &id, ts, body.as_bytes());
-            let sent = self
-                .client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("webhook-id", &id)
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", sig)
-                .body(body.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    metrics::counter!(ALERTS, "result" => "sent").increment(1);
-                    return;
-                }
-                Ok(resp) => warn!(%url, status = %resp.status(), "alert refused"),
-                Err(e) => warn!(%url, error = %e, "alert failed"),
-            }
-            if wait_ms == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        Alert {
+            id: format!("{}-{}-{attempt}", scene.event_type(), m.header.message_id),
+            rule: rule.to_owned(),
+            url: url.to_owned(),
+            payload,
         }
-        metrics::counter!(ALERTS, "result" => "failed").increment(1);
+    }
+}
+
+/// Writes `alerts` to the outbox (one statement; already-queued ones are left as they are).
+pub async fn enqueue(db: &Client, alerts: &[Alert]) -> Result<(), tokio_postgres::Error> {
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+    let rules: Vec<&str> = alerts.iter().map(|a| a.rule.as_str()).collect();
+    let urls: Vec<&str> = alerts.iter().map(|a| a.url.as_str()).collect();
+    let payloads: Vec<&str> = alerts.iter().map(|a| a.payload.as_str()).collect();
+    db.execute(
+        "INSERT INTO alert_outbox (id, rule, url, payload)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
+         ON CONFLICT (id) DO NOTHING",
+        &[&ids, &rules, &urls, &payloads],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The signing key of every alert rule, by rule name.
+pub fn keys(cfg: &Config) -> HashMap<String, Vec<u8>> {
+    cfg.rules
+        .iter()
+        .filter(|r| r.action == RuleAction::Alert)
+        .map(|r| (r.name.clone(), webhook_key(&r.action_config.secret)))
+        .collect()
+}
+
+/// Delivers due alerts until `shutdown`. Alerts go only where the outbound guard permits.
+pub fn spawn_dispatcher(
+    guard: &crate::netguard::Guard,
+    mut db: crate::db::Db,
+    keys: HashMap<String, Vec<u8>>,
+    shutdown: CancellationToken,
+) {
+    let http = guard
+        .client(reqwest::Client::builder().timeout(Duration::from_secs(5)))
+        .build()
+        .unwrap_or_default();
+    let keys = Arc::new(keys);
+    tokio::spawn(async move {
+        loop {
+            let busy = match deliver_due(&mut db, &http, &keys).await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    warn!(error = %crate::runtime::pg_error(e), "alert outbox unreachable");
+                    false
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(if busy { 10 } else { 500 })) => {}
+            }
+        }
+    });
+}
+
+/// One round: sends what is due, records each result. The number of alerts tried.
+async fn deliver_due(
+    db: &mut crate::db::Db,
+    http: &reqwest::Client,
+    keys: &HashMap<String, Vec<u8>>,
+) -> Result<usize, tokio_postgres::Error> {
+    db.reconnect_if_closed().await?;
+    // Claimed with a lease: every process that runs send or callback runs a dispatcher, and
+    // no two of them post the same alert at once.
+    let rows = db
+        .query(
+            "UPDATE alert_outbox o SET next_attempt_at = now() + interval '60 seconds'
+             FROM (SELECT id FROM alert_outbox
+                   WHERE delivered_at IS NULL AND next_attempt_at <= now()
+                   ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED) due
+             WHERE o.id = due.id
+             RETURNING o.id, o.rule, o.url, o.payload, o.attempts,
+                       extract(epoch from now() - o.created_at)::bigint",
+            &[],
+        )
+        .await?;
+    let sends = rows.iter().map(|r| {
+        let (id, rule, url, payload): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (attempts, age): (i32, i64) = (r.get(4), r.get(5));
+        async move {
+            let sent = match keys.get(&rule) {
+                None => Err(format!("rule {rule:?} is no longer configured")),
+                Some(key) => post(http, &url, key, &id, payload).await,
+            };
+            (id, sent, attempts, age)
+        }
+    });
+    let n = rows.len();
+    for (id, sent, attempts, age) in futures::future::join_all(sends).await {
+        match sent {
+            Ok(()) => {
+                metrics::counter!(ALERTS, "result" => "sent").increment(1);
+                db.execute(
+                    "UPDATE alert_outbox SET delivered_at = now(), attempts = attempts + 1
+                     WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            }
+            Err(e) => {
+                let give_up = age > GIVE_UP_AFTER_SECS;
+                metrics::counter!(ALERTS, "result" => if give_up { "given_up" } else { "retry" })
+                    .increment(1);
+                warn!(alert = %id, error = %e, attempts, "alert not delivered");
+                let next = if give_up {
+                    10.0 * 365.0 * 86_400.0
+                } else {
+                    (2f64 * 2f64.powi(attempts.min(9))).min(600.0)
+                };
+                db.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2,
+                            next_attempt_at = now() + make_interval(secs => $3)
+                     WHERE id = $1",
+                    &[&id, &e, &next],
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    key: &[u8],
+    id: &str,
+    payload: String,
+) -> Result<(), String> {
+    let ts = now_ms() / 1000;
+    let sig = standard_webhook_signature(key, id, ts, payload.as_bytes());
+    let resp = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sig)
+        .body(payload)
+        .send()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", resp.status()))
     }
 }
