@@ -444,3 +444,128 @@ async fn a_dead_alert_endpoint_never_slows_sending_and_alerts_arrive_later() {
     .await;
     assert!(sink.accepted.load(Ordering::SeqCst) >= 6);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_purges_what_expired_and_nothing_an_unfinished_message_needs() {
+    let _serial = SERIAL.lock().await;
+    // Every table exists once Herald has run.
+    let (api, admin) = (18_590, 19_990);
+    let cfg = std::env::temp_dir().join("herald-faults-retention.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    {
+        let _herald = Herald::start(&cfg, &herald_env(api, admin));
+        let warm = send_email(api, "warm").await;
+        delivered(api, &warm, "a first message").await;
+    }
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .expect("postgres (scripts/stack up)");
+    let (done, open, fresh) = (unique("rt-done"), unique("rt-open"), unique("rt-fresh"));
+    for (id, status, age) in [
+        (&done, "delivered", "100 days"),
+        (&open, "sent", "100 days"),
+        (&fresh, "delivered", "1 day"),
+    ] {
+        db.execute(
+            "INSERT INTO messages (message_id, request_id, app_id, channel, status, status_rank,
+                                   created_at, updated_at)
+             VALUES ($1, $1, 'demo', 'SMS', $2, 5, now() - ($3::text)::interval, now() - ($3::text)::interval)",
+            &[id, &status, &age],
+        )
+        .await
+        .unwrap();
+        db.execute(
+            "INSERT INTO message_events (event_id, message_id, status, at, stage, attempt)
+             VALUES ($1, $1, $2, now() - ($3::text)::interval, 'send', 0)",
+            &[id, &status, &age],
+        )
+        .await
+        .unwrap();
+        db.execute(
+            "INSERT INTO delivery_attempts (message_id, attempt, outcome, status, at)
+             VALUES ($1, 1, 'succeeded', $2, now() - ($3::text)::interval)",
+            &[id, &status, &age],
+        )
+        .await
+        .unwrap();
+        db.execute(
+            "INSERT INTO send_ledger (message_id, attempt, provider, claimed_at, started_at, finished_at)
+             VALUES ($1, 1, 'aliyun-sim', now() - ($2::text)::interval, now() - ($2::text)::interval, now() - ($2::text)::interval)",
+            &[id, &age],
+        )
+        .await
+        .unwrap();
+    }
+    let (gate_old, gate_scheduled) = (unique("rt-gate-old"), unique("rt-gate-sched"));
+    db.execute(
+        "INSERT INTO message_gate (message_id, state, at) VALUES
+           ($1, 'canceled', now() - interval '800 days'), ($2, 'canceled', now() - interval '40 days')",
+        &[&gate_old, &gate_scheduled],
+    )
+    .await
+    .unwrap();
+    let (key_old, key_new) = (unique("rt-key-old"), unique("rt-key-new"));
+    db.execute(
+        "INSERT INTO request_keys (app_id, key, request_id, source, at) VALUES
+           ('demo', $1, 'r1', 'kafka', now() - interval '8 days'), ('demo', $2, 'r2', 'kafka', now() - interval '1 day')",
+        &[&key_old, &key_new],
+    )
+    .await
+    .unwrap();
+    let (alert_sent, alert_pending) = (unique("rt-alert-sent"), unique("rt-alert-pending"));
+    db.execute(
+        "INSERT INTO alert_outbox (id, rule, url, payload, created_at, delivered_at) VALUES
+           ($1, 'r', 'http://127.0.0.1:1/', '{}', now() - interval '9 days', now() - interval '8 days'),
+           ($2, 'r', 'http://127.0.0.1:1/', '{}', now() - interval '1 day', NULL)",
+        &[&alert_sent, &alert_pending],
+    )
+    .await
+    .unwrap();
+
+    let retention = herald_core::config::RetentionConfig {
+        batch_rows: 2, // several small statements per table
+        ..Default::default()
+    };
+    herald_core::retention::round(
+        &postgres(),
+        &retention,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+
+    let count = |sql: &'static str, id: String| {
+        let db = &db;
+        async move {
+            let n: i64 = db.query_one(sql, &[&id]).await.unwrap().get(0);
+            n
+        }
+    };
+    let messages = "SELECT count(*) FROM messages WHERE message_id = $1";
+    let events = "SELECT count(*) FROM message_events WHERE message_id = $1";
+    let attempts = "SELECT count(*) FROM delivery_attempts WHERE message_id = $1";
+    let ledger = "SELECT count(*) FROM send_ledger WHERE message_id = $1";
+    let gate = "SELECT count(*) FROM message_gate WHERE message_id = $1";
+    let keys = "SELECT count(*) FROM request_keys WHERE key = $1";
+    let alerts = "SELECT count(*) FROM alert_outbox WHERE id = $1";
+    // Expired and finished: gone, with its timeline, attempts and ledger.
+    for sql in [messages, events, attempts, ledger] {
+        assert_eq!(count(sql, done.clone()).await, 0, "{sql} for {done}");
+    }
+    // Old but unfinished (held for a receipt), and recent: kept.
+    for id in [&open, &fresh] {
+        for sql in [messages, events, attempts, ledger] {
+            assert_eq!(count(sql, id.clone()).await, 1, "{sql} for {id}");
+        }
+    }
+    assert_eq!(count(gate, gate_old).await, 0);
+    assert_eq!(
+        count(gate, gate_scheduled).await,
+        1,
+        "a cancel outlives the furthest schedule"
+    );
+    assert_eq!(count(keys, key_old).await, 0);
+    assert_eq!(count(keys, key_new).await, 1);
+    assert_eq!(count(alerts, alert_sent).await, 0);
+    assert_eq!(count(alerts, alert_pending).await, 1);
+}

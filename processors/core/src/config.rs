@@ -38,6 +38,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub pipeline: PipelineConfig,
     pub security: SecurityConfig,
+    pub retention: RetentionConfig,
     pub apps: Vec<AppConfig>,
     pub providers: Vec<ProviderConfig>,
     pub templates: Vec<TemplateConfig>,
@@ -59,6 +60,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             pipeline: PipelineConfig::default(),
             security: SecurityConfig::default(),
+            retention: RetentionConfig::default(),
             apps: Vec::new(),
             providers: Vec::new(),
             templates: Vec::new(),
@@ -252,6 +254,49 @@ impl Default for SecurityConfig {
             secret_env: "HERALD_SERVER_SECRET".into(),
             secret: String::new(),
             outbound_allow: Vec::new(),
+        }
+    }
+}
+
+/// How long rows that grow with traffic are kept (see `retention.rs`). Purged in small batches
+/// by a background task; rows an unfinished message still needs are never touched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub enabled: bool,
+    /// Seconds between purge rounds.
+    pub interval_secs: u64,
+    /// Rows deleted per statement (short transactions, no long locks).
+    pub batch_rows: i64,
+    /// Terminal messages (with their timeline and attempts), by last change.
+    pub messages_days: i32,
+    /// The send ledger, once its message is terminal (or gone from the read model).
+    pub ledger_days: i32,
+    /// Idempotency keys and request ids: a replay within this window creates nothing new.
+    pub idempotency_days: i32,
+    /// Cap and dedup hits; keep it longer than the longest policy window.
+    pub policy_hits_days: i32,
+    /// In-app inbox entries.
+    pub inbox_days: i32,
+    /// Delivered (or given-up) status notifications and alerts.
+    pub outbox_days: i32,
+    /// Daily usage counters.
+    pub usage_days: i32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            enabled: true,
+            interval_secs: 600,
+            batch_rows: 5_000,
+            messages_days: 90,
+            ledger_days: 30,
+            idempotency_days: 7,
+            policy_hits_days: 7,
+            inbox_days: 90,
+            outbox_days: 7,
+            usage_days: 400,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod netguard;
 pub mod quota;
 pub mod readmodel;
 pub mod redact;
+pub mod retention;
 pub mod runtime;
 pub mod serve;
 pub mod shutdown;

@@ -434,6 +434,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             .await
             .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
     }
+    // The projector owns the read model; it also runs the retention task (one process purges
+    // at a time, whichever runs it).
+    herald_core::retention::spawn(
+        deps.config.postgres.url.clone(),
+        deps.config.retention.clone(),
+        shutdown.clone(),
+    );
     let offsets: Positions = std::sync::Arc::new(std::sync::Mutex::new(offsets));
     let mut spec = deps.spec(STAGE, input_topics(), false);
     if use_offsets {
