@@ -79,6 +79,9 @@ pub struct KafkaConfig {
     pub exactly_once: bool,
     /// Partitions of the topics Herald creates.
     pub partitions: i32,
+    /// Replicas of the topics Herald creates (3 on a 3-broker cluster, whose
+    /// `min.insync.replicas` is 2). Env: HERALD_KAFKA_REPLICATION_FACTOR.
+    pub replication_factor: i32,
     /// Raw librdkafka options, applied last.
     pub options: BTreeMap<String, String>,
 }
@@ -89,6 +92,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             exactly_once: true,
             partitions: 4,
+            replication_factor: 1,
             options: BTreeMap::new(),
         }
     }
@@ -687,6 +691,9 @@ impl Config {
             }
         };
         set(&mut self.kafka.brokers, "HERALD_KAFKA_BROKERS");
+        if let Some(rf) = env("HERALD_KAFKA_REPLICATION_FACTOR").and_then(|v| v.parse().ok()) {
+            self.kafka.replication_factor = rf;
+        }
         set(&mut self.registry.url, "HERALD_REGISTRY_URL");
         set(&mut self.postgres.url, "HERALD_POSTGRES_URL");
         set(&mut self.redis.url, "HERALD_REDIS_URL");

@@ -78,6 +78,7 @@ impl Deps {
             TransportKind::Kafka => {
                 let mut s = KafkaSettings::new(&config.kafka.brokers);
                 s.options = config.kafka.options.clone();
+                s.replication_factor = config.kafka.replication_factor;
                 Arc::new(KafkaTransport::new(s))
             }
             TransportKind::Redis => {

@@ -33,6 +33,8 @@ pub struct KafkaSettings {
     pub options: BTreeMap<String, String>,
     /// Prefix of transactional ids (`<prefix>-<group>-<instance>`).
     pub transactional_prefix: String,
+    /// Replicas of topics created by [`Transport::ensure_topics`].
+    pub replication_factor: i32,
 }
 
 impl KafkaSettings {
@@ -41,6 +43,11 @@ impl KafkaSettings {
             brokers: brokers.into(),
             options: BTreeMap::new(),
             transactional_prefix: "herald".into(),
+            // Test helpers build settings without a config: the stack's cluster says how many.
+            replication_factor: std::env::var("HERALD_KAFKA_REPLICATION_FACTOR")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
         }
     }
 
@@ -512,7 +519,11 @@ impl Transport for KafkaTransport {
             let new: Vec<NewTopic<'_>> = topics
                 .iter()
                 .map(|t| {
-                    let nt = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(1));
+                    let nt = NewTopic::new(
+                        &t.name,
+                        t.partitions,
+                        TopicReplication::Fixed(self.settings.replication_factor),
+                    );
                     if t.compact {
                         nt.set("cleanup.policy", "compact")
                     } else {
