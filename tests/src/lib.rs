@@ -287,7 +287,25 @@ pub fn signed_as(
 }
 
 pub async fn publish_on(kind: &str, reqs: &[SendRequested]) {
+    publish_records(kind, encode_requests(reqs).await).await;
+}
+
+/// Send requests as records for `herald.requests.v1`, encoded through the registry.
+pub async fn encode_requests(reqs: &[SendRequested]) -> Vec<herald_core::transport::OutRecord> {
     let codec = Codec::new(Arc::new(RegistryResolver::new(&registry()).unwrap()));
+    let mut recs = Vec::new();
+    for r in reqs {
+        recs.push(
+            record(&codec, topics::REQUESTS, &r.request_id, "trace-it", r)
+                .await
+                .expect("encode through the registry"),
+        );
+    }
+    recs
+}
+
+/// Publishes encoded records (the registry is not needed any more).
+pub async fn publish_records(kind: &str, recs: Vec<herald_core::transport::OutRecord>) {
     let transport: Box<dyn Transport> = if kind == "redis" {
         Box::new(RedisTransport::new(RedisSettings::new(redis_url())).unwrap())
     } else {
@@ -298,14 +316,6 @@ pub async fn publish_on(kind: &str, reqs: &[SendRequested]) {
         .ensure_topics(&herald_core::runtime::all_topics(4))
         .await
         .expect("topics");
-    let mut recs = Vec::new();
-    for r in reqs {
-        recs.push(
-            record(&codec, topics::REQUESTS, &r.request_id, "trace-it", r)
-                .await
-                .expect("encode through the registry"),
-        );
-    }
     transport
         .publisher()
         .unwrap()

@@ -90,28 +90,8 @@ async fn a_postgres_crash_and_restart_needs_no_operator_action() {
     let ready = format!("http://127.0.0.1:{admin}/health/ready");
     assert_eq!(health(&ready).await.0, 200);
 
-    // PostgreSQL dies the way a crash kills it, stays down a few seconds, and comes back.
-    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
-    let restart = std::thread::spawn(move || {
-        std::process::Command::new(stack)
-            .args(["restart-postgres", "4"])
-            .status()
-            .expect("scripts/stack restart-postgres")
-    });
-    // While it is down, readiness says so (and names PostgreSQL); liveness does not flap.
-    let (code, body) = eventually(Duration::from_secs(10), "readiness DOWN", || {
-        let ready = ready.clone();
-        async move {
-            let (c, b) = health(&ready).await;
-            (c == 503).then_some((c, b))
-        }
-    })
-    .await;
-    assert_eq!(code, 503);
-    assert_eq!(body["services"]["postgres"]["status"], "DOWN", "{body}");
-    let (live, _) = health(&format!("http://127.0.0.1:{admin}/health/live")).await;
-    assert_eq!(live, 200);
-    // A request published straight to Kafka while PostgreSQL is down waits; it is not ended.
+    // A request to publish straight to Kafka while PostgreSQL is down (encoded now: the
+    // stack's registry keeps its schemas in PostgreSQL).
     let during = herald_schemas::SendRequested {
         request_id: unique("during"),
         app_id: "demo".into(),
@@ -134,7 +114,31 @@ async fn a_postgres_crash_and_restart_needs_no_operator_action() {
         metadata: Default::default(),
         requested_at: herald_core::util::now_ms(),
     };
-    publish_on("kafka", std::slice::from_ref(&during)).await;
+    let encoded = encode_requests(std::slice::from_ref(&during)).await;
+
+    // PostgreSQL dies the way a crash kills it, stays down a few seconds, and comes back.
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+    let restart = std::thread::spawn(move || {
+        std::process::Command::new(stack)
+            .args(["restart-postgres", "4"])
+            .status()
+            .expect("scripts/stack restart-postgres")
+    });
+    // While it is down, readiness says so (and names PostgreSQL); liveness does not flap.
+    let (code, body) = eventually(Duration::from_secs(10), "readiness DOWN", || {
+        let ready = ready.clone();
+        async move {
+            let (c, b) = health(&ready).await;
+            (c == 503).then_some((c, b))
+        }
+    })
+    .await;
+    assert_eq!(code, 503);
+    assert_eq!(body["services"]["postgres"]["status"], "DOWN", "{body}");
+    let (live, _) = health(&format!("http://127.0.0.1:{admin}/health/live")).await;
+    assert_eq!(live, 200);
+    // A request published straight to Kafka while PostgreSQL is down waits; it is not ended.
+    publish_records("kafka", encoded).await;
     assert!(restart.join().unwrap().success(), "postgres restarted");
 
     // Back: the gateway, every stage and the projector reconnect on their own.
