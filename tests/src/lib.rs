@@ -262,6 +262,28 @@ pub fn signed_as(
     body: &[u8],
     api: u16,
 ) -> reqwest::RequestBuilder {
+    signed_with(
+        &reqwest::Client::new(),
+        app,
+        secret,
+        method,
+        path,
+        body,
+        api,
+    )
+}
+
+/// [`signed_as`] on a given client (building one loads the system's certificates: a long-lived
+/// caller keeps one).
+pub fn signed_with(
+    client: &reqwest::Client,
+    app: &str,
+    secret: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    api: u16,
+) -> reqwest::RequestBuilder {
     use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
     let ts = (now_ms() / 1000).to_string();
@@ -273,7 +295,7 @@ pub fn signed_as(
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(sts.as_bytes());
     let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    reqwest::Client::new()
+    client
         .request(m, format!("http://127.0.0.1:{api}{path}"))
         .header("content-type", "application/json")
         .header("X-Herald-App", app)

@@ -159,16 +159,16 @@ impl ConsumerContext for StageContext {
                     consumer.assign(tpl)
                 }
             }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+            // A revocation, or an error (librdkafka's default treats both alike).
+            other => {
+                if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    warn!(error = ?other, "rebalance error");
+                }
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
                     consumer.unassign()
                 }
-            }
-            other => {
-                warn!(error = ?other, "rebalance error");
-                consumer.unassign()
             }
         };
         if let Err(e) = result {
