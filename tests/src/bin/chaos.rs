@@ -257,7 +257,7 @@ async fn publish(planned: &[Planned], transport: &str) -> anyhow::Result<HashSet
                     match sent {
                         Ok(r) if r.status().is_success() => {
                             let n = accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                            if n % 100 == 0 {
+                            if n.is_multiple_of(100) {
                                 println!("chaos: {n} gateway requests accepted");
                             }
                             break;
