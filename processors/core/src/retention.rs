@@ -17,20 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::RetentionConfig;
+use crate::readmodel::TERMINAL;
 use crate::validate::MAX_SCHEDULE_AHEAD_MS;
 
 pub const ROWS_PURGED: &str = "herald_retention_rows_purged_total";
-
-/// Statuses after which a message needs nothing more.
-pub const TERMINAL: [&str; 7] = [
-    "delivered",
-    "failed",
-    "undelivered",
-    "suppressed",
-    "canceled",
-    "expired",
-    "unknown",
-];
 
 /// Advisory lock key (any constant shared by every Herald process).
 const LOCK_KEY: i64 = 0x4845_5241_4c44_5254;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use herald_core::readmodel::TERMINAL;
 use herald_core::runtime::Deps;
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
@@ -39,16 +40,6 @@ CREATE TABLE IF NOT EXISTS status_notifications (
 );
 CREATE INDEX IF NOT EXISTS status_notifications_due ON status_notifications (next_attempt_at)
     WHERE delivered_at IS NULL";
-
-const TERMINAL: [&str; 7] = [
-    "delivered",
-    "failed",
-    "undelivered",
-    "suppressed",
-    "canceled",
-    "expired",
-    "unknown",
-];
 
 /// How long a notification is retried before it is given up (and counted).
 const GIVE_UP_AFTER_SECS: i64 = 86_400;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
+use herald_core::readmodel::TERMINAL;
 use herald_core::transport::{OutRecord, SourceSpec, Transport};
 use herald_core::util::{message_id, now_ms};
 use herald_schemas::{Channel, Priority, Recipient, SendRequested, topics};
@@ -372,16 +373,6 @@ async fn dead_letters(transport: &str) -> anyhow::Result<u64> {
     source.close().await;
     Ok(n)
 }
-
-const TERMINAL: [&str; 7] = [
-    "delivered",
-    "failed",
-    "undelivered",
-    "suppressed",
-    "canceled",
-    "expired",
-    "unknown",
-];
 
 async fn statuses(db: &tokio_postgres::Client, like: &str) -> anyhow::Result<Vec<(String, i64)>> {
     Ok(db
