@@ -287,8 +287,20 @@ async fn an_answer_the_ledger_cannot_record_yet_is_kept_until_it_can() {
             async move { (mails_with(&id) == 1).then_some(()) }
         })
         .await;
-        // The call was made and its answer is held, not recorded.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The call was made and its answer is held: the send stage retries the refused write.
+        let metrics = format!("http://127.0.0.1:{admin}/metrics");
+        eventually(Duration::from_secs(30), "a refused outcome write", || {
+            let metrics = metrics.clone();
+            async move {
+                let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+                text.lines()
+                    .any(|l| {
+                        l.starts_with("herald_stage_errors_total") && l.contains("ledger_finish")
+                    })
+                    .then_some(())
+            }
+        })
+        .await;
         id
     })
     .await;
