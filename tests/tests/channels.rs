@@ -71,6 +71,27 @@ impl Run {
         assert!(r.status().is_success(), "{path}: {}", r.status());
     }
 
+    /// Waits until the alert simulator received and verified an alert of `scene` for message
+    /// `id` with provider code `code` (alerts leave through the outbox, after the failure).
+    async fn alerted(&self, id: &str, code: &str, scene: &str) {
+        let kind = format!("herald.{scene}.alert");
+        eventually(
+            Duration::from_secs(30),
+            "alert received and verified",
+            || async {
+                let alerts = self.sim_log("alerts").await;
+                alerts["accepted"]
+                    .as_array()?
+                    .iter()
+                    .any(|a| {
+                        a["message_id"] == id && a["response_code"] == code && a["type"] == kind
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     async fn fault(&self, provider: &str, fault: Value) {
         let r = self
             .http
@@ -304,16 +325,9 @@ async fn sms_rules_receipts_and_the_unknown_outcome_policy() {
     .await;
     let alerted = run.send(sms(&phone("5"))).await.remove(0);
     run.until(&alerted, "failed", "alerted failure").await;
-    let alerts = run.sim_log("alerts").await;
-    assert!(
-        alerts["accepted"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["message_id"] == alerted.as_str()
-                && a["response_code"] == "isv.SMS_SIGNATURE_ILLEGAL"),
-        "alert received and verified: {alerts}"
-    );
+    // Alerts leave through the outbox: they arrive shortly after the failure.
+    run.alerted(&alerted, "isv.SMS_SIGNATURE_ILLEGAL", "send_failure")
+        .await;
 
     // The provider takes the request but the answer never comes (timeout): not resent; SMS's
     // policy holds it in `sent` and the receipt decides.
@@ -1904,18 +1918,7 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
         // An error the rules answer with alert: failed, and the operator is told (signed).
         let v = scripted_error(&run, c, c.alert, "failed").await;
         let al = v["message_id"].as_str().unwrap().to_owned();
-        let alerts = run.sim_log("alerts").await;
-        assert!(
-            alerts["accepted"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["message_id"] == al.as_str()
-                    && a["response_code"] == c.alert.0
-                    && a["type"] == "herald.send_failure.alert"),
-            "{}: alert received and verified: {alerts}",
-            c.sim
-        );
+        run.alerted(&al, c.alert.0, "send_failure").await;
         // A timeout after the request left: unknown, handled by the channel's policy.
         let before = run.sim_log(c.sim).await["accepted"]
             .as_array()
