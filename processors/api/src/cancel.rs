@@ -19,17 +19,11 @@ use serde_json::json;
 
 use crate::{ApiError, ApiState, authenticate, db_err, publish};
 
-/// Statuses after which there is nothing left to cancel.
-const FINAL: [&str; 8] = [
-    "sent",
-    "delivered",
-    "failed",
-    "undelivered",
-    "suppressed",
-    "canceled",
-    "expired",
-    "unknown",
-];
+/// Whether a message in `status` has nothing left to cancel: a terminal status, or `sent` (the
+/// provider has it).
+fn settled(status: &str) -> bool {
+    status == "sent" || herald_core::readmodel::TERMINAL.contains(&status)
+}
 
 struct Target {
     message_id: String,
@@ -136,10 +130,7 @@ async fn run(
     if targets.is_empty() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing));
     }
-    let open: Vec<&Target> = targets
-        .iter()
-        .filter(|t| !FINAL.contains(&t.status.as_str()))
-        .collect();
+    let open: Vec<&Target> = targets.iter().filter(|t| !settled(&t.status)).collect();
     let ids: Vec<String> = open.iter().map(|t| t.message_id.clone()).collect();
     let results = gate::cancel(&*state.db().await.map_err(db_err)?, &ids)
         .await

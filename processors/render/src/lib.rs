@@ -72,7 +72,7 @@ impl BatchHandler for Render {
                     decoded.push((trace_id(input), m));
                 }
             }
-            let messages: Vec<MessageAccepted> = decoded.iter().map(|(_, m)| m.clone()).collect();
+            let messages: Vec<&MessageAccepted> = decoded.iter().map(|(_, m)| m).collect();
             let rendered = self
                 .sandbox
                 .render(&messages)

@@ -45,7 +45,7 @@ pub type Rendered = Result<(Option<i32>, RenderedContent), Reason>;
 #[derive(Serialize)]
 enum Request<'a> {
     Load(&'a [TemplateConfig]),
-    Render(&'a [MessageAccepted]),
+    Render(&'a [&'a MessageAccepted]),
 }
 
 /// … and as the child reads it.
@@ -240,7 +240,7 @@ impl Sandbox {
     /// Renders each message, in order. Fails only when no child can be started.
     pub async fn render(
         &mut self,
-        messages: &[MessageAccepted],
+        messages: &[&MessageAccepted],
     ) -> Result<Vec<Rendered>, SandboxError> {
         let mut out = Vec::with_capacity(messages.len());
         // Ranges still to render, front first; a range whose render kills the child is split.

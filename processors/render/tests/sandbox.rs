@@ -85,7 +85,8 @@ async fn a_template_that_exhausts_memory_fails_alone_and_the_rest_render() {
     let batch: Vec<_> = (0..9)
         .map(|i| message(&format!("m{i}"), if i == 4 { "bomb" } else { "hello" }))
         .collect();
-    let results = sandbox.render(&batch).await.unwrap();
+    let refs: Vec<&MessageAccepted> = batch.iter().collect();
+    let results = sandbox.render(&refs).await.unwrap();
     assert_eq!(results.len(), 9);
     for (i, r) in results.iter().enumerate() {
         if i == 4 {
@@ -98,7 +99,7 @@ async fn a_template_that_exhausts_memory_fails_alone_and_the_rest_render() {
     }
 
     // The child that replaced the dead ones still holds the templates.
-    let again = sandbox.render(&[message("m9", "hello")]).await.unwrap();
+    let again = sandbox.render(&[&message("m9", "hello")]).await.unwrap();
     assert_eq!(
         again[0].as_ref().unwrap().1.text.as_deref(),
         Some("Hello Ada")
@@ -116,7 +117,7 @@ async fn templates_that_do_not_compile_leave_the_previous_set() {
         .await
         .unwrap_err();
     assert!(matches!(err, SandboxError::Compile(_)), "{err}");
-    let r = sandbox.render(&[message("m", "hello")]).await.unwrap();
+    let r = sandbox.render(&[&message("m", "hello")]).await.unwrap();
     assert_eq!(r[0].as_ref().unwrap().1.text.as_deref(), Some("Hi Ada"));
 }
 

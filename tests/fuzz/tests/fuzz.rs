@@ -531,7 +531,7 @@ fn templates_compile_and_render() {
                 return Ok(()); // does not compile: refused when stored
             }
             let rendered = runtime
-                .block_on(sandbox.render(std::slice::from_ref(&accepted)))
+                .block_on(sandbox.render(&[&accepted]))
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(rendered.len(), 1);
             match &rendered[0] {

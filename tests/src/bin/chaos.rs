@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -480,7 +479,6 @@ async fn main() -> anyhow::Result<()> {
     let run = now_ms() as u64 % 1_000_000_000;
     let planned = plan(seed, run, messages, &mut rng);
     let fleet = Arc::new(std::sync::Mutex::new(fleet));
-    let traffic_done = Arc::new(AtomicBool::new(false));
     // The faults, at random moments while traffic flows and drains.
     let mut actions: Vec<&str> = vec!["kill"; kills_wanted];
     actions.extend(["postgres", "registry"]);
@@ -537,7 +535,6 @@ async fn main() -> anyhow::Result<()> {
     };
     inject_poison(&transport).await;
     let canceled_requests = publish(&planned, &transport).await?;
-    traffic_done.store(true, Ordering::SeqCst);
     println!(
         "chaos: published {} requests in {:.0} s",
         planned.len(),
