@@ -585,3 +585,121 @@ async fn retention_purges_what_expired_and_nothing_an_unfinished_message_needs()
     assert_eq!(count(alerts, alert_sent).await, 0);
     assert_eq!(count(alerts, alert_pending).await, 1);
 }
+
+/// Waits until message `id` has `status`; its JSON.
+async fn until_status(api: u16, id: &str, status: &str, within: Duration) -> Value {
+    let path = format!("/v1/messages/{id}");
+    eventually(within, &format!("{id} {status}"), || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["status"] == status).then_some(v)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_that_never_comes_ends_the_wait_unknown() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_587, 19_987);
+    let cfg = std::env::temp_dir().join("herald-faults-receipts.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap().replacen(
+        "unknown_outcome = \"hold_for_receipt\"",
+        "unknown_outcome = \"hold_for_receipt\"\nreceipt_timeout_secs = 6",
+        1,
+    );
+    assert!(
+        text.contains("receipt_timeout_secs = 6"),
+        "config layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _herald = Herald::start(&cfg, &herald_env(api, admin));
+    let http = reqwest::Client::new();
+    let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
+    let warm = send_email(api, "warm-receipts").await;
+    delivered(api, &warm, "a first message").await;
+    let url = format!("http://127.0.0.1:{}/callbacks/aliyun-sim/{token}", api + 1);
+    let r = http
+        .put(format!("{}/_control/aliyun/receipts", sim_url()))
+        .json(&json!({ "url": url }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let sms = |tag: u64| {
+        let n = herald_core::util::now_ms() % 10_000_000;
+        serde_json::to_vec(&json!({"channel": "SMS", "template": "verify_code",
+            "params": {"code": "482913"}, "recipients": [{"address": format!("138{n:07}{tag}")}]}))
+        .unwrap()
+    };
+    let post = |body: Vec<u8>| async move {
+        let r = signed("POST", "/v1/messages", &body, api)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let v: Value = r.json().await.unwrap();
+        v["message_ids"][0].as_str().unwrap().to_owned()
+    };
+
+    // Accepted by the provider, and its receipt never comes: `sent`, then `unknown` with the
+    // reason, once the channel's receipt timeout has passed.
+    let r = http
+        .post(format!("{}/_control/aliyun/faults", sim_url()))
+        .json(&json!([{"kind": "no_receipt"}]))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let silent = post(sms(1)).await;
+    until_status(api, &silent, "sent", Duration::from_secs(30)).await;
+    let v = until_status(api, &silent, "unknown", Duration::from_secs(40)).await;
+    let codes: Vec<&str> = v["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"]["code"].as_str())
+        .collect();
+    assert!(codes.contains(&"receipt_timeout"), "{v}");
+    assert_eq!(v["attempts"], 1, "never resent: {v}");
+
+    // One whose receipt comes is delivered, and stays so past the deadline: the receipt ended
+    // its wait.
+    let heard = post(sms(2)).await;
+    until_status(api, &heard, "delivered", Duration::from_secs(30)).await;
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .unwrap();
+    let waiting = |id: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM receipt_waits WHERE message_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        waiting(heard.clone()).await,
+        0,
+        "the receipt ended the wait"
+    );
+    assert_eq!(
+        waiting(silent.clone()).await,
+        0,
+        "the deadline ended the wait"
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let v = api_json(&format!("/v1/messages/{heard}"), api)
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "delivered", "{v}");
+    assert!(
+        !v.to_string().contains("receipt_timeout"),
+        "no deadline for a message whose receipt came: {v}"
+    );
+}

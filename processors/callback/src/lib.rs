@@ -285,6 +285,10 @@ impl CallbackState {
         let mut records = Vec::new();
         let mut alerts = Vec::new();
         let mut observed = Vec::with_capacity(matched.len());
+        let arrived: Vec<(String, i32)> = matched
+            .iter()
+            .map(|m| (m.row.message_id.clone(), m.row.attempt))
+            .collect();
         let open = {
             let mut g = self.db.lock().await;
             // Without the database every provider counts as available.
@@ -385,6 +389,17 @@ impl CallbackState {
         if !records.is_empty() {
             let p = self.deps.transport.publisher().map_err(|e| e.to_string())?;
             p.publish(records).await.map_err(|e| e.to_string())?;
+        }
+        // These attempts wait for their receipt no longer (else the deadline would end a
+        // message a receipt rule is sending again). A failure here is a 503: the provider
+        // pushes again and the same facts are published again.
+        if !arrived.is_empty() {
+            let mut g = self.db.lock().await;
+            let db = Self::connected(&self.deps, &mut g).await?;
+            let keys: Vec<(&str, i32)> = arrived.iter().map(|(m, a)| (m.as_str(), *a)).collect();
+            herald_core::failure::receipt_wait::received(db, &keys)
+                .await
+                .map_err(herald_core::runtime::pg_error)?;
         }
         let changes = self.breakers.record_failed(&observed);
         if !changes.is_empty() {
@@ -654,6 +669,16 @@ pub async fn run(
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
     deps.postgres_migrated(herald_core::failure::alert::SCHEMA)
         .await?;
+    deps.postgres_migrated(herald_core::failure::receipt_wait::SCHEMA)
+        .await?;
+    herald_core::failure::receipt_wait::spawn_sweeper(
+        herald_core::db::Db::connect(&deps.config.postgres.url)
+            .await
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        deps.codec.clone(),
+        deps.transport.clone(),
+        shutdown.clone(),
+    );
     herald_core::failure::alert::spawn_dispatcher(
         &herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
         herald_core::db::Db::connect(&deps.config.postgres.url)

@@ -556,7 +556,15 @@ pub struct PolicyConfig {
     /// Consult the opt-out list (`PUT /v1/opt-outs/{channel}/{address}`).
     #[serde(default = "yes")]
     pub opt_out: bool,
+    /// A message waiting in `sent` for its receipt (accepted, or held after an unknown outcome)
+    /// ends `unknown` (reason `receipt_timeout`) when none comes within this many seconds of
+    /// the provider's answer. Default: 72 hours (the longest receipt window of our providers).
+    #[serde(default)]
+    pub receipt_timeout_secs: Option<u64>,
 }
+
+/// How long a message waits for its receipt when its channel's policy does not say.
+pub const DEFAULT_RECEIPT_TIMEOUT_SECS: u64 = 72 * 3600;
 
 fn yes() -> bool {
     true
@@ -851,6 +859,14 @@ impl Config {
                 }
             }
         }
+        for p in &self.policies {
+            if p.receipt_timeout_secs == Some(0) {
+                problems.push(format!(
+                    "policies.{}: receipt_timeout_secs must be positive",
+                    p.channel.as_str()
+                ));
+            }
+        }
         let mut tpl = HashSet::new();
         for t in &self.templates {
             if !tpl.insert((&t.code, t.version)) {
@@ -891,6 +907,15 @@ impl Config {
             .find(|p| p.channel == channel)
             .map(|p| p.unknown_outcome)
             .unwrap_or_default()
+    }
+
+    /// How long a message of `channel` waits in `sent` for its receipt.
+    pub fn receipt_timeout(&self, channel: Channel) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.policy(channel)
+                .and_then(|p| p.receipt_timeout_secs)
+                .unwrap_or(DEFAULT_RECEIPT_TIMEOUT_SECS),
+        )
     }
 
     /// Providers of a channel in routing order (priority, then config order).

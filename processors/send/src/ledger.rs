@@ -160,10 +160,13 @@ pub async fn start(db: &Client, keys: &[(&str, i32)]) -> Result<(), tokio_postgr
     Ok(())
 }
 
-/// Records the outcomes of a batch's calls.
+/// Records the outcomes of a batch's calls and, in the same statement, which of them now wait
+/// for a receipt (`waits[i]`: the deadline in ms for `done[i]`, if it waits; see
+/// `herald_core::failure::receipt_wait`).
 pub async fn finish(
     db: &Client,
     done: &[(String, i32, CallResult, i64)],
+    waits: &[Option<i64>],
 ) -> Result<(), tokio_postgres::Error> {
     if done.is_empty() {
         return Ok(());
@@ -188,13 +191,37 @@ pub async fn finish(
         .map(|d| d.2.reason.as_ref().map(|r| r.message.as_str()))
         .collect();
     let lat: Vec<i64> = done.iter().map(|d| d.3).collect();
+    let (mut wait_ids, mut wait_attempts, mut due) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, w) in done.iter().zip(waits) {
+        if let Some(at) = w {
+            wait_ids.push(d.0.as_str());
+            wait_attempts.push(d.1);
+            due.push(*at);
+        }
+    }
     db.execute(
-        "UPDATE send_ledger l SET finished_at = now(), outcome = u.o, response_code = u.c,
+        "WITH w AS (
+             INSERT INTO receipt_waits (message_id, attempt, due_at)
+             SELECT m, a, to_timestamp(d / 1000.0) FROM UNNEST($9::text[], $10::int[], $11::bigint[]) AS w(m, a, d)
+             ON CONFLICT DO NOTHING)
+         UPDATE send_ledger l SET finished_at = now(), outcome = u.o, response_code = u.c,
                 provider_message_id = u.p, reason_code = u.rc, reason_message = u.rm, latency_ms = u.l
          FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[])
               AS u(m, a, o, c, p, rc, rm, l)
          WHERE l.message_id = u.m AND l.attempt = u.a",
-        &[&ids, &attempts, &outcomes, &codes, &pmids, &rcodes, &rmsgs, &lat],
+        &[
+            &ids,
+            &attempts,
+            &outcomes,
+            &codes,
+            &pmids,
+            &rcodes,
+            &rmsgs,
+            &lat,
+            &wait_ids,
+            &wait_attempts,
+            &due,
+        ],
     )
     .await?;
     Ok(())

@@ -29,6 +29,7 @@ use herald_schemas::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use herald_core::config::UnknownOutcomePolicy;
 use herald_core::failure::rules::{self, Decision, Rules};
 use herald_core::failure::{alert, breaker, next_attempt, outcome_from_str, outcome_str};
 use ledger::Prior;
@@ -100,12 +101,13 @@ impl Send {
     async fn record_finished(
         &mut self,
         finished: &[(String, i32, CallResult, i64)],
+        waits: &[Option<i64>],
     ) -> Result<(), StageError> {
         let mut backoff = Duration::from_millis(100);
         let mut refused = 0;
         loop {
             let written = match self.db.ensure().await {
-                Ok(_) => ledger::finish(&self.db, finished)
+                Ok(_) => ledger::finish(&self.db, finished, waits)
                     .await
                     .map_err(|e| StageError::postgres("ledger finish", e)),
                 Err(e) => Err(e),
@@ -129,6 +131,25 @@ impl Send {
                 }
             }
         }
+    }
+
+    /// When an attempt with this outcome stops waiting for its receipt: accepted by a provider
+    /// with receipts, or unknown and held for the receipt by the channel's policy.
+    fn receipt_due(&self, m: &MessageRouted, outcome: DeliveryOutcome) -> Option<i64> {
+        let has_receipts = self
+            .providers
+            .get(&m.provider)
+            .is_some_and(|p| p.has_receipts());
+        let channel = m.header.channel;
+        let waits = match outcome {
+            DeliveryOutcome::Succeeded => true,
+            DeliveryOutcome::Unknown => {
+                self.deps.config.unknown_outcome(channel) == UnknownOutcomePolicy::HoldForReceipt
+            }
+            _ => false,
+        };
+        (has_receipts && waits)
+            .then(|| now_ms() + self.deps.config.receipt_timeout(channel).as_millis() as i64)
     }
 
     /// The attempt's `DeliveryAttempted`, plus what the rules' decision publishes (the next
@@ -460,7 +481,12 @@ impl BatchHandler for Send {
                     )
                 })
                 .collect();
-            self.record_finished(&finished).await?;
+            let waits: Vec<Option<i64>> = calls
+                .iter()
+                .filter(|(_, _, _, record)| *record)
+                .map(|(i, r, _, _)| self.receipt_due(&msgs[*i].0, r.outcome))
+                .collect();
+            self.record_finished(&finished, &waits).await?;
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -585,6 +611,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     deps.postgres_migrated(breaker::SCHEMA).await?;
     deps.postgres_migrated(herald_core::gate::SCHEMA).await?;
     deps.postgres_migrated(alert::SCHEMA).await?;
+    deps.postgres_migrated(herald_core::failure::receipt_wait::SCHEMA)
+        .await?;
     alert::spawn_dispatcher(
         &guard,
         herald_core::db::Db::connect(&deps.config.postgres.url)

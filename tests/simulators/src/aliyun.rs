@@ -326,6 +326,8 @@ struct Accepted {
     hang: Option<u64>,
     biz_id: String,
     undelivered: Option<(String, String)>,
+    /// A `no_receipt` fault: no receipt is pushed.
+    silent: bool,
 }
 
 impl Accepted {
@@ -347,6 +349,7 @@ impl Accepted {
 async fn accept_call(sim: &Sim) -> Result<Accepted, Box<Response>> {
     let fault = sim.next_fault(P);
     let undelivered = Fault::undelivered(&fault);
+    let silent = matches!(fault, Some(Fault::NoReceipt));
     match apply_fault(fault).await {
         Err((code, msg)) => {
             let msg = if msg.is_empty() {
@@ -360,6 +363,7 @@ async fn accept_call(sim: &Sim) -> Result<Accepted, Box<Response>> {
             hang,
             biz_id: format!("{}{:06}^0", now_ms(), sim.next_serial()),
             undelivered,
+            silent,
         }),
     }
 }
@@ -439,7 +443,9 @@ async fn send_batch(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Respons
         report["out_id"] = json!(params.get("OutId").cloned().unwrap_or_default());
         reports.push(report);
     }
-    sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    if !accepted.silent {
+        sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    }
     crate::hang(hang).await;
     (
         StatusCode::OK,
@@ -522,7 +528,9 @@ async fn send(sim: &Arc<Sim>, params: BTreeMap<String, String>) -> Response {
             report
         })
         .collect();
-    sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    if !accepted.silent {
+        sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
+    }
     crate::hang(hang).await;
     (
         StatusCode::OK,

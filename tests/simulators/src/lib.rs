@@ -85,6 +85,8 @@ pub enum Fault {
         #[serde(default)]
         message: String,
     },
+    /// Take the request and answer success; no receipt is ever pushed for it (SMS).
+    NoReceipt,
 }
 
 impl Fault {
@@ -245,7 +247,7 @@ impl Sim {
         let provider = provider.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            for wait in [1u64, 2, 4, 0] {
+            for wait in [1u64, 2, 4, 8, 15, 30, 0] {
                 let ok = sim
                     .http
                     .post(&url)
@@ -279,7 +281,7 @@ pub async fn apply_fault(fault: Option<Fault>) -> Result<Option<u64>, (String, S
             Ok(None)
         }
         Some(Fault::Timeout { ms }) => Ok(Some(ms)),
-        Some(Fault::Undelivered { .. }) | None => Ok(None),
+        Some(Fault::Undelivered { .. } | Fault::NoReceipt) | None => Ok(None),
     }
 }
 

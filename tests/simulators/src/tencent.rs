@@ -225,6 +225,7 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
     }
     let fault = sim.next_fault(P);
     let undelivered = Fault::undelivered(&fault);
+    let silent = matches!(fault, Some(Fault::NoReceipt));
     let per_number_fault = matches!(&fault, Some(Fault::Error { code, .. })
         if code.starts_with("FailedOperation.")
             || code.starts_with("LimitExceeded.Phone")
@@ -274,7 +275,7 @@ async fn handle(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) ->
         };
         set.push(entry);
     }
-    if !reports.is_empty() {
+    if !reports.is_empty() && !silent {
         sim.push_receipt(P, Value::Array(reports), Duration::from_millis(200));
     }
     crate::hang(hang).await;

@@ -405,6 +405,60 @@ async fn checksum(db: &tokio_postgres::Client, like: &str) -> anyhow::Result<(St
     Ok((m.unwrap_or_default(), e.unwrap_or_default()))
 }
 
+/// For a failed run: what the read model and the ledger know of (up to ten) messages that never
+/// ended, so the finding can be followed in the stage logs.
+async fn explain_lost(db: &tokio_postgres::Client, like: &str) {
+    let Ok(rows) = db
+        .query(
+            "SELECT message_id, status, channel FROM messages
+             WHERE request_id LIKE $1 AND NOT (status = ANY($2)) ORDER BY message_id LIMIT 10",
+            &[&like, &TERMINAL.to_vec()],
+        )
+        .await
+    else {
+        return;
+    };
+    for r in rows {
+        let id: String = r.get(0);
+        let status: String = r.get(1);
+        let channel: String = r.get(2);
+        println!("chaos: not terminal: {id} status={status} channel={channel}");
+        let events = db
+            .query(
+                "SELECT status || ' ' || stage || ' attempt ' || attempt || coalesce(' ' || reason_code, ''), at::text FROM message_events WHERE message_id = $1 ORDER BY at",
+                &[&id],
+            )
+            .await
+            .unwrap_or_default();
+        for e in events {
+            println!(
+                "chaos:   event {} at {}",
+                e.get::<_, String>(0),
+                e.get::<_, Option<String>>(1).unwrap_or_default()
+            );
+        }
+        let ledger = db
+            .query(
+                "SELECT attempt, provider, claimed_at::text, started_at::text, finished_at::text, outcome
+                 FROM send_ledger WHERE message_id = $1 ORDER BY attempt",
+                &[&id],
+            )
+            .await
+            .unwrap_or_default();
+        for l in ledger {
+            println!(
+                "chaos:   ledger attempt={} provider={} claimed={} started={} finished={} outcome={}",
+                l.get::<_, i32>(0),
+                l.get::<_, String>(1),
+                l.get::<_, Option<String>>(2).unwrap_or_default(),
+                l.get::<_, Option<String>>(3).unwrap_or_default(),
+                l.get::<_, Option<String>>(4).unwrap_or_default(),
+                l.get::<_, Option<String>>(5).unwrap_or_default(),
+            );
+        }
+    }
+}
+
 async fn sim_log(provider: &str) -> Vec<Value> {
     let Ok(r) = reqwest::get(format!("{}/_log/{provider}", sim_url())).await else {
         return Vec::new();
@@ -425,11 +479,18 @@ async fn main() -> anyhow::Result<()> {
     println!("chaos: seed={seed} messages={messages} transport={transport}");
 
     // Both SMS providers in turn (same priority, equal weight).
-    let text = std::fs::read_to_string(config_path())?.replacen(
-        "endpoint = \"http://127.0.0.1:18100/tencent\"\npriority = 1",
-        "endpoint = \"http://127.0.0.1:18100/tencent\"\npriority = 0",
-        1,
-    );
+    // An SMS whose call a kill cut is held for a receipt that may never come: a minute, here.
+    let text = std::fs::read_to_string(config_path())?
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/tencent\"\npriority = 1",
+            "endpoint = \"http://127.0.0.1:18100/tencent\"\npriority = 0",
+            1,
+        )
+        .replacen(
+            "unknown_outcome = \"hold_for_receipt\"",
+            "unknown_outcome = \"hold_for_receipt\"\nreceipt_timeout_secs = 60",
+            1,
+        );
     let config = std::env::temp_dir().join(format!("herald-chaos-{seed}.toml"));
     std::fs::write(&config, text)?;
     let bins = std::env::var("HERALD_BIN_DIR").map_or_else(
@@ -455,7 +516,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let http = reqwest::Client::new();
     let _ = http.post(format!("{}/_reset", sim_url())).send().await;
-    let dlq_before = dead_letters(&transport).await?;
     for i in 0..fleet.procs.len() {
         fleet.spawn(i)?;
     }
@@ -466,6 +526,8 @@ async fn main() -> anyhow::Result<()> {
         async move { reqwest::get(&health).await.ok().map(|_| ()) }
     })
     .await;
+    // Counted once the stages have made the topics (on a fresh cluster they do not exist yet).
+    let dlq_before = dead_letters(&transport).await?;
     let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
     for (sim, code) in [("aliyun", "aliyun-sim"), ("tencent", "tencent-sim")] {
         let url = format!("http://127.0.0.1:{}/callbacks/{code}/{token}", API + 1);
@@ -576,6 +638,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|(_, n)| n)
         .sum();
     let lost = messages as i64 - terminal;
+    if lost > 0 {
+        explain_lost(&db, &like).await;
+    }
 
     // Calls per message at every sink.
     let mut ids_by_address: HashMap<String, String> = HashMap::new();

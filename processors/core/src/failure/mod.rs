@@ -6,10 +6,12 @@
 //! - [`breaker`]: circuit breakers per provider, fed by call outcomes and by receipts, and the
 //!   `provider_health` table the route and send stages read.
 //! - [`alert`]: the `alert` action's signed operator webhook.
+//! - [`receipt_wait`]: how long a message waits in `sent` for its receipt.
 //! - [`next_attempt`]: the records that put the next attempt on its way.
 
 pub mod alert;
 pub mod breaker;
+pub mod receipt_wait;
 pub mod rules;
 
 use std::time::Duration;
