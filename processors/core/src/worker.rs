@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use herald_schemas::{DeadLettered, Event, MessageFailed, Reason, headers, topics};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::codec::{Codec, CodecError};
 use crate::telemetry::names;
@@ -127,6 +127,9 @@ pub const MAX_OUTPUT_BYTES: usize = 1_000_000 - 16 * 1024;
 /// After this many failed rounds in a row, a round probes the batch for a poison record.
 const PROBE_EVERY: u32 = 3;
 
+/// How long consume errors may persist before the source is rebuilt.
+const POLL_ERRORS_REBUILD: Duration = Duration::from_secs(60);
+
 /// How the worker handles one polled batch.
 struct Isolating<'h, H> {
     stage: &'static str,
@@ -221,6 +224,7 @@ pub async fn run_worker(
             }
         };
         info!(stage, topics = ?spec.topics, "consuming");
+        let mut poll_failing_since: Option<Instant> = None;
         loop {
             let polled = tokio::select! {
                 biased;
@@ -232,11 +236,29 @@ pub async fn run_worker(
                 b = source.poll() => b,
             };
             let batch = match polled {
-                Ok(b) if b.is_empty() => continue,
-                Ok(b) => b,
+                Ok(b) => {
+                    poll_failing_since = None;
+                    if b.is_empty() {
+                        continue;
+                    }
+                    b
+                }
+                // A consume error is mostly news (a broker of several went away, a connection
+                // dropped): the client recovers by itself. Rebuilding the source for it would
+                // make the group rebalance on every error — a storm while a broker is down.
+                // Only errors that persist get a new source.
                 Err(e) => {
-                    warn!(stage, error = %e, "poll failed; rebuilding source");
-                    break;
+                    let since = *poll_failing_since.get_or_insert_with(Instant::now);
+                    if !source.recovers_by_itself() || since.elapsed() > POLL_ERRORS_REBUILD {
+                        warn!(stage, error = %e, "poll failing for long; rebuilding source");
+                        break;
+                    }
+                    debug!(stage, error = %e, "poll error; the client recovers");
+                    if wait(&shutdown, Duration::from_millis(200)).await {
+                        source.close().await;
+                        return Ok(());
+                    }
+                    continue;
                 }
             };
             let started = Instant::now();

@@ -102,6 +102,8 @@ async fn setup(deps: &Deps) -> anyhow::Result<()> {
 /// `herald rebuild`: drops the projector's tables and rewinds its consumer group, so the next
 /// projector start replays every event. Rows are upserts whose result does not depend on the
 /// order events arrive in, so the rebuilt tables equal the old ones (a test compares them).
+/// The drop commits only once the rewind succeeded: while a projector still holds the group,
+/// nothing changes and the command says so.
 async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
     let mut db = deps.postgres().await?;
     let tx = db.transaction().await?;
@@ -110,12 +112,14 @@ async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
     )
     .await?;
     tx.batch_execute(herald_core::readmodel::SCHEMA).await?;
-    tx.commit().await?;
     let group = deps.spec(herald_projector::STAGE, vec![], false).group;
     deps.transport
         .rewind(&group, &herald_projector::input_topics())
         .await
-        .map_err(|e| anyhow::anyhow!("rewind {group}: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("rewind {group} (stop every projector first; nothing changed): {e}")
+        })?;
+    tx.commit().await?;
     println!("read model dropped and {group} rewound: start the projector to replay");
     Ok(())
 }

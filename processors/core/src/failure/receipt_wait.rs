@@ -25,8 +25,11 @@ CREATE TABLE IF NOT EXISTS receipt_waits (
     message_id text NOT NULL,
     attempt int NOT NULL,
     due_at timestamptz NOT NULL,
+    -- A receipt that overtook the send's own record: the wait it would start is over already.
+    received boolean NOT NULL DEFAULT false,
     PRIMARY KEY (message_id, attempt)
 );
+ALTER TABLE receipt_waits ADD COLUMN IF NOT EXISTS received boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS receipt_waits_due ON receipt_waits (due_at)";
 
 /// The reason code a timed-out wait ends with.
@@ -35,7 +38,9 @@ pub const TIMEOUT_CODE: &str = "receipt_timeout";
 /// Waits past due handled per round.
 const ROUND: i64 = 500;
 
-/// The receipts of these attempts came: they wait no longer.
+/// The receipts of these attempts came: they wait no longer. A receipt can overtake the send
+/// stage's record of its attempt; then a marker stays in the wait's place, so the wait the record
+/// would start never starts (markers are swept a day later).
 pub async fn received(db: &Client, keys: &[(&str, i32)]) -> Result<u64, tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(0);
@@ -43,8 +48,14 @@ pub async fn received(db: &Client, keys: &[(&str, i32)]) -> Result<u64, tokio_po
     let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
     db.execute(
-        "DELETE FROM receipt_waits w USING UNNEST($1::text[], $2::int[]) AS k(m, a)
-         WHERE w.message_id = k.m AND w.attempt = k.a",
+        "WITH gone AS (
+             DELETE FROM receipt_waits w USING UNNEST($1::text[], $2::int[]) AS k(m, a)
+             WHERE w.message_id = k.m AND w.attempt = k.a AND NOT w.received
+             RETURNING w.message_id, w.attempt)
+         INSERT INTO receipt_waits (message_id, attempt, due_at, received)
+         SELECT k.m, k.a, now(), true FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
+         WHERE NOT EXISTS (SELECT 1 FROM gone g WHERE g.message_id = k.m AND g.attempt = k.a)
+         ON CONFLICT DO NOTHING",
         &[&ids, &attempts],
     )
     .await
@@ -79,6 +90,12 @@ pub fn spawn_sweeper(
 /// two publishes them again with the same event ids: the same facts.
 pub async fn sweep(db: &mut Db, codec: &Codec, transport: &dyn Transport) -> Result<usize, String> {
     db.reconnect_if_closed().await.map_err(pg_error)?;
+    db.execute(
+        "DELETE FROM receipt_waits WHERE received AND due_at < now() - interval '1 day'",
+        &[],
+    )
+    .await
+    .map_err(pg_error)?;
     let tx = db.transaction().await.map_err(pg_error)?;
     let rows = tx
         .query(
@@ -86,7 +103,7 @@ pub async fn sweep(db: &mut Db, codec: &Codec, transport: &dyn Transport) -> Res
                     l.provider_message_id,
                     extract(epoch FROM w.due_at - coalesce(l.finished_at, l.claimed_at))::bigint
              FROM receipt_waits w JOIN send_ledger l USING (message_id, attempt)
-             WHERE w.due_at <= now()
+             WHERE w.due_at <= now() AND NOT w.received
              ORDER BY w.due_at LIMIT $1
              FOR UPDATE OF w SKIP LOCKED",
             &[&ROUND],

@@ -456,6 +456,11 @@ impl Source for KafkaSource {
         })
     }
 
+    /// librdkafka reconnects and fails over between brokers on its own.
+    fn recovers_by_itself(&self) -> bool {
+        true
+    }
+
     fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let consumer = self.consumer.clone();

@@ -135,6 +135,11 @@ pub trait Source: Send {
     fn reposition(&mut self) -> BoxFuture<'_, TResult<()>> {
         Box::pin(async { Ok(()) })
     }
+    /// True when the client behind this source recovers from consume errors by itself (the
+    /// worker keeps polling it), false when an error means the source must be rebuilt.
+    fn recovers_by_itself(&self) -> bool {
+        false
+    }
 }
 
 /// Publishes records outside a consume loop (gateway, callbacks, demo).
