@@ -155,10 +155,7 @@ impl BatchHandler for Accept {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(StageError::Transient(format!(
-                        "templates: {}",
-                        herald_core::runtime::pg_error(e)
-                    )));
+                    return Err(StageError::Transient(format!("templates: {e}")));
                 }
             }
             let mut out = Vec::with_capacity(batch.len());

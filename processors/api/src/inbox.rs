@@ -232,7 +232,9 @@ pub async fn stream(
         let mut last = start;
         loop {
             let rows = match state2.db().await {
-                Ok(db) => newer(&db, &app, &user, last.clone()).await,
+                Ok(db) => newer(&db, &app, &user, last.clone())
+                    .await
+                    .map_err(herald_core::db::PoolFailure::from),
                 Err(e) => Err(e),
             };
             match rows {

@@ -49,8 +49,8 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// The live PostgreSQL client (reconnected if the connection was lost).
-    pub async fn db(&self) -> Result<Arc<tokio_postgres::Client>, tokio_postgres::Error> {
+    /// A live PostgreSQL connection from the pool, for this handler's queries.
+    pub async fn db(&self) -> Result<herald_core::db::Pooled, herald_core::db::PoolFailure> {
         self.pg.get().await
     }
 }
@@ -369,12 +369,14 @@ async fn send(
             return Err(e);
         }
         let confirmed = match state.db().await {
-            Ok(db) => herald_core::idempotency::confirm(&db, &app, key, &request_id).await,
+            Ok(db) => herald_core::idempotency::confirm(&db, &app, key, &request_id)
+                .await
+                .map_err(herald_core::db::PoolFailure::from),
             Err(e) => Err(e),
         };
         if let Err(e) = confirmed {
             // Accept confirms it too when it takes the request; nothing is lost.
-            tracing::warn!(error = %herald_core::runtime::pg_error(e), "idempotency key not confirmed");
+            tracing::warn!(error = %e, "idempotency key not confirmed");
         }
     } else {
         take_quota(&state, &app, req.recipients.len() as i64).await?;
@@ -382,13 +384,13 @@ async fn send(
     }
     // Readable and cancelable at once, before the projector catches up.
     let recorded = match state.db().await {
-        Ok(db) => {
-            herald_core::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids).await
-        }
+        Ok(db) => herald_core::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids)
+            .await
+            .map_err(herald_core::db::PoolFailure::from),
         Err(e) => Err(e),
     };
     if let Err(e) = recorded {
-        tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake not recorded; reads follow the projector");
+        tracing::warn!(error = %e, "intake not recorded; reads follow the projector");
     }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
     Ok((
@@ -444,11 +446,11 @@ async fn opt_out(
 }
 
 /// A database problem: 503, the client may retry.
-pub(crate) fn db_err(e: tokio_postgres::Error) -> ApiError {
+pub(crate) fn db_err(e: impl Into<herald_core::db::PoolFailure>) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "database_unavailable",
-        herald_core::runtime::pg_error(e),
+        e.into().to_string(),
     )
 }
 
@@ -854,7 +856,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         herald_core::intake::SCHEMA,
     ]
     .join(";\n");
-    let db = deps.postgres_migrated(&ddl).await?;
+    drop(deps.postgres_migrated(&ddl).await?);
+    let pg = herald_core::db::SharedDb::connect(&deps.config.postgres.url)
+        .await
+        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
     let limits = deps
         .config
         .apps
@@ -878,7 +883,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let deps_guard = deps.config.security.outbound_allow.clone();
     let state = Arc::new(ApiState {
         deps,
-        pg: herald_core::db::SharedDb::from_db(db),
+        pg,
         nonces: auth::NonceCache::default(),
         secrets,
         http: reqwest::Client::new(),
@@ -902,11 +907,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
                 _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
             }
             let purged = match purge_db.db().await {
-                Ok(db) => herald_core::intake::purge(&db).await,
+                Ok(db) => herald_core::intake::purge(&db)
+                    .await
+                    .map_err(herald_core::db::PoolFailure::from),
                 Err(e) => Err(e),
             };
             if let Err(e) = purged {
-                tracing::warn!(error = %herald_core::runtime::pg_error(e), "intake purge");
+                tracing::warn!(error = %e, "intake purge");
             }
         }
     });

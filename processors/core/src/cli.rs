@@ -64,7 +64,7 @@ pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), 
                 }
                 Err(e) => crate::health::answer(
                     false,
-                    serde_json::json!({"status": "DOWN", "services": {"postgres": {"status": "DOWN", "error": crate::runtime::pg_error(e)}}}),
+                    serde_json::json!({"status": "DOWN", "services": {"postgres": {"status": "DOWN", "error": e.to_string()}}}),
                 ),
             }
         }

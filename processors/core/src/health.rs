@@ -37,11 +37,12 @@ pub async fn check(deps: &Deps, pg: &SharedDb, http: &reqwest::Client) -> (bool,
     });
     let postgres = tokio::time::timeout(limit, async {
         let db = pg.get().await?;
-        db.simple_query("SELECT 1").await.map(|_| ())
+        db.simple_query("SELECT 1").await?;
+        Ok::<_, crate::db::PoolFailure>(())
     })
     .await
     .map_err(|_| "timed out".to_owned())
-    .and_then(|r| r.map_err(crate::runtime::pg_error));
+    .and_then(|r| r.map_err(|e| e.to_string()));
     let one = |r: &Result<(), String>| match r {
         Ok(()) => json!({"status": "UP"}),
         Err(e) => json!({"status": "DOWN", "error": e}),

@@ -121,7 +121,7 @@ impl Deps {
         use crate::worker::StageError;
         let mut db = crate::db::Db::connect(&self.config.postgres.url)
             .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {}", pg_error(e))))?;
+            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
         migrate(&mut db, ddl)
             .await
             .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
@@ -138,7 +138,8 @@ impl Deps {
 /// stage, retried): no input can hold a connection for ever.
 pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
 
-pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+/// A client configuration from `url` with Herald's statement and connect timeouts.
+pub fn postgres_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
     let mut cfg: tokio_postgres::Config = url.parse()?;
     let timeout = format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}");
     let options = match cfg.get_options() {
@@ -150,7 +151,12 @@ pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, tokio
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(10));
     }
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    Ok(cfg)
+}
+
+/// One unpooled client (tools and tests; stages take theirs from [`crate::db`]).
+pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = postgres_config(url)?.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection closed");
@@ -184,6 +190,11 @@ pub async fn migrate(db: &mut tokio_postgres::Client, ddl: &str) -> Result<(), S
 
 /// A PostgreSQL error with the server's message (tokio-postgres' Display says only "db error").
 pub fn pg_error(e: tokio_postgres::Error) -> String {
+    pg_error_ref(&e)
+}
+
+/// [`pg_error`] by reference.
+pub fn pg_error_ref(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),

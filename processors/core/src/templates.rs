@@ -157,7 +157,7 @@ impl Watch {
     }
 
     /// The templates when they changed since the last call (always on the first call).
-    pub async fn changed(&mut self) -> Result<Option<Vec<TemplateConfig>>, tokio_postgres::Error> {
+    pub async fn changed(&mut self) -> Result<Option<Vec<TemplateConfig>>, crate::db::PoolFailure> {
         self.db.reconnect_if_closed().await?;
         if self
             .checked

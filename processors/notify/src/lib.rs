@@ -203,7 +203,7 @@ async fn dispatch(
         .unwrap_or_default();
     loop {
         if let Err(e) = db.reconnect_if_closed().await {
-            warn!(error = %herald_core::runtime::pg_error(e), "notification outbox unreachable");
+            warn!(error = %e, "notification outbox unreachable");
         }
         let rows = db
             .query(

@@ -56,10 +56,7 @@ impl BatchHandler for Render {
                 },
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(StageError::Transient(format!(
-                        "templates: {}",
-                        herald_core::runtime::pg_error(e)
-                    )));
+                    return Err(StageError::Transient(format!("templates: {e}")));
                 }
             }
             let codec = &self.deps.codec;

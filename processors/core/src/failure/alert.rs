@@ -147,7 +147,7 @@ pub fn spawn_dispatcher(
             let busy = match deliver_due(&mut db, &http, &keys).await {
                 Ok(n) => n > 0,
                 Err(e) => {
-                    warn!(error = %crate::runtime::pg_error(e), "alert outbox unreachable");
+                    warn!(error = %e, "alert outbox unreachable");
                     false
                 }
             };
@@ -164,7 +164,7 @@ async fn deliver_due(
     db: &mut crate::db::Db,
     http: &reqwest::Client,
     keys: &HashMap<String, Vec<u8>>,
-) -> Result<usize, tokio_postgres::Error> {
+) -> Result<usize, crate::db::PoolFailure> {
     db.reconnect_if_closed().await?;
     // Claimed with a lease: every process that runs send or callback runs a dispatcher, and
     // no two of them post the same alert at once.

@@ -89,7 +89,7 @@ pub fn spawn_sweeper(
 /// are published as `unknown` receipts, then removed, in one transaction. A crash between the
 /// two publishes them again with the same event ids: the same facts.
 pub async fn sweep(db: &mut Db, codec: &Codec, transport: &dyn Transport) -> Result<usize, String> {
-    db.reconnect_if_closed().await.map_err(pg_error)?;
+    db.reconnect_if_closed().await.map_err(|e| e.to_string())?;
     db.execute(
         "DELETE FROM receipt_waits WHERE received AND due_at < now() - interval '1 day'",
         &[],

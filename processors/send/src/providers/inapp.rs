@@ -35,14 +35,14 @@ impl Inapp {
         self
     }
 
-    async fn db(&self) -> Result<std::sync::Arc<tokio_postgres::Client>, String> {
+    async fn db(&self) -> Result<herald_core::db::Pooled, String> {
         let shared = self
             .db
             .get_or_try_init(|| async {
                 let shared = herald_core::db::SharedDb::connect(&self.url)
                     .await
-                    .map_err(herald_core::runtime::pg_error)?;
-                let client = shared.get().await.map_err(herald_core::runtime::pg_error)?;
+                    .map_err(|e| e.to_string())?;
+                let client = shared.get().await.map_err(|e| e.to_string())?;
                 client
                     .batch_execute(SCHEMA)
                     .await
@@ -50,7 +50,7 @@ impl Inapp {
                 Ok::<_, String>(shared)
             })
             .await?;
-        shared.get().await.map_err(herald_core::runtime::pg_error)
+        shared.get().await.map_err(|e| e.to_string())
     }
 }
 
