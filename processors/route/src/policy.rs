@@ -233,8 +233,16 @@ pub async fn stateful(
     let mut insert_scopes = Vec::new();
     let mut insert_ids = Vec::new();
     let mut insert_hashes = Vec::new();
+    // The same message twice in one batch (a redelivery beside its first delivery) is one
+    // message: its copies get the first one's verdict, never "duplicate of itself".
+    let mut first_of: HashMap<&str, usize> = HashMap::new();
     for i in 0..msgs.len() {
         let m = msgs[i];
+        if let Some(&j) = first_of.get(m.header.message_id.as_str()) {
+            verdicts[i] = verdicts[j].clone();
+            continue;
+        }
+        first_of.insert(m.header.message_id.as_str(), i);
         let policy = policies.get(&m.header.channel);
         if policy.is_none_or(|p| p.opt_out)
             && opted.contains(&(
