@@ -146,6 +146,15 @@ impl Fleet {
     }
 }
 
+/// A run that ends early (an error, a panic) leaves no stage process behind.
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for i in 0..self.procs.len() {
+            self.kill(i);
+        }
+    }
+}
+
 fn stack(args: &[&str]) -> bool {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
     Command::new(script)
