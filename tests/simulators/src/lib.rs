@@ -247,7 +247,7 @@ impl Sim {
         let provider = provider.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            for wait in [1u64, 2, 4, 8, 15, 30, 0] {
+            for wait in [1u64, 2, 4, 8, 15, 30, 60, 60, 60, 60, 0] {
                 let ok = sim
                     .http
                     .post(&url)

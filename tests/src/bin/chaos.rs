@@ -533,7 +533,9 @@ async fn main() -> anyhow::Result<()> {
     println!("chaos: seed={seed} messages={messages} transport={transport}");
 
     // Both SMS providers in turn (same priority, equal weight).
-    // An SMS whose call a kill cut is held for a receipt that may never come: a minute, here.
+    // An SMS whose call a kill cut is held for a receipt that may never come; the deadline must
+    // outlast the providers' receipt retries (the simulators retry for about five minutes).
+    let receipt_timeout: u64 = opt("CHAOS_RECEIPT_TIMEOUT_SECS", 400);
     let text = std::fs::read_to_string(config_path())?
         .replacen(
             "endpoint = \"http://127.0.0.1:18100/tencent\"\npriority = 1",
@@ -542,9 +544,15 @@ async fn main() -> anyhow::Result<()> {
         )
         .replacen(
             "unknown_outcome = \"hold_for_receipt\"",
-            "unknown_outcome = \"hold_for_receipt\"\nreceipt_timeout_secs = 60",
+            &format!(
+                "unknown_outcome = \"hold_for_receipt\"\nreceipt_timeout_secs = {receipt_timeout}"
+            ),
             1,
-        );
+        )
+        // Everything shares two cores here (three brokers, eleven stage processes, the
+        // simulators): 2 s provider timeouts would turn load into genuine `unknown` outcomes,
+        // which are not what this run is about (a crash's). Providers are given 10 s.
+        .replace("timeout_ms = 2000", "timeout_ms = 10000");
     let config = std::env::temp_dir().join(format!("herald-chaos-{seed}.toml"));
     std::fs::write(&config, text)?;
     let bins = std::env::var("HERALD_BIN_DIR").map_or_else(
@@ -677,7 +685,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let (kills, broker_restarts, pg_restarts, registry_restarts) = chaos.await?;
 
-    // Quiescence: every message terminal, or no progress for two minutes.
+    // Quiescence: every message terminal, or no progress for two minutes past the receipt
+    // deadline.
     let db = herald_core::runtime::connect_postgres(&postgres()).await?;
     let like = format!("chaos-{seed}-{run}-%");
     let (mut last, mut since) = (-1i64, Instant::now());
@@ -694,7 +703,8 @@ async fn main() -> anyhow::Result<()> {
         if terminal != last {
             (last, since) = (terminal, Instant::now());
         }
-        if since.elapsed() > Duration::from_secs(120) || started.elapsed() > max {
+        // Held SMS end only at their receipt deadline: no progress meanwhile is no stall.
+        if since.elapsed() > Duration::from_secs(120 + receipt_timeout) || started.elapsed() > max {
             println!("chaos: no quiescence ({terminal} of {messages} terminal)");
             break;
         }
