@@ -2,8 +2,9 @@
 //! a [`Db`] (one pooled connection) and calls [`Db::ensure`] at the start of each batch, so after
 //! a PostgreSQL restart the next batch takes a fresh connection (the failed one is retried by the
 //! worker with back-off) — the stage pauses while PostgreSQL is down and resumes by itself.
-//! Concurrent handlers (the API, the inbox) share a [`SharedDb`]: each takes a connection from
-//! the pool for as long as it needs one; broken connections are never handed out again. Every
+//! Concurrent handlers (the API; the in-app sender) each hold a [`SharedDb`]: a handler takes a
+//! connection from it for as long as it needs one; broken connections are never handed out
+//! again. Every
 //! connection carries the statement timeout ([`crate::runtime::STATEMENT_TIMEOUT_MS`]) and
 //! the session settings its owner asked for.
 
@@ -44,7 +45,7 @@ fn pool(url: &str, size: usize) -> Result<Pool, tokio_postgres::Error> {
         .expect("a pool with a runtime and no hooks always builds"))
 }
 
-/// The pool's error as the driver's (what every caller already handles).
+/// The pool's error: the driver's when PostgreSQL answered, else the pool's own.
 fn pool_error(e: deadpool_postgres::PoolError) -> PoolFailure {
     match e {
         deadpool_postgres::PoolError::Backend(e) => PoolFailure::Postgres(e),
