@@ -542,7 +542,7 @@ async fn retention_purges_what_expired_and_nothing_an_unfinished_message_needs()
         batch_rows: 2, // several small statements per table
         ..Default::default()
     };
-    herald_core::retention::round(
+    herald_domain::retention::round(
         &postgres(),
         &retention,
         &tokio_util::sync::CancellationToken::new(),

@@ -499,7 +499,10 @@ async fn hostile_records_on_kafka_end_failed_or_dead_lettered_and_nothing_stalls
     recs.push((
         forged.request_id.clone(),
         enc(&forged).await,
-        vec![(herald_core::quota::COUNTED_HEADER.to_owned(), b"1".to_vec())],
+        vec![(
+            herald_domain::quota::COUNTED_HEADER.to_owned(),
+            b"1".to_vec(),
+        )],
     ));
     let nul_rid_bytes = recs[4].1.clone();
     produce(topics::REQUESTS, recs).await;

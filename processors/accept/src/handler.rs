@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use herald_core::util::{event_id, message_id};
-use herald_core::validate::{self, Limits, Problem};
+use herald_domain::validate::{self, Limits, Problem};
 use herald_schemas::{
     EventHeader, MessageAccepted, MessageFailed, Reason, Recipient, SendRequested,
 };

@@ -10,13 +10,13 @@ pub mod handler;
 use std::collections::HashSet;
 
 use futures::future::BoxFuture;
-use herald_core::idempotency;
 use herald_core::runtime::{Deps, delay_topic, tier_for};
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{event_id, now_ms};
 use herald_core::worker::{
     BatchHandler, StageError, dead_letter, decode_or_dead_letter, record, run_worker, trace_id,
 };
+use herald_domain::idempotency;
 use herald_schemas::{DelayPurpose, DelayScheduled, MessageFailed, Reason, SendRequested, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +29,12 @@ struct Accept {
     policy: AcceptPolicy,
     db: herald_core::db::Db,
     /// Templates added through the API count as known within a second.
-    watch: herald_core::templates::Watch,
+    watch: herald_domain::templates::Watch,
     /// Daily quotas per app.
     quotas: std::collections::HashMap<String, u64>,
 }
 
-/// Where a record came from: the owner of its request id (see [`herald_core::idempotency`]).
+/// Where a record came from: the owner of its request id (see [`herald_domain::idempotency`]).
 fn source(input: &InRecord) -> String {
     match &input.entry_id {
         Some(id) => format!("{}/{id}", input.topic),
@@ -207,12 +207,12 @@ impl BatchHandler for Accept {
                 // an outside producer cannot forge).
                 let quota = self.quotas.get(&req.app_id).copied();
                 let counted = input
-                    .header(herald_core::quota::COUNTED_HEADER)
+                    .header(herald_domain::quota::COUNTED_HEADER)
                     .is_some_and(|mark| {
-                        herald_core::quota::verify_mark(&self.deps.config, &req.request_id, mark)
+                        herald_domain::quota::verify_mark(&self.deps.config, &req.request_id, mark)
                     });
                 let over_quota = match quota {
-                    Some(q) if !counted => !herald_core::quota::take(
+                    Some(q) if !counted => !herald_domain::quota::take(
                         &self.db,
                         &req.app_id,
                         req.recipients.len() as i64,
@@ -232,7 +232,7 @@ impl BatchHandler for Accept {
 /// Runs the accept stage until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let policy = AcceptPolicy {
-        limits: herald_core::validate::Limits::from_config(&deps.config.pipeline),
+        limits: herald_domain::validate::Limits::from_config(&deps.config.pipeline),
         apps: deps.config.apps.iter().map(|a| a.id.clone()).collect(),
         templates: deps
             .config
@@ -244,7 +244,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
     let db = deps
-        .postgres_migrated(&[idempotency::SCHEMA, herald_core::quota::SCHEMA].join(";\n"))
+        .postgres_migrated(&[idempotency::SCHEMA, herald_domain::quota::SCHEMA].join(";\n"))
         .await?;
     let quotas = deps
         .config
@@ -253,14 +253,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .filter_map(|a| Some((a.id.clone(), a.daily_quota?)))
         .collect();
     let tdb = deps
-        .postgres_migrated(herald_core::templates::SCHEMA)
+        .postgres_migrated(herald_domain::templates::SCHEMA)
         .await?;
-    herald_core::templates::seed(&tdb, &deps.config.templates)
+    herald_domain::templates::seed(&tdb, &deps.config.templates)
         .await
         .map_err(|e| {
             StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
         })?;
-    let watch = herald_core::templates::Watch::new(tdb);
+    let watch = herald_domain::templates::Watch::new(tdb);
     run_worker(
         STAGE,
         transport,

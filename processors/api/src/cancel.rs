@@ -1,6 +1,6 @@
 //! Cancel and recall (CONTRACT.md §2): `POST /v1/messages/{id}/cancel` and
 //! `POST /v1/requests/{id}/cancel`. A message is canceled through the send gate
-//! ([`herald_core::gate`]) — atomically against its first provider call — and a `MessageCanceled`
+//! ([`herald_domain::gate`]) — atomically against its first provider call — and a `MessageCanceled`
 //! is published so its status becomes `canceled`. 200 `{canceled: n, too_late: m}` when anything
 //! was canceled; 409 when nothing could be (already sent, or already final).
 
@@ -11,9 +11,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use herald_core::gate::{self, Cancel};
 use herald_core::util::{event_id, now_ms, random_id};
 use herald_core::worker::record;
+use herald_domain::gate::{self, Cancel};
 use herald_schemas::{Channel, EventHeader, MessageCanceled, Reason, topics};
 use serde_json::json;
 
@@ -22,7 +22,7 @@ use crate::{ApiError, ApiState, authenticate, db_err, publish};
 /// Whether a message in `status` has nothing left to cancel: a terminal status, or `sent` (the
 /// provider has it).
 fn settled(status: &str) -> bool {
-    status == "sent" || herald_core::readmodel::TERMINAL.contains(&status)
+    status == "sent" || herald_domain::status::TERMINAL.contains(&status)
 }
 
 struct Target {
@@ -96,14 +96,14 @@ async fn by(
         // Accepted by the gateway, not projected yet: cancelable at once.
         let accepted = match key {
             Key::Message => {
-                herald_core::intake::message(&*state.db().await.map_err(db_err)?, &app, id)
+                herald_domain::intake::message(&*state.db().await.map_err(db_err)?, &app, id)
                     .await
                     .map_err(db_err)?
                     .into_iter()
                     .collect()
             }
             Key::Request => {
-                herald_core::intake::request(&*state.db().await.map_err(db_err)?, &app, id)
+                herald_domain::intake::request(&*state.db().await.map_err(db_err)?, &app, id)
                     .await
                     .map_err(db_err)?
             }

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use herald_core::readmodel::INBOX_CHANNEL;
+use herald_domain::readmodel::INBOX_CHANNEL;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;

@@ -88,7 +88,7 @@ async fn take_quota(state: &ApiState, app: &str, n: i64) -> Result<(), ApiError>
         return Ok(());
     };
     let quota = quota as i64;
-    let counted = herald_core::quota::take(&*state.db().await.map_err(db_err)?, app, n, quota)
+    let counted = herald_domain::quota::take(&*state.db().await.map_err(db_err)?, app, n, quota)
         .await
         .map_err(db_err)?;
     if !counted {
@@ -263,8 +263,8 @@ async fn send(
         requested_at: b.requested_at.unwrap_or_else(now_ms),
     };
     // Everything accept would reject is refused here, with the same code (promise 5).
-    let limits = herald_core::validate::Limits::from_config(&cfg.pipeline);
-    herald_core::validate::all(&req, &limits, now_ms()).map_err(|p| {
+    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
+    herald_domain::validate::all(&req, &limits, now_ms()).map_err(|p| {
         let status = if p.code == "request_too_large" {
             StatusCode::PAYLOAD_TOO_LARGE
         } else {
@@ -277,7 +277,7 @@ async fn send(
             .templates
             .iter()
             .any(|x| &x.code == t && x.app.as_deref().is_none_or(|a| a == app))
-        && herald_core::templates::get(&*state.db().await.map_err(db_err)?, &app, t, None)
+        && herald_domain::templates::get(&*state.db().await.map_err(db_err)?, &app, t, None)
             .await
             .map_err(db_err)?
             .is_none()
@@ -329,15 +329,15 @@ async fn send(
     // The gateway counts this request against the daily quota (below) and vouches for that
     // with a keyed mark, so accept does not count it again.
     rec.headers.push((
-        herald_core::quota::COUNTED_HEADER.into(),
-        herald_core::quota::mark(cfg, &request_id),
+        herald_domain::quota::COUNTED_HEADER.into(),
+        herald_domain::quota::mark(cfg, &request_id),
     ));
     let ids: Vec<String> = (0..req.recipients.len())
         .map(|i| message_id(&app, &request_id, i))
         .collect();
     // An idempotency key already used answers the original request; nothing is published.
     if let Some(key) = req.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
-        let owner = herald_core::idempotency::reserve(
+        let owner = herald_domain::idempotency::reserve(
             &*state.db().await.map_err(db_err)?,
             &app,
             key,
@@ -364,12 +364,12 @@ async fn send(
         };
         if let Err(e) = published {
             if let Ok(db) = state.db().await {
-                let _ = herald_core::idempotency::release(&db, &app, key, &request_id).await;
+                let _ = herald_domain::idempotency::release(&db, &app, key, &request_id).await;
             }
             return Err(e);
         }
         let confirmed = match state.db().await {
-            Ok(db) => herald_core::idempotency::confirm(&db, &app, key, &request_id)
+            Ok(db) => herald_domain::idempotency::confirm(&db, &app, key, &request_id)
                 .await
                 .map_err(herald_core::db::PoolFailure::from),
             Err(e) => Err(e),
@@ -384,7 +384,7 @@ async fn send(
     }
     // Readable and cancelable at once, before the projector catches up.
     let recorded = match state.db().await {
-        Ok(db) => herald_core::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids)
+        Ok(db) => herald_domain::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids)
             .await
             .map_err(herald_core::db::PoolFailure::from),
         Err(e) => Err(e),
@@ -515,7 +515,7 @@ async fn get_message(
         .map_err(db_err)?;
     let Some(row) = row else {
         // Accepted by the gateway, not projected yet: `accepted`, true at once.
-        let a = herald_core::intake::message(&*state.db().await.map_err(db_err)?, &app, &id)
+        let a = herald_domain::intake::message(&*state.db().await.map_err(db_err)?, &app, &id)
             .await
             .map_err(db_err)?
             .ok_or_else(|| {
@@ -646,9 +646,10 @@ async fn get_request(
         .await
         .map_err(db_err)?;
     if counts.is_empty() {
-        let accepted = herald_core::intake::request(&*state.db().await.map_err(db_err)?, &app, &id)
-            .await
-            .map_err(db_err)?;
+        let accepted =
+            herald_domain::intake::request(&*state.db().await.map_err(db_err)?, &app, &id)
+                .await
+                .map_err(db_err)?;
         if accepted.is_empty() {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -845,15 +846,15 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     // The read model's tables may not exist yet when the API starts before the projector.
     // Everything the API reads or writes, created under the migration lock.
     let ddl = [
-        herald_core::readmodel::SCHEMA,
-        herald_core::readmodel::INBOX_SCHEMA,
-        herald_core::idempotency::SCHEMA,
-        herald_core::gate::SCHEMA,
-        herald_core::readmodel::OPT_OUT_SCHEMA,
+        herald_domain::readmodel::SCHEMA,
+        herald_domain::readmodel::INBOX_SCHEMA,
+        herald_domain::idempotency::SCHEMA,
+        herald_domain::gate::SCHEMA,
+        herald_domain::readmodel::OPT_OUT_SCHEMA,
         auth::NONCE_SCHEMA,
-        herald_core::quota::SCHEMA,
-        herald_core::templates::SCHEMA,
-        herald_core::intake::SCHEMA,
+        herald_domain::quota::SCHEMA,
+        herald_domain::templates::SCHEMA,
+        herald_domain::intake::SCHEMA,
     ]
     .join(";\n");
     drop(deps.postgres_migrated(&ddl).await?);
@@ -907,7 +908,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
                 _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
             }
             let purged = match purge_db.db().await {
-                Ok(db) => herald_core::intake::purge(&db)
+                Ok(db) => herald_domain::intake::purge(&db)
                     .await
                     .map_err(herald_core::db::PoolFailure::from),
                 Err(e) => Err(e),

@@ -1,6 +1,6 @@
 //! Template management (CONTRACT.md §2): `PUT /v1/templates/{code}` stores the next version
 //! (after checking that it compiles), `GET /v1/templates/{code}[?version=N]` reads one. The store
-//! is PostgreSQL ([`herald_core::templates`]); render workers pick new versions up within a
+//! is PostgreSQL ([`herald_domain::templates`]); render workers pick new versions up within a
 //! second, and each rendered message records the version it used.
 
 use std::sync::Arc;
@@ -92,10 +92,10 @@ pub async fn put_template(
         ));
     }
     // The same compiler the render stage uses: a template that would not render is refused.
-    herald_render::handler::Templates::compile(std::slice::from_ref(&t))
+    herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_template", e))?;
     let mut db = state.deps.postgres().await.map_err(db_err)?;
-    let stored = herald_core::templates::put(&mut db, &app, t)
+    let stored = herald_domain::templates::put(&mut db, &app, t)
         .await
         .map_err(db_err)?;
     Ok((StatusCode::CREATED, Json(view(&stored))).into_response())
@@ -111,7 +111,7 @@ pub async fn get_template(
 ) -> Result<Response, ApiError> {
     let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let t =
-        herald_core::templates::get(&*state.db().await.map_err(db_err)?, &app, &code, q.version)
+        herald_domain::templates::get(&*state.db().await.map_err(db_err)?, &app, &code, q.version)
             .await
             .map_err(db_err)?
             .or_else(|| {

@@ -27,13 +27,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use herald_core::config::ProviderKind;
-use herald_core::failure::alert::{Alert, Scene};
-use herald_core::failure::breaker::{Breakers, OpenSet, Signal};
-use herald_core::failure::rules::{self, Decision, Rules};
-use herald_core::failure::{CallResult, next_attempt};
 use herald_core::runtime::Deps;
 use herald_core::util::{event_id, now_ms, random_id, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
+use herald_domain::failure::alert::{Alert, Scene};
+use herald_domain::failure::breaker::{Breakers, OpenSet, Signal};
+use herald_domain::failure::rules::{self, Decision, Rules};
+use herald_domain::failure::{CallResult, next_attempt};
 use herald_schemas::{
     Channel, DeliveryOutcome, EventHeader, MessageRouted, Reason, ReceiptReceived, topics,
 };
@@ -382,7 +382,7 @@ impl CallbackState {
                 .collect();
             let mut g = self.db.lock().await;
             let db = Self::connected(&self.deps, &mut g).await?;
-            herald_core::failure::alert::enqueue(db, &alerts)
+            herald_domain::failure::alert::enqueue(db, &alerts)
                 .await
                 .map_err(herald_core::runtime::pg_error)?;
         }
@@ -397,7 +397,7 @@ impl CallbackState {
             let mut g = self.db.lock().await;
             let db = Self::connected(&self.deps, &mut g).await?;
             let keys: Vec<(&str, i32)> = arrived.iter().map(|(m, a)| (m.as_str(), *a)).collect();
-            herald_core::failure::receipt_wait::received(db, &keys)
+            herald_domain::failure::receipt_wait::received(db, &keys)
                 .await
                 .map_err(herald_core::runtime::pg_error)?;
         }
@@ -667,11 +667,11 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
-    deps.postgres_migrated(herald_core::failure::alert::SCHEMA)
+    deps.postgres_migrated(herald_domain::failure::alert::SCHEMA)
         .await?;
-    deps.postgres_migrated(herald_core::failure::receipt_wait::SCHEMA)
+    deps.postgres_migrated(herald_domain::failure::receipt_wait::SCHEMA)
         .await?;
-    herald_core::failure::receipt_wait::spawn_sweeper(
+    herald_domain::failure::receipt_wait::spawn_sweeper(
         herald_core::db::Db::connect(&deps.config.postgres.url)
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
@@ -679,12 +679,12 @@ pub async fn run(
         deps.transport.clone(),
         shutdown.clone(),
     );
-    herald_core::failure::alert::spawn_dispatcher(
+    herald_domain::failure::alert::spawn_dispatcher(
         &herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
         herald_core::db::Db::connect(&deps.config.postgres.url)
             .await
             .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
-        herald_core::failure::alert::keys(&deps.config),
+        herald_domain::failure::alert::keys(&deps.config),
         shutdown.clone(),
     );
     let limits = deps.config.api.limits();

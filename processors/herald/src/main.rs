@@ -111,7 +111,7 @@ async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
         "DROP TABLE IF EXISTS messages, message_events, delivery_attempts, projector_offsets",
     )
     .await?;
-    tx.batch_execute(herald_core::readmodel::SCHEMA).await?;
+    tx.batch_execute(herald_domain::readmodel::SCHEMA).await?;
     let group = deps.spec(herald_projector::STAGE, vec![], false).group;
     deps.transport
         .rewind(&group, &herald_projector::input_topics())

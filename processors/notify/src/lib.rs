@@ -13,15 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herald_core::readmodel::TERMINAL;
 use herald_core::runtime::Deps;
 use herald_core::transport::{InRecord, OutRecord};
 use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
-use herald_core::worker::{BatchHandler, StageError, decode_or_dead_letter, run_worker};
-use herald_schemas::{
-    DeliveryAttempted, Event, MessageCanceled, MessageFailed, MessageSuppressed, ReceiptReceived,
-    topics,
-};
+use herald_core::worker::{BatchHandler, StageError, run_worker};
+use herald_domain::event::{StatusEvent, Unreadable};
+use herald_domain::status::is_terminal;
+use herald_schemas::topics;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -58,7 +56,7 @@ fn terminal(
     provider: Option<&str>,
     reason: Option<&herald_schemas::Reason>,
 ) -> Option<(String, String, String)> {
-    if !TERMINAL.contains(&status) {
+    if !is_terminal(status) {
         return None;
     }
     let body = serde_json::json!({
@@ -87,63 +85,10 @@ impl Notify {
         input: &InRecord,
         out: &mut Vec<OutRecord>,
     ) -> Result<Option<(String, String, String)>, StageError> {
-        let codec = &self.deps.codec;
-        let Some(payload) = input.payload.as_deref() else {
-            return Ok(None);
-        };
-        let name = match codec.event_name(payload).await {
-            Ok(n) => n,
-            Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
-            Err(_) => return Ok(None), // the projector dead-letters undecodable records
-        };
-        Ok(match name.as_str() {
-            DeliveryAttempted::FULL_NAME => {
-                let Some(e) =
-                    decode_or_dead_letter::<DeliveryAttempted>(codec, STAGE, input, out).await?
-                else {
-                    return Ok(None);
-                };
-                terminal(
-                    &e.header,
-                    &e.status,
-                    e.provider.as_deref(),
-                    e.reason.as_ref(),
-                )
-            }
-            ReceiptReceived::FULL_NAME => {
-                let Some(e) =
-                    decode_or_dead_letter::<ReceiptReceived>(codec, STAGE, input, out).await?
-                else {
-                    return Ok(None);
-                };
-                terminal(&e.header, &e.status, Some(&e.provider), e.reason.as_ref())
-            }
-            MessageSuppressed::FULL_NAME => {
-                let Some(e) =
-                    decode_or_dead_letter::<MessageSuppressed>(codec, STAGE, input, out).await?
-                else {
-                    return Ok(None);
-                };
-                terminal(&e.header, &e.status, None, Some(&e.reason))
-            }
-            MessageCanceled::FULL_NAME => {
-                let Some(e) =
-                    decode_or_dead_letter::<MessageCanceled>(codec, STAGE, input, out).await?
-                else {
-                    return Ok(None);
-                };
-                terminal(&e.header, "canceled", None, e.reason.as_ref())
-            }
-            MessageFailed::FULL_NAME => {
-                let Some(e) =
-                    decode_or_dead_letter::<MessageFailed>(codec, STAGE, input, out).await?
-                else {
-                    return Ok(None);
-                };
-                terminal(&e.header, "failed", e.provider.as_deref(), Some(&e.reason))
-            }
-            _ => None,
-        })
+        // The projector dead-letters records whose type cannot be read.
+        let event =
+            StatusEvent::decode(&self.deps.codec, STAGE, input, out, Unreadable::Skip).await?;
+        Ok(event.and_then(|e| terminal(e.header(), e.status(), e.provider(), e.reason())))
     }
 }
 

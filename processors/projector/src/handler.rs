@@ -5,30 +5,7 @@ use std::collections::HashMap;
 
 use herald_schemas::{EventHeader, Reason};
 
-/// Rank of a status: a row only moves to a higher rank. Terminal states share the top rank, so
-/// the first terminal fact wins.
-pub fn rank(status: &str) -> i16 {
-    match status {
-        "accepted" => 1,
-        "scheduled" => 2,
-        "rendered" => 3,
-        "routed" => 4,
-        "sent" => 5,
-        "delivered" | "failed" | "undelivered" | "suppressed" | "canceled" | "expired"
-        | "unknown" => 6,
-        _ => 0,
-    }
-}
-
-/// The status a receipt gives its message: `delivered` or `undelivered`, except when the
-/// `callback_failure` rules sent the message again (`retry`, `switch_provider`): then it stays
-/// `sent` until the next attempt's outcome.
-pub fn receipt_status(e: &herald_schemas::ReceiptReceived) -> &str {
-    match e.decision.as_deref() {
-        Some("retry" | "switch_provider") => "sent",
-        _ => &e.status,
-    }
-}
+pub use herald_domain::status::rank;
 
 /// One status fact about one message.
 #[derive(Debug, Clone, PartialEq)]

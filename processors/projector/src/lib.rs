@@ -23,7 +23,8 @@ use futures::future::BoxFuture;
 use herald_core::runtime::{DELAY_TIERS_SECS, Deps, delay_topic};
 use herald_core::telemetry::names;
 use herald_core::transport::{InRecord, OutRecord, Positions};
-use herald_core::worker::{BatchHandler, StageError, dead_letter, run_worker};
+use herald_core::worker::{BatchHandler, StageError, run_worker};
+use herald_domain::event::{StatusEvent, Unreadable};
 use herald_schemas::*;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -66,90 +67,29 @@ impl Projector {
         input: &InRecord,
         out: &mut Vec<OutRecord>,
     ) -> Result<Option<Fact>, StageError> {
-        let codec = &self.deps.codec;
-        let Some(payload) = input.payload.as_deref() else {
+        let Some(event) =
+            StatusEvent::decode(&self.deps.codec, STAGE, input, out, Unreadable::DeadLetter)
+                .await?
+        else {
             return Ok(None);
         };
-        let name = match codec.event_name(payload).await {
-            Ok(n) => n,
-            Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
-            Err(e) => {
-                out.push(
-                    dead_letter(
-                        codec,
-                        STAGE,
-                        input,
-                        Reason::new(e.code(), e.to_string()),
-                        None,
-                        None,
-                    )
-                    .await?,
-                );
-                return Ok(None);
-            }
-        };
-        macro_rules! dec {
-            ($t:ty) => {
-                match codec.decode::<$t>(payload).await {
-                    Ok(v) => v,
-                    Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
-                    Err(e) => {
-                        out.push(
-                            dead_letter(
-                                codec,
-                                STAGE,
-                                input,
-                                Reason::new(e.code(), e.to_string()),
-                                None,
-                                None,
-                            )
-                            .await?,
-                        );
-                        return Ok(None);
-                    }
-                }
-            };
-        }
-        let f = match name.as_str() {
-            MessageAccepted::FULL_NAME => {
-                let e = dec!(MessageAccepted);
-                let mut f = Fact::new(&e.header, "accepted");
+        let mut f = Fact::new(event.header(), event.status());
+        f.provider = event.provider().map(str::to_owned);
+        f.reason = event.reason().cloned();
+        match event {
+            StatusEvent::Accepted(e) => {
                 f.recipient_masked = Some(herald_core::util::mask_address(&e.recipient.address));
                 f.recipient_key = Some(herald_core::util::recipient_key(
                     &self.deps.config.security.secret,
                     &e.recipient.address,
                 ));
                 f.template = e.template;
-                f
             }
-            DelayScheduled::FULL_NAME => {
-                let e = dec!(DelayScheduled);
-                let status = match e.purpose {
-                    DelayPurpose::ScheduledSend => "scheduled",
-                    DelayPurpose::Retry => "retry_scheduled",
-                };
-                let mut f = Fact::new(&e.header, status);
-                f.reason = e.reason;
-                f
-            }
-            MessageRendered::FULL_NAME => {
-                let e = dec!(MessageRendered);
-                let mut f = Fact::new(&e.header, "rendered");
+            StatusEvent::Rendered(e) => {
                 f.template = e.template;
                 f.template_version = e.template_version;
-                f
             }
-            MessageRouted::FULL_NAME => {
-                let e = dec!(MessageRouted);
-                let mut f = Fact::new(&e.header, "routed");
-                f.provider = Some(e.provider);
-                f
-            }
-            DeliveryAttempted::FULL_NAME => {
-                let e = dec!(DeliveryAttempted);
-                let mut f = Fact::new(&e.header, &e.status);
-                f.provider = e.provider;
-                f.reason = e.reason;
+            StatusEvent::Attempted(e) => {
                 f.recipient_masked = Some(e.recipient_masked);
                 f.latency_ms = Some(e.latency_ms);
                 f.provider_code = e.provider_response_code;
@@ -163,36 +103,9 @@ impl Projector {
                     }
                     .to_owned(),
                 );
-                f
             }
-            ReceiptReceived::FULL_NAME => {
-                let e = dec!(ReceiptReceived);
-                let mut f = Fact::new(&e.header, handler::receipt_status(&e));
-                f.provider = Some(e.provider);
-                f.reason = e.reason;
-                f
-            }
-            MessageSuppressed::FULL_NAME => {
-                let e = dec!(MessageSuppressed);
-                let mut f = Fact::new(&e.header, &e.status);
-                f.reason = Some(e.reason);
-                f
-            }
-            MessageCanceled::FULL_NAME => {
-                let e = dec!(MessageCanceled);
-                let mut f = Fact::new(&e.header, "canceled");
-                f.reason = e.reason;
-                f
-            }
-            MessageFailed::FULL_NAME => {
-                let e = dec!(MessageFailed);
-                let mut f = Fact::new(&e.header, "failed");
-                f.provider = e.provider;
-                f.reason = Some(e.reason);
-                f
-            }
-            _ => return Ok(None),
-        };
+            _ => {}
+        }
         Ok(Some(f))
     }
 
@@ -420,7 +333,7 @@ async fn load_offsets(db: &Client) -> Result<HashMap<(String, i32), i64>, tokio_
 /// Runs the projector until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     let mut db = deps
-        .postgres_migrated(herald_core::readmodel::SCHEMA)
+        .postgres_migrated(herald_domain::readmodel::SCHEMA)
         .await?;
     let offsets = load_offsets(&db)
         .await
@@ -436,7 +349,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     // The projector owns the read model; it also runs the retention task (one process purges
     // at a time, whichever runs it).
-    herald_core::retention::spawn(
+    herald_domain::retention::spawn(
         deps.config.postgres.url.clone(),
         deps.config.retention.clone(),
         shutdown.clone(),

@@ -3,7 +3,6 @@
 //! `herald.status` when a template is unknown or a variable is missing (promise 5: the message
 //! fails with the variable's name, the stage moves on). Exactly-once between topics.
 
-pub mod handler;
 pub mod sandbox;
 
 use futures::future::BoxFuture;
@@ -24,7 +23,7 @@ struct Render {
     deps: Deps,
     /// Renders run in a memory-limited child process (see [`sandbox`]).
     sandbox: Sandbox,
-    watch: herald_core::templates::Watch,
+    watch: herald_domain::templates::Watch,
 }
 
 impl BatchHandler for Render {
@@ -119,14 +118,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     .await
     .map_err(|e| StageError::Fatal(e.to_string()))?;
     let db = deps
-        .postgres_migrated(herald_core::templates::SCHEMA)
+        .postgres_migrated(herald_domain::templates::SCHEMA)
         .await?;
-    herald_core::templates::seed(&db, &deps.config.templates)
+    herald_domain::templates::seed(&db, &deps.config.templates)
         .await
         .map_err(|e| {
             StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
         })?;
-    let watch = herald_core::templates::Watch::new(db);
+    let watch = herald_domain::templates::Watch::new(db);
     let spec = deps.spec(STAGE, vec![topics::ACCEPTED.into()], true);
     let transport = deps.transport.clone();
     run_worker(

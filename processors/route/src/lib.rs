@@ -39,7 +39,7 @@ struct Route {
 /// Open breakers, as the send (calls) and callback (receipts) stages last wrote them.
 struct Health {
     db: Option<tokio_postgres::Client>,
-    open: herald_core::failure::breaker::OpenSet,
+    open: herald_domain::failure::breaker::OpenSet,
 }
 
 impl Health {
@@ -49,7 +49,7 @@ impl Health {
         let Some(db) = &self.db else {
             return HashSet::new();
         };
-        herald_core::gate::canceled(db, ids)
+        herald_domain::gate::canceled(db, ids)
             .await
             .unwrap_or_default()
     }
@@ -250,8 +250,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     let ddl = [
         policy::SCHEMA,
-        herald_core::readmodel::OPT_OUT_SCHEMA,
-        herald_core::gate::SCHEMA,
+        herald_domain::readmodel::OPT_OUT_SCHEMA,
+        herald_domain::gate::SCHEMA,
     ]
     .join(";\n");
     let policy_db = deps.postgres_migrated(&ddl).await?;

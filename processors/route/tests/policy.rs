@@ -45,7 +45,7 @@ async fn a_message_delivered_twice_in_one_batch_is_not_its_own_duplicate() {
         .await
         .expect("PostgreSQL up (scripts/stack up)");
     db.batch_execute(policy::SCHEMA).await.unwrap();
-    db.batch_execute(herald_core::readmodel::OPT_OUT_SCHEMA)
+    db.batch_execute(herald_domain::readmodel::OPT_OUT_SCHEMA)
         .await
         .unwrap();
     let mut p: PolicyConfig = toml::from_str("channel = \"SMS\"").unwrap();

@@ -162,7 +162,7 @@ pub async fn start(db: &Client, keys: &[(&str, i32)]) -> Result<(), tokio_postgr
 
 /// Records the outcomes of a batch's calls and, in the same statement, which of them now wait
 /// for a receipt (`waits[i]`: the deadline in ms for `done[i]`, if it waits; see
-/// `herald_core::failure::receipt_wait`).
+/// `herald_domain::failure::receipt_wait`).
 pub async fn finish(
     db: &Client,
     done: &[(String, i32, CallResult, i64)],

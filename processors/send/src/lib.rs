@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use herald_core::config::UnknownOutcomePolicy;
-use herald_core::failure::rules::{self, Decision, Rules};
-use herald_core::failure::{alert, breaker, next_attempt, outcome_from_str, outcome_str};
+use herald_domain::failure::rules::{self, Decision, Rules};
+use herald_domain::failure::{alert, breaker, next_attempt, outcome_from_str, outcome_str};
 use ledger::Prior;
 use providers::{CallResult, Provider};
 
@@ -82,7 +82,7 @@ struct Send {
     breakers: Arc<breaker::Breakers>,
     /// Providers open by either signal in any process (`switch_provider` skips them).
     health: breaker::OpenSet,
-    redactor: herald_core::redact::Redactor,
+    redactor: herald_domain::redact::Redactor,
 }
 
 /// Text PostgreSQL can store (a provider may answer with a NUL byte).
@@ -304,7 +304,7 @@ impl BatchHandler for Send {
                 .map(|(m, _, _)| m.header.message_id.clone())
                 .collect();
             if !first.is_empty() {
-                let canceled = herald_core::gate::open_for_sending(&self.db, &first)
+                let canceled = herald_domain::gate::open_for_sending(&self.db, &first)
                     .await
                     .map_err(|e| StageError::postgres("send gate", e))?;
                 if !canceled.is_empty() {
@@ -609,9 +609,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     ));
     deps.postgres_migrated(ledger::SCHEMA).await?;
     deps.postgres_migrated(breaker::SCHEMA).await?;
-    deps.postgres_migrated(herald_core::gate::SCHEMA).await?;
+    deps.postgres_migrated(herald_domain::gate::SCHEMA).await?;
     deps.postgres_migrated(alert::SCHEMA).await?;
-    deps.postgres_migrated(herald_core::failure::receipt_wait::SCHEMA)
+    deps.postgres_migrated(herald_domain::failure::receipt_wait::SCHEMA)
         .await?;
     alert::spawn_dispatcher(
         &guard,
@@ -627,7 +627,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     // Every worker shares the providers, rules, limiters and breakers; each has its own database
     // connection and view of provider health.
-    let redactor = herald_core::redact::Redactor::new(&deps.config);
+    let redactor = herald_domain::redact::Redactor::new(&deps.config);
     let handler = |db| Send {
         deps: deps.clone(),
         db,

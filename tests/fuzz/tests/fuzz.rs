@@ -7,7 +7,7 @@ use std::sync::{Arc, LazyLock};
 
 use herald_core::codec::{Codec, MemoryResolver};
 use herald_core::config::TemplateConfig;
-use herald_core::validate::{self, Limits};
+use herald_domain::validate::{self, Limits};
 use herald_schemas::*;
 use proptest::collection::{hash_map, vec};
 use proptest::prelude::*;
@@ -538,7 +538,7 @@ fn templates_compile_and_render() {
                 Ok((_, c)) => {
                     let size = c.text.as_ref().map_or(0, String::len)
                         + c.html.as_ref().map_or(0, String::len);
-                    prop_assert!(size <= 2 * herald_render::handler::MAX_RENDERED_BYTES);
+                    prop_assert!(size <= 2 * herald_domain::templates::compile::MAX_RENDERED_BYTES);
                 }
                 Err(reason) if reason.code == "render_resource_limit" => {
                     exhausted.fetch_add(1, Ordering::Relaxed);

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use herald_core::readmodel::TERMINAL;
 use herald_core::transport::{OutRecord, SourceSpec, Transport};
 use herald_core::util::{message_id, now_ms};
+use herald_domain::status::TERMINAL;
 use herald_schemas::{Channel, Priority, Recipient, SendRequested, topics};
 use herald_tests::*;
 use serde_json::{Value, json};

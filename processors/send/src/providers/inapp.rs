@@ -11,7 +11,7 @@ use tokio::sync::OnceCell;
 
 use super::{CallResult, Provider, ProviderError};
 
-use herald_core::readmodel::{INBOX_CHANNEL as CHANNEL, INBOX_SCHEMA as SCHEMA};
+use herald_domain::readmodel::{INBOX_CHANNEL as CHANNEL, INBOX_SCHEMA as SCHEMA};
 
 pub struct Inapp {
     url: String,

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use herald_core::config::{ProviderConfig, ProviderKind};
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
-pub use herald_core::failure::CallResult;
+pub use herald_domain::failure::CallResult;
 
 pub trait Provider: Send + Sync {
     /// Whether the channel confirms delivery later by receipt (then success means `sent`).

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{CallResult, outcome_str};
-use crate::config::{Config, RuleAction};
-use crate::util::{now_ms, standard_webhook_signature, webhook_key};
+use herald_core::config::{Config, RuleAction};
+use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
 
 pub const ALERTS: &str = "herald_send_alerts_total";
 
@@ -132,8 +132,8 @@ pub fn keys(cfg: &Config) -> HashMap<String, Vec<u8>> {
 
 /// Delivers due alerts until `shutdown`. Alerts go only where the outbound guard permits.
 pub fn spawn_dispatcher(
-    guard: &crate::netguard::Guard,
-    mut db: crate::db::Db,
+    guard: &herald_core::netguard::Guard,
+    mut db: herald_core::db::Db,
     keys: HashMap<String, Vec<u8>>,
     shutdown: CancellationToken,
 ) {
@@ -161,10 +161,10 @@ pub fn spawn_dispatcher(
 
 /// One round: sends what is due, records each result. The number of alerts tried.
 async fn deliver_due(
-    db: &mut crate::db::Db,
+    db: &mut herald_core::db::Db,
     http: &reqwest::Client,
     keys: &HashMap<String, Vec<u8>>,
-) -> Result<usize, crate::db::PoolFailure> {
+) -> Result<usize, herald_core::db::PoolFailure> {
     db.reconnect_if_closed().await?;
     // Claimed with a lease: every process that runs send or callback runs a dispatcher, and
     // no two of them post the same alert at once.

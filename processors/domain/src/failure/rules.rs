@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::config::{
+use herald_core::config::{
     ActionConfig, Config, RuleAction, RuleConfig, RuleScene, UnknownOutcomePolicy,
 };
 use herald_schemas::{Channel, DeliveryOutcome, MessageRouted, Reason};

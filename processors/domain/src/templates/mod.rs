@@ -4,11 +4,13 @@
 //! which check that a template exists) reload when the store changes, checking at most once a
 //! second, so every worker renders with the same versions.
 
+pub mod compile;
+
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::config::TemplateConfig;
+use herald_core::config::TemplateConfig;
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS templates (
@@ -137,7 +139,7 @@ async fn stamp(db: &Client) -> Result<(i64, Option<f64>), tokio_postgres::Error>
 
 /// A process's view of the store, refreshed at most once a second.
 pub struct Watch {
-    db: crate::db::Db,
+    db: herald_core::db::Db,
     stamp: Option<(i64, Option<f64>)>,
     checked: Option<Instant>,
 }
@@ -148,7 +150,7 @@ impl Watch {
         self.db.simple_query("SELECT 1").await.is_ok()
     }
 
-    pub fn new(db: crate::db::Db) -> Watch {
+    pub fn new(db: herald_core::db::Db) -> Watch {
         Watch {
             db,
             stamp: None,
@@ -157,7 +159,9 @@ impl Watch {
     }
 
     /// The templates when they changed since the last call (always on the first call).
-    pub async fn changed(&mut self) -> Result<Option<Vec<TemplateConfig>>, crate::db::PoolFailure> {
+    pub async fn changed(
+        &mut self,
+    ) -> Result<Option<Vec<TemplateConfig>>, herald_core::db::PoolFailure> {
         self.db.reconnect_if_closed().await?;
         if self
             .checked

@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::RetentionConfig;
-use crate::readmodel::TERMINAL;
+use crate::status::TERMINAL;
 use crate::validate::MAX_SCHEDULE_AHEAD_MS;
+use herald_core::config::RetentionConfig;
 
 pub const ROWS_PURGED: &str = "herald_retention_rows_purged_total";
 
@@ -147,7 +147,7 @@ pub fn spawn(url: String, cfg: RetentionConfig, shutdown: CancellationToken) {
     tokio::spawn(async move {
         loop {
             if let Err(e) = round(&url, &cfg, &shutdown).await {
-                warn!(error = %crate::runtime::pg_error(e), "retention round failed; next round later");
+                warn!(error = %herald_core::runtime::pg_error(e), "retention round failed; next round later");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -163,7 +163,7 @@ pub async fn round(
     cfg: &RetentionConfig,
     shutdown: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
-    let db = crate::runtime::connect_postgres(url).await?;
+    let db = herald_core::runtime::connect_postgres(url).await?;
     let locked: bool = db
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
         .await?

@@ -20,11 +20,11 @@ use herald_schemas::{
     DelayPurpose, DelayScheduled, DeliveryOutcome, MessageRouted, Reason, topics,
 };
 
-use crate::codec::{Codec, CodecError};
-use crate::runtime::{delay_topic, tier_for};
-use crate::transport::OutRecord;
-use crate::util::event_id;
-use crate::worker::record;
+use herald_core::codec::{Codec, CodecError};
+use herald_core::runtime::{delay_topic, tier_for};
+use herald_core::transport::OutRecord;
+use herald_core::util::event_id;
+use herald_core::worker::record;
 
 /// The classified answer of one provider call.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,16 +1,5 @@
 //! The read model's tables: written by the projector, read by the API. One DDL for both.
 
-/// Statuses after which a message changes no more (CONTRACT.md's terminal statuses).
-pub const TERMINAL: [&str; 7] = [
-    "delivered",
-    "failed",
-    "undelivered",
-    "suppressed",
-    "canceled",
-    "expired",
-    "unknown",
-];
-
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
     message_id text PRIMARY KEY,

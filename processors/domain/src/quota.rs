@@ -5,7 +5,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use herald_core::config::Config;
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS app_usage (
@@ -33,7 +33,7 @@ pub fn mark(config: &Config, request_id: &str) -> Vec<u8> {
 pub fn verify_mark(config: &Config, request_id: &str, value: &[u8]) -> bool {
     let want = mark(config, request_id);
     std::str::from_utf8(value)
-        .is_ok_and(|v| crate::sign::ct_eq(v, std::str::from_utf8(&want).unwrap_or_default()))
+        .is_ok_and(|v| herald_core::sign::ct_eq(v, std::str::from_utf8(&want).unwrap_or_default()))
 }
 
 /// Counts `n` messages for `app` today unless that would pass `quota`; true when counted.

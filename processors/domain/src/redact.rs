@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use herald_core::config::Config;
 
 /// Secret values shorter than this are not searched for (they would match ordinary text).
 const MIN_SECRET_CHARS: usize = 6;

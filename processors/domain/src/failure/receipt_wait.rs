@@ -13,12 +13,12 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::codec::Codec;
-use crate::db::Db;
-use crate::runtime::pg_error;
-use crate::transport::Transport;
-use crate::util::{event_id, now_ms, random_id};
-use crate::worker::record;
+use herald_core::codec::Codec;
+use herald_core::db::Db;
+use herald_core::runtime::pg_error;
+use herald_core::transport::Transport;
+use herald_core::util::{event_id, now_ms, random_id};
+use herald_core::worker::record;
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS receipt_waits (
@@ -130,7 +130,7 @@ pub async fn sweep(db: &mut Db, codec: &Codec, transport: &dyn Transport) -> Res
         else {
             continue;
         };
-        metrics::counter!(crate::telemetry::names::RECEIPTS, "provider" => provider.clone(), "result" => "timed_out")
+        metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.clone(), "result" => "timed_out")
             .increment(1);
         let trace = random_id();
         let ev = ReceiptReceived {

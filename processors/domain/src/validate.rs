@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use herald_schemas::{Channel, Reason, Recipient, SendRequested};
 
-use crate::config::PipelineConfig;
+use herald_core::config::PipelineConfig;
 
 /// Longest accepted scheduling horizon (and expiry).
 pub const MAX_SCHEDULE_AHEAD_MS: i64 = 366 * 24 * 3600 * 1000;

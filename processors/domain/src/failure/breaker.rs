@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::BreakerConfig;
+use herald_core::config::BreakerConfig;
 use herald_schemas::DeliveryOutcome;
 
 pub const SCHEMA: &str = "
@@ -186,7 +186,7 @@ impl Breakers {
             let failed = *failed;
             if let Some(state) = b.record(failed, now) {
                 let rate = b.failure_rate();
-                metrics::gauge!(crate::telemetry::names::BREAKER_STATE, "provider" => provider.clone(), "signal" => self.signal.label())
+                metrics::gauge!(herald_core::telemetry::names::BREAKER_STATE, "provider" => provider.clone(), "signal" => self.signal.label())
                     .set(if matches!(state, State::Open { .. }) { 1.0 } else { 0.0 });
                 tracing::warn!(%provider, signal = self.signal.label(), ?state, failure_rate = rate, "circuit breaker changed");
                 let open = match state {
@@ -273,7 +273,7 @@ impl OpenSet {
                 self.open.clear()
             }
             Err(e) => {
-                tracing::warn!(error = %crate::runtime::pg_error(e), "provider health not read")
+                tracing::warn!(error = %herald_core::runtime::pg_error(e), "provider health not read")
             }
         }
     }
