@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use herald_core::config::Config;
+use herald_providers::{Context, Provider, REGISTRY};
 use herald_schemas::{
     Channel, DeliveryOutcome, EventHeader, MessageRouted, Priority, Recipient, RenderedContent,
 };
-use herald_send::providers::{self, Provider};
 use herald_simulators::{CREDENTIALS, Sim, credential};
 use serde_json::{Value, json};
 
@@ -91,13 +91,13 @@ impl Peer {
                 .any(|(v, _)| *v == k)
                 .then(|| credential(k))
         });
-        cfg.validate().unwrap();
-        providers::build(
-            &cfg.providers[0],
-            "",
-            &herald_core::netguard::Guard::new(&cfg.security.outbound_allow),
-        )
-        .unwrap()
+        cfg.validate(&REGISTRY).unwrap();
+        let guard = herald_core::netguard::Guard::new(&cfg.security.outbound_allow);
+        let cx = Context {
+            postgres_url: "",
+            guard: &guard,
+        };
+        REGISTRY.build(&cfg.providers[0], &cx).unwrap()
     }
 }
 
@@ -702,13 +702,13 @@ settings = {{ tls_ca_file = "{}", tls_domain = "localhost" }}
         "SMTP_PASS" => Some(password.clone()),
         _ => None,
     });
-    cfg.validate().unwrap();
-    providers::build(
-        &cfg.providers[0],
-        "",
-        &herald_core::netguard::Guard::new(&cfg.security.outbound_allow),
-    )
-    .unwrap()
+    cfg.validate(&REGISTRY).unwrap();
+    let guard = herald_core::netguard::Guard::new(&cfg.security.outbound_allow);
+    let cx = Context {
+        postgres_url: "",
+        guard: &guard,
+    };
+    REGISTRY.build(&cfg.providers[0], &cx).unwrap()
 }
 
 fn mails(dir: &std::path::Path, port: u16) -> Vec<String> {

@@ -4,6 +4,13 @@
 //! `herald.status` for an invalid recipient, and a dead letter for an undecodable or invalid
 //! request. Message ids are deterministic (promise 2); outputs and input offsets commit in one
 //! Kafka transaction (promise 3); bad input never stops the stage (promise 5).
+//!
+//! - Reads: `herald.requests.v1`.
+//! - Writes: `herald.accepted`, `herald.delay.<n>s` (scheduled sends), `herald.status`
+//!   (`MessageFailed`), `herald.dead-letters.v1`.
+//! - Tables (through their owners in `herald-domain`): `request_keys` (idempotency), `app_usage`
+//!   (quota), `templates` (seeded at start). Owns none.
+//! - Promise: one request becomes its messages exactly once, whatever is replayed.
 
 pub mod handler;
 
@@ -243,18 +250,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     };
     let spec = deps.spec(STAGE, vec![topics::REQUESTS.into()], true);
     let transport = deps.transport.clone();
-    let db = deps
-        .postgres_migrated(&[idempotency::SCHEMA, herald_domain::quota::SCHEMA].join(";\n"))
-        .await?;
+    let db = herald_domain::schema::migrated(&deps).await?;
     let quotas = deps
         .config
         .apps
         .iter()
         .filter_map(|a| Some((a.id.clone(), a.daily_quota?)))
         .collect();
-    let tdb = deps
-        .postgres_migrated(herald_domain::templates::SCHEMA)
-        .await?;
+    let tdb = herald_domain::schema::migrated(&deps).await?;
     herald_domain::templates::seed(&tdb, &deps.config.templates)
         .await
         .map_err(|e| {

@@ -79,15 +79,6 @@ impl NonceCache {
     }
 }
 
-/// Nonces seen by any API process, for the signature window (cross-process replay defence).
-pub const NONCE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS api_nonces (
-    app_id text NOT NULL,
-    nonce text NOT NULL,
-    expires_at timestamptz NOT NULL,
-    PRIMARY KEY (app_id, nonce)
-)";
-
 /// Records a nonce; false when another process (or request) already used it. Expired nonces
 /// are purged now and then.
 pub async fn remember_nonce(

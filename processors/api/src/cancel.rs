@@ -7,9 +7,8 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_core::util::{event_id, now_ms, random_id};
 use herald_core::worker::record;
@@ -17,7 +16,7 @@ use herald_domain::gate::{self, Cancel};
 use herald_schemas::{Channel, EventHeader, MessageCanceled, Reason, topics};
 use serde_json::json;
 
-use crate::{ApiError, ApiState, authenticate, db_err, publish};
+use crate::{ApiError, ApiState, Signed, db_err, publish};
 
 /// Whether a message in `status` has nothing left to cancel: a terminal status, or `sent` (the
 /// provider has it).
@@ -35,23 +34,17 @@ struct Target {
 pub async fn message(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    by(&state, Key::Message, &id, (&method, &uri, &headers, &body)).await
+    by(&state, Key::Message, &id, &app).await
 }
 
 pub async fn request(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    by(&state, Key::Request, &id, (&method, &uri, &headers, &body)).await
+    by(&state, Key::Request, &id, &app).await
 }
 
 enum Key {
@@ -59,51 +52,40 @@ enum Key {
     Request,
 }
 
-async fn by(
-    state: &ApiState,
-    key: Key,
-    id: &str,
-    (method, uri, headers, body): (&Method, &Uri, &HeaderMap, &Bytes),
-) -> Result<Response, ApiError> {
-    let app = authenticate(state, method, uri, headers, body).await?;
-    let (column, what) = match key {
-        Key::Message => ("message_id", "message"),
-        Key::Request => ("request_id", "request"),
+async fn by(state: &ApiState, key: Key, id: &str, app: &str) -> Result<Response, ApiError> {
+    let what = match key {
+        Key::Message => "message",
+        Key::Request => "request",
     };
-    let rows = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query(
-            &format!(
-                "SELECT message_id, request_id, channel, status FROM messages
-                 WHERE {column} = $1 AND app_id = $2"
-            ),
-            &[&id, &app],
-        )
-        .await
-        .map_err(db_err)?;
-    let mut targets: Vec<Target> = rows
-        .iter()
-        .map(|r| Target {
-            message_id: r.get(0),
-            request_id: r.get(1),
-            channel: r.get(2),
-            status: r.get(3),
-        })
-        .collect();
+    let (request_id, message_id) = match key {
+        Key::Message => (None, Some(id)),
+        Key::Request => (Some(id), None),
+    };
+    let db = state.db().await.map_err(db_err)?;
+    let mut targets: Vec<Target> =
+        herald_domain::readmodel::of_request_or_message(&**db, app, request_id, message_id)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(|m| Target {
+                message_id: m.message_id,
+                request_id: m.request_id,
+                channel: m.channel,
+                status: m.status,
+            })
+            .collect();
     if targets.is_empty() {
         // Accepted by the gateway, not projected yet: cancelable at once.
         let accepted = match key {
             Key::Message => {
-                herald_domain::intake::message(&*state.db().await.map_err(db_err)?, &app, id)
+                herald_domain::intake::message(&*state.db().await.map_err(db_err)?, app, id)
                     .await
                     .map_err(db_err)?
                     .into_iter()
                     .collect()
             }
             Key::Request => {
-                herald_domain::intake::request(&*state.db().await.map_err(db_err)?, &app, id)
+                herald_domain::intake::request(&*state.db().await.map_err(db_err)?, app, id)
                     .await
                     .map_err(db_err)?
             }
@@ -118,7 +100,7 @@ async fn by(
             })
             .collect();
     }
-    run(state, &app, targets, &format!("no {what} {id}")).await
+    run(state, app, targets, &format!("no {what} {id}")).await
 }
 
 async fn run(

@@ -10,17 +10,17 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use herald_domain::readmodel::INBOX_CHANNEL;
+use herald_domain::inbox::{self, CHANNEL as INBOX_CHANNEL, Item};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
-use crate::{ApiError, ApiState, authenticate, db_err};
+use crate::{ApiError, ApiState, App, Signed, db_err};
 
 /// Inbox notifications (`<app>/<user>`) for this process's streams.
 pub type Notifications = broadcast::Sender<String>;
@@ -75,19 +75,16 @@ pub struct InboxQuery {
     pub unread: Option<bool>,
 }
 
-fn row_json(r: &tokio_postgres::Row) -> Value {
+fn item_json(i: &Item) -> Value {
     json!({
-        "message_id": r.get::<_, String>(0),
-        "title": r.get::<_, Option<String>>(1),
-        "body": r.get::<_, Option<String>>(2),
-        "created_at": r.get::<_, i64>(3),
-        "read": r.get::<_, Option<i64>>(4).is_some(),
-        "read_at": r.get::<_, Option<i64>>(4),
+        "message_id": i.message_id,
+        "title": i.title,
+        "body": i.body,
+        "created_at": i.created_ms,
+        "read": i.read_ms.is_some(),
+        "read_at": i.read_ms,
     })
 }
-
-const COLUMNS: &str = "message_id, title, body, (extract(epoch from created_at) * 1000)::bigint,
-     (extract(epoch from read_at) * 1000)::bigint";
 
 /// `GET /v1/inbox/{user}`: newest first, paginated by `cursor` (`<created_ms>:<message_id>`),
 /// optionally `unread=true` only; with the unread count.
@@ -95,31 +92,24 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     Path(user): Path<String>,
     Query(q): Query<InboxQuery>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    App(app): App,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let (cur_ms, cur_id) = crate::parse_cursor(q.cursor.as_deref())?;
     let unread_only = q.unread.unwrap_or(false);
-    let rows = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM inbox
-                 WHERE app_id = $1 AND user_id = $2 AND (NOT $3 OR read_at IS NULL)
-                   AND ((extract(epoch from created_at) * 1000)::bigint, message_id) < ($4, $5)
-                 ORDER BY created_at DESC, message_id DESC LIMIT $6"
-            ),
-            &[&app, &user, &unread_only, &cur_ms, &cur_id, &(limit + 1)],
-        )
-        .await
-        .map_err(db_err)?;
+    let db = state.db().await.map_err(db_err)?;
+    let rows = inbox::page(
+        &**db,
+        &app,
+        &user,
+        unread_only,
+        (cur_ms, &cur_id),
+        limit + 1,
+    )
+    .await
+    .map_err(db_err)?;
     let more = rows.len() as i64 > limit;
-    let page: Vec<Value> = rows.iter().take(limit as usize).map(row_json).collect();
+    let page: Vec<Value> = rows.iter().take(limit as usize).map(item_json).collect();
     let next = more
         .then(|| {
             page.last().map(|m| {
@@ -131,17 +121,7 @@ pub async fn list(
             })
         })
         .flatten();
-    let unread: i64 = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query_one(
-            "SELECT count(*) FROM inbox WHERE app_id = $1 AND user_id = $2 AND read_at IS NULL",
-            &[&app, &user],
-        )
-        .await
-        .map_err(db_err)?
-        .get(0);
+    let unread = inbox::unread(&**db, &app, &user).await.map_err(db_err)?;
     Ok(
         Json(json!({"user": user, "unread": unread, "messages": page, "next_cursor": next}))
             .into_response(),
@@ -152,24 +132,13 @@ pub async fn list(
 pub async fn mark_read(
     State(state): State<Arc<ApiState>>,
     Path((user, id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
-    let n = state
-        .db()
+    let db = state.db().await.map_err(db_err)?;
+    if !inbox::mark_read(&**db, &app, &user, &id)
         .await
         .map_err(db_err)?
-        .execute(
-            "UPDATE inbox SET read_at = coalesce(read_at, now())
-             WHERE app_id = $1 AND user_id = $2 AND message_id = $3",
-            &[&app, &user, &id],
-        )
-        .await
-        .map_err(db_err)?;
-    if n == 0 {
+    {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "message_not_found",
@@ -185,18 +154,8 @@ async fn newer(
     user: &str,
     after: (i64, String),
 ) -> Result<Vec<Value>, tokio_postgres::Error> {
-    let rows = db
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM inbox
-                 WHERE app_id = $1 AND user_id = $2
-                   AND ((extract(epoch from created_at) * 1000)::bigint, message_id) > ($3, $4)
-                 ORDER BY created_at, message_id LIMIT 500"
-            ),
-            &[&app, &user, &after.0, &after.1],
-        )
-        .await?;
-    Ok(rows.iter().map(row_json).collect())
+    let rows = inbox::newer(db, app, user, (after.0, &after.1), 500).await?;
+    Ok(rows.iter().map(item_json).collect())
 }
 
 /// `GET /v1/inbox/{user}/stream`: Server-Sent Events, one `message` event per new inbox row
@@ -204,11 +163,9 @@ async fn newer(
 pub async fn stream(
     State(state): State<Arc<ApiState>>,
     Path(user): Path<String>,
-    method: Method,
-    uri: Uri,
     headers: HeaderMap,
+    App(app): App,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     // Live streams hold a connection and a task each: bounded per app.
     let max = state.deps.config.api.max_streams_per_app;
     let slot = state.streams.acquire(&app, max).ok_or_else(|| {

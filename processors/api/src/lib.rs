@@ -5,6 +5,13 @@
 //! reason and publish nothing (promise 5). `GET /v1/messages/{id}` and `GET /v1/requests/{id}`
 //! read the projector's tables.
 //! Every `/v1` route needs app authentication ([`auth`]).
+//!
+//! - Reads: HTTP. Writes: `herald.requests.v1`, `herald.status` (`MessageCanceled`).
+//! - Tables: owns `api_nonces` ([`auth`]); reads the read model, `intake`, `inbox`, `templates`,
+//!   `opt_outs`, `app_usage` and writes `message_gate` (cancel) through their owners in
+//!   `herald-domain`.
+//! - Promise: a 202 is true at once (the broker acknowledged; `GET` answers from `intake` until
+//!   the projector has the message).
 
 pub mod auth;
 pub mod cancel;
@@ -16,7 +23,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +33,7 @@ use herald_core::runtime::Deps;
 use herald_core::telemetry::names;
 use herald_core::util::{message_id, now_ms, random_id};
 use herald_core::worker::{StageError, record};
+use herald_domain::readmodel;
 use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topics};
 use serde::Deserialize;
 use serde_json::json;
@@ -194,6 +203,53 @@ async fn authenticate(
     Ok(app)
 }
 
+/// The authenticated app of a `/v1` request without a body (the signature covers an empty one).
+/// Every read route takes it: a handler cannot forget authentication.
+pub struct App(pub String);
+
+impl FromRequestParts<Arc<ApiState>> for App {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(state, &parts.method, &parts.uri, &parts.headers, b"")
+            .await
+            .map(App)
+    }
+}
+
+/// The authenticated app of a `/v1` request with a body, and the body it signed. Reads the body
+/// (within the router's body limit), so it comes last among a handler's arguments.
+pub struct Signed {
+    pub app: String,
+    pub body: Bytes,
+}
+
+impl FromRequest<Arc<ApiState>> for Signed {
+    /// axum's own refusals (body too large …) pass through and get the JSON error shape from
+    /// [`json_errors`] like every other refusal of axum's.
+    type Rejection = Response;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let body = Bytes::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(IntoResponse::into_response)?;
+        let app = authenticate(state, &parts.method, &parts.uri, &parts.headers, &body)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Signed { app, body })
+    }
+}
+
 /// `POST /v1/messages` body: `SendRequested` as JSON, `request_id` and `requested_at` optional.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,12 +282,9 @@ pub struct SendBody {
 
 async fn send(
     State(state): State<Arc<ApiState>>,
-    method: Method,
-    uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    Signed { app, body }: Signed,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     rate_limit(&state, &app)?;
     let b: SendBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
@@ -420,23 +473,12 @@ async fn opt_out(
     State(state): State<Arc<ApiState>>,
     Path((channel, address)): Path<(String, String)>,
     method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     let channel = channel_param(&channel)?;
     let opted_out = method == Method::PUT;
-    let sql = if opted_out {
-        "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
-    } else {
-        "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3"
-    };
-    state
-        .db()
-        .await
-        .map_err(db_err)?
-        .execute(sql, &[&app, &channel.as_str(), &address])
+    let db = state.db().await.map_err(db_err)?;
+    herald_domain::opt_out::set(&**db, &app, channel.as_str(), &address, opted_out)
         .await
         .map_err(db_err)?;
     Ok(
@@ -496,26 +538,13 @@ pub(crate) async fn publish(
 async fn get_message(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    App(app): App,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
-    let row = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query_opt(
-            "SELECT message_id, request_id, app_id, channel, recipient_masked, status, provider, attempts, template,
-                    template_version, (extract(epoch from created_at) * 1000)::bigint, (extract(epoch from updated_at) * 1000)::bigint
-             FROM messages WHERE message_id = $1 AND app_id = $2",
-            &[&id, &app],
-        )
-        .await
-        .map_err(db_err)?;
+    let db = state.db().await.map_err(db_err)?;
+    let row = readmodel::message(&**db, &app, &id).await.map_err(db_err)?;
     let Some(row) = row else {
         // Accepted by the gateway, not projected yet: `accepted`, true at once.
-        let a = herald_domain::intake::message(&*state.db().await.map_err(db_err)?, &app, &id)
+        let a = herald_domain::intake::message(&db, &app, &id)
             .await
             .map_err(db_err)?
             .ok_or_else(|| {
@@ -535,72 +564,52 @@ async fn get_message(
         }))
         .into_response());
     };
-    let events = state
-        .db()
+    let timeline: Vec<_> = readmodel::timeline(&**db, &id)
         .await
         .map_err(db_err)?
-        .query(
-            "SELECT status, (extract(epoch from at) * 1000)::bigint, provider, attempt, reason_code, reason_message
-             FROM message_events WHERE message_id = $1 ORDER BY at, status",
-            &[&id],
-        )
-        .await
-        .map_err(db_err)?;
-    let timeline: Vec<_> = events
-        .iter()
+        .into_iter()
         .map(|e| {
-            let code: Option<String> = e.get(4);
             json!({
-                "status": e.get::<_, String>(0),
-                "at": e.get::<_, i64>(1),
-                "provider": e.get::<_, Option<String>>(2),
-                "attempt": e.get::<_, i32>(3),
-                "reason": code.map(|c| json!({"code": c, "message": e.get::<_, Option<String>>(5)})),
+                "status": e.status,
+                "at": e.at_ms,
+                "provider": e.provider,
+                "attempt": e.attempt,
+                "reason": e.reason_code.map(|c| json!({"code": c, "message": e.reason_message})),
             })
         })
         .collect();
-    let attempts = state
-        .db()
+    let delivery_attempts: Vec<_> = readmodel::attempts(&**db, &id)
         .await
         .map_err(db_err)?
-        .query(
-            "SELECT attempt, provider, outcome, status, response_code, latency_ms, reason_code,
-                    (extract(epoch from at) * 1000)::bigint
-             FROM delivery_attempts WHERE message_id = $1 ORDER BY attempt",
-            &[&id],
-        )
-        .await
-        .map_err(db_err)?;
-    let delivery_attempts: Vec<_> = attempts
-        .iter()
+        .into_iter()
         .map(|a| {
             json!({
-                "attempt": a.get::<_, i32>(0),
-                "provider": a.get::<_, Option<String>>(1),
-                "outcome": a.get::<_, String>(2),
-                "status": a.get::<_, String>(3),
-                "response_code": a.get::<_, Option<String>>(4),
-                "latency_ms": a.get::<_, Option<i64>>(5),
-                "reason_code": a.get::<_, Option<String>>(6),
-                "at": a.get::<_, i64>(7),
+                "attempt": a.attempt,
+                "provider": a.provider,
+                "outcome": a.outcome,
+                "status": a.status,
+                "response_code": a.response_code,
+                "latency_ms": a.latency_ms,
+                "reason_code": a.reason_code,
+                "at": a.at_ms,
             })
         })
         .collect();
     metrics::counter!(names::API_REQUESTS, "route" => "get_message", "outcome" => "ok")
         .increment(1);
     Ok(Json(json!({
-        "message_id": row.get::<_, String>(0),
-        "request_id": row.get::<_, String>(1),
-        "app_id": row.get::<_, String>(2),
-        "channel": row.get::<_, String>(3),
-        "recipient": row.get::<_, Option<String>>(4),
-        "status": row.get::<_, String>(5),
-        "provider": row.get::<_, Option<String>>(6),
-        "attempts": row.get::<_, i32>(7),
-        "template": row.get::<_, Option<String>>(8),
-        "template_version": row.get::<_, Option<i32>>(9),
-        "created_at": row.get::<_, i64>(10),
-        "updated_at": row.get::<_, i64>(11),
+        "message_id": row.message_id,
+        "request_id": row.request_id,
+        "app_id": row.app_id,
+        "channel": row.channel,
+        "recipient": row.recipient,
+        "status": row.status,
+        "provider": row.provider,
+        "attempts": row.attempts,
+        "template": row.template,
+        "template_version": row.template_version,
+        "created_at": row.created_ms,
+        "updated_at": row.updated_ms,
         "timeline": timeline,
         "delivery_attempts": delivery_attempts,
     }))
@@ -621,11 +630,8 @@ async fn get_request(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     axum::extract::Query(page): axum::extract::Query<Page>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    App(app): App,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(
@@ -635,21 +641,14 @@ async fn get_request(
         )
         .field("limit"));
     }
-    let counts = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query(
-            "SELECT status, count(*) FROM messages WHERE request_id = $1 AND app_id = $2 GROUP BY status",
-            &[&id, &app],
-        )
+    let db = state.db().await.map_err(db_err)?;
+    let counts = readmodel::request_counts(&**db, &app, &id)
         .await
         .map_err(db_err)?;
     if counts.is_empty() {
-        let accepted =
-            herald_domain::intake::request(&*state.db().await.map_err(db_err)?, &app, &id)
-                .await
-                .map_err(db_err)?;
+        let accepted = herald_domain::intake::request(&db, &app, &id)
+            .await
+            .map_err(db_err)?;
         if accepted.is_empty() {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -684,29 +683,18 @@ async fn get_request(
         }))
         .into_response());
     }
-    let total: i64 = counts.iter().map(|r| r.get::<_, i64>(1)).sum();
-    let counts: serde_json::Map<String, serde_json::Value> = counts
-        .iter()
-        .map(|r| (r.get::<_, String>(0), json!(r.get::<_, i64>(1))))
-        .collect();
+    let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    let counts: serde_json::Map<String, serde_json::Value> =
+        counts.into_iter().map(|(s, n)| (s, json!(n))).collect();
     let after = page.cursor.unwrap_or_default();
-    let rows = state
-        .db()
-        .await
-        .map_err(db_err)?
-        .query(
-            "SELECT message_id, recipient_masked, status FROM messages
-             WHERE request_id = $1 AND app_id = $2 AND message_id > $3
-             ORDER BY message_id LIMIT $4",
-            &[&id, &app, &after, &(limit + 1)],
-        )
+    let rows = readmodel::request_page(&**db, &app, &id, &after, limit + 1)
         .await
         .map_err(db_err)?;
     let more = rows.len() as i64 > limit;
     let messages: Vec<_> = rows
         .iter()
         .take(limit as usize)
-        .map(|r| json!({"message_id": r.get::<_, String>(0), "recipient": r.get::<_, Option<String>>(1), "status": r.get::<_, String>(2)}))
+        .map(|r| json!({"message_id": r.message_id, "recipient": r.recipient, "status": r.status}))
         .collect();
     let next_cursor = more
         .then(|| {
@@ -843,21 +831,8 @@ async fn json_errors(resp: Response) -> Response {
 
 /// Serves the API until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    // The read model's tables may not exist yet when the API starts before the projector.
-    // Everything the API reads or writes, created under the migration lock.
-    let ddl = [
-        herald_domain::readmodel::SCHEMA,
-        herald_domain::readmodel::INBOX_SCHEMA,
-        herald_domain::idempotency::SCHEMA,
-        herald_domain::gate::SCHEMA,
-        herald_domain::readmodel::OPT_OUT_SCHEMA,
-        auth::NONCE_SCHEMA,
-        herald_domain::quota::SCHEMA,
-        herald_domain::templates::SCHEMA,
-        herald_domain::intake::SCHEMA,
-    ]
-    .join(";\n");
-    drop(deps.postgres_migrated(&ddl).await?);
+    // The API may start before any other stage: the schema is brought up to date first.
+    drop(herald_domain::schema::migrated(&deps).await?);
     let pg = herald_core::db::SharedDb::connect(&deps.config.postgres.url)
         .await
         .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;

@@ -6,15 +6,14 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_core::config::TemplateConfig;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{ApiError, ApiState, authenticate, db_err};
+use crate::{ApiError, ApiState, App, Signed, db_err};
 
 #[derive(Debug, Deserialize)]
 pub struct VersionQuery {
@@ -34,12 +33,8 @@ fn view(t: &TemplateConfig) -> serde_json::Value {
 pub async fn put_template(
     State(state): State<Arc<ApiState>>,
     Path(code): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { app, body }: Signed,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, &body).await?;
     // The body is a template as in the config file, minus `code` (the path) and `version`
     // (the store assigns the next one).
     let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
@@ -105,11 +100,8 @@ pub async fn get_template(
     State(state): State<Arc<ApiState>>,
     Path(code): Path<String>,
     Query(q): Query<VersionQuery>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    App(app): App,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &method, &uri, &headers, b"").await?;
     let t =
         herald_domain::templates::get(&*state.db().await.map_err(db_err)?, &app, &code, q.version)
             .await

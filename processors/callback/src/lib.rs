@@ -14,8 +14,15 @@
 //! The decision travels in the receipt event, so the projector keeps a resent message `sent`.
 //! Every receipt also feeds the provider's receipt breaker: a provider that accepts calls but
 //! delivers nothing is opened for routing like one that refuses them.
-
-pub mod sms;
+//!
+//! - Reads: HTTP receipt pushes (no topic).
+//! - Writes: `herald.receipts.v1` (`ReceiptReceived`), the next attempt (`herald.dispatch.*` or
+//!   `herald.delay.<n>s`).
+//! - Tables: owns `receipt_ids` (replayed signed receipts); reads `send_ledger` through the send
+//!   ledger's lookup, ends `receipt_waits`, feeds `provider_health`, enqueues `alert_outbox`
+//!   (owners in `herald-domain`).
+//! - Promise: a provider is acknowledged only for receipts published; each is matched to an
+//!   attempt that provider really made.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,14 +33,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use herald_core::config::ProviderKind;
 use herald_core::runtime::Deps;
 use herald_core::util::{event_id, now_ms, random_id, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
 use herald_domain::failure::alert::{Alert, Scene};
 use herald_domain::failure::breaker::{Breakers, OpenSet, Signal};
-use herald_domain::failure::rules::{self, Decision, Rules};
+use herald_domain::failure::outcome::consequence;
+use herald_domain::failure::rules::Rules;
 use herald_domain::failure::{CallResult, next_attempt};
+use herald_providers::{REGISTRY, Receipts, Report};
 use herald_schemas::{
     Channel, DeliveryOutcome, EventHeader, MessageRouted, Reason, ReceiptReceived, topics,
 };
@@ -46,8 +54,8 @@ pub const STAGE: &str = "callback";
 struct CallbackState {
     deps: Deps,
     secrets: HashMap<String, Vec<u8>>,
-    /// SMS providers: code → (kind, callback token).
-    sms: HashMap<String, (&'static str, String)>,
+    /// Providers that push receipts: code → (their format, callback token).
+    sms: HashMap<String, (&'static Receipts, String)>,
     db: tokio::sync::Mutex<Db>,
     rules: Rules,
     /// Receipt breakers per provider.
@@ -70,38 +78,21 @@ struct Follow<'a> {
 }
 
 /// An alert for the outbox: rule, url, message, attempt, report.
-type PendingAlert = (String, String, MessageRouted, i32, sms::Report);
+type PendingAlert = (String, String, MessageRouted, i32, Report);
 
 /// A report matched to the attempt it is about.
 struct Matched {
-    report: sms::Report,
+    report: Report,
     row: LedgerRow,
     reported_at: i64,
 }
-
-/// Signed receipts seen, by `webhook-id`: a replay of one is acknowledged and ignored. The
-/// signature's timestamp window (300 s) bounds how long an id must be remembered.
-pub const RECEIPT_IDS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS receipt_ids (
-    provider text NOT NULL,
-    webhook_id text NOT NULL,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (provider, webhook_id)
-)";
 
 impl CallbackState {
     /// Claims a signed receipt's `webhook-id`; false when it was already taken (a replay).
     async fn claim_receipt(&self, provider: &str, id: &str) -> Result<bool, String> {
         let mut g = self.db.lock().await;
         let db = Self::connected(&self.deps, &mut g).await?;
-        static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        if !READY.load(std::sync::atomic::Ordering::Relaxed) {
-            db.batch_execute(RECEIPT_IDS_SCHEMA)
-                .await
-                .map_err(herald_core::runtime::pg_error)?;
-            READY.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         // Past the signature window a replay fails verification anyway.
         if CLAIMS
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -143,7 +134,7 @@ impl CallbackState {
     async fn lookup(
         &self,
         provider: &str,
-        reports: &[sms::Report],
+        reports: &[Report],
     ) -> Result<Vec<Option<LedgerRow>>, String> {
         let mut g = self.db.lock().await;
         let db = Self::connected(&self.deps, &mut g).await?;
@@ -155,29 +146,9 @@ impl CallbackState {
             .iter()
             .filter_map(|r| r.provider_message_id.as_deref())
             .collect();
-        let rows = db
-            .query(
-                "SELECT message_id, attempt, request_id, app_id, channel, provider_message_id, routed
-                 FROM send_ledger
-                 WHERE provider = $1 AND (outcome IS NULL OR outcome IN ('SUCCEEDED', 'UNKNOWN'))
-                   AND (message_id = ANY($2) OR provider_message_id = ANY($3))
-                 ORDER BY attempt",
-                &[&provider, &ids, &pids],
-            )
+        let rows = herald_domain::ledger::receipt_candidates(db, provider, &ids, &pids)
             .await
             .map_err(herald_core::runtime::pg_error)?;
-        let rows: Vec<LedgerRow> = rows
-            .iter()
-            .map(|r| LedgerRow {
-                message_id: r.get(0),
-                attempt: r.get(1),
-                request_id: r.get::<_, Option<String>>(2).unwrap_or_default(),
-                app_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
-                channel: r.get::<_, Option<String>>(4).unwrap_or_default(),
-                provider_message_id: r.get(5),
-                routed: r.get(6),
-            })
-            .collect();
         Ok(reports
             .iter()
             .map(|rep| {
@@ -199,17 +170,7 @@ impl CallbackState {
     }
 }
 
-#[derive(Debug, Clone)]
-struct LedgerRow {
-    message_id: String,
-    attempt: i32,
-    request_id: String,
-    app_id: String,
-    channel: String,
-    provider_message_id: Option<String>,
-    /// The `MessageRouted` the send stage kept for a resend.
-    routed: Option<Vec<u8>>,
-}
+use herald_domain::ledger::ReceiptCandidate as LedgerRow;
 
 impl CallbackState {
     async fn connected<'a>(
@@ -233,7 +194,7 @@ impl CallbackState {
         &self,
         provider: &str,
         row: &LedgerRow,
-        rep: &sms::Report,
+        rep: &Report,
         open: &OpenSet,
         trace: &str,
         follow: &mut Follow<'_>,
@@ -259,22 +220,19 @@ impl CallbackState {
         };
         metrics::counter!(herald_core::telemetry::names::RULE_ACTIONS, "provider" => provider.to_owned(), "action" => d.label())
             .increment(1);
-        *follow.reason = rules::annotate(follow.reason.take(), &d);
-        let name = match &d {
-            Decision::Retry { provider: p, .. } if *p != m.provider => "switch_provider",
-            d => d.label(),
-        };
-        if let Some(next) = d.next(follow.reason.clone()) {
+        let c = consequence(&d, follow.reason.take(), &m.provider);
+        *follow.reason = c.reason;
+        if let Some(next) = c.next {
             follow.records.push(
                 next_attempt(&self.deps.codec, STAGE, &m, row.attempt, next, trace, now)
                     .await
                     .map_err(|e| e.to_string())?,
             );
         }
-        if let Decision::Alert { rule, url, .. } = d {
+        if let Some((rule, url)) = c.alert {
             follow.alerts.push((rule, url, m, row.attempt, rep.clone()));
         }
-        Ok(Some(name))
+        Ok(Some(c.name))
     }
 
     /// Publishes one `ReceiptReceived` per matched report, with the `callback_failure` rules'
@@ -420,7 +378,7 @@ async fn sms_receipt(
     Path((provider, token)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let Some((kind, want)) = st.sms.get(&provider) else {
+    let Some((format, want)) = st.sms.get(&provider) else {
         return err(
             StatusCode::NOT_FOUND,
             "unknown_provider",
@@ -434,7 +392,7 @@ async fn sms_receipt(
             format!("no receipts for {provider}"),
         );
     }
-    let reports = match sms::parse(kind, &body) {
+    let reports = match (format.parse)(&body) {
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
@@ -471,7 +429,7 @@ async fn sms_receipt(
             format!("{unmatched} report(s) match no message sent by {provider} yet"),
         );
     }
-    (StatusCode::OK, Json(sms::ack(kind))).into_response()
+    (StatusCode::OK, Json((format.ack)())).into_response()
 }
 
 /// The generic receipt body (`POST /callbacks/{provider}`), checked: the status is
@@ -557,7 +515,7 @@ async fn receipt(
         Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
     // Only a message this provider really sent can get its receipt.
-    let report = sms::Report {
+    let report = Report {
         message_id: Some(r.message_id.clone()),
         provider_message_id: r.provider_message_id.clone(),
         delivered: r.status == "delivered",
@@ -626,12 +584,11 @@ pub fn router(deps: Deps) -> Router {
         .config
         .providers
         .iter()
-        .filter(|p| matches!(p.kind, ProviderKind::AliyunSms | ProviderKind::TencentSms))
         .filter_map(|p| {
             Some((
                 p.code.clone(),
                 (
-                    p.kind.as_str(),
+                    REGISTRY.receipts(&p.kind)?,
                     p.credentials.get("callback_token")?.clone(),
                 ),
             ))
@@ -667,10 +624,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
-    deps.postgres_migrated(herald_domain::failure::alert::SCHEMA)
-        .await?;
-    deps.postgres_migrated(herald_domain::failure::receipt_wait::SCHEMA)
-        .await?;
+    drop(herald_domain::schema::migrated(&deps).await?);
     herald_domain::failure::receipt_wait::spawn_sweeper(
         herald_core::db::Db::connect(&deps.config.postgres.url)
             .await

@@ -94,7 +94,12 @@ pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), 
 pub type StageFn = fn(Deps, CancellationToken) -> BoxFuture<'static, Result<(), StageError>>;
 
 /// The `main` of a single-stage binary: `herald-<stage> [--config FILE]` (or `HERALD_CONFIG`).
-pub fn stage_main(stage: &'static str, run: StageFn) -> std::process::ExitCode {
+/// `kinds` is the providers crate's registry (the config's provider kinds are checked at load).
+pub fn stage_main(
+    stage: &'static str,
+    kinds: &'static dyn crate::config::ProviderKinds,
+    run: StageFn,
+) -> std::process::ExitCode {
     crate::memory::limit_arenas();
     telemetry::init_tracing();
     let mut args = std::env::args().skip(1);
@@ -116,8 +121,8 @@ pub fn stage_main(stage: &'static str, run: StageFn) -> std::process::ExitCode {
         }
     };
     let result: Result<(), String> = runtime.block_on(async {
-        let config =
-            Config::load(path.as_deref().map(std::path::Path::new)).map_err(|e| e.to_string())?;
+        let config = Config::load(path.as_deref().map(std::path::Path::new), kinds)
+            .map_err(|e| e.to_string())?;
         telemetry::metrics_handle();
         let deps = Deps::new(config).map_err(|e| e.to_string())?;
         setup(&deps).await?;

@@ -322,61 +322,16 @@ pub struct AppConfig {
     pub status_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    Smtp,
-    AliyunSms,
-    TencentSms,
-    WecomRobot,
-    WecomApp,
-    DingtalkRobot,
-    FeishuBot,
-    WechatOa,
-    Webhook,
-    Inapp,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Smtp => "smtp",
-            ProviderKind::AliyunSms => "aliyun_sms",
-            ProviderKind::TencentSms => "tencent_sms",
-            ProviderKind::WecomRobot => "wecom_robot",
-            ProviderKind::WecomApp => "wecom_app",
-            ProviderKind::DingtalkRobot => "dingtalk_robot",
-            ProviderKind::FeishuBot => "feishu_bot",
-            ProviderKind::WechatOa => "wechat_oa",
-            ProviderKind::Webhook => "webhook",
-            ProviderKind::Inapp => "inapp",
-        }
-    }
-
-    pub fn channel(self) -> Channel {
-        match self {
-            ProviderKind::Smtp => Channel::Email,
-            ProviderKind::AliyunSms | ProviderKind::TencentSms => Channel::Sms,
-            ProviderKind::WecomRobot | ProviderKind::WecomApp => Channel::Wecom,
-            ProviderKind::DingtalkRobot => Channel::Dingtalk,
-            ProviderKind::FeishuBot => Channel::Feishu,
-            ProviderKind::WechatOa => Channel::Wechat,
-            ProviderKind::Webhook => Channel::Webhook,
-            ProviderKind::Inapp => Channel::Inapp,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SmtpTls {
-    /// No TLS (local relays and test servers only).
-    #[default]
-    None,
-    /// STARTTLS, required.
-    Starttls,
-    /// TLS from the first byte (port 465).
-    Implicit,
+/// What loading the config needs to know about provider kinds. The providers crate's registry
+/// implements it: the plumbing lists no provider, so adding one rebuilds nothing here.
+pub trait ProviderKinds: Sync {
+    /// The channel a kind sends on; `None` for a kind nobody registered.
+    fn channel(&self, kind: &str) -> Option<Channel>;
+    /// Every problem with one provider's kind-specific settings and credentials, each a
+    /// sentence without the provider's code (the caller prefixes it).
+    fn check(&self, p: &ProviderConfig) -> Vec<String>;
+    /// The registered kinds, for the message about an unknown one.
+    fn names(&self) -> Vec<&'static str>;
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,7 +339,11 @@ pub enum SmtpTls {
 pub struct ProviderConfig {
     /// Unique code, e.g. `smtp-main`.
     pub code: String,
-    pub kind: ProviderKind,
+    /// The provider kind (`smtp`, `aliyun_sms` …: the providers crate's registry lists them).
+    pub kind: String,
+    /// The kind's channel, resolved by [`Config::validate`] from the registry.
+    #[serde(skip)]
+    pub channel: Option<Channel>,
     /// Where requests go (overridable so simulators can stand in): `host:port` for SMTP, a URL
     /// for HTTP providers. Webhook providers may leave it empty: the recipient is the URL.
     #[serde(default)]
@@ -405,8 +364,9 @@ pub struct ProviderConfig {
     /// SMTP: sender address.
     #[serde(default)]
     pub from: Option<String>,
+    /// SMTP: `none` (default), `starttls` or `implicit` (checked by the SMTP provider).
     #[serde(default)]
-    pub tls: SmtpTls,
+    pub tls: Option<String>,
     /// Environment variables holding credentials, by name (`username`, `password`, `secret`,
     /// `access_key_id` …). Resolved at load into `credentials`; never logged.
     #[serde(default)]
@@ -662,8 +622,9 @@ impl TemplateConfig {
 }
 
 impl Config {
-    /// Reads `path` (if given), applies environment overrides, resolves secrets, validates.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    /// Reads `path` (if given), applies environment overrides, resolves secrets, validates
+    /// (provider kinds against `kinds`).
+    pub fn load(path: Option<&Path>, kinds: &dyn ProviderKinds) -> Result<Config, ConfigError> {
         let mut cfg = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -676,7 +637,7 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env(|k| std::env::var(k).ok());
-        cfg.validate()?;
+        cfg.validate(kinds)?;
         Ok(cfg)
     }
 
@@ -734,8 +695,11 @@ impl Config {
         }
     }
 
-    /// Every problem, not just the first.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Every problem, not just the first. Resolves each provider's channel from `kinds`.
+    pub fn validate(&mut self, kinds: &dyn ProviderKinds) -> Result<(), ConfigError> {
+        for p in &mut self.providers {
+            p.channel = kinds.channel(&p.kind);
+        }
         let mut problems = Vec::new();
         let mut seen = HashSet::new();
         for app in &self.apps {
@@ -806,24 +770,20 @@ impl Config {
                     ));
                 }
             }
-            match p.kind {
-                ProviderKind::Smtp => {
-                    if p.endpoint.is_empty() {
-                        problems.push(format!(
-                            "providers.{}: smtp needs endpoint host:port",
-                            p.code
-                        ));
-                    }
-                    if p.from.is_none() {
-                        problems.push(format!("providers.{}: smtp needs from", p.code));
-                    }
-                }
-                ProviderKind::Webhook | ProviderKind::Inapp => {}
-                _ => {
-                    if p.endpoint.is_empty() {
-                        problems.push(format!("providers.{}: endpoint is required", p.code));
-                    }
-                }
+            if p.channel.is_none() {
+                problems.push(format!(
+                    "providers.{}: unknown kind {:?} (known: {})",
+                    p.code,
+                    p.kind,
+                    kinds.names().join(", ")
+                ));
+            } else {
+                problems.extend(
+                    kinds
+                        .check(p)
+                        .into_iter()
+                        .map(|m| format!("providers.{}: {m}", p.code)),
+                );
             }
         }
         for r in &self.rules {
@@ -923,7 +883,7 @@ impl Config {
         let mut v: Vec<&ProviderConfig> = self
             .providers
             .iter()
-            .filter(|p| p.kind.channel() == channel)
+            .filter(|p| p.channel == Some(channel))
             .collect();
         v.sort_by_key(|p| p.priority);
         v
@@ -933,6 +893,32 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two kinds, the way the providers crate's registry answers.
+    struct Kinds;
+
+    impl ProviderKinds for Kinds {
+        fn channel(&self, kind: &str) -> Option<Channel> {
+            match kind {
+                "smtp" => Some(Channel::Email),
+                "aliyun_sms" => Some(Channel::Sms),
+                _ => None,
+            }
+        }
+        fn check(&self, p: &ProviderConfig) -> Vec<String> {
+            let mut v = Vec::new();
+            if p.endpoint.is_empty() {
+                v.push("endpoint is required".to_owned());
+            }
+            if p.kind == "aliyun_sms" && !p.settings.contains_key("sign_name") {
+                v.push("settings.sign_name is required".to_owned());
+            }
+            v
+        }
+        fn names(&self) -> Vec<&'static str> {
+            vec!["smtp", "aliyun_sms"]
+        }
+    }
 
     #[test]
     fn lists_every_problem() {
@@ -947,10 +933,13 @@ mod tests {
             [[providers]]
             code = "a"
             kind = "aliyun_sms"
+            [[providers]]
+            code = "b"
+            kind = "pigeon"
         "#;
         let mut cfg = Config::parse(text).unwrap();
         cfg.apply_env(|_| None);
-        let ConfigError::Invalid(p) = cfg.validate().unwrap_err() else {
+        let ConfigError::Invalid(p) = cfg.validate(&Kinds).unwrap_err() else {
             panic!("expected Invalid")
         };
         let all = p.join("\n");
@@ -958,12 +947,14 @@ mod tests {
             "NOPE_SECRET",
             "weight",
             "duplicate code",
-            "needs endpoint",
-            "needs from",
-            "endpoint is required",
+            "providers.a: endpoint is required",
+            "providers.a: settings.sign_name is required",
+            "providers.b: unknown kind \"pigeon\" (known: smtp, aliyun_sms)",
         ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }
+        assert_eq!(cfg.providers[1].channel, Some(Channel::Sms));
+        assert_eq!(cfg.providers_for(Channel::Email).len(), 1);
     }
 
     #[test]
@@ -984,6 +975,6 @@ mod tests {
         assert_eq!(cfg.apps[0].secret, "s3cret");
         assert_eq!(cfg.kafka.brokers, "k:1");
         assert_eq!(cfg.transport, TransportKind::Redis);
-        cfg.validate().unwrap();
+        cfg.validate(&Kinds).unwrap();
     }
 }

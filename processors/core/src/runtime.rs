@@ -112,22 +112,6 @@ impl Deps {
         spec
     }
 
-    /// A reconnecting PostgreSQL connection with `ddl` applied (under the migration lock);
-    /// failures are fatal.
-    pub async fn postgres_migrated(
-        &self,
-        ddl: &str,
-    ) -> Result<crate::db::Db, crate::worker::StageError> {
-        use crate::worker::StageError;
-        let mut db = crate::db::Db::connect(&self.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
-        migrate(&mut db, ddl)
-            .await
-            .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
-        Ok(db)
-    }
-
     /// A PostgreSQL client (the connection task runs in the background).
     pub async fn postgres(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         connect_postgres(&self.config.postgres.url).await
@@ -175,17 +159,6 @@ pub fn instance_id() -> String {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "herald-0".into())
     })
-}
-
-/// Applies DDL under a transaction-scoped advisory lock, so stages starting together in one or
-/// several processes never race on `CREATE … IF NOT EXISTS`.
-pub async fn migrate(db: &mut tokio_postgres::Client, ddl: &str) -> Result<(), String> {
-    let tx = db.transaction().await.map_err(pg_error)?;
-    tx.execute("SELECT pg_advisory_xact_lock(7262646)", &[])
-        .await
-        .map_err(pg_error)?;
-    tx.batch_execute(ddl).await.map_err(pg_error)?;
-    tx.commit().await.map_err(pg_error)
 }
 
 /// A PostgreSQL error with the server's message (tokio-postgres' Display says only "db error").

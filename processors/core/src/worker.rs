@@ -332,6 +332,8 @@ pub async fn run_workers<H: BatchHandler + 'static>(
     workers: Vec<(SourceSpec, H)>,
     shutdown: CancellationToken,
 ) -> Result<(), StageError> {
+    // The workers stop with the process, or when one of them fails for good.
+    let stop = shutdown.child_token();
     let handles: Vec<_> = workers
         .into_iter()
         .map(|(spec, handler)| {
@@ -340,15 +342,36 @@ pub async fn run_workers<H: BatchHandler + 'static>(
                 transport.clone(),
                 spec,
                 handler,
-                shutdown.clone(),
+                stop.clone(),
             ))
         })
         .collect();
-    for h in handles {
-        h.await
-            .map_err(|e| StageError::Fatal(format!("{stage} worker: {e}")))??;
+    join_until_failure(stage, handles, &stop).await
+}
+
+/// Waits for every task; the first that fails (or panics) stops the others through `stop`, and
+/// its error is returned once they have ended. A stage with a dead worker does not run on as if
+/// healthy: the process exits and its supervisor restarts it.
+async fn join_until_failure(
+    stage: &str,
+    handles: Vec<tokio::task::JoinHandle<Result<(), StageError>>>,
+    stop: &CancellationToken,
+) -> Result<(), StageError> {
+    let mut pending: futures::stream::FuturesUnordered<_> = handles.into_iter().collect();
+    let mut first = None;
+    while let Some(done) = futures::StreamExt::next(&mut pending).await {
+        let result = done
+            .map_err(|e| StageError::Fatal(format!("{stage} worker: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = result
+            && first.is_none()
+        {
+            tracing::error!(stage, error = %e, "worker failed; stopping the stage's other workers");
+            stop.cancel();
+            first = Some(e);
+        }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
 /// Sleeps `d`; true if shutdown came first.
@@ -530,6 +553,38 @@ pub fn trace_id(input: &InRecord) -> String {
 mod tests {
     use super::*;
     use crate::codec::MemoryResolver;
+
+    #[tokio::test]
+    async fn the_first_failing_worker_stops_the_others_and_its_error_is_returned() {
+        let stop = CancellationToken::new();
+        let patient = |stop: CancellationToken| {
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                Ok(())
+            })
+        };
+        let failing = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(StageError::Fatal("listen: address in use".into()))
+        });
+        let handles = vec![patient(stop.clone()), failing, patient(stop.clone())];
+        let joined = tokio::time::timeout(
+            Duration::from_secs(5),
+            join_until_failure("test", handles, &stop),
+        )
+        .await
+        .expect("the others were stopped");
+        assert!(matches!(joined, Err(StageError::Fatal(m)) if m.contains("address in use")));
+        assert!(stop.is_cancelled());
+
+        let stop = CancellationToken::new();
+        let ok = vec![
+            tokio::spawn(async { Ok(()) }),
+            tokio::spawn(async { Ok(()) }),
+        ];
+        assert!(join_until_failure("test", ok, &stop).await.is_ok());
+        assert!(!stop.is_cancelled());
+    }
 
     /// Fails a batch holding a `poison` record for good, one holding a `sticky` record
     /// transiently (as if a dependency refused just that record); echoes everything else.

@@ -3,6 +3,11 @@
 //! arrival order, so waiting on the head never delays a record behind it past its own time),
 //! then is re-published to its `target_topic` when due, or moved to the tier that fits the time
 //! still left. Scheduled sends and retries both ride on it. Exactly-once between topics.
+//!
+//! - Reads: `herald.delay.<n>s`.
+//! - Writes: each record's `target_topic` (any stage's input), or a shorter tier.
+//! - Tables: none.
+//! - Promise: a record is released once, and never early.
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `herald-delay`: the delay stage alone (`herald run --stages delay` runs it in the all-in-one binary).
 
 fn main() -> std::process::ExitCode {
-    herald_core::cli::stage_main("delay", |deps, shutdown| {
+    herald_core::cli::stage_main("delay", &herald_providers::REGISTRY, |deps, shutdown| {
         Box::pin(herald_delay::run(deps, shutdown))
     })
 }

@@ -9,13 +9,6 @@ use std::collections::HashSet;
 
 use tokio_postgres::Client;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS message_gate (
-    message_id text PRIMARY KEY,
-    state text NOT NULL CHECK (state IN ('canceled', 'sending')),
-    at timestamptz NOT NULL DEFAULT now()
-)";
-
 /// The outcome of a cancel for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cancel {

@@ -11,16 +11,6 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS request_keys (
-    app_id text NOT NULL,
-    key text NOT NULL,
-    request_id text NOT NULL,
-    source text NOT NULL,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (app_id, key)
-)";
-
 /// One request to check: its app, request id, optional idempotency key, and input position.
 pub struct Seen<'a> {
     pub app_id: &'a str,

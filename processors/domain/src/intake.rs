@@ -7,17 +7,6 @@
 
 use tokio_postgres::Client;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS intake (
-    message_id text PRIMARY KEY,
-    request_id text NOT NULL,
-    app_id text NOT NULL,
-    channel text NOT NULL,
-    at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS intake_request ON intake (app_id, request_id);
-CREATE INDEX IF NOT EXISTS intake_at ON intake (at)";
-
 /// How long a row bridges the gap (the projector is seconds behind at worst in normal running).
 pub const KEEP: &str = "1 hour";
 

@@ -7,14 +7,6 @@ use tokio_postgres::Client;
 
 use herald_core::config::Config;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS app_usage (
-    app_id text NOT NULL,
-    day date NOT NULL,
-    messages bigint NOT NULL,
-    PRIMARY KEY (app_id, day)
-)";
-
 /// Header on requests the gateway already counted. Its value is a keyed mark of the request id
 /// ([`mark`]): an outside producer that copies the header name cannot skip the quota.
 pub const COUNTED_HEADER: &str = "herald-quota-counted";

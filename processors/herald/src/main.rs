@@ -96,22 +96,26 @@ enum ConfigCmd {
 async fn setup(deps: &Deps) -> anyhow::Result<()> {
     herald_core::cli::setup(deps)
         .await
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)?;
+    let applied = herald_domain::schema::migrate(&mut deps.postgres().await?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "schema at version {} (applied now: {applied:?})",
+        herald_domain::schema::latest()
+    );
+    Ok(())
 }
 
-/// `herald rebuild`: drops the projector's tables and rewinds its consumer group, so the next
+/// `herald rebuild`: empties the projector's tables and rewinds its consumer group, so the next
 /// projector start replays every event. Rows are upserts whose result does not depend on the
 /// order events arrive in, so the rebuilt tables equal the old ones (a test compares them).
-/// The drop commits only once the rewind succeeded: while a projector still holds the group,
+/// The emptying commits only once the rewind succeeded: while a projector still holds the group,
 /// nothing changes and the command says so.
 async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
     let mut db = deps.postgres().await?;
     let tx = db.transaction().await?;
-    tx.batch_execute(
-        "DROP TABLE IF EXISTS messages, message_events, delivery_attempts, projector_offsets",
-    )
-    .await?;
-    tx.batch_execute(herald_domain::readmodel::SCHEMA).await?;
+    herald_domain::readmodel::empty(&tx).await?;
     let group = deps.spec(herald_projector::STAGE, vec![], false).group;
     deps.transport
         .rewind(&group, &herald_projector::input_topics())
@@ -120,7 +124,7 @@ async fn rebuild(deps: &Deps) -> anyhow::Result<()> {
             anyhow::anyhow!("rewind {group} (stop every projector first; nothing changed): {e}")
         })?;
     tx.commit().await?;
-    println!("read model dropped and {group} rewound: start the projector to replay");
+    println!("read model emptied and {group} rewound: start the projector to replay");
     Ok(())
 }
 
@@ -348,7 +352,7 @@ async fn async_main() {
     telemetry::init_tracing();
     let cli = Cli::parse();
     let result = async {
-        let cfg = Config::load(cli.config.as_deref())?;
+        let cfg = Config::load(cli.config.as_deref(), &herald_providers::REGISTRY)?;
         if let Cmd::Config {
             cmd: ConfigCmd::Validate,
         } = cli.cmd

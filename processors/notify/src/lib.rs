@@ -7,6 +7,11 @@
 //! before its offsets commit), and a dispatcher delivers pending rows with retries and backoff
 //! (2 s, 4 s … up to 10 min, for 24 h). The `webhook-id` is stable per message, so a receiver
 //! that got a retry it had already processed can drop it.
+//!
+//! - Reads: `herald.deliveries.v1`, `herald.receipts.v1`, `herald.status`.
+//! - Writes: status webhooks (HTTP), `herald.dead-letters.v1`.
+//! - Tables: owns `status_notifications` (the outbox).
+//! - Promise: each terminal status is announced once per message, at least once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,20 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 pub const STAGE: &str = "notify";
-
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS status_notifications (
-    message_id text PRIMARY KEY,
-    app_id text NOT NULL,
-    payload text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    attempts int NOT NULL DEFAULT 0,
-    next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    delivered_at timestamptz,
-    last_error text
-);
-CREATE INDEX IF NOT EXISTS status_notifications_due ON status_notifications (next_attempt_at)
-    WHERE delivered_at IS NULL";
 
 /// How long a notification is retried before it is given up (and counted).
 const GIVE_UP_AFTER_SECS: i64 = 86_400;
@@ -260,7 +251,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         return Ok(());
     }
     let apps = Arc::new(apps);
-    let db = deps.postgres_migrated(SCHEMA).await?;
+    let db = herald_domain::schema::migrated(&deps).await?;
     let dispatcher_db = herald_core::db::Db::connect(&deps.config.postgres.url)
         .await
         .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;

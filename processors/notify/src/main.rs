@@ -2,7 +2,7 @@
 //! all-in-one binary).
 
 fn main() -> std::process::ExitCode {
-    herald_core::cli::stage_main("notify", |deps, shutdown| {
+    herald_core::cli::stage_main("notify", &herald_providers::REGISTRY, |deps, shutdown| {
         Box::pin(herald_notify::run(deps, shutdown))
     })
 }

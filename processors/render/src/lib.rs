@@ -2,6 +2,11 @@
 //! `herald.rendered` (recording the template version used), or `MessageFailed` to
 //! `herald.status` when a template is unknown or a variable is missing (promise 5: the message
 //! fails with the variable's name, the stage moves on). Exactly-once between topics.
+//!
+//! - Reads: `herald.accepted`.
+//! - Writes: `herald.rendered`, `herald.status` (`MessageFailed`), `herald.dead-letters.v1`.
+//! - Tables (through `herald_domain::templates`): `templates` (read, seeded). Owns none.
+//! - Promise: a hostile template costs one message (memory-limited child, fuel), never the stage.
 
 pub mod sandbox;
 
@@ -117,9 +122,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     )
     .await
     .map_err(|e| StageError::Fatal(e.to_string()))?;
-    let db = deps
-        .postgres_migrated(herald_domain::templates::SCHEMA)
-        .await?;
+    let db = herald_domain::schema::migrated(&deps).await?;
     herald_domain::templates::seed(&db, &deps.config.templates)
         .await
         .map_err(|e| {

@@ -2,7 +2,7 @@
 
 fn main() -> std::process::ExitCode {
     herald_render::sandbox::serve_if_child();
-    herald_core::cli::stage_main("render", |deps, shutdown| {
+    herald_core::cli::stage_main("render", &herald_providers::REGISTRY, |deps, shutdown| {
         Box::pin(herald_render::run(deps, shutdown))
     })
 }

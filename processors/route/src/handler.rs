@@ -6,7 +6,7 @@ use herald_core::config::ProviderConfig;
 #[derive(Debug, Clone)]
 struct Peer {
     code: String,
-    kind: &'static str,
+    kind: String,
     priority: u32,
     weight: i64,
     current: i64,
@@ -25,7 +25,7 @@ impl Balancer {
                 .iter()
                 .map(|p| Peer {
                     code: p.code.clone(),
-                    kind: p.kind.as_str(),
+                    kind: p.kind.clone(),
                     priority: p.priority,
                     weight: i64::from(p.weight.max(1)),
                     current: 0,
@@ -36,7 +36,7 @@ impl Balancer {
 
     /// The next provider `(code, kind)`, skipping those `available` rejects (open breakers).
     /// Lower priority groups are used only when no provider of a better group is available.
-    pub fn pick(&mut self, available: impl Fn(&str) -> bool) -> Option<(String, &'static str)> {
+    pub fn pick(&mut self, available: impl Fn(&str) -> bool) -> Option<(String, String)> {
         let best = self
             .peers
             .iter()
@@ -57,7 +57,8 @@ impl Balancer {
         }
         let (c, _) = chosen?;
         self.peers[c].current -= total;
-        Some((self.peers[c].code.clone(), self.peers[c].kind))
+        let peer = &self.peers[c];
+        Some((peer.code.clone(), peer.kind.clone()))
     }
 }
 
@@ -69,12 +70,12 @@ pub fn expired(expires_at: Option<i64>, now: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_core::config::{ProviderKind, SmtpTls};
 
     fn p(code: &str, priority: u32, weight: u32) -> ProviderConfig {
         ProviderConfig {
             code: code.into(),
-            kind: ProviderKind::Webhook,
+            kind: "webhook".into(),
+            channel: Some(herald_schemas::Channel::Webhook),
             endpoint: String::new(),
             priority,
             weight,
@@ -82,7 +83,7 @@ mod tests {
             batch_max: None,
             timeout_ms: 1000,
             from: None,
-            tls: SmtpTls::None,
+            tls: None,
             credentials_env: Default::default(),
             credentials: Default::default(),
             settings: Default::default(),

@@ -3,6 +3,13 @@
 //! for a message past its `expires_at` (never sent late), or `MessageFailed` when the channel has
 //! no provider. Exactly-once between topics. Providers whose circuit breaker is open (the send
 //! stage writes `provider_health`; read here at most once a second) are skipped.
+//!
+//! - Reads: `herald.rendered`.
+//! - Writes: `herald.dispatch.<channel>` and `herald.dispatch.high`, `herald.delay.<n>s` (quiet
+//!   hours), `herald.status` (`MessageSuppressed`, `MessageFailed`), `herald.dead-letters.v1`.
+//! - Tables: owns `policy_hits` ([`policy`]: dedup and frequency caps); reads `opt_outs`,
+//!   `message_gate` and `provider_health` through their owners in `herald-domain`.
+//! - Promise: a message is routed once, never after its `expires_at`, never while canceled.
 
 pub mod handler;
 pub mod policy;
@@ -224,7 +231,7 @@ impl BatchHandler for Route {
                     template_version: m.template_version,
                     content: m.content,
                     provider,
-                    provider_kind: kind.into(),
+                    provider_kind: kind,
                     tried_providers: Vec::new(),
                 };
                 out.push(record(&codec, &topic, &ev.recipient.address, &trace, &ev).await?);
@@ -248,13 +255,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .iter()
         .map(|p| (p.channel, p.clone()))
         .collect();
-    let ddl = [
-        policy::SCHEMA,
-        herald_domain::readmodel::OPT_OUT_SCHEMA,
-        herald_domain::gate::SCHEMA,
-    ]
-    .join(";\n");
-    let policy_db = deps.postgres_migrated(&ddl).await?;
+    let policy_db = herald_domain::schema::migrated(&deps).await?;
     let health = Health {
         db: None,
         open: Default::default(),

@@ -6,7 +6,7 @@
 //! workers never deadlock — counts that recipient's hits in the window, and records a hit per
 //! message it lets through, keyed by message id, so a redelivered batch re-decides the same way.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use herald_core::config::{PolicyConfig, QuietHours, QuietMode};
 use herald_schemas::{MessageRendered, Priority};
@@ -15,16 +15,6 @@ use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
-
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS policy_hits (
-    scope text NOT NULL,
-    message_id text NOT NULL,
-    content_hash text NOT NULL,
-    at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (scope, message_id)
-);
-CREATE INDEX IF NOT EXISTS policy_hits_scope_at ON policy_hits (scope, at)";
 
 /// What the policies say about one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,7 +151,7 @@ pub async fn stateful(
     }
     let tx = db.transaction().await?;
     // Opt-outs.
-    let (apps, chans, addrs): (Vec<&str>, Vec<&str>, Vec<&str>) = relevant
+    let keys: Vec<(&str, &str, &str)> = relevant
         .iter()
         .map(|i| {
             let m = msgs[*i];
@@ -171,23 +161,8 @@ pub async fn stateful(
                 m.recipient.address.as_str(),
             )
         })
-        .fold((vec![], vec![], vec![]), |mut acc, (a, c, d)| {
-            acc.0.push(a);
-            acc.1.push(c);
-            acc.2.push(d);
-            acc
-        });
-    let opted: HashSet<(String, String, String)> = tx
-        .query(
-            "SELECT o.app_id, o.channel, o.address FROM opt_outs o
-             JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS q(a, c, d)
-               ON o.app_id = q.a AND o.channel = q.c AND o.address = q.d",
-            &[&apps, &chans, &addrs],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    let opted = herald_domain::opt_out::opted_out(&tx, &keys).await?;
 
     // Lock every (app, channel, recipient) scope of the batch that has a cap or dedup, sorted.
     let counted: Vec<usize> = (0..msgs.len())

@@ -44,10 +44,7 @@ async fn a_message_delivered_twice_in_one_batch_is_not_its_own_duplicate() {
     let mut db = herald_core::runtime::connect_postgres(&url)
         .await
         .expect("PostgreSQL up (scripts/stack up)");
-    db.batch_execute(policy::SCHEMA).await.unwrap();
-    db.batch_execute(herald_domain::readmodel::OPT_OUT_SCHEMA)
-        .await
-        .unwrap();
+    herald_domain::schema::migrate(&mut db).await.unwrap();
     let mut p: PolicyConfig = toml::from_str("channel = \"SMS\"").unwrap();
     p.dedup_window_secs = Some(60);
     p.frequency_cap = Some(FrequencyCap {

@@ -3,12 +3,20 @@
 //! `DeliveryAttempted` per attempt to `herald.deliveries.v1`.
 //!
 //! Promise 2: every (message, attempt) is claimed in the PostgreSQL ledger before the call and
-//! its outcome recorded after it (see [`ledger`]); a redelivered record never causes a second
+//! its outcome recorded after it (see `herald_domain::ledger`); a redelivered record never causes a second
 //! call. Provider-side idempotency keys are passed where the provider has one (webhook-id,
 //! SMTP Message-ID). Calls in a batch run concurrently, bounded per worker.
+//!
+//! - Reads: `herald.dispatch.<channel>` and `herald.dispatch.high`.
+//! - Writes: `herald.deliveries.v1` (`DeliveryAttempted`), `herald.status` (`MessageSuppressed`
+//!   for a message that expired on the way), the next attempt (`herald.dispatch.*` now, or
+//!   `herald.delay.<n>s`), `herald.dead-letters.v1`.
+//! - Tables: `send_ledger` (through `herald_domain::ledger`, which also starts `receipt_waits`
+//!   in the same statement), `message_gate`, `provider_health`, `alert_outbox` through their owners in
+//!   `herald-domain`.
+//! - Planning is pure ([`plan`]); the decision on an outcome is `herald_domain::failure`'s.
 
-pub mod ledger;
-pub mod providers;
+pub mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,46 +37,14 @@ use herald_schemas::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use herald_core::config::UnknownOutcomePolicy;
-use herald_domain::failure::rules::{self, Decision, Rules};
-use herald_domain::failure::{alert, breaker, next_attempt, outcome_from_str, outcome_str};
-use ledger::Prior;
-use providers::{CallResult, Provider};
+use herald_domain::failure::outcome::consequence;
+use herald_domain::failure::rules::Rules;
+use herald_domain::failure::{alert, breaker, next_attempt, outcome_str};
+use herald_domain::ledger::{self, Prior};
+use herald_providers::{CallResult, Context, Provider, REGISTRY};
+use plan::{WAVES_IN_FLIGHT, status_after};
 
 pub const STAGE: &str = "send";
-
-/// Largest wave of provider calls.
-const CONCURRENCY: usize = 256;
-
-/// Waves in progress at once: the next wave starts while the last one's stragglers finish.
-const WAVES_IN_FLIGHT: usize = 4;
-
-/// The status a delivery outcome gives the message (CONTRACT.md §3).
-pub fn status_for(outcome: DeliveryOutcome, has_receipts: bool) -> &'static str {
-    match outcome {
-        DeliveryOutcome::Succeeded if has_receipts => "sent",
-        DeliveryOutcome::Succeeded => "delivered",
-        DeliveryOutcome::Unknown => "unknown",
-        _ => "failed",
-    }
-}
-
-/// The status the message has after an attempt and the rules' decision. A retry leaves it
-/// `routed` (on its way to a provider again).
-pub fn status_after(
-    decision: &Decision,
-    outcome: DeliveryOutcome,
-    has_receipts: bool,
-) -> &'static str {
-    match decision {
-        Decision::Done => status_for(outcome, has_receipts),
-        Decision::Retry { .. } => "routed",
-        Decision::Fail { .. } | Decision::Alert { .. } => "failed",
-        Decision::Unknown => "unknown",
-        Decision::HoldForReceipt => "sent",
-        Decision::Expired => "expired",
-    }
-}
 
 /// A provider's token bucket (`rate_limit_per_sec`, burst of one second).
 type Limiter = governor::DefaultDirectRateLimiter;
@@ -141,15 +117,13 @@ impl Send {
             .get(&m.provider)
             .is_some_and(|p| p.has_receipts());
         let channel = m.header.channel;
-        let waits = match outcome {
-            DeliveryOutcome::Succeeded => true,
-            DeliveryOutcome::Unknown => {
-                self.deps.config.unknown_outcome(channel) == UnknownOutcomePolicy::HoldForReceipt
-            }
-            _ => false,
-        };
-        (has_receipts && waits)
-            .then(|| now_ms() + self.deps.config.receipt_timeout(channel).as_millis() as i64)
+        plan::receipt_due(
+            has_receipts,
+            outcome,
+            self.deps.config.unknown_outcome(channel),
+            self.deps.config.receipt_timeout(channel),
+            now_ms(),
+        )
     }
 
     /// The attempt's `DeliveryAttempted`, plus what the rules' decision publishes (the next
@@ -174,7 +148,7 @@ impl Send {
         metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
             .increment(1);
         let status = status_after(&decision, r.outcome, has_receipts);
-        let reason = rules::annotate(r.reason.clone(), &decision);
+        let c = consequence(&decision, r.reason.clone(), &m.provider);
         let mut header = m.header.follow(
             STAGE,
             event_id(&m.header.message_id, "attempted", attempt),
@@ -186,7 +160,7 @@ impl Send {
             provider: Some(m.provider.clone()),
             status: status.into(),
             outcome: r.outcome,
-            reason: reason.clone(),
+            reason: c.reason,
             provider_message_id: r.provider_message_id.clone(),
             provider_response_code: r.response_code.clone(),
             latency_ms,
@@ -203,10 +177,10 @@ impl Send {
             )
             .await?,
         );
-        if let Some(next) = decision.next(reason) {
+        if let Some(next) = c.next {
             out.push(next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?);
         }
-        if let Decision::Alert { rule, url, .. } = &decision {
+        if let Some((rule, url)) = &c.alert {
             alerts.push(alert::Alert::new(
                 alert::Scene::SendFailure,
                 rule,
@@ -241,41 +215,45 @@ impl BatchHandler for Send {
             self.db.ensure().await?;
             self.health.refresh(&self.db).await;
             let mut out = Vec::with_capacity(batch.len());
-            let mut msgs: Vec<(MessageRouted, i32, String)> = Vec::with_capacity(batch.len());
-            let mut seen = HashSet::new();
-            let mut kept: HashMap<String, &[u8]> = HashMap::new();
+            let mut decoded: Vec<(MessageRouted, i32, &InRecord)> = Vec::with_capacity(batch.len());
             for input in batch {
-                let Some(m) = decode_or_dead_letter::<MessageRouted>(
-                    &self.deps.codec,
-                    STAGE,
-                    input,
-                    &mut out,
-                )
-                .await?
-                else {
-                    continue;
-                };
-                let attempt = m.header.attempt.max(1);
-                // The same attempt twice in one batch (a redelivery) is one attempt.
-                if seen.insert((m.header.message_id.clone(), attempt)) {
-                    // Kept in the ledger where an undelivered receipt may lead to a resend.
-                    if let Some(payload) = &input.payload
-                        && self.rules.may_act_on_receipt(m.header.channel, &m.provider)
-                        && self
-                            .providers
-                            .get(&m.provider)
-                            .is_some_and(|p| p.has_receipts())
-                    {
-                        kept.insert(m.header.message_id.clone(), payload.as_slice());
-                    }
-                    msgs.push((m, attempt, trace_id(input)));
+                if let Some(m) =
+                    decode_or_dead_letter::<MessageRouted>(&self.deps.codec, STAGE, input, &mut out)
+                        .await?
+                {
+                    let attempt = m.header.attempt.max(1);
+                    decoded.push((m, attempt, input));
                 }
+            }
+            let first = plan::first_of_each_attempt(
+                decoded
+                    .iter()
+                    .map(|(m, a, _)| (m.header.message_id.as_str(), *a)),
+            );
+            let mut msgs: Vec<(MessageRouted, i32, String)> = Vec::with_capacity(first.len());
+            let mut kept: HashMap<String, &[u8]> = HashMap::new();
+            let mut first = first.into_iter().peekable();
+            for (i, (m, attempt, input)) in decoded.into_iter().enumerate() {
+                if first.next_if_eq(&i).is_none() {
+                    continue;
+                }
+                // Kept in the ledger where an undelivered receipt may lead to a resend.
+                if let Some(payload) = &input.payload
+                    && self.rules.may_act_on_receipt(m.header.channel, &m.provider)
+                    && self
+                        .providers
+                        .get(&m.provider)
+                        .is_some_and(|p| p.has_receipts())
+                {
+                    kept.insert(m.header.message_id.clone(), payload.as_slice());
+                }
+                msgs.push((m, attempt, trace_id(input)));
             }
             // A message that expired while it waited (a backlog, a retry) is never sent late.
             let now = now_ms();
             let mut expired = Vec::new();
             msgs.retain(|(m, _, trace)| {
-                let late = m.expires_at.is_some_and(|e| e <= now);
+                let late = plan::expired(m.expires_at, now);
                 if late {
                     expired.push((m.clone(), trace.clone()));
                 }
@@ -335,19 +313,12 @@ impl BatchHandler for Send {
             // Calls go out in waves; each wave is marked started (one statement) before any of
             // its calls begins, so a crash can only leave the waves in progress in doubt.
             let providers = self.providers.clone();
-            let wave_size = msgs
-                .iter()
-                .filter_map(|(m, _, _)| providers.get(&m.provider).map(|p| p.max_in_flight()))
-                .min()
-                .unwrap_or(CONCURRENCY)
-                .div_ceil(WAVES_IN_FLIGHT)
-                .clamp(1, CONCURRENCY);
-            // A rate-limited provider's wave never needs more tokens than its bucket holds.
-            let wave_size = msgs
-                .iter()
-                .filter_map(|(m, _, _)| self.limiters.get(&m.provider).map(|(r, _)| *r as usize))
-                .min()
-                .map_or(wave_size, |r| wave_size.min(r.max(1)));
+            let wave_size = plan::wave_size(
+                msgs.iter()
+                    .filter_map(|(m, _, _)| providers.get(&m.provider).map(|p| p.max_in_flight())),
+                msgs.iter()
+                    .filter_map(|(m, _, _)| self.limiters.get(&m.provider).map(|(r, _)| *r)),
+            );
             let limiters = &self.limiters;
             let fresh: HashSet<usize> = priors
                 .iter()
@@ -355,13 +326,7 @@ impl BatchHandler for Send {
                 .filter(|(_, p)| **p == Prior::Fresh)
                 .map(|(i, _)| i)
                 .collect();
-            let mut waves: Vec<Vec<(usize, Prior)>> = Vec::new();
-            for (i, prior) in priors.into_iter().enumerate() {
-                match waves.last_mut() {
-                    Some(w) if w.len() < wave_size => w.push((i, prior)),
-                    _ => waves.push(vec![(i, prior)]),
-                }
-            }
+            let waves = plan::waves(priors, wave_size);
             let db = &self.db;
             let msgs_ref = &msgs;
             let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
@@ -578,7 +543,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let mut built: HashMap<String, Box<dyn Provider>> = HashMap::new();
     let guard = herald_core::netguard::Guard::new(&deps.config.security.outbound_allow);
     for p in &deps.config.providers {
-        let client = providers::build(p, &deps.config.postgres.url, &guard)
+        let cx = Context {
+            postgres_url: &deps.config.postgres.url,
+            guard: &guard,
+        };
+        let client = REGISTRY
+            .build(p, &cx)
             .map_err(|e| StageError::Fatal(e.to_string()))?;
         built.insert(p.code.clone(), client);
     }
@@ -607,12 +577,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             .iter()
             .map(|p| (p.code.clone(), p.breaker)),
     ));
-    deps.postgres_migrated(ledger::SCHEMA).await?;
-    deps.postgres_migrated(breaker::SCHEMA).await?;
-    deps.postgres_migrated(herald_domain::gate::SCHEMA).await?;
-    deps.postgres_migrated(alert::SCHEMA).await?;
-    deps.postgres_migrated(herald_domain::failure::receipt_wait::SCHEMA)
-        .await?;
+    drop(herald_domain::schema::migrated(&deps).await?);
     alert::spawn_dispatcher(
         &guard,
         herald_core::db::Db::connect(&deps.config.postgres.url)
@@ -682,9 +647,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_domain::failure::outcome_from_str;
 
     #[test]
-    fn outcome_names_round_trip_and_statuses_follow_the_contract() {
+    fn outcome_names_round_trip() {
         for o in [
             DeliveryOutcome::Succeeded,
             DeliveryOutcome::FailedPermanent,
@@ -694,12 +660,5 @@ mod tests {
         ] {
             assert_eq!(outcome_from_str(outcome_str(o)), Some(o));
         }
-        assert_eq!(status_for(DeliveryOutcome::Succeeded, true), "sent");
-        assert_eq!(status_for(DeliveryOutcome::Succeeded, false), "delivered");
-        assert_eq!(status_for(DeliveryOutcome::Unknown, false), "unknown");
-        assert_eq!(
-            status_for(DeliveryOutcome::FailedTransient, false),
-            "failed"
-        );
     }
 }

@@ -400,8 +400,8 @@ fn json_like() -> impl Strategy<Value = Vec<u8>> {
 fn provider_callback_parsers() {
     let strategy = prop_oneof![vec(any::<u8>(), 0..256), json_like()];
     fuzz("callbacks", strategy, |body| {
-        let _ = herald_callback::sms::parse("aliyun_sms", &body);
-        let _ = herald_callback::sms::parse("tencent_sms", &body);
+        let _ = herald_providers::aliyun_sms::receipt::parse(&body);
+        let _ = herald_providers::tencent_sms::receipt::parse(&body);
         let _ = herald_callback::parse_generic(&body);
         Ok(())
     });

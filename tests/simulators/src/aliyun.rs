@@ -13,11 +13,11 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use herald_core::sign::{
-    acs3_canonical_query, acs3_sign, aliyun_rpc_signature, aliyun_rpc_string_to_sign, ct_eq,
-    parse_iso8601_utc, sha256_hex,
-};
+use herald_core::sign::{ct_eq, parse_iso8601_utc, sha256_hex};
 use herald_core::util::now_ms;
+use herald_providers::aliyun_sms::sign::{
+    acs3_canonical_query, acs3_sign, aliyun_rpc_signature, aliyun_rpc_string_to_sign,
+};
 use serde_json::{Value, json};
 
 use crate::{Fault, Sim, apply_fault, credential};

@@ -11,8 +11,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use herald_core::sign::{ct_eq, dingtalk_sign, feishu_sign};
+use herald_core::sign::ct_eq;
 use herald_core::util::now_ms;
+use herald_providers::dingtalk_robot::sign::dingtalk_sign;
+use herald_providers::feishu_bot::sign::feishu_sign;
 use serde_json::{Value, json};
 
 use crate::{Sim, apply_fault, credential, hang as hang_for};

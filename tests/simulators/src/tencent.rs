@@ -13,8 +13,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::{Json, Router};
-use herald_core::sign::{Tc3, ct_eq, utc_date};
+use herald_core::sign::{ct_eq, utc_date};
 use herald_core::util::now_ms;
+use herald_providers::tencent_sms::sign::Tc3;
 use serde_json::{Value, json};
 
 use crate::{Fault, Sim, apply_fault, credential};

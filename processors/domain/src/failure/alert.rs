@@ -23,21 +23,6 @@ use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
 
 pub const ALERTS: &str = "herald_send_alerts_total";
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS alert_outbox (
-    id text PRIMARY KEY,
-    rule text NOT NULL,
-    url text NOT NULL,
-    payload text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    attempts int NOT NULL DEFAULT 0,
-    next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    delivered_at timestamptz,
-    last_error text
-);
-CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (next_attempt_at)
-    WHERE delivered_at IS NULL";
-
 /// How long an alert is retried before it is given up (and counted).
 const GIVE_UP_AFTER_SECS: i64 = 86_400;
 

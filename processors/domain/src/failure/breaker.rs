@@ -19,16 +19,6 @@ use std::time::{Duration, Instant};
 use herald_core::config::BreakerConfig;
 use herald_schemas::DeliveryOutcome;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS provider_health (
-    provider text PRIMARY KEY,
-    open_until timestamptz,
-    failure_rate double precision NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-ALTER TABLE provider_health ADD COLUMN IF NOT EXISTS receipts_open_until timestamptz;
-ALTER TABLE provider_health ADD COLUMN IF NOT EXISTS receipts_failure_rate double precision NOT NULL DEFAULT 0";
-
 /// What a breaker counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

@@ -7,10 +7,12 @@
 //!   `provider_health` table the route and send stages read.
 //! - [`alert`]: the `alert` action's signed operator webhook.
 //! - [`receipt_wait`]: how long a message waits in `sent` for its receipt.
+//! - [`outcome`]: what the decision on one attempt leads to (both scenes).
 //! - [`next_attempt`]: the records that put the next attempt on its way.
 
 pub mod alert;
 pub mod breaker;
+pub mod outcome;
 pub mod receipt_wait;
 pub mod rules;
 
@@ -77,6 +79,7 @@ pub fn outcome_from_str(s: &str) -> Option<DeliveryOutcome> {
 }
 
 /// Where and when the next attempt goes.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Next {
     pub provider: String,
     pub kind: String,

@@ -20,18 +20,6 @@ use herald_core::transport::Transport;
 use herald_core::util::{event_id, now_ms, random_id};
 use herald_core::worker::record;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS receipt_waits (
-    message_id text NOT NULL,
-    attempt int NOT NULL,
-    due_at timestamptz NOT NULL,
-    -- A receipt that overtook the send's own record: the wait it would start is over already.
-    received boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (message_id, attempt)
-);
-ALTER TABLE receipt_waits ADD COLUMN IF NOT EXISTS received boolean NOT NULL DEFAULT false;
-CREATE INDEX IF NOT EXISTS receipt_waits_due ON receipt_waits (due_at)";
-
 /// The reason code a timed-out wait ends with.
 pub const TIMEOUT_CODE: &str = "receipt_timeout";
 

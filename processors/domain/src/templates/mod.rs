@@ -12,25 +12,6 @@ use tokio_postgres::Client;
 
 use herald_core::config::TemplateConfig;
 
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS templates (
-    code text NOT NULL,
-    version int NOT NULL,
-    body text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (code, version)
-);
--- Templates belong to an app ('' = shared, from the config). Rows from before tenancy are
--- shared: nobody's to overwrite.
-ALTER TABLE templates ADD COLUMN IF NOT EXISTS app_id text NOT NULL DEFAULT '';
-DO $$ BEGIN
-  IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-             WHERE c.relname = 'templates_pkey' AND i.indnatts = 2) THEN
-    ALTER TABLE templates DROP CONSTRAINT templates_pkey;
-    ALTER TABLE templates ADD PRIMARY KEY (app_id, code, version);
-  END IF;
-END $$";
-
 fn to_json(t: &TemplateConfig) -> String {
     serde_json::to_string(t).unwrap_or_default()
 }

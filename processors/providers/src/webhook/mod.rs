@@ -7,8 +7,15 @@ use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
 use herald_core::netguard::Guard;
 
-use super::{
-    CallResult, Provider, ProviderError, http_client, http_client_builder, transport_failure,
+use crate::http::{http_client, http_client_builder, transport_failure};
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub const KIND: Kind = Kind {
+    name: "webhook",
+    channel: herald_schemas::Channel::Webhook,
+    check: |p| Webhook::new(p, &Guard::new(&[])).map(drop),
+    build: |p, cx: &Context| Ok(Box::new(Webhook::new(p, cx.guard)?)),
+    receipts: None,
 };
 
 /// Generic outgoing webhook, signed per the Standard Webhooks spec
@@ -31,7 +38,7 @@ impl Webhook {
             None => guard
                 .client(http_client_builder(p))
                 .build()
-                .map_err(|e| ProviderError::Config(p.code.clone(), e.to_string()))?,
+                .map_err(|e| ProviderError::one(p, e.to_string()))?,
         };
         let secret = p.credentials.get("secret").cloned().unwrap_or_default();
         Ok(Webhook {

@@ -10,16 +10,28 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
-use herald_core::sign::{
-    acs3_canonical_query, acs3_sign, aliyun_canonical_query, aliyun_rpc_signature, iso8601_utc,
-    pct, sha256_hex,
-};
+use herald_core::sign::{iso8601_utc, pct, sha256_hex};
 use herald_core::util::{now_ms, random_id};
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
-use super::{
-    CallResult, Provider, ProviderError, credential, endpoint, http_client, json_call,
-    provider_error, setting,
+use crate::http::{http_client, json_call, provider_error};
+use crate::settings::Needs;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub mod receipt;
+pub mod sign;
+
+use sign::{acs3_canonical_query, acs3_sign, aliyun_canonical_query, aliyun_rpc_signature};
+
+pub const KIND: Kind = Kind {
+    name: "aliyun_sms",
+    channel: herald_schemas::Channel::Sms,
+    check: |p| AliyunSms::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(AliyunSms::new(p)?)),
+    receipts: Some(crate::Receipts {
+        parse: receipt::parse,
+        ack: receipt::ack,
+    }),
 };
 
 pub const VERSION: &str = "2017-05-25";
@@ -38,30 +50,30 @@ pub struct AliyunSms {
 
 impl AliyunSms {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
-        let endpoint = endpoint(p)?;
-        let host = super::signed_host(p, &endpoint)?;
+        let mut n = Needs::new(p);
+        let endpoint = n.endpoint();
+        let host = n.signed_host(&endpoint);
         let acs3 = match p.settings.get("signature").map(String::as_str) {
             None | Some("v2") => false,
             Some("acs3") => true,
             Some(other) => {
-                return Err(ProviderError::Config(
-                    p.code.clone(),
-                    format!("settings.signature {other:?}: want v2 or acs3"),
-                ));
+                n.problem(format!("settings.signature {other:?}: want v2 or acs3"));
+                false
             }
         };
+        let key_id = n.credential("access_key_id");
+        let secret = n.credential("access_key_secret");
+        let sign_name = n.setting("sign_name");
+        let region = n.setting_or("region", "cn-hangzhou");
+        n.done()?;
         Ok(AliyunSms {
             client: http_client(p)?,
             endpoint,
             host,
-            key_id: credential(p, "access_key_id")?,
-            secret: credential(p, "access_key_secret")?,
-            sign_name: setting(p, "sign_name")?,
-            region: p
-                .settings
-                .get("region")
-                .cloned()
-                .unwrap_or_else(|| "cn-hangzhou".into()),
+            key_id,
+            secret,
+            sign_name,
+            region,
             acs3,
             // SendBatchSms takes at most 100 numbers.
             batch_max: p.batch_max.unwrap_or(1).clamp(1, 100),
@@ -70,7 +82,7 @@ impl AliyunSms {
 
     /// The `SendSms` business parameters of a message.
     fn business_params(&self, m: &MessageRouted) -> Result<BTreeMap<String, String>, CallResult> {
-        let Some(template) = super::provider_template(m) else {
+        let Some(template) = crate::http::provider_template(m) else {
             return Err(CallResult::fail(
                 DeliveryOutcome::FailedPermanent,
                 None,
@@ -281,7 +293,7 @@ impl Provider for AliyunSms {
             let mut by_template: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
             for (i, (m, _)) in msgs.iter().enumerate() {
                 by_template
-                    .entry(super::provider_template(m))
+                    .entry(crate::http::provider_template(m))
                     .or_default()
                     .push(i);
             }
@@ -295,7 +307,7 @@ impl Provider for AliyunSms {
                 };
                 groups.push((idx, results));
             }
-            super::in_message_order(msgs.len(), groups)
+            crate::in_message_order(msgs.len(), groups)
         })
     }
 }

@@ -14,9 +14,21 @@ use herald_core::sign::pct;
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 use serde_json::json;
 
-use super::token::{TokenCache, call_with_token, fetch_token};
-use super::wecom::classify;
-use super::{CallResult, Provider, ProviderError, credential, endpoint, http_client, json_call};
+use crate::http::{http_client, json_call};
+use crate::settings::Needs;
+use crate::token::{TokenCache, call_with_token, fetch_token};
+use crate::wecom::classify;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub mod sign;
+
+pub const KIND: Kind = Kind {
+    name: "wechat_oa",
+    channel: herald_schemas::Channel::Wechat,
+    check: |p| WechatOa::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(WechatOa::new(p)?)),
+    receipts: None,
+};
 
 pub struct WechatOa {
     client: reqwest::Client,
@@ -29,11 +41,16 @@ pub struct WechatOa {
 
 impl WechatOa {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let mut n = Needs::new(p);
+        let base = n.endpoint();
+        let app_id = n.credential("app_id");
+        let app_secret = n.credential("app_secret");
+        n.done()?;
         Ok(WechatOa {
             client: http_client(p)?,
-            base: endpoint(p)?,
-            app_id: credential(p, "app_id")?,
-            app_secret: credential(p, "app_secret")?,
+            base,
+            app_id,
+            app_secret,
             code: p.code.clone(),
             tokens: TokenCache::default(),
         })
@@ -60,7 +77,7 @@ impl WechatOa {
 impl Provider for WechatOa {
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
-            let Some(template) = super::provider_template(m) else {
+            let Some(template) = crate::http::provider_template(m) else {
                 return CallResult::fail(
                     DeliveryOutcome::FailedPermanent,
                     None,

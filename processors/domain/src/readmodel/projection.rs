@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use herald_schemas::{EventHeader, Reason};
 
-pub use herald_domain::status::rank;
+pub use crate::status::rank;
 
 /// One status fact about one message.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,13 +14,27 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
-use herald_core::sign::Tc3;
 use herald_core::util::now_ms;
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 
-use super::{
-    CallResult, Provider, ProviderError, credential, endpoint, http_client, json_call,
-    provider_error, setting,
+use crate::http::{http_client, json_call, provider_error};
+use crate::settings::Needs;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub mod receipt;
+pub mod sign;
+
+use sign::Tc3;
+
+pub const KIND: Kind = Kind {
+    name: "tencent_sms",
+    channel: herald_schemas::Channel::Sms,
+    check: |p| TencentSms::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(TencentSms::new(p)?)),
+    receipts: Some(crate::Receipts {
+        parse: receipt::parse,
+        ack: receipt::ack,
+    }),
 };
 
 pub const VERSION: &str = "2021-01-11";
@@ -42,27 +56,27 @@ pub struct TencentSms {
 
 impl TencentSms {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
-        let endpoint = endpoint(p)?;
-        let host = super::signed_host(p, &endpoint)?;
+        let mut n = Needs::new(p);
+        let endpoint = n.endpoint();
+        let host = n.signed_host(&endpoint);
+        let secret_id = n.credential("secret_id");
+        let secret_key = n.credential("secret_key");
+        let sdk_app_id = n.setting("sdk_app_id");
+        let sign_name = n.setting("sign_name");
+        // The service is the first label of the real host; simulators answer for `sms`.
+        let service = n.setting_or("service", "sms");
+        let region = n.setting_or("region", "ap-guangzhou");
+        n.done()?;
         Ok(TencentSms {
             client: http_client(p)?,
             endpoint,
             host,
-            // The service is the first label of the real host; simulators answer for `sms`.
-            service: p
-                .settings
-                .get("service")
-                .cloned()
-                .unwrap_or_else(|| "sms".into()),
-            secret_id: credential(p, "secret_id")?,
-            secret_key: credential(p, "secret_key")?,
-            sdk_app_id: setting(p, "sdk_app_id")?,
-            sign_name: setting(p, "sign_name")?,
-            region: p
-                .settings
-                .get("region")
-                .cloned()
-                .unwrap_or_else(|| "ap-guangzhou".into()),
+            service,
+            secret_id,
+            secret_key,
+            sdk_app_id,
+            sign_name,
+            region,
             batch_max: p.batch_max.unwrap_or(1).clamp(1, 200),
         })
     }
@@ -225,7 +239,7 @@ impl Provider for TencentSms {
 
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
-            let Some(template) = super::provider_template(m) else {
+            let Some(template) = crate::http::provider_template(m) else {
                 return missing_template();
             };
             match self.call(self.body(&template, &[m])).await {
@@ -245,7 +259,7 @@ impl Provider for TencentSms {
             let mut calls: Vec<(Key, Vec<usize>)> = Vec::new();
             for (i, (m, _)) in msgs.iter().enumerate() {
                 let key = (
-                    super::provider_template(m),
+                    crate::http::provider_template(m),
                     template_param_set(&m.content.provider_params),
                 );
                 let addr = national(&m.recipient.address);
@@ -275,7 +289,7 @@ impl Provider for TencentSms {
                     }
                 }))
                 .await;
-            super::in_message_order(
+            crate::in_message_order(
                 msgs.len(),
                 calls.iter().map(|(_, idx)| idx.as_slice()).zip(results),
             )

@@ -7,14 +7,24 @@
 
 use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
-use herald_core::sign::feishu_sign;
 use herald_core::util::now_ms;
 use herald_schemas::{DeliveryOutcome, MessageRouted};
 use serde_json::json;
 
-use super::{
-    CallResult, Provider, ProviderError, endpoint, http_client, json_call, plain_text,
-    provider_error,
+use crate::http::{http_client, json_call, plain_text, provider_error};
+use crate::settings::Needs;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub mod sign;
+
+use sign::feishu_sign;
+
+pub const KIND: Kind = Kind {
+    name: "feishu_bot",
+    channel: herald_schemas::Channel::Feishu,
+    check: |p| FeishuBot::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(FeishuBot::new(p)?)),
+    receipts: None,
 };
 
 pub struct FeishuBot {
@@ -25,9 +35,12 @@ pub struct FeishuBot {
 
 impl FeishuBot {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let mut n = Needs::new(p);
+        let endpoint = n.endpoint();
+        n.done()?;
         Ok(FeishuBot {
             client: http_client(p)?,
-            endpoint: endpoint(p)?,
+            endpoint,
             secret: p
                 .credentials
                 .get("secret")

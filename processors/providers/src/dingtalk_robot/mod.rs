@@ -7,14 +7,25 @@
 
 use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
-use herald_core::sign::{dingtalk_sign, pct};
+use herald_core::sign::pct;
 use herald_core::util::now_ms;
 use herald_schemas::{DeliveryOutcome, MessageRouted};
 use serde_json::json;
 
-use super::{
-    CallResult, Provider, ProviderError, credential, endpoint, errcode, http_client, json_call,
-    plain_text, provider_error,
+use crate::http::{errcode, http_client, json_call, plain_text, provider_error};
+use crate::settings::Needs;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub mod sign;
+
+use sign::dingtalk_sign;
+
+pub const KIND: Kind = Kind {
+    name: "dingtalk_robot",
+    channel: herald_schemas::Channel::Dingtalk,
+    check: |p| DingtalkRobot::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(DingtalkRobot::new(p)?)),
+    receipts: None,
 };
 
 pub struct DingtalkRobot {
@@ -26,10 +37,14 @@ pub struct DingtalkRobot {
 
 impl DingtalkRobot {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let mut n = Needs::new(p);
+        let endpoint = n.endpoint();
+        let token = n.credential("access_token");
+        n.done()?;
         Ok(DingtalkRobot {
             client: http_client(p)?,
-            endpoint: endpoint(p)?,
-            token: credential(p, "access_token")?,
+            endpoint,
+            token,
             secret: p
                 .credentials
                 .get("secret")

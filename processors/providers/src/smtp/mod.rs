@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herald_core::config::{ProviderConfig, SmtpTls};
+use herald_core::config::ProviderConfig;
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::PoolConfig;
@@ -16,10 +16,27 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
-use super::{CallResult, Provider, ProviderError};
+use crate::settings::Needs;
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub const KIND: Kind = Kind {
+    name: "smtp",
+    channel: herald_schemas::Channel::Email,
+    check: |p| Smtp::settings(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(Smtp::new(p)?)),
+    receipts: None,
+};
 
 /// Pooled SMTP connections per provider.
 const SMTP_POOL: u32 = 16;
+
+/// What an SMTP provider entry says.
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Tls,
+    pub from: Mailbox,
+}
 
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -27,33 +44,76 @@ pub struct Smtp {
 }
 
 impl Smtp {
-    pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
-        let err = |m: String| ProviderError::Config(p.code.clone(), m);
-        let (host, port) = p
+    /// Reads and checks the provider's settings (no transport is built: that needs a runtime).
+    pub fn settings(p: &ProviderConfig) -> Result<Settings, ProviderError> {
+        let mut n = Needs::new(p);
+        let (host, port) = match p
             .endpoint
             .rsplit_once(':')
             .and_then(|(h, port)| Some((h.to_owned(), port.parse::<u16>().ok()?)))
-            .ok_or_else(|| err(format!("endpoint {:?} is not host:port", p.endpoint)))?;
-        let params = || -> Result<TlsParameters, ProviderError> {
-            let domain = p
-                .settings
-                .get("tls_domain")
-                .cloned()
-                .unwrap_or(host.clone());
+        {
+            Some(hp) => hp,
+            None => {
+                n.problem(format!(
+                    "smtp needs endpoint host:port, not {:?}",
+                    p.endpoint
+                ));
+                (String::new(), 0)
+            }
+        };
+        let mut params = || -> Option<TlsParameters> {
+            let domain = n.setting_or("tls_domain", &host);
             let mut tp = TlsParameters::builder(domain);
             if let Some(ca) = p.settings.get("tls_ca_file") {
-                let pem = std::fs::read(ca).map_err(|e| err(format!("tls_ca_file {ca}: {e}")))?;
-                let cert = Certificate::from_pem(&pem)
-                    .map_err(|e| err(format!("tls_ca_file {ca}: {e}")))?;
-                tp = tp.add_root_certificate(cert);
+                let cert = std::fs::read(ca)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string()));
+                match cert {
+                    Ok(cert) => tp = tp.add_root_certificate(cert),
+                    Err(e) => {
+                        n.problem(format!("settings.tls_ca_file {ca}: {e}"));
+                        return None;
+                    }
+                }
             }
-            tp.build().map_err(|e| err(format!("tls: {e}")))
+            tp.build().map_err(|e| n.problem(format!("tls: {e}"))).ok()
         };
-        let tls = match p.tls {
-            SmtpTls::None => Tls::None,
-            SmtpTls::Starttls => Tls::Required(params()?),
-            SmtpTls::Implicit => Tls::Wrapper(params()?),
+        let tls = match p.tls.as_deref().unwrap_or("none") {
+            "none" => Some(Tls::None),
+            "starttls" => params().map(Tls::Required),
+            "implicit" => params().map(Tls::Wrapper),
+            other => {
+                n.problem(format!("tls {other:?}: want none, starttls or implicit"));
+                None
+            }
         };
+        let from: Option<Mailbox> = match p.from.as_deref() {
+            None => {
+                n.problem("smtp needs from");
+                None
+            }
+            Some(f) => f.parse().map_err(|e| n.problem(format!("from: {e}"))).ok(),
+        };
+        n.done()?;
+        let (Some(tls), Some(from)) = (tls, from) else {
+            unreachable!("every None above recorded a problem")
+        };
+        Ok(Settings {
+            host,
+            port,
+            tls,
+            from,
+        })
+    }
+
+    /// The client: a pool of connections, opened as calls need them. Needs a Tokio runtime.
+    pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let Settings {
+            host,
+            port,
+            tls,
+            from,
+        } = Self::settings(p)?;
         let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)
             .tls(tls)
             .port(port)
@@ -63,12 +123,6 @@ impl Smtp {
         {
             b = b.credentials(Credentials::new(u.clone(), pw.clone()));
         }
-        let from = p
-            .from
-            .as_deref()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| err(format!("from: {e}")))?;
         Ok(Smtp {
             transport: b.build(),
             from,

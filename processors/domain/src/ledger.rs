@@ -8,39 +8,7 @@
 
 use tokio_postgres::Client;
 
-use crate::providers::CallResult;
-
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS send_ledger (
-    message_id text NOT NULL,
-    attempt int NOT NULL,
-    provider text NOT NULL,
-    claimed_at timestamptz NOT NULL DEFAULT now(),
-    started_at timestamptz,
-    finished_at timestamptz,
-    outcome text,
-    response_code text,
-    provider_message_id text,
-    reason_code text,
-    reason_message text,
-    latency_ms bigint,
-    PRIMARY KEY (message_id, attempt)
-);
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS started_at timestamptz;
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS request_id text;
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS app_id text;
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS channel text;
--- The MessageRouted record (as consumed) where a callback_failure rule may resend it after an
--- undelivered receipt.
-ALTER TABLE send_ledger ADD COLUMN IF NOT EXISTS routed bytea;
--- Each attempt's row is updated twice (started, finished): room for HOT updates.
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'send_ledger' AND reloptions @> ARRAY['fillfactor=70']) THEN
-    ALTER TABLE send_ledger SET (fillfactor = 70);
-  END IF;
-END $$;
-CREATE INDEX IF NOT EXISTS send_ledger_provider_id ON send_ledger (provider, provider_message_id)
-    WHERE provider_message_id IS NOT NULL";
+use crate::failure::{CallResult, outcome_from_str, outcome_str};
 
 /// What the ledger says about a claimed attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +78,7 @@ pub async fn claim(
             .await?;
         for r in rows {
             let outcome: Option<String> = r.get(2);
-            let p = match outcome.as_deref().and_then(crate::outcome_from_str) {
+            let p = match outcome.as_deref().and_then(outcome_from_str) {
                 Some(outcome) => {
                     let code: Option<String> = r.get(5);
                     let msg: Option<String> = r.get(6);
@@ -173,10 +141,7 @@ pub async fn finish(
     }
     let ids: Vec<&str> = done.iter().map(|d| d.0.as_str()).collect();
     let attempts: Vec<i32> = done.iter().map(|d| d.1).collect();
-    let outcomes: Vec<&str> = done
-        .iter()
-        .map(|d| crate::outcome_str(d.2.outcome))
-        .collect();
+    let outcomes: Vec<&str> = done.iter().map(|d| outcome_str(d.2.outcome)).collect();
     let codes: Vec<Option<&str>> = done.iter().map(|d| d.2.response_code.as_deref()).collect();
     let pmids: Vec<Option<&str>> = done
         .iter()
@@ -225,4 +190,48 @@ pub async fn finish(
     )
     .await?;
     Ok(())
+}
+/// An attempt a receipt may be about: one that provider accepted (or whose answer was lost).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiptCandidate {
+    pub message_id: String,
+    pub attempt: i32,
+    pub request_id: String,
+    pub app_id: String,
+    pub channel: String,
+    pub provider_message_id: Option<String>,
+    /// The `MessageRouted` the send stage kept for a resend.
+    pub routed: Option<Vec<u8>>,
+}
+
+/// The attempts of `provider` that receipts naming these message ids or provider message ids may
+/// be about, oldest first (the callback stage matches each report to one).
+pub async fn receipt_candidates(
+    db: &Client,
+    provider: &str,
+    message_ids: &[&str],
+    provider_message_ids: &[&str],
+) -> Result<Vec<ReceiptCandidate>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT message_id, attempt, request_id, app_id, channel, provider_message_id, routed
+             FROM send_ledger
+             WHERE provider = $1 AND (outcome IS NULL OR outcome IN ('SUCCEEDED', 'UNKNOWN'))
+               AND (message_id = ANY($2) OR provider_message_id = ANY($3))
+             ORDER BY attempt",
+            &[&provider, &message_ids, &provider_message_ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ReceiptCandidate {
+            message_id: r.get(0),
+            attempt: r.get(1),
+            request_id: r.get::<_, Option<String>>(2).unwrap_or_default(),
+            app_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
+            channel: r.get::<_, Option<String>>(4).unwrap_or_default(),
+            provider_message_id: r.get(5),
+            routed: r.get(6),
+        })
+        .collect())
 }

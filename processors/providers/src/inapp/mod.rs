@@ -9,9 +9,15 @@ use herald_core::config::ProviderConfig;
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 use tokio::sync::OnceCell;
 
-use super::{CallResult, Provider, ProviderError};
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
 
-use herald_domain::readmodel::{INBOX_CHANNEL as CHANNEL, INBOX_SCHEMA as SCHEMA};
+pub const KIND: Kind = Kind {
+    name: "inapp",
+    channel: herald_schemas::Channel::Inapp,
+    check: |p| Inapp::new(p).map(drop),
+    build: |p, cx: &Context| Ok(Box::new(Inapp::new(p)?.with_postgres(cx.postgres_url))),
+    receipts: None,
+};
 
 pub struct Inapp {
     url: String,
@@ -35,19 +41,14 @@ impl Inapp {
         self
     }
 
+    /// The inbox table is the send stage's schema (migrated at its start).
     async fn db(&self) -> Result<herald_core::db::Pooled, String> {
         let shared = self
             .db
             .get_or_try_init(|| async {
-                let shared = herald_core::db::SharedDb::connect(&self.url)
+                herald_core::db::SharedDb::connect(&self.url)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let client = shared.get().await.map_err(|e| e.to_string())?;
-                client
-                    .batch_execute(SCHEMA)
-                    .await
-                    .map_err(herald_core::runtime::pg_error)?;
-                Ok::<_, String>(shared)
+                    .map_err(|e| e.to_string())
             })
             .await?;
         shared.get().await.map_err(|e| e.to_string())
@@ -67,23 +68,16 @@ impl Provider for Inapp {
                     );
                 }
             };
-            let body = super::plain_text(m);
-            let r = db
-                .execute(
-                    "WITH ins AS (
-                        INSERT INTO inbox (message_id, app_id, user_id, title, body)
-                        VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING user_id)
-                     SELECT pg_notify($6, $2 || '/' || user_id) FROM ins",
-                    &[
-                        &m.header.message_id,
-                        &m.header.app_id,
-                        &m.recipient.address,
-                        &m.content.subject,
-                        &body,
-                        &CHANNEL,
-                    ],
-                )
-                .await;
+            let body = crate::http::plain_text(m);
+            let r = herald_domain::inbox::store(
+                &**db,
+                &m.header.message_id,
+                &m.header.app_id,
+                &m.recipient.address,
+                m.content.subject.as_deref(),
+                &body,
+            )
+            .await;
             match r {
                 Ok(_) => CallResult::ok("stored", Some(m.header.message_id.clone())),
                 Err(e) => CallResult::fail(

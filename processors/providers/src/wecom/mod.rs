@@ -12,10 +12,25 @@ use herald_core::sign::pct;
 use herald_schemas::{DeliveryOutcome, MessageRouted};
 use serde_json::json;
 
-use super::token::{TokenCache, call_with_token, fetch_token};
-use super::{
-    CallResult, Provider, ProviderError, credential, endpoint, errcode, http_client, json_call,
-    plain_text, provider_error, setting,
+use crate::http::{errcode, http_client, json_call, plain_text, provider_error};
+use crate::settings::Needs;
+use crate::token::{TokenCache, call_with_token, fetch_token};
+use crate::{CallResult, Context, Kind, Provider, ProviderError};
+
+pub const ROBOT: Kind = Kind {
+    name: "wecom_robot",
+    channel: herald_schemas::Channel::Wecom,
+    check: |p| WecomRobot::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(WecomRobot::new(p)?)),
+    receipts: None,
+};
+
+pub const APP: Kind = Kind {
+    name: "wecom_app",
+    channel: herald_schemas::Channel::Wecom,
+    check: |p| WecomApp::new(p).map(drop),
+    build: |p, _: &Context| Ok(Box::new(WecomApp::new(p)?)),
+    receipts: None,
 };
 
 /// The WeCom/WeChat `errcode` envelope, classified. Token errors are handled by the caller.
@@ -52,10 +67,14 @@ pub struct WecomRobot {
 
 impl WecomRobot {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
+        let mut n = Needs::new(p);
+        let endpoint = n.endpoint();
+        let key = n.credential("key");
+        n.done()?;
         Ok(WecomRobot {
             client: http_client(p)?,
-            endpoint: endpoint(p)?,
-            key: credential(p, "key")?,
+            endpoint,
+            key,
         })
     }
 }
@@ -101,17 +120,17 @@ pub struct WecomApp {
 
 impl WecomApp {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
-        let agent_id = setting(p, "agent_id")?.parse().map_err(|_| {
-            ProviderError::Config(
-                p.code.clone(),
-                "settings.agent_id must be an integer".into(),
-            )
-        })?;
+        let mut n = Needs::new(p);
+        let agent_id = n.parsed("agent_id", "an integer").unwrap_or_default();
+        let base = n.endpoint();
+        let corp_id = n.credential("corp_id");
+        let corp_secret = n.credential("corp_secret");
+        n.done()?;
         Ok(WecomApp {
             client: http_client(p)?,
-            base: endpoint(p)?,
-            corp_id: credential(p, "corp_id")?,
-            corp_secret: credential(p, "corp_secret")?,
+            base,
+            corp_id,
+            corp_secret,
             agent_id,
             code: p.code.clone(),
             tokens: TokenCache::default(),

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use herald_schemas::DeliveryOutcome;
 
-use super::{CallResult, provider_error};
+use crate::CallResult;
+use crate::http::provider_error;
 
 /// Error codes meaning "this token is no good": drop it and fetch again.
 pub const TOKEN_ERRORS: [i64; 3] = [40001, 40014, 42001];
@@ -77,7 +78,7 @@ where
         let t = token().await?;
         let v = call(t.clone()).await?;
         tries += 1;
-        match super::errcode(&v) {
+        match crate::http::errcode(&v) {
             Some((code, _)) if TOKEN_ERRORS.contains(&code) && tries < 2 => {
                 cache.invalidate(&t).await;
             }
@@ -96,7 +97,7 @@ pub async fn fetch_token(req: reqwest::RequestBuilder) -> Result<(String, u64), 
         )
     };
     let resp = req.send().await.map_err(|e| failed(e.without_url()))?;
-    let body = super::read_capped(resp).await?;
+    let body = crate::http::read_capped(resp).await?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         provider_error(
             DeliveryOutcome::FailedTransient,
