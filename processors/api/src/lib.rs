@@ -833,9 +833,7 @@ async fn json_errors(resp: Response) -> Response {
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
     // The API may start before any other stage: the schema is brought up to date first.
     drop(herald_domain::schema::migrated(&deps).await?);
-    let pg = herald_core::db::SharedDb::connect(&deps.config.postgres.url)
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    let pg = deps.shared_db().await?;
     let limits = deps
         .config
         .apps

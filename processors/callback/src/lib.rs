@@ -626,18 +626,14 @@ pub async fn run(
         .map_err(|e| StageError::Fatal(format!("callback listen {listen}: {e}")))?;
     drop(herald_domain::schema::migrated(&deps).await?);
     herald_domain::failure::receipt_wait::spawn_sweeper(
-        herald_core::db::Db::connect(&deps.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        deps.stage_db().await?,
         deps.codec.clone(),
         deps.transport.clone(),
         shutdown.clone(),
     );
     herald_domain::failure::alert::spawn_dispatcher(
         &herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
-        herald_core::db::Db::connect(&deps.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        deps.stage_db().await?,
         herald_domain::failure::alert::keys(&deps.config),
         shutdown.clone(),
     );

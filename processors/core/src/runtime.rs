@@ -112,6 +112,21 @@ impl Deps {
         spec
     }
 
+    /// A stage's own pooled PostgreSQL connection, taken at start: failing is fatal (the
+    /// process exits; its supervisor restarts it). Later failures are the worker's to retry.
+    pub async fn stage_db(&self) -> Result<crate::db::Db, crate::worker::StageError> {
+        crate::db::Db::connect(&self.config.postgres.url)
+            .await
+            .map_err(|e| crate::worker::StageError::Fatal(format!("postgres: {e}")))
+    }
+
+    /// A pool shared by a process's concurrent users (the API's handlers), made at start.
+    pub async fn shared_db(&self) -> Result<crate::db::SharedDb, crate::worker::StageError> {
+        crate::db::SharedDb::connect(&self.config.postgres.url)
+            .await
+            .map_err(|e| crate::worker::StageError::Fatal(format!("postgres: {e}")))
+    }
+
     /// A PostgreSQL client (the connection task runs in the background).
     pub async fn postgres(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         connect_postgres(&self.config.postgres.url).await

@@ -74,3 +74,15 @@ pub async fn open_for_sending(
     .await?;
     canceled(db, ids).await
 }
+
+/// Retention (`[retention]`): a gate only past the furthest a message can be scheduled (and that schedule's expiry), so a canceled scheduled message never loses its cancel before its time.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "message_gate",
+    third: crate::retention::Third::GateSlack,
+    days: |r| r.ledger_days,
+    sql: "DELETE FROM message_gate WHERE ctid IN (
+            SELECT ctid FROM message_gate
+            WHERE at < now() - make_interval(days => $2) - make_interval(secs => $3)
+             
+            LIMIT $1)",
+};

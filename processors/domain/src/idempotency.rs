@@ -143,3 +143,14 @@ pub async fn release(
     .await?;
     Ok(())
 }
+
+/// Retention (`[retention]`): keys past the replay window.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "request_keys",
+    third: crate::retention::Third::None,
+    days: |r| r.idempotency_days,
+    sql: "DELETE FROM request_keys WHERE ctid IN (
+            SELECT ctid FROM request_keys
+            WHERE at < now() - make_interval(days => $2)
+            LIMIT $1)",
+};

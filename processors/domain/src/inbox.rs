@@ -126,3 +126,14 @@ pub async fn mark_read(
         .await?
         > 0)
 }
+
+/// Retention (`[retention]`): messages past the inbox window.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "inbox",
+    third: crate::retention::Third::None,
+    days: |r| r.inbox_days,
+    sql: "DELETE FROM inbox WHERE ctid IN (
+            SELECT ctid FROM inbox
+            WHERE created_at < now() - make_interval(days => $2)
+            LIMIT $1)",
+};

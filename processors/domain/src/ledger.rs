@@ -235,3 +235,16 @@ pub async fn receipt_candidates(
         })
         .collect())
 }
+
+/// Retention (`[retention]`): an attempt once its message is terminal and the window passed (a message held for a receipt keeps its rows).
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "send_ledger",
+    third: crate::retention::Third::Terminal,
+    days: |r| r.ledger_days,
+    sql: "DELETE FROM send_ledger WHERE ctid IN (
+            SELECT l.ctid FROM send_ledger l
+            WHERE coalesce(l.finished_at, l.started_at, l.claimed_at) < now() - make_interval(days => $2)
+              AND NOT EXISTS (SELECT 1 FROM messages m
+                              WHERE m.message_id = l.message_id AND NOT (m.status = ANY($3)))
+            LIMIT $1)",
+};

@@ -49,3 +49,14 @@ pub async fn take(
         .await?;
     Ok(row.is_some())
 }
+
+/// Retention (`[retention]`): days past the usage window.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "app_usage",
+    third: crate::retention::Third::None,
+    days: |r| r.usage_days,
+    sql: "DELETE FROM app_usage WHERE ctid IN (
+            SELECT ctid FROM app_usage
+            WHERE day < current_date - $2::int
+            LIMIT $1)",
+};

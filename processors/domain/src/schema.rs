@@ -49,9 +49,7 @@ pub fn latest() -> i32 {
 
 /// A stage's database connection, after bringing the schema up to date.
 pub async fn migrated(deps: &Deps) -> Result<herald_core::db::Db, StageError> {
-    let mut db = herald_core::db::Db::connect(&deps.config.postgres.url)
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    let mut db = deps.stage_db().await?;
     migrate(&mut db)
         .await
         .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;

@@ -235,6 +235,13 @@ async fn dispatch(
 
 /// Runs the notify stage until `shutdown`. Without apps that have a `status_url` it idles.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    // The notify stage owns its outbox and purges it (also once no app has a status URL).
+    herald_domain::retention::spawn(
+        deps.config.postgres.url.clone(),
+        deps.config.retention.clone(),
+        std::slice::from_ref(&PURGE),
+        shutdown.clone(),
+    );
     let apps: HashMap<String, (String, Vec<u8>)> = deps
         .config
         .apps
@@ -252,9 +259,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     let apps = Arc::new(apps);
     let db = herald_domain::schema::migrated(&deps).await?;
-    let dispatcher_db = herald_core::db::Db::connect(&deps.config.postgres.url)
-        .await
-        .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+    let dispatcher_db = deps.stage_db().await?;
     let dispatcher = tokio::spawn(dispatch(
         herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
         dispatcher_db,
@@ -278,3 +283,16 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let _ = dispatcher.await;
     r
 }
+
+/// Retention (`[retention]`): delivered or given-up notifications only.
+pub const PURGE: herald_domain::retention::Purge = herald_domain::retention::Purge {
+    table: "status_notifications",
+    third: herald_domain::retention::Third::None,
+    days: |r| r.outbox_days,
+    sql: "DELETE FROM status_notifications WHERE ctid IN (
+            SELECT ctid FROM status_notifications
+            WHERE (delivered_at < now() - make_interval(days => $2)
+                   OR created_at < now() - make_interval(days => $2 + 2))
+             
+            LIMIT $1)",
+};

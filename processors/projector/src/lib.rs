@@ -204,11 +204,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             .await
             .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
     }
-    // The projector owns the read model; it also runs the retention task (one process purges
-    // at a time, whichever runs it).
+    // The projector runs the retention task of the tables owned in herald-domain (one process
+    // purges a table at a time, whichever runs it); route and notify purge their own.
     herald_domain::retention::spawn(
         deps.config.postgres.url.clone(),
         deps.config.retention.clone(),
+        herald_domain::retention::DOMAIN_PURGES,
         shutdown.clone(),
     );
     let offsets: Positions = std::sync::Arc::new(std::sync::Mutex::new(offsets));

@@ -256,6 +256,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .map(|p| (p.channel, p.clone()))
         .collect();
     let policy_db = herald_domain::schema::migrated(&deps).await?;
+    // The route stage owns `policy_hits` and purges it.
+    herald_domain::retention::spawn(
+        deps.config.postgres.url.clone(),
+        deps.config.retention.clone(),
+        std::slice::from_ref(&policy::PURGE),
+        shutdown.clone(),
+    );
     let health = Health {
         db: None,
         open: Default::default(),

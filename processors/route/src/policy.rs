@@ -284,6 +284,17 @@ pub async fn stateful(
     Ok(verdicts)
 }
 
+/// Retention (`[retention]`): hits older than the longest dedup window or cap.
+pub const PURGE: herald_domain::retention::Purge = herald_domain::retention::Purge {
+    table: "policy_hits",
+    third: herald_domain::retention::Third::None,
+    days: |r| r.policy_hits_days,
+    sql: "DELETE FROM policy_hits WHERE ctid IN (
+            SELECT ctid FROM policy_hits
+            WHERE at < now() - make_interval(days => $2)
+            LIMIT $1)",
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,8 @@
 //! - Tables: `send_ledger` (through `herald_domain::ledger`, which also starts `receipt_waits`
 //!   in the same statement), `message_gate`, `provider_health`, `alert_outbox` through their owners in
 //!   `herald-domain`.
-//! - Planning is pure ([`plan`]); the decision on an outcome is `herald_domain::failure`'s.
+//! - Planning is pure ([`plan`]); the waves of calls run over the ledger as a port
+//!   ([`Starter`], [`call_waves`]); the decision on an outcome is `herald_domain::failure`'s.
 
 pub mod plan;
 
@@ -47,7 +48,7 @@ use plan::{WAVES_IN_FLIGHT, status_after};
 pub const STAGE: &str = "send";
 
 /// A provider's token bucket (`rate_limit_per_sec`, burst of one second).
-type Limiter = governor::DefaultDirectRateLimiter;
+pub type Limiter = governor::DefaultDirectRateLimiter;
 
 struct Send {
     deps: Deps,
@@ -319,107 +320,23 @@ impl BatchHandler for Send {
                 msgs.iter()
                     .filter_map(|(m, _, _)| self.limiters.get(&m.provider).map(|(r, _)| *r)),
             );
-            let limiters = &self.limiters;
             let fresh: HashSet<usize> = priors
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| **p == Prior::Fresh)
                 .map(|(i, _)| i)
                 .collect();
-            let waves = plan::waves(priors, wave_size);
-            let db = &self.db;
-            let msgs_ref = &msgs;
-            let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
-            for wave in waves {
-                let providers = providers.clone();
-                wave_futs.push(Box::pin(async move {
-                    let starting: Vec<(&str, i32)> = wave
-                        .iter()
-                        .filter(|(_, p)| *p == Prior::Fresh)
-                        .map(|(i, _)| (msgs_ref[*i].0.header.message_id.as_str(), msgs_ref[*i].1))
-                        .collect();
-                    // Provider rate limits pause here, before anything is marked started:
-                    // backpressure on consumption, never a failed message.
-                    let mut per_provider: HashMap<&str, u32> = HashMap::new();
-                    for (i, p) in &wave {
-                        if *p == Prior::Fresh {
-                            *per_provider.entry(msgs_ref[*i].0.provider.as_str()).or_default() += 1;
-                        }
-                    }
-                    for (provider, n) in per_provider {
-                        if let Some((_, lim)) = limiters.get(provider) {
-                            let waited = Instant::now();
-                            for _ in 0..n {
-                                lim.until_ready().await;
-                            }
-                            metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS, "provider" => provider.to_owned())
-                                .record(waited.elapsed().as_secs_f64());
-                        }
-                    }
-                    ledger::start(db, &starting).await.map_err(|e| StageError::postgres("ledger start", e))?;
-                    // Fresh messages of a provider that takes batches go out in batch calls; the
-                    // rest one call each.
-                    let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
-                    let mut single = Vec::new();
-                    for (i, prior) in wave {
-                        let m = &msgs_ref[i].0;
-                        match providers.get(&m.provider) {
-                            Some(p) if prior == Prior::Fresh && p.batch_max() > 1 => {
-                                batched.entry(m.provider.as_str()).or_default().push(i);
-                            }
-                            _ => single.push((i, prior)),
-                        }
-                    }
-                    let mut calls: Vec<BoxFuture<'_, Vec<Done>>> = single
-                        .into_iter()
-                        .map(|(i, prior)| {
-                            let fut = call_one(providers.as_ref(), &msgs_ref[i].0, msgs_ref[i].1, prior, i);
-                            Box::pin(async move { vec![fut.await] }) as BoxFuture<'_, _>
-                        })
-                        .collect();
-                    for (code, idx) in batched {
-                        let Some(p) = providers.get(code) else { continue };
-                        for chunk in idx.chunks(p.batch_max()) {
-                            let chunk = chunk.to_vec();
-                            let providers = providers.clone();
-                            calls.push(Box::pin(async move {
-                                let Some(p) = providers.get(code) else { return Vec::new() };
-                                let items: Vec<(&MessageRouted, i32)> =
-                                    chunk.iter().map(|i| (&msgs_ref[*i].0, msgs_ref[*i].1)).collect();
-                                let started = Instant::now();
-                                let results = p.send_batch(&items).await;
-                                let elapsed = started.elapsed();
-                                metrics::histogram!(names::SEND_SECONDS, "provider" => code.to_owned())
-                                    .record(elapsed.as_secs_f64());
-                                chunk
-                                    .iter()
-                                    .zip(results)
-                                    .map(|(i, r)| {
-                                        metrics::counter!(names::SEND_ATTEMPTS, "provider" => code.to_owned(), "outcome" => outcome_str(r.outcome))
-                                            .increment(1);
-                                        (*i, r, elapsed.as_millis() as i64, true)
-                                    })
-                                    .collect()
-                            }));
-                        }
-                    }
-                    Ok(futures::future::join_all(calls).await.into_iter().flatten().collect())
-                }));
-            }
-            // Every wave runs to its end even when another fails: calls made are answers
-            // known, and they are recorded before the failure is reported.
-            let mut calls = Vec::with_capacity(msgs.len());
-            let mut failed = None;
-            let mut waves = futures::stream::iter(wave_futs).buffer_unordered(WAVES_IN_FLIGHT);
-            while let Some(done) = waves.next().await {
-                match done {
-                    Ok(done) => calls.extend(done),
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-            drop(waves);
+            let Calls {
+                done: mut calls,
+                failed,
+            } = call_waves(
+                &self.db,
+                &providers,
+                &self.limiters,
+                &msgs,
+                plan::waves(priors, wave_size),
+            )
+            .await;
             // Before anything is stored or published: no secret or signed query leaves in a
             // reason (promise 8), and nothing a provider answered can break the ledger's text.
             for (_, r, _, _) in &mut calls {
@@ -486,8 +403,143 @@ impl BatchHandler for Send {
     }
 }
 
+/// What the send stage marks in its ledger right before a wave of calls: a port, so the wave
+/// logic runs against an in-memory ledger in unit tests and against PostgreSQL in the stage.
+pub trait Starter: Sync {
+    /// Durably marks these attempts started; no call of the wave begins before it returns.
+    fn start<'a>(&'a self, attempts: &'a [(&'a str, i32)])
+    -> BoxFuture<'a, Result<(), StageError>>;
+}
+
+impl Starter for herald_core::db::Db {
+    fn start<'a>(
+        &'a self,
+        attempts: &'a [(&'a str, i32)],
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(async move {
+            ledger::start(self, attempts)
+                .await
+                .map_err(|e| StageError::postgres("ledger start", e))
+        })
+    }
+}
+
+/// The calls of a batch: each message's result, and the first wave failure (a wave whose start
+/// could not be marked makes no call).
+pub struct Calls {
+    pub done: Vec<Done>,
+    pub failed: Option<StageError>,
+}
+
+/// Runs a batch's waves, [`WAVES_IN_FLIGHT`] at a time: each wave waits for its providers' rate
+/// limits, is marked started through `starter`, then calls its fresh messages (batch calls where
+/// the provider takes them); a message the ledger knows (finished, or started before a crash) is
+/// answered from the ledger and never called again. Every wave runs to its end even when another
+/// fails: calls made are answers known, and they are recorded before the failure is reported.
+pub async fn call_waves<S: Starter + ?Sized>(
+    starter: &S,
+    providers: &HashMap<String, Box<dyn Provider>>,
+    limiters: &HashMap<String, (u32, Limiter)>,
+    msgs: &[(MessageRouted, i32, String)],
+    waves: Vec<Vec<(usize, Prior)>>,
+) -> Calls {
+    let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
+    for wave in waves {
+        wave_futs.push(Box::pin(async move {
+            let starting: Vec<(&str, i32)> = wave
+                .iter()
+                .filter(|(_, p)| *p == Prior::Fresh)
+                .map(|(i, _)| (msgs[*i].0.header.message_id.as_str(), msgs[*i].1))
+                .collect();
+            // Provider rate limits pause here, before anything is marked started:
+            // backpressure on consumption, never a failed message.
+            let mut per_provider: HashMap<&str, u32> = HashMap::new();
+            for (i, p) in &wave {
+                if *p == Prior::Fresh {
+                    *per_provider.entry(msgs[*i].0.provider.as_str()).or_default() += 1;
+                }
+            }
+            for (provider, n) in per_provider {
+                if let Some((_, lim)) = limiters.get(provider) {
+                    let waited = Instant::now();
+                    for _ in 0..n {
+                        lim.until_ready().await;
+                    }
+                    metrics::histogram!(names::RATE_LIMIT_WAIT_SECONDS, "provider" => provider.to_owned())
+                        .record(waited.elapsed().as_secs_f64());
+                }
+            }
+            starter.start(&starting).await?;
+            // Fresh messages of a provider that takes batches go out in batch calls; the
+            // rest one call each.
+            let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
+            let mut single = Vec::new();
+            for (i, prior) in wave {
+                let m = &msgs[i].0;
+                match providers.get(&m.provider) {
+                    Some(p) if prior == Prior::Fresh && p.batch_max() > 1 => {
+                        batched.entry(m.provider.as_str()).or_default().push(i);
+                    }
+                    _ => single.push((i, prior)),
+                }
+            }
+            let mut calls: Vec<BoxFuture<'_, Vec<Done>>> = single
+                .into_iter()
+                .map(|(i, prior)| {
+                    let fut = call_one(providers, &msgs[i].0, msgs[i].1, prior, i);
+                    Box::pin(async move { vec![fut.await] }) as BoxFuture<'_, _>
+                })
+                .collect();
+            for (code, idx) in batched {
+                let Some(p) = providers.get(code) else { continue };
+                for chunk in idx.chunks(p.batch_max()) {
+                    let chunk = chunk.to_vec();
+                    calls.push(Box::pin(async move {
+                        let Some(p) = providers.get(code) else { return Vec::new() };
+                        let items: Vec<(&MessageRouted, i32)> =
+                            chunk.iter().map(|i| (&msgs[*i].0, msgs[*i].1)).collect();
+                        let started = Instant::now();
+                        let results = p.send_batch(&items).await;
+                        let elapsed = started.elapsed();
+                        metrics::histogram!(names::SEND_SECONDS, "provider" => code.to_owned())
+                            .record(elapsed.as_secs_f64());
+                        chunk
+                            .iter()
+                            .zip(results)
+                            .map(|(i, r)| {
+                                metrics::counter!(names::SEND_ATTEMPTS, "provider" => code.to_owned(), "outcome" => outcome_str(r.outcome))
+                                    .increment(1);
+                                (*i, r, elapsed.as_millis() as i64, true)
+                            })
+                            .collect()
+                    }));
+                }
+            }
+            Ok(futures::future::join_all(calls).await.into_iter().flatten().collect())
+        }));
+    }
+    // Every wave runs to its end even when another fails: calls made are answers
+    // known, and they are recorded before the failure is reported.
+    let mut calls = Vec::with_capacity(msgs.len());
+    let mut failed = None;
+    let mut waves = futures::stream::iter(wave_futs).buffer_unordered(WAVES_IN_FLIGHT);
+    while let Some(done) = waves.next().await {
+        match done {
+            Ok(done) => calls.extend(done),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    drop(waves);
+    Calls {
+        done: calls,
+        failed,
+    }
+}
+
 /// One call's result: (index in batch, result, latency ms, whether to record it).
-type Done = (usize, CallResult, i64, bool);
+pub type Done = (usize, CallResult, i64, bool);
 
 /// A wave's calls.
 type WaveResult = Result<Vec<Done>, StageError>;
@@ -580,9 +632,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     drop(herald_domain::schema::migrated(&deps).await?);
     alert::spawn_dispatcher(
         &guard,
-        herald_core::db::Db::connect(&deps.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?,
+        deps.stage_db().await?,
         alert::keys(&deps.config),
         shutdown.clone(),
     );
@@ -605,9 +655,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     };
     let mut workers = Vec::new();
     for channel in channels.iter().copied() {
-        let db = herald_core::db::Db::connect(&deps.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+        let db = deps.stage_db().await?;
         let mut spec = deps.spec(
             &format!("{STAGE}-{}", channel.as_str()),
             vec![topics::dispatch(channel)],
@@ -629,9 +677,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     // The HIGH lane: one worker for every channel's HIGH messages.
     if !channels.is_empty() {
-        let db = herald_core::db::Db::connect(&deps.config.postgres.url)
-            .await
-            .map_err(|e| StageError::Fatal(format!("postgres: {e}")))?;
+        let db = deps.stage_db().await?;
         let mut spec = deps.spec(
             &format!("{STAGE}-high"),
             vec![topics::DISPATCH_HIGH.into()],
@@ -648,6 +694,154 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
 mod tests {
     use super::*;
     use herald_domain::failure::outcome_from_str;
+
+    /// The ledger's start marks, in memory; refuses when told to.
+    #[derive(Default)]
+    struct Marks {
+        started: std::sync::Mutex<Vec<(String, i32)>>,
+        refuse: bool,
+    }
+
+    impl Starter for Marks {
+        fn start<'a>(
+            &'a self,
+            attempts: &'a [(&'a str, i32)],
+        ) -> BoxFuture<'a, Result<(), StageError>> {
+            Box::pin(async move {
+                if self.refuse {
+                    return Err(StageError::Transient("ledger away".into()));
+                }
+                let mut s = self.started.lock().unwrap();
+                s.extend(attempts.iter().map(|(m, a)| (m.to_string(), *a)));
+                Ok(())
+            })
+        }
+    }
+
+    /// A provider that counts its calls and accepts everything.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Provider for Counting {
+        fn send<'a>(&'a self, _m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { CallResult::ok("200", None) })
+        }
+    }
+
+    fn routed(id: &str) -> MessageRouted {
+        MessageRouted {
+            header: herald_schemas::EventHeader {
+                event_id: format!("e-{id}"),
+                event_time: 0,
+                stage: "route".into(),
+                trace_id: "t".into(),
+                message_id: id.into(),
+                request_id: "r".into(),
+                app_id: "a".into(),
+                channel: Channel::Webhook,
+                attempt: 1,
+                metadata: Default::default(),
+            },
+            recipient: herald_schemas::Recipient {
+                address: "https://example.invalid/hook".into(),
+                params: Default::default(),
+                timezone: None,
+            },
+            priority: herald_schemas::Priority::Normal,
+            expires_at: None,
+            template: None,
+            template_version: None,
+            content: Default::default(),
+            provider: "p".into(),
+            provider_kind: "webhook".into(),
+            tried_providers: vec![],
+        }
+    }
+
+    /// Promise 2 in the wave logic, without PostgreSQL: only fresh attempts are marked started
+    /// and called, once each; an attempt the ledger finished is answered from the ledger; one
+    /// started before a crash is `unknown` (interrupted), never called again.
+    #[tokio::test]
+    async fn only_fresh_attempts_are_started_and_called_once() {
+        let provider = std::sync::Arc::new(Counting::default());
+        struct Shared(std::sync::Arc<Counting>);
+        impl Provider for Shared {
+            fn send<'a>(&'a self, m: &'a MessageRouted, a: i32) -> BoxFuture<'a, CallResult> {
+                self.0.send(m, a)
+            }
+        }
+        let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
+            "p".to_owned(),
+            Box::new(Shared(provider.clone())) as Box<dyn Provider>,
+        )]);
+        let msgs: Vec<(MessageRouted, i32, String)> = ["m0", "m1", "m2", "m3"]
+            .iter()
+            .map(|id| (routed(id), 1, "t".to_owned()))
+            .collect();
+        let earlier = CallResult::ok("202", Some("x".into()));
+        let priors = vec![
+            Prior::Fresh,
+            Prior::Finished(earlier.clone(), 7),
+            Prior::InFlight,
+            Prior::Fresh,
+        ];
+        let marks = Marks::default();
+        let calls = call_waves(
+            &marks,
+            &providers,
+            &HashMap::new(),
+            &msgs,
+            plan::waves(priors, 2),
+        )
+        .await;
+        assert!(calls.failed.is_none());
+        assert_eq!(provider.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let mut started = marks.started.lock().unwrap().clone();
+        started.sort();
+        assert_eq!(started, [("m0".to_owned(), 1), ("m3".to_owned(), 1)]);
+        let mut done = calls.done;
+        done.sort_by_key(|d| d.0);
+        assert_eq!(done.len(), 4);
+        assert_eq!(
+            (done[1].1.clone(), done[1].2, done[1].3),
+            (earlier, 7, false)
+        );
+        assert_eq!(done[2].1.outcome, DeliveryOutcome::Unknown);
+        assert_eq!(
+            done[2].1.reason.as_ref().map(|r| r.code.as_str()),
+            Some("interrupted")
+        );
+        assert!(
+            done[2].3,
+            "an interrupted attempt's unknown outcome is recorded"
+        );
+        assert!(done[0].3 && done[3].3);
+    }
+
+    /// A wave whose start cannot be marked makes no call, and the failure is reported.
+    #[tokio::test]
+    async fn no_call_before_its_start_is_marked() {
+        let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
+            "p".to_owned(),
+            Box::new(Counting::default()) as Box<dyn Provider>,
+        )]);
+        let msgs = vec![(routed("m0"), 1, "t".to_owned())];
+        let marks = Marks {
+            refuse: true,
+            ..Default::default()
+        };
+        let calls = call_waves(
+            &marks,
+            &providers,
+            &HashMap::new(),
+            &msgs,
+            plan::waves(vec![Prior::Fresh], 4),
+        )
+        .await;
+        assert!(matches!(calls.failed, Some(StageError::Transient(_))));
+        assert!(calls.done.is_empty());
+    }
 
     #[test]
     fn outcome_names_round_trip() {

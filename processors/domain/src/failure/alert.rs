@@ -237,3 +237,16 @@ async fn post(
         Err(format!("HTTP {}", resp.status()))
     }
 }
+
+/// Retention (`[retention]`): delivered or given-up alerts only.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "alert_outbox",
+    third: crate::retention::Third::None,
+    days: |r| r.outbox_days,
+    sql: "DELETE FROM alert_outbox WHERE ctid IN (
+            SELECT ctid FROM alert_outbox
+            WHERE (delivered_at < now() - make_interval(days => $2)
+                   OR created_at < now() - make_interval(days => $2 + 2))
+             
+            LIMIT $1)",
+};

@@ -311,3 +311,17 @@ pub async fn stats(
         })
         .collect())
 }
+
+/// Retention (`[retention]`): terminal messages past the window, with their timeline and attempts.
+pub const PURGE: crate::retention::Purge = crate::retention::Purge {
+    table: "messages",
+    third: crate::retention::Third::Terminal,
+    days: |r| r.messages_days,
+    sql: "WITH doomed AS (
+            SELECT message_id FROM messages
+            WHERE status = ANY($3) AND updated_at < now() - make_interval(days => $2)
+            LIMIT $1),
+          e AS (DELETE FROM message_events WHERE message_id IN (SELECT message_id FROM doomed)),
+          a AS (DELETE FROM delivery_attempts WHERE message_id IN (SELECT message_id FROM doomed))
+          DELETE FROM messages WHERE message_id IN (SELECT message_id FROM doomed)",
+};
