@@ -51,6 +51,24 @@ use tokio_util::sync::CancellationToken;
 
 pub const STAGE: &str = "callback";
 
+/// Why a receipt cannot be taken now. Every cause is transient: the provider is answered 503
+/// and pushes the receipt again later.
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    #[error("database: {0}")]
+    Database(String),
+    #[error("codec: {0}")]
+    Codec(#[from] herald_core::codec::CodecError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+impl From<tokio_postgres::Error> for Unavailable {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Unavailable::Database(herald_core::runtime::pg_error(e))
+    }
+}
+
 struct CallbackState {
     deps: Deps,
     secrets: HashMap<String, Vec<u8>>,
@@ -89,7 +107,7 @@ struct Matched {
 
 impl CallbackState {
     /// Claims a signed receipt's `webhook-id`; false when it was already taken (a replay).
-    async fn claim_receipt(&self, provider: &str, id: &str) -> Result<bool, String> {
+    async fn claim_receipt(&self, provider: &str, id: &str) -> Result<bool, Unavailable> {
         let mut g = self.db.lock().await;
         let db = Self::connected(&self.deps, &mut g).await?;
         static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -103,7 +121,7 @@ impl CallbackState {
                 &[],
             )
             .await
-            .map_err(herald_core::runtime::pg_error)?;
+            .map_err(Unavailable::from)?;
         }
         let n = db
             .execute(
@@ -111,7 +129,7 @@ impl CallbackState {
                 &[&provider, &id],
             )
             .await
-            .map_err(herald_core::runtime::pg_error)?;
+            .map_err(Unavailable::from)?;
         Ok(n == 1)
     }
 
@@ -135,7 +153,7 @@ impl CallbackState {
         &self,
         provider: &str,
         reports: &[Report],
-    ) -> Result<Vec<Option<LedgerRow>>, String> {
+    ) -> Result<Vec<Option<LedgerRow>>, Unavailable> {
         let mut g = self.db.lock().await;
         let db = Self::connected(&self.deps, &mut g).await?;
         let ids: Vec<&str> = reports
@@ -148,7 +166,7 @@ impl CallbackState {
             .collect();
         let rows = herald_domain::ledger::receipt_candidates(db, provider, &ids, &pids)
             .await
-            .map_err(herald_core::runtime::pg_error)?;
+            .map_err(Unavailable::from)?;
         Ok(reports
             .iter()
             .map(|rep| {
@@ -176,15 +194,13 @@ impl CallbackState {
     async fn connected<'a>(
         deps: &Deps,
         g: &'a mut Db,
-    ) -> Result<&'a tokio_postgres::Client, String> {
+    ) -> Result<&'a tokio_postgres::Client, Unavailable> {
         if g.client.as_ref().is_none_or(|c| c.is_closed()) {
-            g.client = Some(
-                deps.postgres()
-                    .await
-                    .map_err(herald_core::runtime::pg_error)?,
-            );
+            g.client = Some(deps.postgres().await.map_err(Unavailable::from)?);
         }
-        g.client.as_ref().ok_or_else(|| "no database".into())
+        g.client
+            .as_ref()
+            .ok_or_else(|| Unavailable::Database("no database".into()))
     }
 
     /// The `callback_failure` rules on an undelivered receipt for the message the send stage
@@ -198,7 +214,7 @@ impl CallbackState {
         open: &OpenSet,
         trace: &str,
         follow: &mut Follow<'_>,
-    ) -> Result<Option<&'static str>, String> {
+    ) -> Result<Option<&'static str>, Unavailable> {
         let Some(kept) = &row.routed else {
             return Ok(None);
         };
@@ -224,9 +240,7 @@ impl CallbackState {
         *follow.reason = c.reason;
         if let Some(next) = c.next {
             follow.records.push(
-                next_attempt(&self.deps.codec, STAGE, &m, row.attempt, next, trace, now)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                next_attempt(&self.deps.codec, STAGE, &m, row.attempt, next, trace, now).await?,
             );
         }
         if let Some((rule, url)) = c.alert {
@@ -238,7 +252,7 @@ impl CallbackState {
     /// Publishes one `ReceiptReceived` per matched report, with the `callback_failure` rules'
     /// decision and the next attempt it calls for, all in one publish (the provider is
     /// acknowledged only after it). Then feeds the receipt breakers and sends alerts.
-    async fn publish(&self, provider: &str, matched: Vec<Matched>) -> Result<(), String> {
+    async fn publish(&self, provider: &str, matched: Vec<Matched>) -> Result<(), Unavailable> {
         let now = now_ms();
         let mut records = Vec::new();
         let mut alerts = Vec::new();
@@ -320,8 +334,7 @@ impl CallbackState {
                     &trace,
                     &ev,
                 )
-                .await
-                .map_err(|e| e.to_string())?,
+                .await?,
             );
         }
         // Alerts go into the outbox before the receipts are published: a failure here is a
@@ -342,11 +355,17 @@ impl CallbackState {
             let db = Self::connected(&self.deps, &mut g).await?;
             herald_domain::failure::alert::enqueue(db, &alerts)
                 .await
-                .map_err(herald_core::runtime::pg_error)?;
+                .map_err(Unavailable::from)?;
         }
         if !records.is_empty() {
-            let p = self.deps.transport.publisher().map_err(|e| e.to_string())?;
-            p.publish(records).await.map_err(|e| e.to_string())?;
+            let p = self
+                .deps
+                .transport
+                .publisher()
+                .map_err(|e| Unavailable::Broker(e.to_string()))?;
+            p.publish(records)
+                .await
+                .map_err(|e| Unavailable::Broker(e.to_string()))?;
         }
         // These attempts wait for their receipt no longer (else the deadline would end a
         // message a receipt rule is sending again). A failure here is a 503: the provider
@@ -357,7 +376,7 @@ impl CallbackState {
             let keys: Vec<(&str, i32)> = arrived.iter().map(|(m, a)| (m.as_str(), *a)).collect();
             herald_domain::failure::receipt_wait::received(db, &keys)
                 .await
-                .map_err(herald_core::runtime::pg_error)?;
+                .map_err(Unavailable::from)?;
         }
         let changes = self.breakers.record_failed(&observed);
         if !changes.is_empty() {
@@ -398,7 +417,13 @@ async fn sms_receipt(
     };
     let rows = match st.lookup(&provider, &reports).await {
         Ok(r) => r,
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        Err(e) => {
+            return err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            );
+        }
     };
     let mut matched = Vec::new();
     let mut unmatched = 0;
@@ -418,7 +443,11 @@ async fn sms_receipt(
         });
     }
     if let Err(e) = st.publish(&provider, matched).await {
-        return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        );
     }
     if unmatched > 0 {
         // The matched ones are published (their event ids are deterministic, so the retry's
@@ -541,7 +570,13 @@ async fn receipt(
                 );
             }
         },
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        Err(e) => {
+            return err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            );
+        }
     };
     let matched = Matched {
         report,
@@ -556,14 +591,24 @@ async fn receipt(
         Ok(false) => {
             return (StatusCode::OK, Json(json!({"ok": true, "duplicate": true}))).into_response();
         }
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        Err(e) => {
+            return err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            );
+        }
     }
     match st.publish(&provider, vec![matched]).await {
         Ok(()) => (StatusCode::OK, Json(json!({"ok": true}))).into_response(),
         // The provider retries a failed callback: nothing is lost.
         Err(e) => {
             st.release_receipt(&provider, &webhook_id).await;
-            err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e)
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
         }
     }
 }

@@ -15,7 +15,7 @@
 //!   in the same statement), `message_gate`, `provider_health`, `alert_outbox` through their owners in
 //!   `herald-domain`.
 //! - Planning is pure ([`plan`]); the waves of calls run over the ledger as a port
-//!   ([`Starter`], [`call_waves`]); the decision on an outcome is `herald_domain::failure`'s.
+//!   ([`Ledger`]: [`admit`], [`call_waves`]); the decision on an outcome is `herald_domain::failure`'s.
 
 pub mod plan;
 
@@ -84,9 +84,7 @@ impl Send {
         let mut refused = 0;
         loop {
             let written = match self.db.ensure().await {
-                Ok(_) => ledger::finish(&self.db, finished, waits)
-                    .await
-                    .map_err(|e| StageError::postgres("ledger finish", e)),
+                Ok(_) => Ledger::finish(&self.db, finished, waits).await,
                 Err(e) => Err(e),
             };
             match written {
@@ -277,39 +275,11 @@ impl BatchHandler for Send {
                 };
                 out.push(record(&self.deps.codec, topics::STATUS, &mid, &trace, &ev).await?);
             }
-            // The gate: a message canceled before its first call is never sent.
-            let first: Vec<String> = msgs
-                .iter()
-                .map(|(m, _, _)| m.header.message_id.clone())
-                .collect();
-            if !first.is_empty() {
-                let canceled = herald_domain::gate::open_for_sending(&self.db, &first)
-                    .await
-                    .map_err(|e| StageError::postgres("send gate", e))?;
-                if !canceled.is_empty() {
-                    metrics::counter!(names::CANCELED_DROPPED, "stage" => STAGE)
-                        .increment(canceled.len() as u64);
-                    msgs.retain(|(m, _, _)| !canceled.contains(&m.header.message_id));
-                }
-            }
+            // The gate (a message canceled before its first call is never sent), then the claim.
+            let priors = admit(&self.db, &mut msgs, &kept).await?;
             if msgs.is_empty() {
                 return Ok(out);
             }
-            let keys: Vec<ledger::ClaimKey> = msgs
-                .iter()
-                .map(|(m, a, _)| ledger::ClaimKey {
-                    message_id: &m.header.message_id,
-                    attempt: *a,
-                    provider: &m.provider,
-                    request_id: &m.header.request_id,
-                    app_id: &m.header.app_id,
-                    channel: m.header.channel.as_str(),
-                    routed: kept.get(&m.header.message_id).copied(),
-                })
-                .collect();
-            let priors = ledger::claim(&self.db, &keys)
-                .await
-                .map_err(|e| StageError::postgres("ledger claim", e))?;
 
             // Calls go out in waves; each wave is marked started (one statement) before any of
             // its calls begins, so a crash can only leave the waves in progress in doubt.
@@ -403,15 +373,53 @@ impl BatchHandler for Send {
     }
 }
 
-/// What the send stage marks in its ledger right before a wave of calls: a port, so the wave
-/// logic runs against an in-memory ledger in unit tests and against PostgreSQL in the stage.
-pub trait Starter: Sync {
+/// What the send stage keeps in PostgreSQL, as a port (the gate and the attempt ledger), so its
+/// batch logic runs against an in-memory ledger in unit tests and against PostgreSQL in the stage.
+pub trait Ledger: Sync {
+    /// Opens these messages' gates for their first call; the ones already canceled.
+    fn open_for_sending<'a>(
+        &'a self,
+        message_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<HashSet<String>, StageError>>;
+    /// Claims these attempts; what the ledger already knows of each.
+    fn claim<'a>(
+        &'a self,
+        keys: &'a [ledger::ClaimKey<'a>],
+    ) -> BoxFuture<'a, Result<Vec<Prior>, StageError>>;
     /// Durably marks these attempts started; no call of the wave begins before it returns.
     fn start<'a>(&'a self, attempts: &'a [(&'a str, i32)])
     -> BoxFuture<'a, Result<(), StageError>>;
+    /// Records the outcomes of calls made (and, per attempt, when its receipt wait ends).
+    fn finish<'a>(
+        &'a self,
+        done: &'a [(String, i32, CallResult, i64)],
+        receipt_due: &'a [Option<i64>],
+    ) -> BoxFuture<'a, Result<(), StageError>>;
 }
 
-impl Starter for herald_core::db::Db {
+impl Ledger for herald_core::db::Db {
+    fn open_for_sending<'a>(
+        &'a self,
+        message_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<HashSet<String>, StageError>> {
+        Box::pin(async move {
+            herald_domain::gate::open_for_sending(self, message_ids)
+                .await
+                .map_err(|e| StageError::postgres("send gate", e))
+        })
+    }
+
+    fn claim<'a>(
+        &'a self,
+        keys: &'a [ledger::ClaimKey<'a>],
+    ) -> BoxFuture<'a, Result<Vec<Prior>, StageError>> {
+        Box::pin(async move {
+            ledger::claim(self, keys)
+                .await
+                .map_err(|e| StageError::postgres("ledger claim", e))
+        })
+    }
+
     fn start<'a>(
         &'a self,
         attempts: &'a [(&'a str, i32)],
@@ -422,6 +430,57 @@ impl Starter for herald_core::db::Db {
                 .map_err(|e| StageError::postgres("ledger start", e))
         })
     }
+
+    fn finish<'a>(
+        &'a self,
+        done: &'a [(String, i32, CallResult, i64)],
+        receipt_due: &'a [Option<i64>],
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(async move {
+            ledger::finish(self, done, receipt_due)
+                .await
+                .map_err(|e| StageError::postgres("ledger finish", e))
+        })
+    }
+}
+
+/// The gate and the claim of a batch: messages canceled before their first call are dropped
+/// from `msgs` (never sent), the rest are claimed in the ledger; what it knows of each, in
+/// `msgs`' order.
+pub async fn admit<L: Ledger + ?Sized>(
+    ledger: &L,
+    msgs: &mut Vec<(MessageRouted, i32, String)>,
+    kept: &HashMap<String, &[u8]>,
+) -> Result<Vec<Prior>, StageError> {
+    if msgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = msgs
+        .iter()
+        .map(|(m, _, _)| m.header.message_id.clone())
+        .collect();
+    let canceled = ledger.open_for_sending(&ids).await?;
+    if !canceled.is_empty() {
+        metrics::counter!(names::CANCELED_DROPPED, "stage" => STAGE)
+            .increment(canceled.len() as u64);
+        msgs.retain(|(m, _, _)| !canceled.contains(&m.header.message_id));
+    }
+    if msgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<ledger::ClaimKey> = msgs
+        .iter()
+        .map(|(m, a, _)| ledger::ClaimKey {
+            message_id: &m.header.message_id,
+            attempt: *a,
+            provider: &m.provider,
+            request_id: &m.header.request_id,
+            app_id: &m.header.app_id,
+            channel: m.header.channel.as_str(),
+            routed: kept.get(&m.header.message_id).copied(),
+        })
+        .collect();
+    ledger.claim(&keys).await
 }
 
 /// The calls of a batch: each message's result, and the first wave failure (a wave whose start
@@ -432,12 +491,12 @@ pub struct Calls {
 }
 
 /// Runs a batch's waves, [`WAVES_IN_FLIGHT`] at a time: each wave waits for its providers' rate
-/// limits, is marked started through `starter`, then calls its fresh messages (batch calls where
+/// limits, is marked started in the `ledger`, then calls its fresh messages (batch calls where
 /// the provider takes them); a message the ledger knows (finished, or started before a crash) is
 /// answered from the ledger and never called again. Every wave runs to its end even when another
 /// fails: calls made are answers known, and they are recorded before the failure is reported.
-pub async fn call_waves<S: Starter + ?Sized>(
-    starter: &S,
+pub async fn call_waves<L: Ledger + ?Sized>(
+    ledger: &L,
     providers: &HashMap<String, Box<dyn Provider>>,
     limiters: &HashMap<String, (u32, Limiter)>,
     msgs: &[(MessageRouted, i32, String)],
@@ -469,7 +528,7 @@ pub async fn call_waves<S: Starter + ?Sized>(
                         .record(waited.elapsed().as_secs_f64());
                 }
             }
-            starter.start(&starting).await?;
+            ledger.start(&starting).await?;
             // Fresh messages of a provider that takes batches go out in batch calls; the
             // rest one call each.
             let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -695,14 +754,49 @@ mod tests {
     use super::*;
     use herald_domain::failure::outcome_from_str;
 
-    /// The ledger's start marks, in memory; refuses when told to.
+    /// The gate and the ledger, in memory: `canceled` messages, what `claim` answers, the start
+    /// marks and the finished outcomes; refuses to mark starts when told to.
     #[derive(Default)]
     struct Marks {
+        canceled: HashSet<String>,
+        priors: std::sync::Mutex<HashMap<String, Prior>>,
+        claimed: std::sync::Mutex<Vec<String>>,
         started: std::sync::Mutex<Vec<(String, i32)>>,
+        finished: std::sync::Mutex<Vec<(String, i32)>>,
         refuse: bool,
     }
 
-    impl Starter for Marks {
+    impl Ledger for Marks {
+        fn open_for_sending<'a>(
+            &'a self,
+            ids: &'a [String],
+        ) -> BoxFuture<'a, Result<HashSet<String>, StageError>> {
+            Box::pin(async move {
+                Ok(ids
+                    .iter()
+                    .filter(|i| self.canceled.contains(*i))
+                    .cloned()
+                    .collect())
+            })
+        }
+
+        fn claim<'a>(
+            &'a self,
+            keys: &'a [ledger::ClaimKey<'a>],
+        ) -> BoxFuture<'a, Result<Vec<Prior>, StageError>> {
+            Box::pin(async move {
+                let priors = self.priors.lock().unwrap();
+                let mut claimed = self.claimed.lock().unwrap();
+                Ok(keys
+                    .iter()
+                    .map(|k| {
+                        claimed.push(k.message_id.to_owned());
+                        priors.get(k.message_id).cloned().unwrap_or(Prior::Fresh)
+                    })
+                    .collect())
+            })
+        }
+
         fn start<'a>(
             &'a self,
             attempts: &'a [(&'a str, i32)],
@@ -715,6 +809,73 @@ mod tests {
                 s.extend(attempts.iter().map(|(m, a)| (m.to_string(), *a)));
                 Ok(())
             })
+        }
+
+        fn finish<'a>(
+            &'a self,
+            done: &'a [(String, i32, CallResult, i64)],
+            _receipt_due: &'a [Option<i64>],
+        ) -> BoxFuture<'a, Result<(), StageError>> {
+            Box::pin(async move {
+                let mut f = self.finished.lock().unwrap();
+                f.extend(done.iter().map(|d| (d.0.clone(), d.1)));
+                Ok(())
+            })
+        }
+    }
+
+    /// The gate drops a canceled message before anything is claimed for it, and the rest are
+    /// claimed in order.
+    #[tokio::test]
+    async fn a_canceled_message_is_never_claimed_or_called() {
+        let marks = Marks {
+            canceled: HashSet::from(["m1".to_owned()]),
+            ..Default::default()
+        };
+        marks
+            .priors
+            .lock()
+            .unwrap()
+            .insert("m2".into(), Prior::InFlight);
+        let mut msgs: Vec<(MessageRouted, i32, String)> = ["m0", "m1", "m2"]
+            .iter()
+            .map(|id| (routed(id), 1, "t".to_owned()))
+            .collect();
+        let priors = admit(&marks, &mut msgs, &HashMap::new()).await.unwrap();
+        let left: Vec<&str> = msgs
+            .iter()
+            .map(|(m, _, _)| m.header.message_id.as_str())
+            .collect();
+        assert_eq!(left, ["m0", "m2"]);
+        assert_eq!(*marks.claimed.lock().unwrap(), ["m0", "m2"]);
+        assert_eq!(priors, [Prior::Fresh, Prior::InFlight]);
+        let counting = std::sync::Arc::new(Counting::default());
+        let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
+            "p".to_owned(),
+            Box::new(SharedCounting(counting.clone())) as Box<dyn Provider>,
+        )]);
+        let calls = call_waves(
+            &marks,
+            &providers,
+            &HashMap::new(),
+            &msgs,
+            plan::waves(priors, 8),
+        )
+        .await;
+        assert_eq!(
+            counting.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only m0 is called"
+        );
+        assert_eq!(calls.done.len(), 2);
+    }
+
+    /// A provider handle sharing one [`Counting`].
+    struct SharedCounting(std::sync::Arc<Counting>);
+
+    impl Provider for SharedCounting {
+        fn send<'a>(&'a self, m: &'a MessageRouted, a: i32) -> BoxFuture<'a, CallResult> {
+            self.0.send(m, a)
         }
     }
 
@@ -765,15 +926,9 @@ mod tests {
     #[tokio::test]
     async fn only_fresh_attempts_are_started_and_called_once() {
         let provider = std::sync::Arc::new(Counting::default());
-        struct Shared(std::sync::Arc<Counting>);
-        impl Provider for Shared {
-            fn send<'a>(&'a self, m: &'a MessageRouted, a: i32) -> BoxFuture<'a, CallResult> {
-                self.0.send(m, a)
-            }
-        }
         let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
             "p".to_owned(),
-            Box::new(Shared(provider.clone())) as Box<dyn Provider>,
+            Box::new(SharedCounting(provider.clone())) as Box<dyn Provider>,
         )]);
         let msgs: Vec<(MessageRouted, i32, String)> = ["m0", "m1", "m2", "m3"]
             .iter()
