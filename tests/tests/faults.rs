@@ -447,7 +447,7 @@ async fn a_dead_alert_endpoint_never_slows_sending_and_alerts_arrive_later() {
     // wait out its timeout, three times, if it were made in the send path).
     for id in &ids {
         let path = format!("/v1/messages/{id}");
-        eventually(Duration::from_secs(30), "failed, the alert pending", || {
+        eventually(Duration::from_secs(60), "failed, the alert pending", || {
             let path = path.clone();
             async move {
                 let v = api_json(&path, api).await?;
@@ -663,7 +663,7 @@ async fn a_receipt_that_never_comes_ends_the_wait_unknown() {
         .unwrap();
     assert!(r.status().is_success());
     let silent = post(sms(1)).await;
-    until_status(api, &silent, "sent", Duration::from_secs(30)).await;
+    until_status(api, &silent, "sent", Duration::from_secs(60)).await;
     let v = until_status(api, &silent, "unknown", Duration::from_secs(40)).await;
     let codes: Vec<&str> = v["timeline"]
         .as_array()
