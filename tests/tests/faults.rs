@@ -429,11 +429,14 @@ async fn a_dead_alert_endpoint_never_slows_sending_and_alerts_arrive_later() {
         .await
         .unwrap();
     assert!(r.status().is_success());
+    // HIGH: a code is exempt from the SMS quiet hours of ops/herald.toml (22:00–08:00 Shanghai),
+    // which would otherwise hold these messages whenever the suite runs after 14:00 UTC.
     let mut ids = Vec::new();
     for i in 0..6 {
         let n = herald_core::util::now_ms() % 10_000_000;
         let body = serde_json::to_vec(&json!({"channel": "SMS", "template": "verify_code",
-            "params": {"code": "482913"}, "recipients": [{"address": format!("139{n:07}{i}")}]}))
+            "params": {"code": "482913"}, "priority": "HIGH",
+            "recipients": [{"address": format!("139{n:07}{i}")}]}))
         .unwrap();
         let r = signed("POST", "/v1/messages", &body, api)
             .send()
@@ -637,10 +640,12 @@ async fn a_receipt_that_never_comes_ends_the_wait_unknown() {
         .await
         .unwrap();
     assert!(r.status().is_success());
+    // HIGH: exempt from the SMS quiet hours, whatever the hour the suite runs at.
     let sms = |tag: u64| {
         let n = herald_core::util::now_ms() % 10_000_000;
         serde_json::to_vec(&json!({"channel": "SMS", "template": "verify_code",
-            "params": {"code": "482913"}, "recipients": [{"address": format!("138{n:07}{tag}")}]}))
+            "params": {"code": "482913"}, "priority": "HIGH",
+            "recipients": [{"address": format!("138{n:07}{tag}")}]}))
         .unwrap()
     };
     let post = |body: Vec<u8>| async move {
