@@ -1,9 +1,12 @@
-//! E-mail over SMTP (lettre): pooled connections, plain / STARTTLS-required / implicit TLS, auth.
+//! E-mail over SMTP: lettre speaks the protocol on sockets Herald opens (`pool.rs`), pooled; plain,
+//! STARTTLS-required or implicit TLS; auth.
 //!
 //! Config: endpoint `host:port`; `tls` = `none` | `starttls` (required: nothing, credentials
 //! included, goes in clear) | `implicit` (port 465); optional credentials `username`,
 //! `password`; optional settings `tls_ca_file` (PEM of a private CA to trust) and `tls_domain`
 //! (the name to verify, default the endpoint's host).
+
+mod pool;
 
 use std::time::Duration;
 
@@ -11,11 +14,10 @@ use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
 use herald_schemas::{DeliveryOutcome, MessageRouted, Reason};
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
-use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::{Certificate, TlsParameters};
 
+use self::pool::{Failure, Pool, Security};
 use crate::settings::Needs;
 use crate::{CallResult, Context, Kind, Provider, ProviderError};
 
@@ -28,18 +30,18 @@ pub const KIND: Kind = Kind {
 };
 
 /// Pooled SMTP connections per provider.
-const SMTP_POOL: u32 = 16;
+const SMTP_POOL: usize = 16;
 
 /// What an SMTP provider entry says.
 pub struct Settings {
     pub host: String,
     pub port: u16,
-    pub tls: Tls,
+    pub security: Security,
     pub from: Mailbox,
 }
 
 pub struct Smtp {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    pool: Pool,
     from: Mailbox,
 }
 
@@ -61,27 +63,57 @@ impl Smtp {
                 (String::new(), 0)
             }
         };
-        let mut params = || -> Option<TlsParameters> {
-            let domain = n.setting_or("tls_domain", &host);
-            let mut tp = TlsParameters::builder(domain);
-            if let Some(ca) = p.settings.get("tls_ca_file") {
-                let cert = std::fs::read(ca)
-                    .map_err(|e| e.to_string())
-                    .and_then(|pem| Certificate::from_pem(&pem).map_err(|e| e.to_string()));
-                match cert {
+        let domain = n.setting_or("tls_domain", &host);
+        let ca_pem = match p.settings.get("tls_ca_file") {
+            Some(ca) => match std::fs::read(ca) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    n.problem(format!("settings.tls_ca_file {ca}: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        // STARTTLS: lettre's TLS parameters (it upgrades the session).
+        let mut starttls = || -> Option<TlsParameters> {
+            let mut tp = TlsParameters::builder(domain.clone());
+            if let Some(pem) = &ca_pem {
+                match Certificate::from_pem(pem) {
                     Ok(cert) => tp = tp.add_root_certificate(cert),
                     Err(e) => {
-                        n.problem(format!("settings.tls_ca_file {ca}: {e}"));
+                        n.problem(format!("settings.tls_ca_file: {e}"));
                         return None;
                     }
                 }
             }
             tp.build().map_err(|e| n.problem(format!("tls: {e}"))).ok()
         };
-        let tls = match p.tls.as_deref().unwrap_or("none") {
-            "none" => Some(Tls::None),
-            "starttls" => params().map(Tls::Required),
-            "implicit" => params().map(Tls::Wrapper),
+        let security = match p.tls.as_deref().unwrap_or("none") {
+            "none" => Some(Security::None),
+            "starttls" => starttls().map(Security::StartTls),
+            // Implicit TLS: Herald's own connector (it opens the socket; see pool.rs).
+            "implicit" => {
+                let mut b = native_tls::TlsConnector::builder();
+                let cert = ca_pem.as_deref().map(native_tls::Certificate::from_pem);
+                match cert {
+                    Some(Err(e)) => {
+                        n.problem(format!("settings.tls_ca_file: {e}"));
+                        None
+                    }
+                    cert => {
+                        if let Some(Ok(cert)) = cert {
+                            b.add_root_certificate(cert);
+                        }
+                        b.build()
+                            .map_err(|e| n.problem(format!("tls: {e}")))
+                            .ok()
+                            .map(|c| Security::Implicit {
+                                connector: c.into(),
+                                domain: domain.clone(),
+                            })
+                    }
+                }
+            }
             other => {
                 n.problem(format!("tls {other:?}: want none, starttls or implicit"));
                 None
@@ -95,36 +127,32 @@ impl Smtp {
             Some(f) => f.parse().map_err(|e| n.problem(format!("from: {e}"))).ok(),
         };
         n.done()?;
-        let (Some(tls), Some(from)) = (tls, from) else {
+        let (Some(security), Some(from)) = (security, from) else {
             unreachable!("every None above recorded a problem")
         };
         Ok(Settings {
             host,
             port,
-            tls,
+            security,
             from,
         })
     }
 
-    /// The client: a pool of connections, opened as calls need them. Needs a Tokio runtime.
+    /// The client: a pool of sessions, opened as calls need them. Sessions need a Tokio runtime.
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
         let Settings {
             host,
             port,
-            tls,
+            security,
             from,
         } = Self::settings(p)?;
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host)
-            .tls(tls)
-            .port(port)
-            .timeout(Some(Duration::from_millis(p.timeout_ms)))
-            .pool_config(PoolConfig::new().max_size(SMTP_POOL));
-        if let (Some(u), Some(pw)) = (p.credentials.get("username"), p.credentials.get("password"))
-        {
-            b = b.credentials(Credentials::new(u.clone(), pw.clone()));
-        }
+        let credentials = match (p.credentials.get("username"), p.credentials.get("password")) {
+            (Some(u), Some(pw)) => Some(Credentials::new(u.clone(), pw.clone())),
+            _ => None,
+        };
+        let timeout = Duration::from_millis(p.timeout_ms);
         Ok(Smtp {
-            transport: b.build(),
+            pool: Pool::new(host, port, security, credentials, timeout, SMTP_POOL),
             from,
         })
     }
@@ -161,7 +189,7 @@ impl Smtp {
 
 impl Provider for Smtp {
     fn max_in_flight(&self) -> usize {
-        SMTP_POOL as usize
+        SMTP_POOL
     }
 
     fn send<'a>(&'a self, m: &'a MessageRouted, _attempt: i32) -> BoxFuture<'a, CallResult> {
@@ -172,22 +200,35 @@ impl Provider for Smtp {
                     return CallResult::fail(DeliveryOutcome::FailedPermanent, None, reason);
                 }
             };
-            match self.transport.send(msg).await {
+            let unavailable = |e: String| {
+                let reason = Reason::new("smtp_unavailable", e);
+                CallResult::fail(DeliveryOutcome::FailedTransient, None, reason)
+            };
+            match self.pool.send(msg.envelope(), &msg.formatted()).await {
                 Ok(resp) => CallResult::ok(
                     resp.code().to_string(),
                     resp.message().next().map(str::to_owned),
                 ),
-                Err(e) => {
+                Err(Failure::Connect(e)) => unavailable(e),
+                Err(Failure::Tls(e)) => CallResult::fail(
+                    DeliveryOutcome::FailedPermanent,
+                    None,
+                    Reason::new("smtp_client_error", e),
+                ),
+                // The message may have been accepted before the answer was lost.
+                Err(Failure::Timeout) => CallResult::fail(
+                    DeliveryOutcome::Unknown,
+                    None,
+                    Reason::new("smtp_timeout", "no answer within the provider's timeout"),
+                ),
+                Err(Failure::Smtp(e)) => {
                     let code = e.status().map(|c| c.to_string());
-                    // A client error is our side refusing (e.g. no way to authenticate without
-                    // sending credentials in clear): a configuration problem, not transient.
+                    // A client error is our side refusing (e.g. non-ASCII content to a server
+                    // without 8BITMIME, no STARTTLS offered): a configuration problem.
                     let (outcome, reason) = if e.is_permanent() {
                         (DeliveryOutcome::FailedPermanent, "smtp_rejected")
                     } else if e.is_client() || e.is_tls() {
                         (DeliveryOutcome::FailedPermanent, "smtp_client_error")
-                    } else if e.is_timeout() {
-                        // The message may have been accepted before the answer was lost.
-                        (DeliveryOutcome::Unknown, "smtp_timeout")
                     } else {
                         (DeliveryOutcome::FailedTransient, "smtp_unavailable")
                     };
