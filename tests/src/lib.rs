@@ -284,6 +284,20 @@ pub fn signed_with(
     body: &[u8],
     api: u16,
 ) -> reqwest::RequestBuilder {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let req = client.request(m, format!("http://127.0.0.1:{api}{path}"));
+    sign_headers(req, app, secret, method, path, body).body(body.to_vec())
+}
+
+/// Adds the gateway's signature headers (a fresh nonce, now) for `body` to a request.
+pub fn sign_headers(
+    req: reqwest::RequestBuilder,
+    app: &str,
+    secret: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> reqwest::RequestBuilder {
     use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
     let ts = (now_ms() / 1000).to_string();
@@ -294,10 +308,7 @@ pub fn signed_with(
     );
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(sts.as_bytes());
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    client
-        .request(m, format!("http://127.0.0.1:{api}{path}"))
-        .header("content-type", "application/json")
+    req.header("content-type", "application/json")
         .header("X-Herald-App", app)
         .header("X-Herald-Timestamp", ts)
         .header("X-Herald-Nonce", nonce)
@@ -305,7 +316,6 @@ pub fn signed_with(
             "X-Herald-Signature",
             hex::encode(mac.finalize().into_bytes()),
         )
-        .body(body.to_vec())
 }
 
 pub async fn publish_on(kind: &str, reqs: &[SendRequested]) {

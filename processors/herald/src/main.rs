@@ -56,6 +56,10 @@ struct DemoArgs {
     /// Requests per second, published every 50 ms (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: usize,
+    /// Recipients per request (a campaign: `--count 1 --recipients 10000`); `{i}` in `--to`
+    /// counts recipients across requests.
+    #[arg(long, default_value_t = 1)]
+    recipients: usize,
 }
 
 #[derive(Subcommand)]
@@ -232,7 +236,9 @@ async fn demo(deps: &Deps, args: DemoArgs) -> anyhow::Result<()> {
         app,
         batch,
         rate,
+        recipients,
     } = args;
+    let per = recipients.max(1);
     let channel = Channel::parse(&channel).with_context(|| format!("unknown channel {channel}"))?;
     setup(deps).await?;
     let publisher = deps.transport.publisher()?;
@@ -263,11 +269,13 @@ async fn demo(deps: &Deps, args: DemoArgs) -> anyhow::Result<()> {
                     ("product".to_owned(), "Herald".to_owned()),
                 ]
                 .into(),
-                recipients: vec![Recipient {
-                    address: to.replace("{i}", &i.to_string()),
-                    params: Default::default(),
-                    timezone: None,
-                }],
+                recipients: (0..per)
+                    .map(|j| Recipient {
+                        address: to.replace("{i}", &(i * per + j).to_string()),
+                        params: Default::default(),
+                        timezone: None,
+                    })
+                    .collect(),
                 content: template.is_empty().then(|| Content {
                     subject: Some("Hello".into()),
                     text: Some(format!("Hello from Herald #{i}")),
