@@ -79,33 +79,49 @@ impl NonceCache {
     }
 }
 
-/// Records a nonce; false when another process (or request) already used it. Expired nonces
-/// are purged now and then.
-pub async fn remember_nonce(
+/// Records nonces, one statement for many concurrent requests: for each `(app, nonce)`, true
+/// when it is new (false when another process or request already used it within the window,
+/// including an earlier entry of the same batch). Expired nonces are purged now and then.
+pub async fn remember_nonces(
     db: &tokio_postgres::Client,
-    app: &str,
-    nonce: &str,
+    nonces: &[(String, String)],
     window_secs: i64,
-) -> Result<bool, tokio_postgres::Error> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    if CALLS
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .is_multiple_of(1000)
-    {
+) -> Result<Vec<bool>, tokio_postgres::Error> {
+    static ROWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let before = ROWS.fetch_add(nonces.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    if before / 1000 != (before + nonces.len() as u64) / 1000 || before == 0 {
         db.execute("DELETE FROM api_nonces WHERE expires_at < now()", &[])
             .await?;
     }
+    // A pair twice in one batch: the first is the request that used it.
+    let mut first = std::collections::HashSet::new();
+    let once: Vec<bool> = nonces.iter().map(|k| first.insert(k)).collect();
+    let (apps, keys): (Vec<&str>, Vec<&str>) = nonces
+        .iter()
+        .zip(&once)
+        .filter(|(_, once)| **once)
+        .map(|((a, n), _)| (a.as_str(), n.as_str()))
+        .unzip();
     let secs = (2 * window_secs) as f64;
-    let n = db
-        .execute(
+    let fresh: std::collections::HashSet<(String, String)> = db
+        .query(
             "INSERT INTO api_nonces (app_id, nonce, expires_at)
-             VALUES ($1, $2, now() + make_interval(secs => $3))
+             SELECT a, n, now() + make_interval(secs => $3)
+               FROM unnest($1::text[], $2::text[]) AS t(a, n)
              ON CONFLICT (app_id, nonce) DO UPDATE SET expires_at = EXCLUDED.expires_at
-             WHERE api_nonces.expires_at < now()",
-            &[&app, &nonce, &secs],
+             WHERE api_nonces.expires_at < now()
+             RETURNING app_id, nonce",
+            &[&apps, &keys, &secs],
         )
-        .await?;
-    Ok(n == 1)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(nonces
+        .iter()
+        .zip(once)
+        .map(|(k, once)| once && fresh.contains(k))
+        .collect())
 }
 
 pub struct Request<'a> {

@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use herald_core::coalesce::Coalescer;
 use herald_core::runtime::Deps;
 use herald_core::telemetry::names;
 use herald_core::util::{message_id, now_ms, random_id};
@@ -41,11 +42,18 @@ use tokio_util::sync::CancellationToken;
 
 pub const STAGE: &str = "api";
 
+/// Most requests one group-commit statement carries.
+const GROUP_COMMIT_MAX: usize = 512;
+
 pub struct ApiState {
     pub deps: Deps,
     /// Reconnects after a PostgreSQL restart: take it with [`ApiState::db`].
     pub pg: herald_core::db::SharedDb,
     pub nonces: auth::NonceCache,
+    /// Group commit of every request's nonce (one statement for the requests waiting together).
+    pub nonce_writes: Coalescer<(String, String), bool>,
+    /// Group commit of every accepted request's `intake` rows.
+    pub intake_writes: Coalescer<herald_domain::intake::Intake, ()>,
     pub secrets: HashMap<String, String>,
     pub http: reqwest::Client,
     pub inbox: inbox::Notifications,
@@ -194,9 +202,11 @@ async fn authenticate(
     .map_err(refused)?;
     // The nonce once across every API process: PostgreSQL holds them for the window.
     let nonce = req.nonce.unwrap_or_default();
-    let fresh = auth::remember_nonce(&*state.db().await.map_err(db_err)?, &app, nonce, window)
+    let fresh = state
+        .nonce_writes
+        .submit((app.clone(), nonce.to_owned()))
         .await
-        .map_err(db_err)?;
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e))?;
     if !fresh {
         return Err(refused(auth::AuthError::ReusedNonce));
     }
@@ -436,13 +446,13 @@ async fn send(
         publish(&state, vec![rec]).await?;
     }
     // Readable and cancelable at once, before the projector catches up.
-    let recorded = match state.db().await {
-        Ok(db) => herald_domain::intake::record(&db, &app, &request_id, req.channel.as_str(), &ids)
-            .await
-            .map_err(herald_core::db::PoolFailure::from),
-        Err(e) => Err(e),
+    let intake = herald_domain::intake::Intake {
+        app_id: app.clone(),
+        request_id: request_id.clone(),
+        channel: req.channel.as_str().to_owned(),
+        message_ids: ids.clone(),
     };
-    if let Err(e) = recorded {
+    if let Err(e) = state.intake_writes.submit(intake).await {
         tracing::warn!(error = %e, "intake not recorded; reads follow the projector");
     }
     metrics::counter!(names::API_REQUESTS, "route" => "send", "outcome" => "accepted").increment(1);
@@ -855,10 +865,35 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .collect();
     let listen = deps.config.api.listen.clone();
     let deps_guard = deps.config.security.outbound_allow.clone();
+    let window = deps.config.api.signature_window_secs as i64;
+    let db = pg.clone();
+    let nonce_writes = Coalescer::spawn(GROUP_COMMIT_MAX, move |nonces: Vec<(String, String)>| {
+        let db = db.clone();
+        async move {
+            let c = db.get().await.map_err(|e| e.to_string())?;
+            auth::remember_nonces(&c, &nonces, window)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    let db = pg.clone();
+    let intake_writes = Coalescer::spawn(GROUP_COMMIT_MAX, move |rows: Vec<_>| {
+        let db = db.clone();
+        async move {
+            let c = db.get().await.map_err(|e| e.to_string())?;
+            let n = rows.len();
+            herald_domain::intake::record_many(&c, &rows)
+                .await
+                .map(|()| vec![(); n])
+                .map_err(|e| e.to_string())
+        }
+    });
     let state = Arc::new(ApiState {
         deps,
         pg,
         nonces: auth::NonceCache::default(),
+        nonce_writes,
+        intake_writes,
         secrets,
         http: reqwest::Client::new(),
         inbox,

@@ -137,7 +137,8 @@ impl DerefMut for Db {
 }
 
 /// A pool shared by concurrent handlers (the API): [`SharedDb::get`] hands out a live
-/// connection for the handler's queries.
+/// connection for the handler's queries. Clones share the pool.
+#[derive(Clone)]
 pub struct SharedDb {
     pool: Pool,
 }

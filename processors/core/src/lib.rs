@@ -6,9 +6,11 @@
 //! - [`codec`]: Avro in the Confluent wire format behind a schema resolver.
 //! - [`worker`]: the batch loop (consume → handle → commit) with rebuild-on-failure, and the
 //!   dead-letter helpers that keep promise 5 (bad input never stops a stage).
+//! - [`coalesce`]: group commit for concurrent callers (the gateway's per-request writes).
 //! - [`config`], [`telemetry`], [`shutdown`], [`util`].
 
 pub mod cli;
+pub mod coalesce;
 pub mod codec;
 pub mod config;
 pub mod db;

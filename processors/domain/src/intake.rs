@@ -20,18 +20,30 @@ pub struct Accepted {
     pub at: i64,
 }
 
-/// Records a published request's messages.
-pub async fn record(
-    db: &Client,
-    app_id: &str,
-    request_id: &str,
-    channel: &str,
-    message_ids: &[String],
-) -> Result<(), tokio_postgres::Error> {
+/// One published request's messages, for [`record_many`].
+pub struct Intake {
+    pub app_id: String,
+    pub request_id: String,
+    pub channel: String,
+    pub message_ids: Vec<String>,
+}
+
+/// Records many published requests' messages in one statement (the gateway's group commit).
+pub async fn record_many(db: &Client, requests: &[Intake]) -> Result<(), tokio_postgres::Error> {
+    let (mut ids, mut reqs, mut apps, mut channels) = (vec![], vec![], vec![], vec![]);
+    for r in requests {
+        for id in &r.message_ids {
+            ids.push(id.as_str());
+            reqs.push(r.request_id.as_str());
+            apps.push(r.app_id.as_str());
+            channels.push(r.channel.as_str());
+        }
+    }
     db.execute(
         "INSERT INTO intake (message_id, request_id, app_id, channel)
-         SELECT unnest($1::text[]), $2, $3, $4 ON CONFLICT DO NOTHING",
-        &[&message_ids, &request_id, &app_id, &channel],
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+         ON CONFLICT DO NOTHING",
+        &[&ids, &reqs, &apps, &channels],
     )
     .await?;
     Ok(())
