@@ -60,6 +60,10 @@ struct DemoArgs {
     /// counts recipients across requests.
     #[arg(long, default_value_t = 1)]
     recipients: usize,
+    /// Schedule each request this many ms after it is published (`send_at`); its `sent_ms`
+    /// metadata is then the due time, so the webhook simulator measures lateness.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: i64,
 }
 
 #[derive(Subcommand)]
@@ -237,6 +241,7 @@ async fn demo(deps: &Deps, args: DemoArgs) -> anyhow::Result<()> {
         batch,
         rate,
         recipients,
+        delay_ms,
     } = args;
     let per = recipients.max(1);
     let channel = Channel::parse(&channel).with_context(|| format!("unknown channel {channel}"))?;
@@ -281,10 +286,10 @@ async fn demo(deps: &Deps, args: DemoArgs) -> anyhow::Result<()> {
                     text: Some(format!("Hello from Herald #{i}")),
                     ..Default::default()
                 }),
-                send_at: None,
+                send_at: (delay_ms > 0).then_some(now + delay_ms),
                 priority: Priority::Normal,
                 expires_at: None,
-                metadata: [("sent_ms".to_owned(), now.to_string())].into(),
+                metadata: [("sent_ms".to_owned(), (now + delay_ms.max(0)).to_string())].into(),
                 requested_at: now,
             };
             pending.push(

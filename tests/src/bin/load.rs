@@ -34,7 +34,9 @@ async fn main() -> anyhow::Result<()> {
     let to = arg(&args, "--to", "http://127.0.0.1:18099/hook");
     let template = arg(&args, "--template", "");
     let app = arg(&args, "--app", "demo");
-    let secret = std::env::var(arg(&args, "--secret-env", "HERALD_APP_DEMO_SECRET"))?;
+    let secret_env = arg(&args, "--secret-env", "HERALD_APP_DEMO_SECRET");
+    let secret = std::env::var(&secret_env)
+        .map_err(|_| anyhow::anyhow!("{secret_env}: the app's secret, not set"))?;
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(conns)
