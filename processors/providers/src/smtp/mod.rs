@@ -221,6 +221,16 @@ impl Provider for Smtp {
                     None,
                     Reason::new("smtp_timeout", "no answer within the provider's timeout"),
                 ),
+                Err(Failure::Lost(e)) => CallResult::fail(
+                    DeliveryOutcome::Unknown,
+                    None,
+                    Reason::new("smtp_connection_lost", e),
+                ),
+                Err(Failure::Unsupported(e)) => CallResult::fail(
+                    DeliveryOutcome::FailedPermanent,
+                    None,
+                    Reason::new("smtp_client_error", e),
+                ),
                 Err(Failure::Smtp(e)) => {
                     let code = e.status().map(|c| c.to_string());
                     // A client error is our side refusing (e.g. non-ASCII content to a server

@@ -13,12 +13,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
 
@@ -49,8 +51,13 @@ pub enum Failure {
     Smtp(lettre::transport::smtp::Error),
     /// The implicit-TLS handshake failed (certificate, name, protocol): a configuration problem.
     Tls(String),
-    /// The timeout passed with the mail's fate unknown (it may have been accepted).
+    /// The server cannot take this mail as it is (non-ASCII without SMTPUTF8/8BITMIME).
+    Unsupported(&'static str),
+    /// The timeout passed after the mail's body was sent: it may have been accepted.
     Timeout,
+    /// The session broke after the mail's body was sent, before the server's answer: it may
+    /// have been accepted.
+    Lost(String),
 }
 
 pub struct Pool {
@@ -94,17 +101,27 @@ impl Pool {
             // Still connecting, greeting or authenticating: no mail was sent.
             Err(_) => return Err(Failure::Connect("timed out opening a session".into())),
         };
-        match tokio::time::timeout_at(deadline, conn.send(envelope, email)).await {
+        let body_sent = AtomicBool::new(false);
+        match tokio::time::timeout_at(deadline, transact(&mut conn, envelope, email, &body_sent))
+            .await
+        {
             Ok(Ok(response)) => {
                 self.checkin(conn);
                 Ok(response)
             }
-            // lettre aborted (QUIT) the session on any error: it is not reused.
-            Ok(Err(e)) => Err(Failure::Smtp(e)),
-            Err(_) => Err(Failure::Timeout),
+            Ok(Err(e)) => {
+                tokio::spawn(async move { conn.abort().await });
+                Err(e)
+            }
+            Err(_) if body_sent.load(Ordering::SeqCst) => Err(Failure::Timeout),
+            Err(_) => Err(Failure::Connect(
+                "timed out before the mail was sent".into(),
+            )),
         }
     }
 
+    // lettre's `AsyncSmtpConnection::send` does MAIL, RCPT, DATA and the body in one call and
+    // cannot say at which step it failed; Herald needs to know whether the body went out.
     async fn checkout(&self) -> Result<AsyncSmtpConnection, Failure> {
         loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -160,6 +177,52 @@ impl Pool {
         }
         Ok(conn)
     }
+}
+
+/// One mail transaction on an open session (what lettre's `send` does, step by step): an error
+/// before the body went out means nothing was sent; a broken session after it means the mail
+/// may have been taken (`Lost`), unless the server answered with a code. `body_sent` is set
+/// just before the body is written, for the caller's timeout.
+async fn transact(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+    body_sent: &AtomicBool,
+) -> Result<Response, Failure> {
+    let mut params = Vec::new();
+    let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+    let non_ascii = envelope.from().is_some_and(|a| !ascii(a)) || !envelope.to().iter().all(ascii);
+    if non_ascii {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(Failure::Unsupported(
+                "non-ASCII addresses, and the server does not offer SMTPUTF8",
+            ));
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !email.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(Failure::Unsupported(
+                "non-ASCII content, and the server does not offer 8BITMIME",
+            ));
+        }
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), params))
+        .await
+        .map_err(Failure::Smtp)?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), vec![]))
+            .await
+            .map_err(Failure::Smtp)?;
+    }
+    conn.command(Data).await.map_err(Failure::Smtp)?;
+    body_sent.store(true, Ordering::SeqCst);
+    conn.message(email).await.map_err(|e| match e.status() {
+        // The server answered: accepted or not, it said so.
+        Some(_) => Failure::Smtp(e),
+        None => Failure::Lost(e.to_string()),
+    })
 }
 
 /// An implicit-TLS stream as lettre's transport.
@@ -226,6 +289,10 @@ mod tests {
         NeverGreets,
         /// Refuses every recipient with 550.
         RefusesRecipients,
+        /// Reads the mail to its closing `.`, then closes the connection without an answer.
+        DropsAfterData,
+        /// Never answers MAIL FROM.
+        SilentAtMail,
     }
 
     /// A minimal SMTP server on loopback; counts connections and accepted mails.
@@ -256,10 +323,15 @@ mod tests {
                             if kind == Peer::SilentAfterData {
                                 continue;
                             }
+                            if kind == Peer::DropsAfterData {
+                                return;
+                            }
                             m.fetch_add(1, Ordering::SeqCst);
                             b"250 queued\r\n"
                         } else if line.starts_with("EHLO") {
                             b"250-peer\r\n250 8BITMIME\r\n"
+                        } else if line.starts_with("MAIL") && kind == Peer::SilentAtMail {
+                            continue;
                         } else if line.starts_with("RCPT") && kind == Peer::RefusesRecipients {
                             b"550 no such user\r\n"
                         } else if line == "DATA" {
@@ -331,6 +403,26 @@ mod tests {
         assert!(matches!(
             pool(port).send(&envelope(), MAIL).await,
             Err(Failure::Timeout)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_session_lost_after_the_mail_went_out_is_not_a_failure_to_retry() {
+        // The server may have taken it: `Lost` (the message ends unknown), never `Smtp`
+        // (transient, sent again).
+        let (port, _, _) = peer(Peer::DropsAfterData).await;
+        assert!(matches!(
+            pool(port).send(&envelope(), MAIL).await,
+            Err(Failure::Lost(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_answer_before_the_mail_went_out_means_nothing_was_sent() {
+        let (port, _, _) = peer(Peer::SilentAtMail).await;
+        assert!(matches!(
+            pool(port).send(&envelope(), MAIL).await,
+            Err(Failure::Connect(_))
         ));
     }
 
