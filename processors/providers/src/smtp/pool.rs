@@ -29,6 +29,9 @@ const CHECK_AFTER: Duration = Duration::from_secs(1);
 /// A session idle for longer than this is closed rather than reused (servers drop idle clients).
 const IDLE_MAX: Duration = Duration::from_secs(50);
 
+/// Longest a closing session may wait for the server's answer to QUIT.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
 /// How the session is protected.
 pub enum Security {
     None,
@@ -110,7 +113,7 @@ impl Pool {
                 Ok(response)
             }
             Ok(Err(e)) => {
-                tokio::spawn(async move { conn.abort().await });
+                close(conn);
                 Err(e)
             }
             Err(_) if body_sent.load(Ordering::SeqCst) => Err(Failure::Timeout),
@@ -128,7 +131,7 @@ impl Pool {
             let Some((mut conn, since)) = next else { break };
             let idle = since.elapsed();
             if idle > IDLE_MAX {
-                tokio::spawn(async move { conn.abort().await });
+                close(conn);
                 continue;
             }
             if idle <= CHECK_AFTER || conn.test_connected().await {
@@ -177,6 +180,14 @@ impl Pool {
         }
         Ok(conn)
     }
+}
+
+/// Says QUIT and closes a session in the background, bounded: a server that stopped answering
+/// must not keep a task and a socket forever.
+fn close(mut conn: AsyncSmtpConnection) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_WITHIN, conn.abort()).await;
+    });
 }
 
 /// One mail transaction on an open session (what lettre's `send` does, step by step): an error
