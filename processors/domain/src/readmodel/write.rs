@@ -60,7 +60,21 @@ pub async fn write(
                 template_version = COALESCE(m.template_version, EXCLUDED.template_version),
                 recipient_key = COALESCE(m.recipient_key, EXCLUDED.recipient_key),
                 latency_ms = CASE WHEN EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
-                                  THEN EXCLUDED.latency_ms ELSE m.latency_ms END",
+                                  THEN EXCLUDED.latency_ms ELSE m.latency_ms END
+             -- Only where a column above changes: a fact that brings nothing new (a delay-tier
+             -- hop, a redelivered event) writes no new row version and no WAL.
+             WHERE EXCLUDED.status_rank > m.status_rank
+                OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
+                OR EXCLUDED.created_at < m.created_at
+                OR (EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                    AND EXCLUDED.provider IS DISTINCT FROM m.provider)
+                OR EXCLUDED.attempts > m.attempts
+                OR (m.recipient_masked IS NULL AND EXCLUDED.recipient_masked IS NOT NULL)
+                OR (m.template IS NULL AND EXCLUDED.template IS NOT NULL)
+                OR (m.template_version IS NULL AND EXCLUDED.template_version IS NOT NULL)
+                OR (m.recipient_key IS NULL AND EXCLUDED.recipient_key IS NOT NULL)
+                OR (EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                    AND EXCLUDED.latency_ms IS DISTINCT FROM m.latency_ms)",
             &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
         )
         .await?;
