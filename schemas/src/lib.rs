@@ -322,6 +322,10 @@ pub struct MessageRendered {
     #[serde(default)]
     pub template_version: Option<i32>,
     pub content: RenderedContent,
+    /// When the message became due: its request's time, or its `send_at` when scheduled.
+    #[avro(with = crate::logical::opt_ts_millis)]
+    #[serde(default)]
+    pub due_at: Option<i64>,
 }
 event!(MessageRendered, "message_rendered.avsc");
 
@@ -344,6 +348,10 @@ pub struct MessageRouted {
     pub provider_kind: String,
     #[serde(default)]
     pub tried_providers: Vec<String>,
+    /// When the message became due (see [`MessageRendered::due_at`]).
+    #[avro(with = crate::logical::opt_ts_millis)]
+    #[serde(default)]
+    pub due_at: Option<i64>,
 }
 event!(MessageRouted, "message_routed.avsc");
 

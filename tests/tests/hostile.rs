@@ -536,6 +536,7 @@ async fn hostile_records_on_kafka_end_failed_or_dead_lettered_and_nothing_stalls
             text: Some("poison".into()),
             ..Default::default()
         },
+        due_at: None,
     };
     let poison_bytes = record(&codec, topics::RENDERED, "p", "t", &poison)
         .await

@@ -129,6 +129,7 @@ fn message(channel: Channel, address: &str, content: RenderedContent) -> Message
         provider: "p".into(),
         provider_kind: "k".into(),
         tried_providers: vec![],
+        due_at: None,
     }
 }
 

@@ -92,6 +92,10 @@ impl BatchHandler for Render {
                             template: m.template,
                             template_version: version,
                             content,
+                            due_at: Some(
+                                m.send_at
+                                    .map_or(m.requested_at, |at| at.max(m.requested_at)),
+                            ),
                         };
                         out.push(
                             record(codec, topics::RENDERED, &ev.recipient.address, &trace, &ev)

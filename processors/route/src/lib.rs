@@ -233,6 +233,7 @@ impl BatchHandler for Route {
                     provider,
                     provider_kind: kind,
                     tried_providers: Vec::new(),
+                    due_at: m.due_at,
                 };
                 out.push(record(&codec, &topic, &ev.recipient.address, &trace, &ev).await?);
             }

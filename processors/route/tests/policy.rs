@@ -34,6 +34,7 @@ fn rendered(id: &str, phone: &str) -> MessageRendered {
             text: Some("Your code is 1.".into()),
             ..Default::default()
         },
+        due_at: None,
     }
 }
 

@@ -557,6 +557,9 @@ pub async fn call_waves<L: Ledger + ?Sized>(
                         let Some(p) = providers.get(code) else { return Vec::new() };
                         let items: Vec<(&MessageRouted, i32)> =
                             chunk.iter().map(|i| (&msgs[*i].0, msgs[*i].1)).collect();
+                        for (m, attempt) in &items {
+                            observe_due(m, *attempt);
+                        }
                         let started = Instant::now();
                         let results = p.send_batch(&items).await;
                         let elapsed = started.elapsed();
@@ -603,6 +606,18 @@ pub type Done = (usize, CallResult, i64, bool);
 /// A wave's calls.
 type WaveResult = Result<Vec<Done>, StageError>;
 
+/// Request → provider call ([`names::REQUEST_TO_CALL_SECONDS`]), at the call's start: first
+/// attempts only (a retry is late by design), from when the message became due (its request,
+/// or its `send_at`).
+fn observe_due(m: &MessageRouted, attempt: i32) {
+    if attempt == 1
+        && let Some(due) = m.due_at
+    {
+        metrics::histogram!(names::REQUEST_TO_CALL_SECONDS, "channel" => m.header.channel.as_str())
+            .record((now_ms() - due).max(0) as f64 / 1000.0);
+    }
+}
+
 /// One provider call, or the ledger's earlier answer. The bool: record the outcome.
 async fn call_one(
     providers: &HashMap<String, Box<dyn Provider>>,
@@ -627,6 +642,7 @@ async fn call_one(
             true,
         ),
         Prior::Fresh => {
+            observe_due(m, attempt);
             let started = Instant::now();
             let r = match providers.get(&m.provider) {
                 Some(p) => p.send(m, attempt).await,
@@ -917,6 +933,7 @@ mod tests {
             provider: "p".into(),
             provider_kind: "webhook".into(),
             tried_providers: vec![],
+            due_at: None,
         }
     }
 

@@ -396,6 +396,7 @@ mod tests {
             provider: provider.into(),
             provider_kind: "aliyun_sms".into(),
             tried_providers: vec![],
+            due_at: None,
         }
     }
 
