@@ -20,6 +20,9 @@ pub mod names {
     pub const RENDER_SANDBOX_DEATHS: &str = "herald_render_sandbox_deaths_total";
     pub const SEND_ATTEMPTS: &str = "herald_send_attempts_total";
     pub const SEND_SECONDS: &str = "herald_send_provider_call_seconds";
+    /// From when a message became due (its request, or its `send_at`) to the start of its first
+    /// provider call, by channel: the latency users see.
+    pub const REQUEST_TO_CALL_SECONDS: &str = "herald_send_request_to_call_seconds";
     pub const PROJECTOR_ROWS: &str = "herald_projector_events_applied_total";
     pub const API_REQUESTS: &str = "herald_api_requests_total";
     pub const TOKEN_FETCHES: &str = "herald_send_token_fetches_total";
@@ -30,7 +33,61 @@ pub mod names {
     pub const DUPLICATE_REQUESTS: &str = "herald_accept_duplicate_requests_total";
     pub const SUPPRESSED: &str = "herald_route_suppressed_total";
     pub const STATUS_WEBHOOKS: &str = "herald_notify_status_webhooks_total";
+    /// Alerts posted by the alert outbox, by result (sent, retry, given_up).
+    pub const ALERTS: &str = "herald_send_alerts_total";
+    /// Rows purged by retention, by table.
+    pub const ROWS_PURGED: &str = "herald_retention_rows_purged_total";
     pub const CANCELED_DROPPED: &str = "herald_stage_canceled_dropped_total";
+    /// Records a stage's consumer group has not yet consumed, per topic and partition (Kafka:
+    /// librdkafka statistics; Redis Streams: entries not yet delivered plus pending). The delay
+    /// tiers' backlog is the delay stage's lag on its tier topics.
+    pub const CONSUMER_LAG: &str = "herald_stage_consumer_lag";
+    /// Workers of a stage running in this process (instances are Prometheus' `instance` label).
+    pub const STAGE_UP: &str = "herald_stage_up";
+    /// An app's messages today over its daily quota (apps with a quota).
+    pub const QUOTA_USED_RATIO: &str = "herald_app_quota_used_ratio";
+    /// Rows waiting in an outbox (alerts, status webhooks) to be delivered.
+    pub const OUTBOX_BACKLOG: &str = "herald_outbox_backlog";
+}
+
+/// Every metric Herald exports (README's metrics section is checked against this list, and a
+/// live `/metrics` against it, in tests/tests/ops.rs).
+pub const ALL: &[&str] = &[
+    names::RECORDS_IN,
+    names::RECORDS_OUT,
+    names::DEAD_LETTERS,
+    names::BATCH_SECONDS,
+    names::SOURCE_RESTARTS,
+    names::STAGE_ERRORS,
+    names::POISON_RECORDS,
+    names::RENDER_SANDBOX_DEATHS,
+    names::SEND_ATTEMPTS,
+    names::SEND_SECONDS,
+    names::REQUEST_TO_CALL_SECONDS,
+    names::PROJECTOR_ROWS,
+    names::API_REQUESTS,
+    names::TOKEN_FETCHES,
+    names::RULE_ACTIONS,
+    names::RATE_LIMIT_WAIT_SECONDS,
+    names::BREAKER_STATE,
+    names::RECEIPTS,
+    names::DUPLICATE_REQUESTS,
+    names::SUPPRESSED,
+    names::STATUS_WEBHOOKS,
+    names::ALERTS,
+    names::ROWS_PURGED,
+    names::CANCELED_DROPPED,
+    names::CONSUMER_LAG,
+    names::STAGE_UP,
+    names::QUOTA_USED_RATIO,
+    names::OUTBOX_BACKLOG,
+];
+
+/// Sets a consumer group's lag on one partition ([`names::CONSUMER_LAG`]).
+pub fn consumer_lag(group: &str, topic: &str, partition: i32, lag: i64) {
+    metrics::gauge!(names::CONSUMER_LAG, "group" => group.to_owned(), "topic" => topic.to_owned(),
+        "partition" => partition.to_string())
+    .set(lag as f64);
 }
 
 /// Installs the tracing subscriber (RUST_LOG, default info). Safe to call twice.

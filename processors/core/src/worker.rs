@@ -196,6 +196,23 @@ impl<H: BatchHandler> Isolating<'_, H> {
     }
 }
 
+/// [`names::STAGE_UP`] counts a stage's workers running in this process (the send stage runs one
+/// per channel): up when one starts, down when it returns, however it ends.
+struct Up(&'static str);
+
+impl Up {
+    fn new(stage: &'static str) -> Up {
+        metrics::gauge!(names::STAGE_UP, "stage" => stage).increment(1.0);
+        Up(stage)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        metrics::gauge!(names::STAGE_UP, "stage" => self.0).decrement(1.0);
+    }
+}
+
 /// Runs `handler` over `spec` until `shutdown`. A failing source drops the source (nothing
 /// uncommitted is acknowledged) and rebuilds it after a back-off; a batch that fails is retried
 /// in place with back-off and probed for poison records (see the module header); a batch in
@@ -208,6 +225,9 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) -> Result<(), StageError> {
     let mut backoff = Duration::from_millis(100);
+    let _up = Up::new(stage);
+    // Shown from the start (0), not only after the first failure.
+    metrics::counter!(names::STAGE_ERRORS, "stage" => stage, "class" => "transient").increment(0);
     loop {
         if shutdown.is_cancelled() {
             return Ok(());

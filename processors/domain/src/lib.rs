@@ -21,6 +21,7 @@ pub mod inbox;
 pub mod intake;
 pub mod ledger;
 pub mod opt_out;
+pub mod outbox;
 pub mod quota;
 pub mod readmodel;
 pub mod redact;

@@ -29,24 +29,38 @@ pub fn verify_mark(config: &Config, request_id: &str, value: &[u8]) -> bool {
 }
 
 /// Counts `n` messages for `app` today unless that would pass `quota`; true when counted.
+/// Either way, the app's usage today is published as a share of its quota
+/// ([`herald_core::telemetry::names::QUOTA_USED_RATIO`]).
 pub async fn take(
     db: &Client,
     app: &str,
     n: i64,
     quota: i64,
 ) -> Result<bool, tokio_postgres::Error> {
-    if n > quota {
-        return Ok(false);
-    }
-    let row = db
-        .query_opt(
+    let row = if n > quota {
+        None
+    } else {
+        db.query_opt(
             "INSERT INTO app_usage AS u (app_id, day, messages) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
              ON CONFLICT (app_id, day) DO UPDATE SET messages = u.messages + EXCLUDED.messages
              WHERE u.messages + EXCLUDED.messages <= $3
              RETURNING messages",
             &[&app, &n, &quota],
         )
-        .await?;
+        .await?
+    };
+    let used: i64 = match &row {
+        Some(r) => r.get(0),
+        None => db
+            .query_opt(
+                "SELECT messages FROM app_usage WHERE app_id = $1 AND day = (now() AT TIME ZONE 'UTC')::date",
+                &[&app],
+            )
+            .await?
+            .map_or(0, |r| r.get(0)),
+    };
+    metrics::gauge!(herald_core::telemetry::names::QUOTA_USED_RATIO, "app" => app.to_owned())
+        .set(used as f64 / quota.max(1) as f64);
     Ok(row.is_some())
 }
 

@@ -22,8 +22,6 @@ use crate::status::TERMINAL;
 use crate::validate::MAX_SCHEDULE_AHEAD_MS;
 use herald_core::config::RetentionConfig;
 
-pub const ROWS_PURGED: &str = "herald_retention_rows_purged_total";
-
 /// Advisory lock class (with the table's hash): any constant shared by every Herald process.
 const LOCK_KEY: i32 = 0x4852_4554;
 
@@ -141,7 +139,8 @@ pub async fn round(
         )
         .await?;
         if total > 0 {
-            metrics::counter!(ROWS_PURGED, "table" => p.table).increment(total);
+            metrics::counter!(herald_core::telemetry::names::ROWS_PURGED, "table" => p.table)
+                .increment(total);
             info!(table = p.table, rows = total, "retention purged");
         }
     }

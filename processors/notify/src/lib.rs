@@ -137,10 +137,12 @@ async fn dispatch(
         .client(reqwest::Client::builder().timeout(Duration::from_secs(10)))
         .build()
         .unwrap_or_default();
+    let mut backlog = herald_domain::outbox::Backlog::new("status_notifications");
     loop {
         if let Err(e) = db.reconnect_if_closed().await {
             warn!(error = %e, "notification outbox unreachable");
         }
+        backlog.report(&*db).await;
         let rows = db
             .query(
                 "SELECT message_id, app_id, payload, attempts, extract(epoch from now() - created_at)::bigint

@@ -109,9 +109,13 @@ impl KafkaSettings {
             // messages, and measured as fast as 4 MiB on the benchmark (scripts/bench).
             ("queued.max.messages.kbytes", "1024"),
             ("partition.assignment.strategy", "cooperative-sticky"),
+            // Consumer lag per partition (see `StageContext::stats`).
+            ("statistics.interval.ms", LAG_INTERVAL_MS),
         ]);
         let consumer: StreamConsumer<StageContext> = c.create_with_context(StageContext {
             positions: spec.positions.clone(),
+            group: spec.group.clone(),
+            lagging: Default::default(),
         })?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -128,13 +132,55 @@ fn start_at(positions: &Positions, topic: &str, partition: i32) -> Offset {
     next.map_or(Offset::Beginning, Offset::Offset)
 }
 
+/// How often each consumer reports its lag (librdkafka statistics).
+const LAG_INTERVAL_MS: &str = "5000";
+
 /// The consumers' context: a stage that keeps its own positions starts each partition it is
-/// assigned there (librdkafka's default rebalance, with the offsets set first).
+/// assigned there (librdkafka's default rebalance, with the offsets set first); every consumer
+/// reports its lag per partition from librdkafka's statistics.
 pub struct StageContext {
     positions: Option<Positions>,
+    group: String,
+    /// Partitions whose lag this consumer reported last time (a partition it no longer holds is
+    /// reported as 0 once: another instance reports it now).
+    lagging: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
 }
 
-impl ClientContext for StageContext {}
+/// Records not yet consumed by this group on one partition: from the position the stage has
+/// reached (or, before it has read anything since the assignment, the committed offset) to the
+/// last stable offset (records of open transactions are not yet readable under read_committed).
+/// `None` when librdkafka does not know yet (-1 values).
+pub fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.partition < 0 || !p.desired || p.ls_offset < 0 {
+        return None;
+    }
+    let at = if p.app_offset >= 0 {
+        p.app_offset
+    } else {
+        p.committed_offset
+    };
+    (at >= 0).then(|| (p.ls_offset - at).max(0))
+}
+
+impl ClientContext for StageContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut now = std::collections::HashSet::new();
+        for (topic, t) in &statistics.topics {
+            for p in t.partitions.values() {
+                if let Some(lag) = partition_lag(p) {
+                    crate::telemetry::consumer_lag(&self.group, topic, p.partition, lag);
+                    now.insert((topic.clone(), p.partition));
+                }
+            }
+        }
+        if let Ok(mut before) = self.lagging.lock() {
+            for (topic, partition) in before.difference(&now) {
+                crate::telemetry::consumer_lag(&self.group, topic, *partition, 0);
+            }
+            *before = now;
+        }
+    }
+}
 
 impl ConsumerContext for StageContext {
     fn rebalance(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
 use super::{
@@ -110,6 +110,9 @@ fn to_in_record(topic: &str, e: &StreamId) -> InRecord {
     }
 }
 
+/// How often a source reports its group's lag.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
 pub struct RedisSource {
     conn: MultiplexedConnection,
     settings: RedisSettings,
@@ -117,6 +120,8 @@ pub struct RedisSource {
     /// Still re-reading this consumer's own pending entries (after a restart).
     draining_own_pending: bool,
     last_claim: Instant,
+    /// When the group's lag was last reported.
+    last_lag: Option<Instant>,
     unacked: BTreeMap<String, Vec<String>>,
 }
 
@@ -168,7 +173,28 @@ impl RedisSource {
         Ok(out)
     }
 
+    /// Reports the group's lag on each stream (entries not yet delivered to the group plus
+    /// entries delivered and not yet acknowledged) at most every [`LAG_INTERVAL`]. A failure
+    /// here is left to the next poll's own error.
+    async fn report_lag(&mut self) {
+        if self.last_lag.is_some_and(|t| t.elapsed() < LAG_INTERVAL) {
+            return;
+        }
+        self.last_lag = Some(Instant::now());
+        for t in &self.spec.topics {
+            let reply: Result<StreamInfoGroupsReply, _> = self.conn.xinfo_groups(t).await;
+            let Ok(reply) = reply else {
+                continue;
+            };
+            if let Some(g) = reply.groups.iter().find(|g| g.name == self.spec.group) {
+                let lag = g.lag.unwrap_or(0) + g.pending;
+                crate::telemetry::consumer_lag(&self.spec.group, t, 0, lag as i64);
+            }
+        }
+    }
+
     async fn poll_batch(&mut self) -> TResult<Vec<InRecord>> {
+        self.report_lag().await;
         let batch = if self.draining_own_pending {
             let b = self.read("0", None).await?;
             if b.is_empty() {
@@ -275,6 +301,7 @@ impl Transport for RedisTransport {
                 spec,
                 draining_own_pending: true,
                 last_claim: Instant::now(),
+                last_lag: None,
                 unacked: BTreeMap::new(),
             }) as Box<dyn Source>)
         })

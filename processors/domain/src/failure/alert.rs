@@ -21,8 +21,6 @@ use super::{CallResult, outcome_str};
 use herald_core::config::{Config, RuleAction};
 use herald_core::util::{now_ms, standard_webhook_signature, webhook_key};
 
-pub const ALERTS: &str = "herald_send_alerts_total";
-
 /// How long an alert is retried before it is given up (and counted).
 const GIVE_UP_AFTER_SECS: i64 = 86_400;
 
@@ -128,7 +126,9 @@ pub fn spawn_dispatcher(
         .unwrap_or_default();
     let keys = Arc::new(keys);
     tokio::spawn(async move {
+        let mut backlog = crate::outbox::Backlog::new("alert_outbox");
         loop {
+            backlog.report(&*db).await;
             let busy = match deliver_due(&mut db, &http, &keys).await {
                 Ok(n) => n > 0,
                 Err(e) => {
@@ -181,7 +181,8 @@ async fn deliver_due(
     for (id, sent, attempts, age) in futures::future::join_all(sends).await {
         match sent {
             Ok(()) => {
-                metrics::counter!(ALERTS, "result" => "sent").increment(1);
+                metrics::counter!(herald_core::telemetry::names::ALERTS, "result" => "sent")
+                    .increment(1);
                 db.execute(
                     "UPDATE alert_outbox SET delivered_at = now(), attempts = attempts + 1
                      WHERE id = $1",
@@ -191,7 +192,7 @@ async fn deliver_due(
             }
             Err(e) => {
                 let give_up = age > GIVE_UP_AFTER_SECS;
-                metrics::counter!(ALERTS, "result" => if give_up { "given_up" } else { "retry" })
+                metrics::counter!(herald_core::telemetry::names::ALERTS, "result" => if give_up { "given_up" } else { "retry" })
                     .increment(1);
                 warn!(alert = %id, error = %e, attempts, "alert not delivered");
                 let next = if give_up {

@@ -145,13 +145,18 @@ impl Breakers {
         signal: Signal,
         cfgs: impl IntoIterator<Item = (String, BreakerConfig)>,
     ) -> Breakers {
+        let by_provider: HashMap<String, Breaker> = cfgs
+            .into_iter()
+            .map(|(p, c)| (p, Breaker::new(c)))
+            .collect();
+        // Every breaker is shown from the start (closed), not only once it first changes.
+        for provider in by_provider.keys() {
+            metrics::gauge!(herald_core::telemetry::names::BREAKER_STATE, "provider" => provider.clone(), "signal" => signal.label())
+                .set(0.0);
+        }
         Breakers {
             signal,
-            by_provider: std::sync::Mutex::new(
-                cfgs.into_iter()
-                    .map(|(p, c)| (p, Breaker::new(c)))
-                    .collect(),
-            ),
+            by_provider: std::sync::Mutex::new(by_provider),
         }
     }
 
