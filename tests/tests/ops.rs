@@ -339,3 +339,75 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
         "exported but not in telemetry::names: {undeclared:?}"
     );
 }
+
+/// On Redis Streams the lag comes from XINFO GROUPS (entries not yet delivered to the group plus
+/// pending ones): each stage's group reports it per stream, and it returns to 0 once a message
+/// has gone all the way through.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_lag_is_reported_on_redis_streams() {
+    let (api, admin) = (18_720, 19_920);
+    let cfg = std::env::temp_dir().join("herald-ops-redis.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    let mut env = herald_env(api, admin);
+    env.push(("HERALD_TRANSPORT", "redis".to_owned()));
+    let _herald = Herald::start(&cfg, &env);
+    let http = reqwest::Client::new();
+    let lag_of = |text: &str, group: &str, topic: &str| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with("herald_stage_consumer_lag{"))
+            .find(|l| {
+                l.contains(&format!("group=\"{group}\""))
+                    && l.contains(&format!("topic=\"{topic}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    eventually(Duration::from_secs(60), "the API answers", || {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://127.0.0.1:{api}/health"))
+                .send()
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+    let now = herald_core::util::now_ms();
+    let body = json!({"app_id": "demo", "channel": "EMAIL", "template": "welcome",
+        "params": {"product": "Herald"}, "priority": "HIGH", "requested_at": now,
+        "recipients": [{"address": format!("{}@example.com", unique("lag")), "params": {"name": "L"}}]});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let resp = signed("POST", "/v1/messages", &bytes, api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let id = v["message_ids"][0].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(90), "message delivered", || async {
+        let v = api_json(&format!("/v1/messages/{id}"), api).await?;
+        (v["status"] == "delivered").then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "accept's and render's lag on their streams, back to 0",
+        || {
+            let http = http.clone();
+            async move {
+                let text = http
+                    .get(format!("http://127.0.0.1:{admin}/metrics"))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let accept = lag_of(&text, "herald-accept", herald_schemas::topics::REQUESTS)?;
+                let render = lag_of(&text, "herald-render", herald_schemas::topics::ACCEPTED)?;
+                (accept == 0.0 && render == 0.0).then_some(())
+            }
+        },
+    )
+    .await;
+}

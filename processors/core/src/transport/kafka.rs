@@ -636,3 +636,45 @@ impl Transport for KafkaTransport {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::partition_lag;
+    use rdkafka::statistics::Partition;
+
+    fn partition(app: i64, committed: i64, ls: i64) -> Partition {
+        Partition {
+            partition: 2,
+            desired: true,
+            app_offset: app,
+            committed_offset: committed,
+            ls_offset: ls,
+            // librdkafka's own lag counts from the committed offset, which an exactly-once
+            // stage never moves through the consumer: not used.
+            consumer_lag: 999,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lag_counts_from_the_position_reached_to_the_last_stable_offset() {
+        assert_eq!(partition_lag(&partition(40, 10, 100)), Some(60));
+        // Nothing read since the assignment: from the committed offset.
+        assert_eq!(partition_lag(&partition(-1, 10, 100)), Some(90));
+        // Caught up (the position may pass the stable offset by a transaction marker).
+        assert_eq!(partition_lag(&partition(101, 10, 100)), Some(0));
+        // Unknown yet, not assigned, or librdkafka's internal partition: not reported.
+        assert_eq!(partition_lag(&partition(-1, -1, 100)), None);
+        assert_eq!(partition_lag(&partition(40, 10, -1)), None);
+        let unassigned = Partition {
+            desired: false,
+            ..partition(40, 10, 100)
+        };
+        assert_eq!(partition_lag(&unassigned), None);
+        let internal = Partition {
+            partition: -1,
+            ..partition(40, 10, 100)
+        };
+        assert_eq!(partition_lag(&internal), None);
+    }
+}
