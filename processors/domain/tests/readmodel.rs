@@ -93,7 +93,11 @@ async fn a_fact_that_brings_nothing_new_writes_no_row_version() {
     assert_eq!(after.1, "sent");
     assert_ne!(after.0, before.0);
     write(&mut db, &[fact("e-accepted", "accepted", 1_000)]).await;
-    assert_eq!(version(&db).await, after, "a late lower status changes nothing");
+    assert_eq!(
+        version(&db).await,
+        after,
+        "a late lower status changes nothing"
+    );
 
     // An earlier copy of the same status (read out of order) moves updated_at back: written.
     write(&mut db, &[fact("e-sent-early", "sent", 2_500)]).await;
