@@ -69,6 +69,41 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// Waits for a started Herald's API.
+async fn api_up(api: u16) {
+    eventually(Duration::from_secs(60), "the API answers", || async move {
+        reqwest::get(format!("http://127.0.0.1:{api}/health"))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// POST /v1/messages with one recipient; its message id.
+async fn send(api: u16, body: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let resp = signed("POST", "/v1/messages", &bytes, api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "POST /v1/messages");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    v["message_ids"][0].as_str().unwrap().to_owned()
+}
+
+async fn delivered(api: u16, id: &str) {
+    eventually(
+        Duration::from_secs(90),
+        "message delivered",
+        || async move {
+            let v = api_json(&format!("/v1/messages/{id}"), api).await?;
+            (v["status"] == "delivered").then_some(())
+        },
+    )
+    .await;
+}
+
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let promtool = tool("HERALD_PROMTOOL");
@@ -241,17 +276,7 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
     std::fs::write(&cfg, with_quota).unwrap();
     let _herald = Herald::start(&cfg, &herald_env(api, admin));
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "the API answers", || {
-        let http = http.clone();
-        async move {
-            http.get(format!("http://127.0.0.1:{api}/health"))
-                .send()
-                .await
-                .ok()
-                .map(|_| ())
-        }
-    })
-    .await;
+    api_up(api).await;
     let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
     let receipts = format!("http://127.0.0.1:{}/callbacks/aliyun-sim/{token}", api + 1);
     http.put(format!("{}/_control/aliyun/receipts", sim_url()))
@@ -274,14 +299,7 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
     ];
     let mut ids = Vec::new();
     for body in &bodies {
-        let bytes = serde_json::to_vec(body).unwrap();
-        let resp = signed("POST", "/v1/messages", &bytes, api)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202, "POST /v1/messages");
-        let v: serde_json::Value = resp.json().await.unwrap();
-        ids.push(v["message_ids"][0].as_str().unwrap().to_owned());
+        ids.push(send(api, body).await);
     }
     // An undecodable request: dead-lettered with its bytes.
     publish_records(
@@ -294,12 +312,8 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
         }],
     )
     .await;
-    for (id, status) in ids.iter().zip(["delivered", "delivered", "delivered"]) {
-        eventually(Duration::from_secs(90), "message delivered", || async {
-            let v = api_json(&format!("/v1/messages/{id}"), api).await?;
-            (v["status"] == status).then_some(())
-        })
-        .await;
+    for id in &ids {
+        delivered(api, id).await;
     }
 
     // Every name the dashboard and the rules use is on /metrics (lag, outbox backlogs and quota
@@ -361,34 +375,13 @@ async fn consumer_lag_is_reported_on_redis_streams() {
             })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     };
-    eventually(Duration::from_secs(60), "the API answers", || {
-        let http = http.clone();
-        async move {
-            http.get(format!("http://127.0.0.1:{api}/health"))
-                .send()
-                .await
-                .ok()
-                .map(|_| ())
-        }
-    })
-    .await;
+    api_up(api).await;
     let now = herald_core::util::now_ms();
     let body = json!({"app_id": "demo", "channel": "EMAIL", "template": "welcome",
         "params": {"product": "Herald"}, "priority": "HIGH", "requested_at": now,
         "recipients": [{"address": format!("{}@example.com", unique("lag")), "params": {"name": "L"}}]});
-    let bytes = serde_json::to_vec(&body).unwrap();
-    let resp = signed("POST", "/v1/messages", &bytes, api)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
-    let v: serde_json::Value = resp.json().await.unwrap();
-    let id = v["message_ids"][0].as_str().unwrap().to_owned();
-    eventually(Duration::from_secs(90), "message delivered", || async {
-        let v = api_json(&format!("/v1/messages/{id}"), api).await?;
-        (v["status"] == "delivered").then_some(())
-    })
-    .await;
+    let id = send(api, &body).await;
+    delivered(api, &id).await;
     eventually(
         Duration::from_secs(30),
         "accept's and render's lag on their streams, back to 0",

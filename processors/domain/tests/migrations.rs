@@ -5,20 +5,10 @@
 //! race.
 
 use herald_domain::schema::{latest, migrate};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-fn base_url() -> String {
-    std::env::var("HERALD_POSTGRES_URL")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=55432 user=herald dbname=herald".into())
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("PostgreSQL up (scripts/stack up)");
-    tokio::spawn(conn);
-    client
-}
+mod common;
+use common::{base_url, connect};
 
 /// A new empty database; its connection string.
 async fn fresh_database(name: &str) -> String {

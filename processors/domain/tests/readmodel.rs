@@ -8,18 +8,8 @@ use herald_domain::schema::migrate;
 use herald_schemas::{Channel, EventHeader};
 use tokio_postgres::{Client, NoTls};
 
-fn base_url() -> String {
-    std::env::var("HERALD_POSTGRES_URL")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=55432 user=herald dbname=herald".into())
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("PostgreSQL up (scripts/stack up)");
-    tokio::spawn(conn);
-    client
-}
+mod common;
+use common::{base_url, connect};
 
 /// A migrated database of this test's own (dropped and created again on each run).
 async fn database() -> Client {
