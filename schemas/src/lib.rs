@@ -46,6 +46,9 @@ pub mod topics {
 
 /// Kafka / stream header names.
 pub mod headers {
+    /// W3C Trace Context `traceparent` (`00-<trace id>-<parent span id>-<flags>`).
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Before traceparent: the trace id alone. Read (when it holds a traceparent), not written.
     pub const TRACE_ID: &str = "herald-trace-id";
     pub const EVENT_TYPE: &str = "herald-event";
 }

@@ -2,6 +2,8 @@
 //! `scripts/stack up` (Kafka, Apicurio, PostgreSQL, Redis, SMTP); `scripts/test` exports the
 //! addresses below.
 
+pub mod otlp;
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;

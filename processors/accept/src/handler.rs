@@ -54,7 +54,7 @@ pub fn plan(req: &SendRequested, policy: &AcceptPolicy, trace_id: &str, now: i64
             event_id: event_id(&mid, fact, 0),
             event_time: now,
             stage: "accept".into(),
-            trace_id: trace_id.to_owned(),
+            trace_id: herald_core::trace::trace_id_of(trace_id),
             message_id: mid,
             request_id: req.request_id.clone(),
             app_id: req.app_id.clone(),

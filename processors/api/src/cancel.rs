@@ -10,7 +10,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use herald_core::util::{event_id, now_ms, random_id};
+use herald_core::util::{event_id, now_ms};
 use herald_core::worker::record;
 use herald_domain::gate::{self, Cancel};
 use herald_schemas::{Channel, EventHeader, MessageCanceled, Reason, topics};
@@ -126,12 +126,13 @@ async fn run(
         let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == t.channel) else {
             continue;
         };
+        let trace = herald_core::trace::new_root();
         let ev = MessageCanceled {
             header: EventHeader {
                 event_id: event_id(&t.message_id, "canceled", 0),
                 event_time: now,
                 stage: crate::STAGE.into(),
-                trace_id: random_id(),
+                trace_id: herald_core::trace::trace_id_of(&trace),
                 message_id: t.message_id.clone(),
                 request_id: t.request_id.clone(),
                 app_id: app.to_owned(),
@@ -145,7 +146,7 @@ async fn run(
             &state.deps.codec,
             topics::STATUS,
             &t.message_id,
-            &ev.header.trace_id,
+            &trace,
             &ev,
         )
         .await

@@ -295,6 +295,40 @@ async fn send(
     headers: HeaderMap,
     Signed { app, body }: Signed,
 ) -> Result<Response, ApiError> {
+    // The caller's trace (W3C traceparent) if it sent a valid one, else a new trace; what the
+    // request leads to carries it through every stage.
+    let (mut span, trace) = herald_core::trace::Call::server(
+        header(&headers, "traceparent"),
+        "POST /v1/messages",
+        vec![herald_core::trace::Attr::new("herald.app", app.clone())],
+    );
+    let result = send_traced(state, headers, app, body, &trace).await;
+    match &result {
+        Ok(r) => {
+            span.set(herald_core::trace::Attr::new(
+                "http.response.status_code",
+                i64::from(r.status().as_u16()),
+            ));
+            span.end(None);
+        }
+        Err(e) => {
+            span.set(herald_core::trace::Attr::new(
+                "http.response.status_code",
+                i64::from(e.status.as_u16()),
+            ));
+            span.end(Some(e.code.to_owned()));
+        }
+    }
+    result
+}
+
+async fn send_traced(
+    state: Arc<ApiState>,
+    headers: HeaderMap,
+    app: String,
+    body: Bytes,
+    trace: &str,
+) -> Result<Response, ApiError> {
     rate_limit(&state, &app)?;
     let b: SendBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
@@ -360,14 +394,11 @@ async fn send(
             })?;
         }
     }
-    let trace = header(&headers, "traceparent")
-        .map(str::to_owned)
-        .unwrap_or_else(random_id);
     let mut rec = record(
         &state.deps.codec,
         topics::REQUESTS,
         &request_id,
-        &trace,
+        trace,
         &req,
     )
     .await

@@ -34,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use herald_core::runtime::Deps;
-use herald_core::util::{event_id, now_ms, random_id, standard_webhook_verify};
+use herald_core::util::{event_id, now_ms, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
 use herald_domain::failure::alert::{Alert, Scene};
 use herald_domain::failure::breaker::{Breakers, OpenSet, Signal};
@@ -287,7 +287,7 @@ impl CallbackState {
             };
             observed.push((provider.to_owned(), !rep.delivered));
             metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.to_owned(), "result" => status).increment(1);
-            let trace = random_id();
+            let trace = herald_core::trace::new_root();
             let mut reason =
                 (!rep.delivered).then(|| Reason::new(rep.code.clone(), rep.message.clone()));
             let decision = if rep.delivered {
@@ -307,7 +307,7 @@ impl CallbackState {
                     event_id: event_id(&row.message_id, &format!("receipt:{status}"), row.attempt),
                     event_time: now,
                     stage: STAGE.into(),
-                    trace_id: trace.clone(),
+                    trace_id: herald_core::trace::trace_id_of(&trace),
                     message_id: row.message_id.clone(),
                     request_id: row.request_id.clone(),
                     app_id: row.app_id.clone(),

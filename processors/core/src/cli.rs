@@ -124,6 +124,7 @@ pub fn stage_main(
         let config = Config::load(path.as_deref().map(std::path::Path::new), kinds)
             .map_err(|e| e.to_string())?;
         telemetry::metrics_handle();
+        let _exporting = crate::trace::install(&config.tracing)?;
         let deps = Deps::new(config).map_err(|e| e.to_string())?;
         setup(&deps).await?;
         let shutdown = crate::shutdown::on_signals();

@@ -35,6 +35,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub admin: AdminConfig,
+    pub tracing: TracingConfig,
     pub api: ApiConfig,
     pub pipeline: PipelineConfig,
     pub security: SecurityConfig,
@@ -57,6 +58,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             admin: AdminConfig::default(),
+            tracing: TracingConfig::default(),
             api: ApiConfig::default(),
             pipeline: PipelineConfig::default(),
             security: SecurityConfig::default(),
@@ -160,6 +162,32 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Span export. Trace context (W3C `traceparent`) travels in record headers whether or not
+/// spans are exported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/HTTP (protobuf) traces URL, used verbatim (`http://127.0.0.1:4318/v1/traces`); spans
+    /// are exported only when set. Env: HERALD_OTLP_ENDPOINT, else the standard
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT + `/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of new traces (requests without a sampled `traceparent`) that are sampled, 0–1;
+    /// an incoming sampling decision is followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: "herald".into(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -668,6 +696,15 @@ impl Config {
         set(&mut self.redis.url, "HERALD_REDIS_URL");
         set(&mut self.admin.listen, "HERALD_ADMIN_LISTEN");
         set(&mut self.api.listen, "HERALD_API_LISTEN");
+        if let Some(url) = env("HERALD_OTLP_ENDPOINT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .or_else(|| {
+                env("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
+            })
+        {
+            self.tracing.otlp_endpoint = Some(url);
+        }
         for app in &mut self.apps {
             app.secret = env(&app.secret_env).unwrap_or_default();
         }
@@ -723,6 +760,24 @@ impl Config {
             if let Err(e) = crate::netguard::Allow::parse(a) {
                 problems.push(format!("security.outbound_allow: {e}"));
             }
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint
+            && !matches!(
+                url::Url::parse(url)
+                    .map(|u| u.scheme().to_owned())
+                    .as_deref(),
+                Ok("http" | "https")
+            )
+        {
+            problems.push(format!(
+                "tracing.otlp_endpoint: {url:?} is not an http(s) URL"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            problems.push(format!(
+                "tracing.sample_ratio: {} is not between 0 and 1",
+                self.tracing.sample_ratio
+            ));
         }
         let guard = crate::netguard::Guard::new(&self.security.outbound_allow);
         for app in &self.apps {
@@ -976,5 +1031,31 @@ mod tests {
         assert_eq!(cfg.kafka.brokers, "k:1");
         assert_eq!(cfg.transport, TransportKind::Redis);
         cfg.validate(&Kinds).unwrap();
+    }
+
+    #[test]
+    fn the_otlp_endpoint_comes_from_the_config_or_the_standard_variables() {
+        let secret = |k: &str| {
+            (k == "HERALD_SERVER_SECRET").then(|| "a-server-secret-of-some-length".to_owned())
+        };
+        let mut cfg = Config::default();
+        cfg.apply_env(|k| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://127.0.0.1:4318/".into()),
+            _ => secret(k),
+        });
+        assert_eq!(
+            cfg.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        cfg.validate(&Kinds).unwrap();
+        let mut cfg = Config::parse("[tracing]\nsample_ratio = 2.0").unwrap();
+        cfg.apply_env(|k| match k {
+            "HERALD_OTLP_ENDPOINT" => Some("127.0.0.1:4318".into()),
+            _ => secret(k),
+        });
+        let Err(ConfigError::Invalid(problems)) = cfg.validate(&Kinds) else {
+            panic!("a URL without a scheme and a ratio above 1 are refused");
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }

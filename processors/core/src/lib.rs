@@ -22,6 +22,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod sign;
 pub mod telemetry;
+pub mod trace;
 pub mod transport;
 pub mod util;
 pub mod worker;

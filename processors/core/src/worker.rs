@@ -255,7 +255,7 @@ pub async fn run_worker(
                 }
                 b = source.poll() => b,
             };
-            let batch = match polled {
+            let mut batch = match polled {
                 Ok(b) => {
                     poll_failing_since = None;
                     if b.is_empty() {
@@ -282,6 +282,7 @@ pub async fn run_worker(
                 }
             };
             let started = Instant::now();
+            let mut spans = crate::trace::enter(stage, &mut batch);
             metrics::counter!(names::RECORDS_IN, "stage" => stage).increment(batch.len() as u64);
             let mut failures = 0u32;
             let outputs = loop {
@@ -301,6 +302,7 @@ pub async fn run_worker(
                         metrics::counter!(names::STAGE_ERRORS, "stage" => stage, "class" => "transient")
                             .increment(1);
                         warn!(stage, error = %e, failures, "batch failed; it will be processed again");
+                        spans.failed(&e);
                         // Long outages: give the source back (the broker may have presumed this
                         // consumer dead) and rebuild it.
                         if failures >= 4 * PROBE_EVERY {
@@ -330,6 +332,7 @@ pub async fn run_worker(
                 warn!(stage, error = %e, "commit failed; the batch will be processed again");
                 break;
             }
+            spans.end();
             metrics::counter!(names::RECORDS_OUT, "stage" => stage).increment(n);
             metrics::histogram!(names::BATCH_SECONDS, "stage" => stage)
                 .record(started.elapsed().as_secs_f64());
@@ -402,12 +405,12 @@ async fn wait(shutdown: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-/// Builds an output record carrying `event`, keyed by `key`, with the trace id header.
+/// Builds an output record carrying `event`, keyed by `key`, with the `traceparent` header.
 pub async fn record<T: Event>(
     codec: &Codec,
     topic: &str,
     key: &str,
-    trace_id: &str,
+    traceparent: &str,
     event: &T,
 ) -> Result<OutRecord, CodecError> {
     Ok(OutRecord {
@@ -415,7 +418,7 @@ pub async fn record<T: Event>(
         key: Some(key.as_bytes().to_vec()),
         payload: codec.encode(topic, event).await?,
         headers: vec![
-            (headers::TRACE_ID.into(), trace_id.as_bytes().to_vec()),
+            (headers::TRACEPARENT.into(), traceparent.as_bytes().to_vec()),
             (headers::EVENT_TYPE.into(), T::FULL_NAME.as_bytes().to_vec()),
         ],
     })
@@ -560,13 +563,12 @@ pub async fn decode_or_dead_letter<T: Event>(
     }
 }
 
-/// The trace id of an input record, or a new one.
+/// The `traceparent` for what a stage writes from `input`: the stage's span for it (set by the
+/// worker, [`crate::trace::enter`]), else the record's own, else a new trace.
 pub fn trace_id(input: &InRecord) -> String {
-    input
-        .header(headers::TRACE_ID)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_owned)
-        .unwrap_or_else(random_id)
+    crate::trace::of_record(input)
+        .map(|sc| crate::trace::format(&sc))
+        .unwrap_or_else(crate::trace::new_root)
 }
 
 #[cfg(test)]

@@ -123,7 +123,7 @@ impl BatchHandler for Delay {
                                 key: d.key.clone(),
                                 payload: std::mem::take(&mut d.payload),
                                 headers: vec![(
-                                    headers::TRACE_ID.into(),
+                                    headers::TRACEPARENT.into(),
                                     trace_id(input).into_bytes(),
                                 )],
                             });

@@ -379,6 +379,8 @@ async fn async_main() {
             return Ok(());
         }
         telemetry::metrics_handle();
+        // Flushed (bounded) when the command ends.
+        let _exporting = herald_core::trace::install(&cfg.tracing).map_err(anyhow::Error::msg)?;
         let deps = Deps::new(cfg)?;
         match cli.cmd {
             Cmd::Run {

@@ -545,7 +545,7 @@ pub async fn call_waves<L: Ledger + ?Sized>(
             let mut calls: Vec<BoxFuture<'_, Vec<Done>>> = single
                 .into_iter()
                 .map(|(i, prior)| {
-                    let fut = call_one(providers, &msgs[i].0, msgs[i].1, prior, i);
+                    let fut = call_one(providers, &msgs[i], prior, i);
                     Box::pin(async move { vec![fut.await] }) as BoxFuture<'_, _>
                 })
                 .collect();
@@ -560,9 +560,14 @@ pub async fn call_waves<L: Ledger + ?Sized>(
                         for (m, attempt) in &items {
                             observe_due(m, *attempt);
                         }
+                        let spans: Vec<_> =
+                            chunk.iter().map(|i| call_span(&msgs[*i])).collect();
                         let started = Instant::now();
                         let results = p.send_batch(&items).await;
                         let elapsed = started.elapsed();
+                        for (span, r) in spans.into_iter().zip(&results) {
+                            end_call_span(span, r);
+                        }
                         metrics::histogram!(names::SEND_SECONDS, "provider" => code.to_owned())
                             .record(elapsed.as_secs_f64());
                         chunk
@@ -618,14 +623,43 @@ fn observe_due(m: &MessageRouted, attempt: i32) {
     }
 }
 
+/// The provider call's span, under the send stage's span of the message.
+fn call_span((m, attempt, trace): &(MessageRouted, i32, String)) -> herald_core::trace::Call {
+    use herald_core::trace::Attr;
+    herald_core::trace::Call::client(
+        trace,
+        "provider call",
+        vec![
+            Attr::new("herald.provider", m.provider.clone()),
+            Attr::new("herald.channel", m.header.channel.as_str()),
+            Attr::new("herald.message_id", m.header.message_id.clone()),
+            Attr::new("herald.attempt", i64::from(*attempt)),
+        ],
+    )
+}
+
+fn end_call_span(mut span: herald_core::trace::Call, r: &CallResult) {
+    use herald_core::trace::Attr;
+    span.set(Attr::new("herald.outcome", outcome_str(r.outcome)));
+    if let Some(code) = &r.response_code {
+        span.set(Attr::new("herald.response_code", code.clone()));
+    }
+    let failed = (r.outcome != DeliveryOutcome::Succeeded).then(|| {
+        r.reason
+            .as_ref()
+            .map_or_else(|| outcome_str(r.outcome).to_owned(), |x| x.code.clone())
+    });
+    span.end(failed);
+}
+
 /// One provider call, or the ledger's earlier answer. The bool: record the outcome.
 async fn call_one(
     providers: &HashMap<String, Box<dyn Provider>>,
-    m: &MessageRouted,
-    attempt: i32,
+    msg: &(MessageRouted, i32, String),
     prior: Prior,
     i: usize,
 ) -> (usize, CallResult, i64, bool) {
+    let (m, attempt) = (&msg.0, msg.1);
     match prior {
         Prior::Finished(r, latency) => (i, r, latency, false),
         Prior::InFlight => (
@@ -643,6 +677,7 @@ async fn call_one(
         ),
         Prior::Fresh => {
             observe_due(m, attempt);
+            let span = call_span(msg);
             let started = Instant::now();
             let r = match providers.get(&m.provider) {
                 Some(p) => p.send(m, attempt).await,
@@ -656,6 +691,7 @@ async fn call_one(
                 ),
             };
             let elapsed = started.elapsed();
+            end_call_span(span, &r);
             metrics::histogram!(names::SEND_SECONDS, "provider" => m.provider.clone())
                 .record(elapsed.as_secs_f64());
             metrics::counter!(names::SEND_ATTEMPTS, "provider" => m.provider.clone(), "outcome" => outcome_str(r.outcome))

@@ -17,7 +17,7 @@ use herald_core::codec::Codec;
 use herald_core::db::Db;
 use herald_core::runtime::pg_error;
 use herald_core::transport::Transport;
-use herald_core::util::{event_id, now_ms, random_id};
+use herald_core::util::{event_id, now_ms};
 use herald_core::worker::record;
 
 /// The reason code a timed-out wait ends with.
@@ -120,13 +120,13 @@ pub async fn sweep(db: &mut Db, codec: &Codec, transport: &dyn Transport) -> Res
         };
         metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.clone(), "result" => "timed_out")
             .increment(1);
-        let trace = random_id();
+        let trace = herald_core::trace::new_root();
         let ev = ReceiptReceived {
             header: EventHeader {
                 event_id: event_id(&message_id, "receipt:unknown", attempt),
                 event_time: now,
                 stage: "callback".into(),
-                trace_id: trace.clone(),
+                trace_id: herald_core::trace::trace_id_of(&trace),
                 message_id: message_id.clone(),
                 request_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
                 app_id: r.get::<_, Option<String>>(4).unwrap_or_default(),
