@@ -36,7 +36,9 @@ pub async fn message(
     Path(id): Path<String>,
     Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    by(&state, Key::Message, &id, &app).await
+    let (canceled, too_late) =
+        by(&state, Key::Message, &id, &app, "canceled through the API").await?;
+    Ok(Json(json!({"canceled": canceled, "too_late": too_late})).into_response())
 }
 
 pub async fn request(
@@ -44,15 +46,26 @@ pub async fn request(
     Path(id): Path<String>,
     Signed { app, .. }: Signed,
 ) -> Result<Response, ApiError> {
-    by(&state, Key::Request, &id, &app).await
+    let (canceled, too_late) =
+        by(&state, Key::Request, &id, &app, "canceled through the API").await?;
+    Ok(Json(json!({"canceled": canceled, "too_late": too_late})).into_response())
 }
 
-enum Key {
+/// What a cancel names.
+pub enum Key {
     Message,
     Request,
 }
 
-async fn by(state: &ApiState, key: Key, id: &str, app: &str) -> Result<Response, ApiError> {
+/// Cancels a message or every message of a request of `app`: (canceled, too late). The
+/// console's cancel runs through here too (`why` says who).
+pub async fn by(
+    state: &ApiState,
+    key: Key,
+    id: &str,
+    app: &str,
+    why: &str,
+) -> Result<(usize, usize), ApiError> {
     let what = match key {
         Key::Message => "message",
         Key::Request => "request",
@@ -100,7 +113,7 @@ async fn by(state: &ApiState, key: Key, id: &str, app: &str) -> Result<Response,
             })
             .collect();
     }
-    run(state, app, targets, &format!("no {what} {id}")).await
+    run(state, app, targets, &format!("no {what} {id}"), why).await
 }
 
 async fn run(
@@ -108,7 +121,8 @@ async fn run(
     app: &str,
     targets: Vec<Target>,
     missing: &str,
-) -> Result<Response, ApiError> {
+    why: &str,
+) -> Result<(usize, usize), ApiError> {
     if targets.is_empty() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing));
     }
@@ -140,7 +154,7 @@ async fn run(
                 attempt: 0,
                 metadata: Default::default(),
             },
-            reason: Some(Reason::new("canceled", "canceled through the API")),
+            reason: Some(Reason::new("canceled", why)),
         };
         let rec = record(
             &state.deps.codec,
@@ -171,5 +185,5 @@ async fn run(
             "nothing left to cancel: already sent or final",
         ));
     }
-    Ok(Json(json!({"canceled": canceled, "too_late": too_late})).into_response())
+    Ok((canceled, too_late))
 }

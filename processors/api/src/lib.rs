@@ -131,6 +131,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The machine-readable code (`too_late`, `not_found` …).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -872,6 +881,40 @@ async fn json_errors(resp: Response) -> Response {
 
 /// Serves the API until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
+    let state = build_state(deps).await?;
+    let listen = state.deps.config.api.listen.clone();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| StageError::Fatal(format!("api listen {listen}: {e}")))?;
+    tracing::info!(%listen, "api listening");
+    let limits = state.deps.config.api.limits();
+    // Accepted messages older than an hour are the projector's: the bridge is purged.
+    let purge_db = state.clone();
+    let purge_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = purge_stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            }
+            let purged = match purge_db.db().await {
+                Ok(db) => herald_domain::intake::purge(&db)
+                    .await
+                    .map_err(herald_core::db::PoolFailure::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = purged {
+                tracing::warn!(error = %e, "intake purge");
+            }
+        }
+    });
+    herald_core::serve::serve(listener, router(state), limits, shutdown)
+        .await
+        .map_err(|e| StageError::Fatal(format!("api: {e}")))
+}
+
+/// The API's state (the console builds its own, to share the API's code paths).
+pub async fn build_state(deps: Deps) -> Result<Arc<ApiState>, StageError> {
     // The API may start before any other stage: the schema is brought up to date first.
     drop(herald_domain::schema::migrated(&deps).await?);
     let pg = deps.shared_db().await?;
@@ -894,7 +937,6 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .iter()
         .map(|a| (a.id.clone(), a.secret.clone()))
         .collect();
-    let listen = deps.config.api.listen.clone();
     let deps_guard = deps.config.security.outbound_allow.clone();
     let window = deps.config.api.signature_window_secs as i64;
     let db = pg.clone();
@@ -932,34 +974,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         guard: herald_core::netguard::Guard::new(&deps_guard),
         streams: Default::default(),
     });
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| StageError::Fatal(format!("api listen {listen}: {e}")))?;
-    tracing::info!(%listen, "api listening");
-    let limits = state.deps.config.api.limits();
-    // Accepted messages older than an hour are the projector's: the bridge is purged.
-    let purge_db = state.clone();
-    let purge_stop = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = purge_stop.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-            }
-            let purged = match purge_db.db().await {
-                Ok(db) => herald_domain::intake::purge(&db)
-                    .await
-                    .map_err(herald_core::db::PoolFailure::from),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = purged {
-                tracing::warn!(error = %e, "intake purge");
-            }
-        }
-    });
-    herald_core::serve::serve(listener, router(state), limits, shutdown)
-        .await
-        .map_err(|e| StageError::Fatal(format!("api: {e}")))
+    Ok(state)
 }
 
 #[cfg(test)]

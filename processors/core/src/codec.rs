@@ -355,6 +355,19 @@ impl Codec {
         }
     }
 
+    /// A framed payload of any type as JSON, with its record name (for operators' views).
+    pub async fn to_json(&self, bytes: &[u8]) -> Result<(String, serde_json::Value), CodecError> {
+        let (id, mut body) = Self::frame(bytes)?;
+        let writer = self.writer(id).await?;
+        let undecodable = |detail: String| CodecError::Undecodable { id, detail };
+        let value = writer
+            .reader
+            .read_value(&mut body)
+            .map_err(|e| undecodable(e.to_string()))?;
+        let json = serde_json::Value::try_from(value).map_err(|e| undecodable(e.to_string()))?;
+        Ok((writer.full_name.clone(), json))
+    }
+
     /// `None` when `writer` is our own schema for `T` (no resolution needed).
     fn resolver_for<T: Event>(
         &self,

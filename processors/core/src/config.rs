@@ -36,6 +36,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub admin: AdminConfig,
     pub tracing: TracingConfig,
+    pub console: ConsoleConfig,
     pub api: ApiConfig,
     pub pipeline: PipelineConfig,
     pub security: SecurityConfig,
@@ -59,6 +60,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             admin: AdminConfig::default(),
             tracing: TracingConfig::default(),
+            console: ConsoleConfig::default(),
             api: ApiConfig::default(),
             pipeline: PipelineConfig::default(),
             security: SecurityConfig::default(),
@@ -191,6 +193,48 @@ impl Default for TracingConfig {
         }
     }
 }
+
+/// The operators' web console (stage `console`): its own listener, operators from here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Env: HERALD_CONSOLE_LISTEN. Loopback by default; put TLS in front to expose it.
+    pub listen: String,
+    /// How long a login lasts.
+    pub session_hours: u64,
+    /// Mark the session cookie `Secure` (set when served behind TLS).
+    pub secure_cookie: bool,
+    /// Who may log in. The console stays off without any.
+    pub operators: Vec<OperatorConfig>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            listen: "127.0.0.1:8070".into(),
+            session_hours: 12,
+            secure_cookie: false,
+            operators: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    pub name: String,
+    /// `viewer` (reads), `operator` (also cancel, redrive, resolve, opt-outs, test sends),
+    /// `admin` (also templates, and the audit log).
+    pub role: String,
+    /// The environment variable holding the password's argon2 hash (PHC string, as printed by
+    /// `herald console hash-password`).
+    pub password_hash_env: String,
+    #[serde(skip)]
+    pub password_hash: String,
+}
+
+/// The console's roles, weakest first.
+pub const CONSOLE_ROLES: [&str; 3] = ["viewer", "operator", "admin"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -696,6 +740,10 @@ impl Config {
         set(&mut self.redis.url, "HERALD_REDIS_URL");
         set(&mut self.admin.listen, "HERALD_ADMIN_LISTEN");
         set(&mut self.api.listen, "HERALD_API_LISTEN");
+        set(&mut self.console.listen, "HERALD_CONSOLE_LISTEN");
+        for o in &mut self.console.operators {
+            o.password_hash = env(&o.password_hash_env).unwrap_or_default();
+        }
         if let Some(url) = env("HERALD_OTLP_ENDPOINT")
             .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
             .or_else(|| {
@@ -772,6 +820,30 @@ impl Config {
             problems.push(format!(
                 "tracing.otlp_endpoint: {url:?} is not an http(s) URL"
             ));
+        }
+        let mut names = HashSet::new();
+        for o in &self.console.operators {
+            if !names.insert(&o.name) || o.name.is_empty() {
+                problems.push(format!(
+                    "console.operators: duplicate or empty name {:?}",
+                    o.name
+                ));
+            }
+            if !CONSOLE_ROLES.contains(&o.role.as_str()) {
+                problems.push(format!(
+                    "console.operators.{}: role {:?} is not one of {CONSOLE_ROLES:?}",
+                    o.name, o.role
+                ));
+            }
+            // Unset: that operator cannot log in (a deployment that does not run the console
+            // need not hold its secrets). Set: it must be a hash, not a password.
+            if !o.password_hash.is_empty() && !o.password_hash.starts_with("$argon2") {
+                problems.push(format!(
+                    "console.operators.{}: {} must hold an argon2 password hash \
+                     (herald console hash-password), not a password",
+                    o.name, o.password_hash_env
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             problems.push(format!(

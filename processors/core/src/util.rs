@@ -32,6 +32,13 @@ pub fn event_id(message_id: &str, fact: &str, attempt: i32) -> String {
     .to_string()
 }
 
+/// Unix ms as `YYYY-MM-DD HH:MM:SS.mmm` UTC (empty if out of range).
+pub fn format_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}
+
 pub fn random_id() -> String {
     Uuid::new_v4().to_string()
 }

@@ -13,6 +13,7 @@
 //!   grows with traffic.
 //! - [`redact`]: what leaves in error texts.
 
+pub mod dead_letters;
 pub mod event;
 pub mod failure;
 pub mod gate;

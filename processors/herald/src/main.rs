@@ -15,7 +15,7 @@ use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested, topic
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-const STAGES: [&str; 9] = [
+const STAGES: [&str; 10] = [
     "accept",
     "render",
     "route",
@@ -25,6 +25,7 @@ const STAGES: [&str; 9] = [
     "api",
     "callback",
     "notify",
+    "console",
 ];
 
 #[derive(Parser)]
@@ -88,6 +89,18 @@ enum Cmd {
     /// Drop the read model (messages, timeline) and replay every topic into it from the start.
     /// Stop the projector first; it rebuilds the tables when it starts again.
     Rebuild,
+    /// Dead letters (projected from herald.dead-letters.v1): list, show decoded, redrive to the
+    /// topic they came from, mark resolved. The console's dead-letter page runs the same code.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+    /// The web console: `hash-password` reads a password on stdin and prints the argon2 hash
+    /// to put in an operator's `password_hash_env` variable.
+    Console {
+        #[command(subcommand)]
+        cmd: ConsoleCmd,
+    },
     /// Signed GET against the read API as an app (e.g. `herald get /v1/messages/<id>`).
     Get {
         path: String,
@@ -99,6 +112,103 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ConfigCmd {
     Validate,
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// The newest dead letters (unresolved, unless --all).
+    List {
+        #[arg(long)]
+        stage: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One dead letter, its payload decoded through the registry.
+    Show { id: String },
+    /// Publishes the original bytes again to the topic they came from.
+    Redrive {
+        id: String,
+        /// Who, for the audit log.
+        #[arg(long, env = "USER", default_value = "cli")]
+        operator: String,
+    },
+    /// Marks it handled.
+    Resolve {
+        id: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        operator: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    HashPassword,
+}
+
+async fn dlq(deps: &Deps, cmd: DlqCmd) -> anyhow::Result<()> {
+    use herald_domain::dead_letters as dl;
+    let db = deps.postgres().await?;
+    match cmd {
+        DlqCmd::List {
+            stage,
+            reason,
+            all,
+            limit,
+        } => {
+            let rows = dl::list(&db, &dl::Filter { stage, reason, all }, limit).await?;
+            for d in &rows {
+                println!(
+                    "{}\t{}\t{}\t{}[{}]@{}\t{}\t{} B\tredriven {}{}",
+                    d.event_id,
+                    herald_core::util::format_ms(d.at_ms),
+                    d.stage,
+                    d.source_topic,
+                    d.source_partition,
+                    d.source_offset,
+                    d.reason_code,
+                    d.size,
+                    d.redrives,
+                    d.resolved_by
+                        .as_ref()
+                        .map(|b| format!("\tresolved by {b}"))
+                        .unwrap_or_default()
+                );
+            }
+            eprintln!("{} dead letter(s)", rows.len());
+        }
+        DlqCmd::Show { id } => {
+            let d = dl::get(&db, &id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no dead letter {id}"))?;
+            let decoded = match d.payload.as_deref() {
+                Some(p) => match deps.codec.to_json(p).await {
+                    Ok((name, v)) => serde_json::json!({"type": name, "value": v}),
+                    Err(e) => serde_json::json!({"undecodable": e.to_string()}),
+                },
+                None => serde_json::Value::Null,
+            };
+            let mut v = serde_json::to_value(&d)?;
+            v["decoded"] = decoded;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        DlqCmd::Redrive { id, operator } => {
+            let publisher = deps.transport.publisher()?;
+            let d = dl::redrive(&db, &*publisher, &id, &operator).await?;
+            println!(
+                "redriven {id} to {} ({} time(s) in all)",
+                d.source_topic, d.redrives
+            );
+        }
+        DlqCmd::Resolve { id, operator } => {
+            dl::resolve(&db, &id, &operator).await?;
+            println!("resolved {id}");
+        }
+    }
+    Ok(())
 }
 
 async fn setup(deps: &Deps) -> anyhow::Result<()> {
@@ -202,6 +312,9 @@ async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Resul
             }),
             "api" => {
                 Box::pin(async move { herald_api::run(d, sd).await.map_err(|e| e.to_string()) })
+            }
+            "console" => {
+                Box::pin(async move { herald_console::run(d, sd).await.map_err(|e| e.to_string()) })
             }
             _ => Box::pin(async move {
                 herald_callback::run(d, cl, sd)
@@ -365,6 +478,23 @@ async fn async_main() {
     telemetry::init_tracing();
     let cli = Cli::parse();
     let result = async {
+        if let Cmd::Console {
+            cmd: ConsoleCmd::HashPassword,
+        } = cli.cmd
+        {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(
+                password.len() >= 12,
+                "use a password of at least 12 characters"
+            );
+            println!(
+                "{}",
+                herald_console::hash_password(password).map_err(anyhow::Error::msg)?
+            );
+            return Ok(());
+        }
         let cfg = Config::load(cli.config.as_deref(), &herald_providers::REGISTRY)?;
         if let Cmd::Config {
             cmd: ConfigCmd::Validate,
@@ -392,6 +522,8 @@ async fn async_main() {
             Cmd::Config { .. } => Ok(()),
             Cmd::Get { path, app } => api_get(&deps, &path, &app).await,
             Cmd::Rebuild => rebuild(&deps).await,
+            Cmd::Dlq { cmd } => dlq(&deps, cmd).await,
+            Cmd::Console { .. } => Ok(()),
         }
     }
     .await;

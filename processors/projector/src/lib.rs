@@ -16,6 +16,7 @@
 //! what it really holds: what it lost is projected again.
 //!
 //! - Reads: every topic above. Writes: `herald.dead-letters.v1` only.
+//! - Also projects `herald.dead-letters.v1` into `dead_letters` (group `herald-dead-letters`).
 //! - Tables: `messages`, `message_events`, `delivery_attempts`, `projector_offsets` (the read
 //!   model, `herald_domain::readmodel`).
 
@@ -218,19 +219,86 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         spec.positions = Some(offsets.clone());
     }
     let transport = deps.transport.clone();
-    run_worker(
-        STAGE,
-        transport,
-        spec,
-        Projector {
-            deps,
-            db,
-            offsets,
-            use_offsets,
-            stale: false,
-            reposition: false,
+    let letters = DeadLetters {
+        db: deps.stage_db().await?,
+        deps: deps.clone(),
+    };
+    let letters_spec = deps.spec("dead-letters", vec![topics::DEAD_LETTERS.into()], false);
+    let stop = shutdown.child_token();
+    let (projected, dead) = tokio::join!(
+        async {
+            let r = run_worker(
+                STAGE,
+                transport.clone(),
+                spec,
+                Projector {
+                    deps,
+                    db,
+                    offsets,
+                    use_offsets,
+                    stale: false,
+                    reposition: false,
+                },
+                stop.clone(),
+            )
+            .await;
+            stop.cancel();
+            r
         },
-        shutdown,
-    )
-    .await
+        async {
+            let r = run_worker(
+                "dead-letters",
+                transport.clone(),
+                letters_spec,
+                letters,
+                stop.clone(),
+            )
+            .await;
+            stop.cancel();
+            r
+        }
+    );
+    projected.and(dead)
+}
+
+/// Projects `herald.dead-letters.v1` into `dead_letters` for operators
+/// ([`herald_domain::dead_letters`]); at least once, a letter stored twice is stored once.
+struct DeadLetters {
+    deps: Deps,
+    db: herald_core::db::Db,
+}
+
+impl BatchHandler for DeadLetters {
+    fn handle<'a>(
+        &'a mut self,
+        batch: &'a [InRecord],
+    ) -> BoxFuture<'a, Result<Vec<OutRecord>, StageError>> {
+        Box::pin(async move {
+            let mut letters = Vec::with_capacity(batch.len());
+            for input in batch {
+                let Some(payload) = input.payload.as_deref() else {
+                    continue;
+                };
+                match self.deps.codec.decode::<DeadLettered>(payload).await {
+                    Ok(d) => letters.push(d),
+                    Err(e) if e.is_transient() => {
+                        return Err(StageError::Transient(e.to_string()));
+                    }
+                    // Never dead-lettered again (it would come back here): logged and left on
+                    // the topic.
+                    Err(e) => tracing::warn!(topic = %input.topic, offset = input.offset,
+                        error = %e, "a dead letter that does not decode; not projected"),
+                }
+            }
+            self.db.ensure().await?;
+            herald_domain::dead_letters::record_many(&*self.db, &letters)
+                .await
+                .map_err(|e| StageError::Transient(format!("dead letters: {e}")))?;
+            Ok(Vec::new())
+        })
+    }
+
+    fn codec(&self) -> &herald_core::codec::Codec {
+        &self.deps.codec
+    }
 }

@@ -1,0 +1,903 @@
+//! The pages.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use herald_api::cancel::Key;
+use herald_core::config::TemplateConfig;
+use herald_schemas::{Channel, EventHeader, MessageAccepted, Priority, Recipient};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::Console;
+use crate::auth::{Operator, Refusal, check_csrf, unavailable};
+use crate::reads;
+
+/// Renders a page; an error in a template is a 500 with the reason in the log.
+pub fn render(console: &Console, name: &str, ctx: minijinja::Value) -> Response {
+    match console.pages.get_template(name).and_then(|t| t.render(ctx)) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(page = name, error = %e, "console page");
+            (StatusCode::INTERNAL_SERVER_ERROR, "page error").into_response()
+        }
+    }
+}
+
+/// `{{ x | ts }}`: Unix ms as UTC time.
+pub fn format_ms(v: minijinja::Value) -> String {
+    let Some(ms) = i64::try_from(v).ok() else {
+        return String::new();
+    };
+    herald_core::util::format_ms(ms)
+}
+
+fn page(console: &Console, name: &str, op: &Operator, section: &str, data: Value) -> Response {
+    render(
+        console,
+        name,
+        minijinja::context! {
+            op => minijinja::Value::from_serialize(op),
+            section => section,
+            data => minijinja::Value::from_serialize(&data),
+        },
+    )
+}
+
+macro_rules! db {
+    ($console:expr) => {
+        match $console.api.db().await {
+            Ok(db) => db,
+            Err(e) => return unavailable(&e.to_string()),
+        }
+    };
+}
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return unavailable(&e.to_string()),
+        }
+    };
+}
+
+/// A change: the form's CSRF token, and the role it needs.
+fn allowed(op: &Operator, csrf: &str, role: &str) -> Result<(), Refusal> {
+    check_csrf(op, csrf)?;
+    op.must_be(role)
+}
+
+fn flash_to(path: &str, msg: &str) -> Response {
+    let q: String = url_encode(msg);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    Redirect::to(&format!("{path}{sep}flash={q}")).into_response()
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Deserialize, Default)]
+pub struct Window {
+    #[serde(default)]
+    minutes: Option<i32>,
+}
+
+fn minutes(w: &Window) -> i32 {
+    w.minutes.unwrap_or(60).clamp(5, 24 * 60)
+}
+
+pub async fn overview(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Query(w): Query<Window>,
+) -> Response {
+    let db = db!(console);
+    let data = tri!(reads::overview(&**db, minutes(&w)).await);
+    page(&console, "overview.html", &op, "overview", data)
+}
+
+/// The overview's numbers as JSON (the page refreshes from it every few seconds).
+pub async fn overview_data(
+    State(console): State<Arc<Console>>,
+    _op: Operator,
+    Query(w): Query<Window>,
+) -> Response {
+    let db = db!(console);
+    Json(tri!(reads::overview(&**db, minutes(&w)).await)).into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub struct Search {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    flash: Option<String>,
+}
+
+fn some(s: &str) -> Option<&str> {
+    Some(s.trim()).filter(|s| !s.is_empty())
+}
+
+pub async fn messages(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Query(s): Query<Search>,
+) -> Response {
+    let db = db!(console);
+    let secret = &console.deps().config.security.secret;
+    let rows =
+        tri!(reads::search(&**db, secret, &s.q, some(&s.status), some(&s.channel), 200).await);
+    let statuses: Vec<&str> = herald_domain::status::Status::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    let channels: Vec<&str> = Channel::ALL.iter().map(|c| c.as_str()).collect();
+    page(
+        &console,
+        "messages.html",
+        &op,
+        "messages",
+        json!({"q": s.q, "status": s.status, "channel": s.channel, "rows": rows,
+               "statuses": statuses, "channels": channels, "flash": s.flash}),
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub struct Flash {
+    #[serde(default)]
+    flash: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+pub async fn message(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let db = db!(console);
+    let Some(mut m) = tri!(reads::message(&**db, &id).await) else {
+        return (StatusCode::NOT_FOUND, Html("<p>No such message.</p>")).into_response();
+    };
+    m["flash"] = json!(f.flash);
+    page(&console, "message.html", &op, "messages", m)
+}
+
+#[derive(Deserialize)]
+pub struct Change {
+    csrf: String,
+}
+
+async fn cancel(console: &Console, op: &Operator, key: Key, id: &str, app: &str) -> String {
+    let why = format!("canceled in the console by {}", op.name);
+    let (target, action) = match key {
+        Key::Message => (format!("message {id}"), "message.cancel"),
+        Key::Request => (format!("request {id}"), "request.cancel"),
+    };
+    let result = herald_api::cancel::by(&console.api, key, id, app, &why).await;
+    let (msg, detail) = match &result {
+        Ok((canceled, too_late)) => (
+            format!("{target}: {canceled} canceled, {too_late} too late"),
+            json!({"canceled": canceled, "too_late": too_late}),
+        ),
+        Err(e) => (
+            format!("{target}: not canceled ({}: {})", e.code(), e.message()),
+            json!({"error": e.code()}),
+        ),
+    };
+    if let Ok(db) = console.api.db().await {
+        let _ = herald_domain::dead_letters::audit(&**db, &op.name, action, id, &detail).await;
+    }
+    msg
+}
+
+async fn app_of(console: &Console, column: &str, id: &str) -> Option<String> {
+    let db = console.api.db().await.ok()?;
+    let sql = format!("SELECT app_id FROM messages WHERE {column} = $1 LIMIT 1");
+    let from_messages = db.query_opt(&sql, &[&id]).await.ok()?.map(|r| r.get(0));
+    match from_messages {
+        Some(app) => Some(app),
+        None => db
+            .query_opt(
+                &format!("SELECT app_id FROM intake WHERE {column} = $1 LIMIT 1"),
+                &[&id],
+            )
+            .await
+            .ok()?
+            .map(|r| r.get(0)),
+    }
+}
+
+pub async fn cancel_message(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Form(f): Form<Change>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let Some(app) = app_of(&console, "message_id", &id).await else {
+        return (StatusCode::NOT_FOUND, "no such message").into_response();
+    };
+    let msg = cancel(&console, &op, Key::Message, &id, &app).await;
+    flash_to(&format!("/messages/{}", url_encode(&id)), &msg)
+}
+
+pub async fn request(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let db = db!(console);
+    let mut data = tri!(reads::request(&**db, &id, f.status.as_deref().and_then(some)).await);
+    data["flash"] = json!(f.flash);
+    data["status"] = json!(f.status);
+    page(&console, "request.html", &op, "messages", data)
+}
+
+pub async fn cancel_request(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Form(f): Form<Change>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let Some(app) = app_of(&console, "request_id", &id).await else {
+        return (StatusCode::NOT_FOUND, "no such request").into_response();
+    };
+    let msg = cancel(&console, &op, Key::Request, &id, &app).await;
+    flash_to(&format!("/requests/{}", url_encode(&id)), &msg)
+}
+
+/// The metrics this process has recorded, by name, as (labels, value) — for the providers page.
+fn local_metrics(prefix: &str) -> Vec<(String, String, f64)> {
+    let text = herald_core::telemetry::metrics_handle().render();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            Some((
+                name.to_owned(),
+                labels.trim_end_matches('}').to_owned(),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+pub async fn providers(State(console): State<Arc<Console>>, op: Operator) -> Response {
+    let db = db!(console);
+    let health = tri!(reads::provider_health(&**db).await);
+    let attempts = tri!(reads::provider_attempts(&**db).await);
+    let cfg = &console.deps().config;
+    let configured: Vec<Value> = cfg
+        .providers
+        .iter()
+        .map(|p| {
+            let state = health.iter().find(|h| h["provider"] == p.code.as_str());
+            json!({
+                "code": p.code, "kind": p.kind,
+                "channel": p.channel.map(|c| c.as_str()),
+                "priority": p.priority, "weight": p.weight,
+                "rate_limit_per_sec": p.rate_limit_per_sec, "timeout_ms": p.timeout_ms,
+                "secrets": p.credentials_env.values().collect::<Vec<_>>(),
+                "health": state,
+            })
+        })
+        .collect();
+    let waits: Vec<Value> = local_metrics("herald_send_rate_limit_wait_seconds_sum")
+        .into_iter()
+        .map(|(_, labels, v)| json!({"labels": labels, "seconds": v}))
+        .collect();
+    page(
+        &console,
+        "providers.html",
+        &op,
+        "providers",
+        json!({"providers": configured, "attempts": attempts, "waits": waits}),
+    )
+}
+
+pub async fn dead_letters(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Query(f): Query<herald_domain::dead_letters::Filter>,
+) -> Response {
+    let db = db!(console);
+    let rows = tri!(herald_domain::dead_letters::list(&**db, &f, 200).await);
+    page(
+        &console,
+        "dead_letters.html",
+        &op,
+        "dead-letters",
+        json!({"rows": rows, "stage": f.stage, "reason": f.reason, "all": f.all}),
+    )
+}
+
+pub async fn dead_letter(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Query(f): Query<Flash>,
+) -> Response {
+    let db = db!(console);
+    let Some(d) = tri!(herald_domain::dead_letters::get(&**db, &id).await) else {
+        return (StatusCode::NOT_FOUND, Html("<p>No such dead letter.</p>")).into_response();
+    };
+    let decoded = match d.payload.as_deref() {
+        Some(p) => match console.deps().codec.to_json(p).await {
+            Ok((name, v)) => json!({"type": name,
+                "json": serde_json::to_string_pretty(&v).unwrap_or_default()}),
+            Err(e) => json!({"error": e.to_string()}),
+        },
+        None => json!({"error": "no payload"}),
+    };
+    let preview: String = d
+        .payload
+        .as_deref()
+        .map(|p| String::from_utf8_lossy(&p[..p.len().min(2048)]).into_owned())
+        .unwrap_or_default();
+    page(
+        &console,
+        "dead_letter.html",
+        &op,
+        "dead-letters",
+        json!({"d": d, "decoded": decoded, "raw": preview, "flash": f.flash}),
+    )
+}
+
+pub async fn redrive(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Form(f): Form<Change>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let db = db!(console);
+    let publisher = tri!(console.deps().transport.publisher());
+    let msg = match herald_domain::dead_letters::redrive(&**db, &*publisher, &id, &op.name).await {
+        Ok(d) => format!(
+            "redriven to {} ({} times in all)",
+            d.source_topic, d.redrives
+        ),
+        Err(e) => format!("not redriven: {e}"),
+    };
+    flash_to(&format!("/dead-letters/{}", url_encode(&id)), &msg)
+}
+
+pub async fn resolve(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(id): Path<String>,
+    Form(f): Form<Change>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let db = db!(console);
+    let msg = match herald_domain::dead_letters::resolve(&**db, &id, &op.name).await {
+        Ok(()) => "resolved".to_owned(),
+        Err(e) => format!("not resolved: {e}"),
+    };
+    flash_to(&format!("/dead-letters/{}", url_encode(&id)), &msg)
+}
+
+pub async fn templates(State(console): State<Arc<Console>>, op: Operator) -> Response {
+    let db = db!(console);
+    let all = tri!(herald_domain::templates::load_all(&db).await);
+    let mut latest: BTreeMap<(String, String), &TemplateConfig> = BTreeMap::new();
+    let mut versions: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for t in &all {
+        let k = (t.code.clone(), t.app.clone().unwrap_or_default());
+        *versions.entry(k.clone()).or_default() += 1;
+        if latest.get(&k).is_none_or(|o| o.version < t.version) {
+            latest.insert(k, t);
+        }
+    }
+    let rows: Vec<Value> = latest
+        .iter()
+        .map(|((code, app), t)| {
+            json!({"code": code, "app": app, "channel": t.channel.as_str(),
+                   "version": t.version, "versions": versions[&(code.clone(), app.clone())]})
+        })
+        .collect();
+    page(
+        &console,
+        "templates.html",
+        &op,
+        "templates",
+        json!({"rows": rows}),
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub struct TemplateQuery {
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    version: Option<i32>,
+    #[serde(default)]
+    diff: Option<i32>,
+    #[serde(default)]
+    flash: Option<String>,
+}
+
+/// Line diff of two texts (`-` / `+` / ` ` per line), by longest common subsequence.
+fn diff(a: &str, b: &str) -> Vec<(char, String)> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let (n, m) = (a.len().min(2000), b.len().min(2000));
+    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            out.push((' ', a[i].to_owned()));
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] > lcs[i + 1][j]) {
+            out.push(('+', b[j].to_owned()));
+            j += 1;
+        } else {
+            out.push(('-', a[i].to_owned()));
+            i += 1;
+        }
+    }
+    out
+}
+
+pub async fn template(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(code): Path<String>,
+    Query(q): Query<TemplateQuery>,
+) -> Response {
+    let db = db!(console);
+    let versions: Vec<Value> = tri!(reads::template_versions(&**db, &code).await)
+        .into_iter()
+        .filter(|v| v["app"] == q.app.as_str())
+        .collect();
+    let Some(current) = versions
+        .iter()
+        .find(|v| q.version.is_none_or(|n| v["version"] == n))
+        .cloned()
+    else {
+        return (StatusCode::NOT_FOUND, Html("<p>No such template.</p>")).into_response();
+    };
+    let Ok(t) = serde_json::from_str::<TemplateConfig>(current["body"].as_str().unwrap_or("{}"))
+    else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored template does not parse",
+        )
+            .into_response();
+    };
+    let differences = q.diff.and_then(|other| {
+        let o = versions.iter().find(|v| v["version"] == other)?;
+        let pretty = |s: &str| {
+            serde_json::from_str::<Value>(s)
+                .ok()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                .unwrap_or_default()
+        };
+        Some(
+            diff(
+                &pretty(o["body"].as_str().unwrap_or("")),
+                &pretty(current["body"].as_str().unwrap_or("")),
+            )
+            .into_iter()
+            .map(|(k, l)| json!({"kind": k.to_string(), "line": l}))
+            .collect::<Vec<_>>(),
+        )
+    });
+    let sample: BTreeMap<String, String> = sample_params(&t);
+    page(
+        &console,
+        "template.html",
+        &op,
+        "templates",
+        json!({"code": code, "app": q.app, "t": t, "version": current["version"],
+               "versions": versions.iter().map(|v| json!({"version": v["version"],
+                   "created_ms": v["created_ms"]})).collect::<Vec<_>>(),
+               "diff": differences, "diff_from": q.diff,
+               "sample": serde_json::to_string_pretty(&sample).unwrap_or_default(),
+               "flash": q.flash}),
+    )
+}
+
+/// Sample parameters for a template: each `{{ name }}` it uses, with a placeholder value.
+fn sample_params(t: &TemplateConfig) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for text in [&t.subject, &t.text, &t.html, &t.markdown]
+        .into_iter()
+        .flatten()
+    {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("{{") {
+            rest = &rest[at + 2..];
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.entry(name.clone())
+                    .or_insert_with(|| format!("<{name}>"));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+pub struct Edit {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    subject: String,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    html: String,
+    #[serde(default)]
+    markdown: String,
+    #[serde(default)]
+    params: String,
+}
+
+fn edited(code: &str, e: &Edit) -> Result<TemplateConfig, String> {
+    let field = |s: &str| Some(s.replace("\r\n", "\n")).filter(|s| !s.is_empty());
+    let channel = Channel::ALL
+        .into_iter()
+        .find(|c| c.as_str().eq_ignore_ascii_case(&e.channel))
+        .ok_or_else(|| format!("unknown channel {:?}", e.channel))?;
+    let t = TemplateConfig {
+        code: code.to_owned(),
+        app: None,
+        channel,
+        version: 0,
+        subject: field(&e.subject),
+        text: field(&e.text),
+        html: field(&e.html),
+        markdown: field(&e.markdown),
+        provider_template: None,
+        provider_params: Default::default(),
+        provider_templates: Default::default(),
+    };
+    if [&t.subject, &t.text, &t.html, &t.markdown]
+        .into_iter()
+        .flatten()
+        .any(|s| s.contains('\0'))
+    {
+        return Err("a template cannot contain a NUL character".into());
+    }
+    if !t.has_content() {
+        return Err("no content".into());
+    }
+    Ok(t)
+}
+
+/// Renders the edited template against the sample parameters through the render stage's
+/// compiler and renderer (strict about missing parameters, HTML escaped): an HTML fragment.
+pub async fn preview(
+    State(_console): State<Arc<Console>>,
+    op: Operator,
+    Path(code): Path<String>,
+    Form(e): Form<Edit>,
+) -> Response {
+    if let Err(r) = check_csrf(&op, &e.csrf) {
+        return r.into_response();
+    }
+    let out = match preview_text(&code, &e) {
+        Ok(v) => v,
+        Err(msg) => json!({"error": msg}),
+    };
+    let esc = |v: &Value| {
+        v.as_str()
+            .unwrap_or("")
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let html = if out.get("error").is_some() {
+        format!(
+            "<div class=\"error\" id=\"preview-error\">{}</div>",
+            esc(&out["error"])
+        )
+    } else {
+        format!(
+            "<dl id=\"preview-result\"><dt>Subject</dt><dd id=\"preview-subject\">{}</dd>\
+             <dt>Text</dt><dd><pre id=\"preview-text\">{}</pre></dd>\
+             <dt>HTML (source)</dt><dd><pre id=\"preview-html\">{}</pre></dd></dl>",
+            esc(&out["subject"]),
+            esc(&out["text"]),
+            esc(&out["html"])
+        )
+    };
+    Html(html).into_response()
+}
+
+fn preview_text(code: &str, e: &Edit) -> Result<Value, String> {
+    let t = edited(code, e)?;
+    let params: BTreeMap<String, String> = if e.params.trim().is_empty() {
+        BTreeMap::new()
+    } else {
+        let v: BTreeMap<String, Value> =
+            serde_json::from_str(&e.params).map_err(|e| format!("sample parameters: {e}"))?;
+        v.into_iter()
+            .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .collect()
+    };
+    let compiled = herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))?;
+    let m = MessageAccepted {
+        header: EventHeader {
+            event_id: "preview".into(),
+            event_time: 0,
+            stage: "console".into(),
+            trace_id: String::new(),
+            message_id: "preview".into(),
+            request_id: "preview".into(),
+            app_id: String::new(),
+            channel: t.channel,
+            attempt: 0,
+            metadata: Default::default(),
+        },
+        recipient: Recipient {
+            address: "preview@example.invalid".into(),
+            params: Default::default(),
+            timezone: None,
+        },
+        recipient_index: 0,
+        template: Some(code.to_owned()),
+        params: params.into_iter().collect(),
+        content: None,
+        send_at: None,
+        priority: Priority::Normal,
+        expires_at: None,
+        requested_at: 0,
+    };
+    let (_, c) = compiled
+        .render(&m)
+        .map_err(|r| format!("{}: {}", r.code, r.message))?;
+    Ok(json!({"subject": c.subject, "text": c.text, "html": c.html, "markdown": c.markdown}))
+}
+
+/// Publishes the edited template as the next version (admin), after the same checks as
+/// `PUT /v1/templates/{code}`.
+pub async fn publish(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(code): Path<String>,
+    Form(e): Form<Edit>,
+) -> Response {
+    if let Err(r) = allowed(&op, &e.csrf, "admin") {
+        return r.into_response();
+    }
+    let back = |msg: &str| {
+        flash_to(
+            &format!(
+                "/templates/{}?app={}",
+                url_encode(&code),
+                url_encode(&e.app)
+            ),
+            msg,
+        )
+    };
+    let t = match edited(&code, &e) {
+        Ok(t) => t,
+        Err(m) => return back(&format!("not published: {m}")),
+    };
+    if let Err(m) = herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
+    {
+        return back(&format!("not published: {m}"));
+    }
+    let mut db = tri!(console.deps().postgres().await);
+    let stored = tri!(herald_domain::templates::put(&mut db, &e.app, t).await);
+    let _ = herald_domain::dead_letters::audit(
+        &db,
+        &op.name,
+        "template.publish",
+        &code,
+        &json!({"app": e.app, "version": stored.version}),
+    )
+    .await;
+    back(&format!("published version {}", stored.version))
+}
+
+pub async fn apps(State(console): State<Arc<Console>>, op: Operator) -> Response {
+    let db = db!(console);
+    let usage = tri!(reads::app_usage(&**db).await);
+    let rows: Vec<Value> = console
+        .deps()
+        .config
+        .apps
+        .iter()
+        .map(|a| {
+            let u = usage.iter().find(|u| u.0 == a.id);
+            let used = u.map_or(0, |u| u.1);
+            json!({"id": a.id, "daily_quota": a.daily_quota, "used_today": used,
+                   "used_ratio": a.daily_quota.filter(|q| *q > 0).map(|q| used as f64 / q as f64),
+                   "rate_limit_per_sec": a.rate_limit_per_sec, "status_url": a.status_url,
+                   "webhook_due": u.map_or(0, |u| u.2), "webhook_failing": u.map_or(0, |u| u.3),
+                   "secret_env": a.secret_env})
+        })
+        .collect();
+    page(&console, "misc.html", &op, "apps", json!({"apps": rows}))
+}
+
+#[derive(Deserialize, Default)]
+pub struct OptOutQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    flash: Option<String>,
+}
+
+pub async fn opt_outs(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Query(q): Query<OptOutQuery>,
+) -> Response {
+    let db = db!(console);
+    let rows = tri!(reads::opt_outs(&**db, &q.q).await);
+    let apps: Vec<&str> = console
+        .deps()
+        .config
+        .apps
+        .iter()
+        .map(|a| a.id.as_str())
+        .collect();
+    let channels: Vec<&str> = Channel::ALL.iter().map(|c| c.as_str()).collect();
+    page(
+        &console,
+        "misc.html",
+        &op,
+        "opt-outs",
+        json!({"opt_outs": rows, "q": q.q, "apps": apps, "channels": channels, "flash": q.flash}),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct OptOutChange {
+    csrf: String,
+    app: String,
+    channel: String,
+    address: String,
+    /// "add" or "remove".
+    action: String,
+}
+
+pub async fn opt_out_change(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Form(f): Form<OptOutChange>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let known_app = console.deps().config.apps.iter().any(|a| a.id == f.app);
+    let channel = Channel::ALL
+        .into_iter()
+        .find(|c| c.as_str().eq_ignore_ascii_case(&f.channel));
+    let address = f.address.trim();
+    let (Some(channel), true, false) = (
+        channel,
+        known_app,
+        address.is_empty() || address.len() > 320 || address.contains('\0'),
+    ) else {
+        return flash_to(
+            "/opt-outs",
+            "not changed: unknown app or channel, or a bad address",
+        );
+    };
+    let out = f.action == "add";
+    let db = db!(console);
+    tri!(herald_domain::opt_out::set(&**db, &f.app, channel.as_str(), address, out).await);
+    let _ = herald_domain::dead_letters::audit(
+        &**db,
+        &op.name,
+        if out { "opt_out.add" } else { "opt_out.remove" },
+        &herald_core::util::mask_address(address),
+        &json!({"app": f.app, "channel": channel.as_str()}),
+    )
+    .await;
+    flash_to("/opt-outs", if out { "opted out" } else { "opted back in" })
+}
+
+pub async fn audit(State(console): State<Arc<Console>>, op: Operator) -> Response {
+    if let Err(r) = op.must_be("admin") {
+        return r.into_response();
+    }
+    let db = db!(console);
+    let rows = tri!(reads::audit(&**db).await);
+    page(&console, "misc.html", &op, "audit", json!({"audit": rows}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_marks_removed_and_added_lines() {
+        let d = diff("a\nb\nc", "a\nx\nc");
+        let kinds: String = d.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, " -+ ");
+    }
+
+    #[test]
+    fn the_preview_renders_through_the_render_stage_and_refuses_missing_params() {
+        let e = |params: &str| Edit {
+            csrf: String::new(),
+            app: String::new(),
+            channel: "EMAIL".into(),
+            subject: "Hi {{ name }}".into(),
+            text: String::new(),
+            html: "<p>{{ name }}</p>".into(),
+            markdown: String::new(),
+            params: params.into(),
+        };
+        let v = preview_text("t", &e(r#"{"name": "<b>Ann</b>"}"#)).unwrap();
+        assert_eq!(v["subject"], "Hi <b>Ann</b>");
+        assert_eq!(
+            v["html"], "<p>&lt;b&gt;Ann&lt;&#x2f;b&gt;</p>",
+            "HTML escaped as in render"
+        );
+        assert!(
+            preview_text("t", &e("{}")).is_err(),
+            "a missing parameter fails"
+        );
+        assert!(preview_text("t", &e("not json")).is_err());
+    }
+
+    #[test]
+    fn sample_params_name_what_the_template_uses() {
+        let e = Edit {
+            csrf: String::new(),
+            app: String::new(),
+            channel: "sms".into(),
+            subject: "{{ a }} and {{b}}".into(),
+            text: String::new(),
+            html: String::new(),
+            markdown: String::new(),
+            params: String::new(),
+        };
+        let t = edited("t", &e).unwrap();
+        assert_eq!(sample_params(&t).keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+}
