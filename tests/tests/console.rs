@@ -284,6 +284,13 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         .filter_map(Value::as_i64)
         .sum();
     assert!(email_points > 0, "the e-mail series has points");
+    assert!(
+        text_raw_json(&c).await["p99"]["email"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(Value::is_number)),
+        "the latency series has points"
+    );
+    assert!(exists(&c, "#latency-chart canvas").await);
     shot(&c, "overview").await;
 
     // Cancel a scheduled message.
@@ -372,6 +379,24 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         .unwrap();
     assert_eq!(v["version"], 2);
     assert_eq!(v["subject"], "Welcome {{ name }}, from the console");
+    // A test send of the published version goes through the pipeline.
+    fill(&c, "#test-address", &format!("{tag}-test@example.com")).await;
+    fill(&c, "#test-params", r#"{"name": "Tess"}"#).await;
+    click(&c, "#test-send-submit").await;
+    let sent = flash(&c).await;
+    let test_id = sent
+        .strip_prefix("test message ")
+        .and_then(|r| r.strip_suffix(" sent"))
+        .unwrap_or_else(|| panic!("test send: {sent}"))
+        .to_owned();
+    status_is(api, &test_id, "delivered").await;
+    let mails = mails_for(std::slice::from_ref(&test_id));
+    assert!(
+        mails
+            .values()
+            .any(|(_, m)| m.contains("Welcome Tess, from the console")),
+        "the test message carries the published subject: {mails:?}"
+    );
 
     // Redrive a dead letter.
     let garbage = format!("not avro at all {tag}").into_bytes();
@@ -473,6 +498,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         "login",
         "message.cancel",
         "template.publish",
+        "template.test_send",
         "dead_letter.redrive",
         "dead_letter.resolve",
     ] {
@@ -480,6 +506,13 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     }
     assert!(audit.contains("cli-test"), "the CLI's redrive is audited");
     shot(&c, "audit").await;
+    // An opt-out added in the console.
+    c.goto(&format!("{base}/opt-outs")).await.unwrap();
+    let opted = format!("{tag}-out@example.com");
+    fill(&c, "#opt-out-form input[name=address]", &opted).await;
+    click(&c, "#opt-out-form button").await;
+    assert_eq!(flash(&c).await, "opted out");
+    assert!(text(&c, "#opt-outs").await.contains(&opted));
     for (page, name) in [
         ("/providers", "providers"),
         ("/apps", "apps"),
@@ -492,6 +525,8 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
             assert!(text(&c, "#providers").await.contains("smtp-local"));
         }
     }
+    c.goto(&format!("{base}/audit")).await.unwrap();
+    assert!(text(&c, "#audit").await.contains("opt_out.add"));
 
     // Changes need the session's CSRF token and the same origin.
     let cookie = c

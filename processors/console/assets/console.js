@@ -5,6 +5,23 @@
   var box = document.getElementById("chart");
   if (!el || !box) return;
   var plot = null;
+  var latencyBox = document.getElementById("latency-chart");
+  var latencyPlot = null;
+  function drawLatency(d) {
+    if (!latencyBox) return;
+    var names = Object.keys(d.p99 || {});
+    var data = [d.series.x].concat(names.map(function (n) { return d.p99[n]; }));
+    var opts = {
+      width: Math.max(latencyBox.clientWidth - 12, 300), height: 200,
+      series: [{}].concat(names.map(function (n, i) {
+        return { label: n + " p99", stroke: colors[i % colors.length], width: 2, spanGaps: true };
+      })),
+      axes: [{}, { label: "ms" }]
+    };
+    if (latencyPlot) latencyPlot.destroy();
+    latencyBox.innerHTML = "";
+    latencyPlot = new uPlot(opts, data, latencyBox);
+  }
   var colors = ["#2f5bea", "#1e8e3e", "#c0392b", "#8e44ad", "#e67e22", "#16a085", "#7f8c8d", "#d35400"];
   function draw(d) {
     var names = Object.keys(d.series.channels);
@@ -20,6 +37,7 @@
     box.innerHTML = "";
     plot = new uPlot(opts, data, box);
     box.setAttribute("data-points", String(d.total));
+    drawLatency(d);
   }
   function update(d) {
     el.textContent = JSON.stringify(d);

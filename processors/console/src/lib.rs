@@ -173,6 +173,7 @@ pub fn router(console: Arc<Console>) -> Router {
             get(pages::template).post(pages::publish),
         )
         .route("/templates/{code}/preview", post(pages::preview))
+        .route("/templates/{code}/test-send", post(pages::test_send))
         .route("/apps", get(pages::apps))
         .route(
             "/opt-outs",

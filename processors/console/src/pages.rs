@@ -312,12 +312,17 @@ pub async fn providers(State(console): State<Arc<Console>>, op: Operator) -> Res
         .into_iter()
         .map(|(_, labels, v)| json!({"labels": labels, "seconds": v}))
         .collect();
+    let receipts: Vec<Value> = local_metrics(herald_core::telemetry::names::RECEIPTS)
+        .into_iter()
+        .map(|(_, labels, v)| json!({"labels": labels, "count": v}))
+        .collect();
     page(
         &console,
         "providers.html",
         &op,
         "providers",
-        json!({"providers": configured, "attempts": attempts, "waits": waits}),
+        json!({"providers": configured, "attempts": attempts, "waits": waits,
+               "receipts": receipts}),
     )
 }
 
@@ -738,6 +743,113 @@ pub async fn publish(
     )
     .await;
     back(&format!("published version {}", stored.version))
+}
+
+#[derive(Deserialize)]
+pub struct TestSend {
+    csrf: String,
+    app: String,
+    address: String,
+    #[serde(default)]
+    params: String,
+}
+
+/// Sends the template's latest version to one address as an app (operator): a real request
+/// through the pipeline, marked in its metadata, validated as the gateway validates.
+pub async fn test_send(
+    State(console): State<Arc<Console>>,
+    op: Operator,
+    Path(code): Path<String>,
+    Form(f): Form<TestSend>,
+) -> Response {
+    if let Err(r) = allowed(&op, &f.csrf, "operator") {
+        return r.into_response();
+    }
+    let back = |msg: &str| {
+        flash_to(
+            &format!(
+                "/templates/{}?app={}",
+                url_encode(&code),
+                url_encode(&f.app)
+            ),
+            msg,
+        )
+    };
+    let cfg = &console.deps().config;
+    // A shared template is sent as the first configured app.
+    let Some(app) = cfg
+        .apps
+        .iter()
+        .map(|a| a.id.as_str())
+        .find(|a| f.app.is_empty() || *a == f.app)
+    else {
+        return back("not sent: no such app");
+    };
+    let db = db!(console);
+    let Some(t) = tri!(herald_domain::templates::get(&db, app, &code, None).await) else {
+        return back("not sent: no such template");
+    };
+    let params: std::collections::HashMap<String, String> = if f.params.trim().is_empty() {
+        Default::default()
+    } else {
+        match serde_json::from_str::<BTreeMap<String, Value>>(&f.params) {
+            Ok(v) => v
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect(),
+            Err(e) => return back(&format!("not sent: sample parameters: {e}")),
+        }
+    };
+    let now = herald_core::util::now_ms();
+    let req = herald_schemas::SendRequested {
+        request_id: herald_core::util::random_id(),
+        app_id: app.to_owned(),
+        idempotency_key: None,
+        channel: t.channel,
+        template: Some(code.clone()),
+        params,
+        recipients: vec![Recipient {
+            address: f.address.trim().to_owned(),
+            params: Default::default(),
+            timezone: None,
+        }],
+        content: None,
+        send_at: None,
+        priority: Priority::High,
+        expires_at: None,
+        metadata: [("console_test_send".to_owned(), op.name.clone())].into(),
+        requested_at: now,
+    };
+    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
+    if let Err(p) = herald_domain::validate::all(&req, &limits, now) {
+        return back(&format!("not sent: {}: {}", p.code, p.message));
+    }
+    let trace = herald_core::trace::new_root();
+    let rec = match herald_core::worker::record(
+        &console.deps().codec,
+        herald_schemas::topics::REQUESTS,
+        &req.request_id,
+        &trace,
+        &req,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return unavailable(&e.to_string()),
+    };
+    let publisher = tri!(console.deps().transport.publisher());
+    tri!(publisher.publish(vec![rec]).await);
+    let id = herald_core::util::message_id(app, &req.request_id, 0);
+    let _ = herald_domain::dead_letters::audit(
+        &**db,
+        &op.name,
+        "template.test_send",
+        &code,
+        &json!({"app": app, "message_id": id,
+                "to": herald_core::util::mask_address(&req.recipients[0].address)}),
+    )
+    .await;
+    back(&format!("test message {id} sent"))
 }
 
 pub async fn apps(State(console): State<Arc<Console>>, op: Operator) -> Response {

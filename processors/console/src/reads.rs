@@ -209,8 +209,29 @@ pub async fn overview(db: &impl GenericClient, minutes: i32) -> Res<Value> {
             slot[i] += n;
         }
     }
+    // p99 of request → final status per minute, per channel (ms).
+    let rows = db
+        .query(
+            "SELECT (extract(epoch FROM date_trunc('minute', created_at)))::bigint, channel, \
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) \
+             FROM messages WHERE created_at > now() - make_interval(mins => $1) \
+               AND latency_ms IS NOT NULL GROUP BY 1, 2 ORDER BY 1",
+            &[&minutes],
+        )
+        .await?;
+    let mut p99: std::collections::BTreeMap<String, Vec<Option<f64>>> = Default::default();
+    for r in &rows {
+        let (t, ch, v): (i64, String, Option<f64>) = (r.get(0), r.get(1), r.get(2));
+        let slot = p99.entry(ch).or_insert_with(|| vec![None; xs.len()]);
+        if let Ok(i) = usize::try_from((t - start) / 60)
+            && i < slot.len()
+        {
+            slot[i] = v;
+        }
+    }
     Ok(json!({
         "minutes": minutes,
+        "p99": p99,
         "total": total,
         "counts": counts.iter().map(|(s, n)| json!({"status": s, "count": n})).collect::<Vec<_>>(),
         "success_rate": rate,
