@@ -399,3 +399,35 @@ pub async fn api_json_as(
 pub async fn api_json(path: &str, api: u16) -> Option<serde_json::Value> {
     signed_get(path, api).send().await.ok()?.json().await.ok()
 }
+
+/// Waits (up to 60 s) for a started Herald's API to answer.
+pub async fn api_up(api: u16) {
+    eventually(Duration::from_secs(60), "the API answers", || async move {
+        reqwest::get(format!("http://127.0.0.1:{api}/health"))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// `POST /v1/messages` as the demo app, which must answer 202; the first message id.
+pub async fn send_message(api: u16, body: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let resp = signed("POST", "/v1/messages", &bytes, api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "POST /v1/messages");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    v["message_ids"][0].as_str().unwrap().to_owned()
+}
+
+/// Waits (up to 90 s) until the read API shows message `id` in `status`.
+pub async fn await_status(api: u16, id: &str, status: &str) {
+    eventually(Duration::from_secs(90), status, || async move {
+        let v = api_json(&format!("/v1/messages/{id}"), api).await?;
+        (v["status"] == status).then_some(())
+    })
+    .await;
+}

@@ -42,7 +42,11 @@ impl Run {
         })
         .await;
         let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
-        for (sim, code) in [("aliyun", "aliyun-sim"), ("tencent", "tencent-sim")] {
+        for (sim, code) in [
+            ("aliyun", "aliyun-sim"),
+            ("tencent", "tencent-sim"),
+            ("huawei", "huawei-sim"),
+        ] {
             let url = format!("http://127.0.0.1:{}/callbacks/{code}/{token}", api + 1);
             run.sim_put(&format!("/_control/{sim}/receipts"), json!({ "url": url }))
                 .await;
@@ -1861,92 +1865,100 @@ async fn every_provider_through_the_pipeline_success_retry_limit_switch_alert_pe
         },
     ];
     for c in &cases {
-        // Success.
-        let ok = run.send((c.body)(&unique("ok"))).await.remove(0);
-        let v = run
-            .until(&ok, "delivered", &format!("{} delivered", c.sim))
-            .await;
-        assert_eq!(v["provider"], c.provider, "{v}");
-        if c.sim == "wechat" {
-            // WeChat revokes the access token: the next message is still delivered, in one
-            // attempt, with a fresh token.
-            let tokens = run.sim_log("wechat").await["tokens_issued"]
-                .as_i64()
-                .unwrap_or(0);
-            run.http
-                .post(format!("{}/_control/wechat/revoke", sim_url()))
-                .send()
-                .await
-                .unwrap();
-            let again = run.send((c.body)(&unique("tok"))).await.remove(0);
-            let v = run
-                .until(&again, "delivered", "WeChat after token revocation")
-                .await;
-            assert_eq!(v["attempts"], 1, "{v}");
-            assert_eq!(
-                run.sim_log("wechat").await["tokens_issued"]
-                    .as_i64()
-                    .unwrap(),
-                tokens + 1
-            );
-        }
-        // A transient error: retried by the rules, then delivered.
-        let v = scripted_error(&run, c, c.transient, "delivered").await;
-        assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
-        // A permanent error: failed with the provider's code, not retried.
-        let v = scripted_error(&run, c, c.permanent, "failed").await;
-        assert_eq!(v["attempts"], 1, "{}: {v}", c.sim);
-        // The provider's rate limit: slowed down through the delay tier, then delivered.
-        let v = scripted_error(&run, c, c.limited, "delivered").await;
-        let path = format!("/v1/messages/{}", v["message_id"].as_str().unwrap());
-        let v = eventually(Duration::from_secs(30), "both attempts projected", || {
-            let path = path.clone();
-            async move {
-                let v = api_json(&path, api).await?;
-                (v["delivery_attempts"].as_array()?.len() == 2).then_some(v)
-            }
-        })
-        .await;
-        let first = &v["delivery_attempts"][0];
-        assert_eq!(first["outcome"], "RATE_LIMITED", "{}: {v}", c.sim);
-        assert_eq!(first["response_code"], c.limited.0, "{}: {v}", c.sim);
-        assert!(timeline_has(&v, "retry_scheduled"), "{}: {v}", c.sim);
-        // An error the rules answer with switch_provider: the next provider sends it.
-        let v = scripted_error(&run, c, c.switch, "delivered").await;
-        assert_eq!(v["provider"], c.backup, "{}: {v}", c.sim);
-        assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
-        // An error the rules answer with alert: failed, and the operator is told (signed).
-        let v = scripted_error(&run, c, c.alert, "failed").await;
-        let al = v["message_id"].as_str().unwrap().to_owned();
-        run.alerted(&al, c.alert.0, "send_failure").await;
-        // A timeout after the request left: unknown, handled by the channel's policy.
-        let before = run.sim_log(c.sim).await["accepted"]
-            .as_array()
-            .map_or(0, Vec::len);
-        run.fault(c.sim, json!({"kind": "timeout", "ms": 3000}))
-            .await;
-        let u = run.send((c.body)(&unique("u"))).await.remove(0);
-        let path = format!("/v1/messages/{u}");
-        let v = eventually(Duration::from_secs(60), "timeout handled", || {
-            let path = path.clone();
-            async move {
-                let v = api_json(&path, api).await?;
-                (v["status"] == c.after_timeout && reason_codes(&v).contains(&"timeout".to_owned()))
-                    .then_some(v)
-            }
-        })
-        .await;
-        let after = run.sim_log(c.sim).await["accepted"]
-            .as_array()
-            .map_or(0, Vec::len);
-        assert_eq!(
-            after,
-            before + 1,
-            "{}: the provider got it exactly once: {v}",
-            c.sim
-        );
+        matrix_row(&run, c, api).await;
     }
     run.stop();
+}
+
+/// One provider's row of the matrix through a running Herald: success, transient → retry →
+/// delivered, permanent → failed with the provider's code, rate-limited → slowed → delivered,
+/// switch provider, alert, and a timeout → the channel's unknown-outcome policy with the
+/// provider reached exactly once.
+async fn matrix_row(run: &Run, c: &Case, api: u16) {
+    // Success.
+    let ok = run.send((c.body)(&unique("ok"))).await.remove(0);
+    let v = run
+        .until(&ok, "delivered", &format!("{} delivered", c.sim))
+        .await;
+    assert_eq!(v["provider"], c.provider, "{v}");
+    if c.sim == "wechat" {
+        // WeChat revokes the access token: the next message is still delivered, in one
+        // attempt, with a fresh token.
+        let tokens = run.sim_log("wechat").await["tokens_issued"]
+            .as_i64()
+            .unwrap_or(0);
+        run.http
+            .post(format!("{}/_control/wechat/revoke", sim_url()))
+            .send()
+            .await
+            .unwrap();
+        let again = run.send((c.body)(&unique("tok"))).await.remove(0);
+        let v = run
+            .until(&again, "delivered", "WeChat after token revocation")
+            .await;
+        assert_eq!(v["attempts"], 1, "{v}");
+        assert_eq!(
+            run.sim_log("wechat").await["tokens_issued"]
+                .as_i64()
+                .unwrap(),
+            tokens + 1
+        );
+    }
+    // A transient error: retried by the rules, then delivered.
+    let v = scripted_error(run, c, c.transient, "delivered").await;
+    assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
+    // A permanent error: failed with the provider's code, not retried.
+    let v = scripted_error(run, c, c.permanent, "failed").await;
+    assert_eq!(v["attempts"], 1, "{}: {v}", c.sim);
+    // The provider's rate limit: slowed down through the delay tier, then delivered.
+    let v = scripted_error(run, c, c.limited, "delivered").await;
+    let path = format!("/v1/messages/{}", v["message_id"].as_str().unwrap());
+    let v = eventually(Duration::from_secs(30), "both attempts projected", || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["delivery_attempts"].as_array()?.len() == 2).then_some(v)
+        }
+    })
+    .await;
+    let first = &v["delivery_attempts"][0];
+    assert_eq!(first["outcome"], "RATE_LIMITED", "{}: {v}", c.sim);
+    assert_eq!(first["response_code"], c.limited.0, "{}: {v}", c.sim);
+    assert!(timeline_has(&v, "retry_scheduled"), "{}: {v}", c.sim);
+    // An error the rules answer with switch_provider: the next provider sends it.
+    let v = scripted_error(run, c, c.switch, "delivered").await;
+    assert_eq!(v["provider"], c.backup, "{}: {v}", c.sim);
+    assert_eq!(v["attempts"], 2, "{}: {v}", c.sim);
+    // An error the rules answer with alert: failed, and the operator is told (signed).
+    let v = scripted_error(run, c, c.alert, "failed").await;
+    let al = v["message_id"].as_str().unwrap().to_owned();
+    run.alerted(&al, c.alert.0, "send_failure").await;
+    // A timeout after the request left: unknown, handled by the channel's policy.
+    let before = run.sim_log(c.sim).await["accepted"]
+        .as_array()
+        .map_or(0, Vec::len);
+    run.fault(c.sim, json!({"kind": "timeout", "ms": 3000}))
+        .await;
+    let u = run.send((c.body)(&unique("u"))).await.remove(0);
+    let path = format!("/v1/messages/{u}");
+    let v = eventually(Duration::from_secs(60), "timeout handled", || {
+        let path = path.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            (v["status"] == c.after_timeout && reason_codes(&v).contains(&"timeout".to_owned()))
+                .then_some(v)
+        }
+    })
+    .await;
+    let after = run.sim_log(c.sim).await["accepted"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(
+        after,
+        before + 1,
+        "{}: the provider got it exactly once: {v}",
+        c.sim
+    );
 }
 
 /// Twenty SMS to different numbers, same template and params, through `provider` (its
@@ -2167,5 +2179,109 @@ priority = 30
         .sms_delivered_by("aliyun-sim", "aliyun-sim routed again")
         .await;
     assert_eq!(back["attempts"], 1, "{back}");
+    run.stop();
+}
+
+/// Rules that switch or alert on one Huawei code each (the Huawei test puts Huawei in front
+/// for SMS, Tencent then Aliyun behind it).
+const HUAWEI_EXTRA: &str = r#"
+[[rules]]
+name = "huawei: app key no longer valid, switch"
+scene = "send_failure"
+error_codes = ["E000102"]
+action = "switch_provider"
+priority = 5
+
+[[rules]]
+name = "huawei: template deactivated, alert"
+scene = "send_failure"
+error_codes = ["E200030"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 5
+"#;
+
+/// The Huawei row of the provider matrix (PROVIDERS-MORE.md §4), WSSE-authenticated, and a
+/// receipt moving a message `sent` → `undelivered` with the operator's code.
+#[tokio::test(flavor = "multi_thread")]
+async fn huawei_sms_through_the_pipeline() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-huawei.toml");
+    let text = std::fs::read_to_string(config_path())
+        .unwrap()
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
+            1,
+        )
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/huawei\"\npriority = 9",
+            "endpoint = \"http://127.0.0.1:18100/huawei\"\npriority = 0",
+            1,
+        )
+        + HUAWEI_EXTRA;
+    assert!(
+        text.contains("18100/aliyun\"\npriority = 2")
+            && text.contains("18100/huawei\"\npriority = 0"),
+        "config layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_560, 19_960);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    run.provider_ready("tencent", "tencent-sim").await;
+    let case = Case {
+        sim: "huawei",
+        provider: "huawei-sim",
+        transient: ("E000000", "系统异常"),
+        permanent: ("E200028", "模板变量校验失败"),
+        switch: ("E000102", "app_key无效"),
+        backup: "tencent-sim",
+        alert: ("E200030", "模板未激活"),
+        limited: ("E200015", "待发送短信数量太大"),
+        // The report names the message (`extend`): the receipt settles what the lost answer
+        // left open, and nothing is sent twice.
+        after_timeout: "delivered",
+        body: |tag| {
+            json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                   "params": {"code": tag.chars().filter(char::is_ascii_digit).take(6).collect::<String>()},
+                   "recipients": [{"address": phone("7")}], "requested_at": herald_core::util::now_ms()})
+        },
+    };
+    matrix_row(&run, &case, api).await;
+    // The request the simulator took: the template id, the positional parameters, the message
+    // id in `extend`, the number in international form.
+    let id = run
+        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                     "params": {"code": "424242"}, "recipients": [{"address": phone("8")}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&id, "delivered", "huawei delivered").await;
+    assert!(
+        timeline_has(&v, "sent"),
+        "sent, then delivered by the report: {v}"
+    );
+    let log = run.sim_log("huawei").await;
+    let taken = log["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["extend"] == id.as_str())
+        .cloned()
+        .expect("the simulator took it");
+    assert_eq!(taken["template_id"], "8ff55eac1d0b478ab3c06c3c6a492300");
+    assert_eq!(taken["params"], json!(["424242"]));
+    assert!(taken["to"].as_str().unwrap().starts_with("+86"));
+    // A number the operator does not reach (the simulator's numbers ending in 0000; its own,
+    // so that no other test's caps count it): the report says so.
+    let unreached = format!("139{}0000", &phone("")[3..7]);
+    let gone = run
+        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                     "params": {"code": "424242"}, "recipients": [{"address": unreached}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&gone, "undelivered", "huawei undelivered").await;
+    assert!(reason_codes(&v).contains(&"UNDELIV".to_owned()), "{v}");
     run.stop();
 }

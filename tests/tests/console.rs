@@ -8,6 +8,7 @@
 //! for good. `herald dlq` lists, shows and redrives through the same code. A screenshot of every
 //! page is written to `target/console-screenshots/` (the test prints the folder).
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,7 +23,13 @@ const VIEWER_PASSWORD: &str = "viewer-password-for-tests";
 struct Driver(Child);
 
 impl Drop for Driver {
+    /// Ends chromedriver and the browsers it started (its process group), even when the test
+    /// failed before closing the session.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(format!("-{}", self.0.id()))
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -126,25 +133,6 @@ async fn port_open(port: u16) -> bool {
         .is_ok()
 }
 
-async fn send(api: u16, body: &Value) -> String {
-    let bytes = serde_json::to_vec(body).unwrap();
-    let resp = signed("POST", "/v1/messages", &bytes, api)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202, "POST /v1/messages");
-    let v: Value = resp.json().await.unwrap();
-    v["message_ids"][0].as_str().unwrap().to_owned()
-}
-
-async fn status_is(api: u16, id: &str, status: &str) {
-    eventually(Duration::from_secs(90), status, || async move {
-        let v = api_json(&format!("/v1/messages/{id}"), api).await?;
-        (v["status"] == status).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_works_through_the_console_in_a_real_browser() {
     let (api, admin, console, driver_port) = (18_780, 19_980, 18_790, 18_795);
@@ -159,6 +147,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     let _driver = Driver(
         Command::new(&chromedriver)
             .arg(format!("--port={driver_port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -226,7 +215,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         .and_then(|l| l.split_whitespace().nth(1))
         .expect("herald demo prints request and message ids")
         .to_owned();
-    status_is(api, &demo_id, "delivered").await;
+    await_status(api, &demo_id, "delivered").await;
     c.goto(&format!("{base}/messages")).await.unwrap();
     fill(&c, "#q", &format!("{tag}0@example.com")).await;
     click(&c, "#search-submit").await;
@@ -264,14 +253,14 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     );
     let shown: i64 = text_raw_json(&c).await["total"].as_i64().unwrap();
     assert!(shown > before["total"].as_i64().unwrap());
-    let webhook = send(
+    let webhook = send_message(
         api,
         &json!({"app_id": "demo", "channel": "EMAIL", "template": "welcome",
                 "params": {"product": "Herald"},
                 "recipients": [{"address": format!("{tag}-ov@example.com"), "params": {"name": "Ov"}}]}),
     )
     .await;
-    status_is(api, &webhook, "delivered").await;
+    await_status(api, &webhook, "delivered").await;
     eventually(Duration::from_secs(30), "the overview refreshes", || {
         let c = c.clone();
         async move { (text_raw_json(&c).await["total"].as_i64()? > shown).then_some(()) }
@@ -295,14 +284,14 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
 
     // Cancel a scheduled message.
     let later = herald_core::util::now_ms() + 600_000;
-    let scheduled = send(
+    let scheduled = send_message(
         api,
         &json!({"app_id": "demo", "channel": "EMAIL", "template": "welcome", "send_at": later,
                 "params": {"product": "Herald"},
                 "recipients": [{"address": format!("{tag}-later@example.com"), "params": {"name": "L"}}]}),
     )
     .await;
-    status_is(api, &scheduled, "scheduled").await;
+    await_status(api, &scheduled, "scheduled").await;
     c.goto(&format!("{base}/messages/{scheduled}"))
         .await
         .unwrap();
@@ -311,7 +300,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         flash(&c).await.contains("1 canceled"),
         "the cancel is confirmed"
     );
-    status_is(api, &scheduled, "canceled").await;
+    await_status(api, &scheduled, "canceled").await;
     c.goto(&format!("{base}/messages/{scheduled}"))
         .await
         .unwrap();
@@ -389,7 +378,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         .and_then(|r| r.strip_suffix(" sent"))
         .unwrap_or_else(|| panic!("test send: {sent}"))
         .to_owned();
-    status_is(api, &test_id, "delivered").await;
+    await_status(api, &test_id, "delivered").await;
     let mails = mails_for(std::slice::from_ref(&test_id));
     assert!(
         mails

@@ -69,41 +69,6 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// Waits for a started Herald's API.
-async fn api_up(api: u16) {
-    eventually(Duration::from_secs(60), "the API answers", || async move {
-        reqwest::get(format!("http://127.0.0.1:{api}/health"))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
-/// POST /v1/messages with one recipient; its message id.
-async fn send(api: u16, body: &serde_json::Value) -> String {
-    let bytes = serde_json::to_vec(body).unwrap();
-    let resp = signed("POST", "/v1/messages", &bytes, api)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202, "POST /v1/messages");
-    let v: serde_json::Value = resp.json().await.unwrap();
-    v["message_ids"][0].as_str().unwrap().to_owned()
-}
-
-async fn delivered(api: u16, id: &str) {
-    eventually(
-        Duration::from_secs(90),
-        "message delivered",
-        || async move {
-            let v = api_json(&format!("/v1/messages/{id}"), api).await?;
-            (v["status"] == "delivered").then_some(())
-        },
-    )
-    .await;
-}
-
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let promtool = tool("HERALD_PROMTOOL");
@@ -299,7 +264,7 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
     ];
     let mut ids = Vec::new();
     for body in &bodies {
-        ids.push(send(api, body).await);
+        ids.push(send_message(api, body).await);
     }
     // An undecodable request: dead-lettered with its bytes.
     publish_records(
@@ -313,7 +278,7 @@ async fn the_dashboard_and_alert_rules_use_only_metrics_a_live_herald_exports() 
     )
     .await;
     for id in &ids {
-        delivered(api, id).await;
+        await_status(api, id, "delivered").await;
     }
 
     // Every name the dashboard and the rules use is on /metrics (lag, outbox backlogs and quota
@@ -380,8 +345,8 @@ async fn consumer_lag_is_reported_on_redis_streams() {
     let body = json!({"app_id": "demo", "channel": "EMAIL", "template": "welcome",
         "params": {"product": "Herald"}, "priority": "HIGH", "requested_at": now,
         "recipients": [{"address": format!("{}@example.com", unique("lag")), "params": {"name": "L"}}]});
-    let id = send(api, &body).await;
-    delivered(api, &id).await;
+    let id = send_message(api, &body).await;
+    await_status(api, &id, "delivered").await;
     eventually(
         Duration::from_secs(30),
         "accept's and render's lag on their streams, back to 0",

@@ -309,6 +309,82 @@ async fn tencent_tc3_is_accepted_and_per_number_answers_classified() {
     );
 }
 
+const HUAWEI: &str = r#"
+[[providers]]
+code = "huawei"
+kind = "huawei_sms"
+endpoint = "{base}/huawei"
+timeout_ms = 1000
+credentials_env = { app_key = "HERALD_SIM_HUAWEI_APP_KEY", app_secret = "HERALD_SIM_HUAWEI_APP_SECRET" }
+settings = { from = "8824032015014", signature = "Herald", auth = "{auth}" }
+"#;
+
+#[tokio::test]
+async fn huawei_wsse_and_aksk_are_accepted_and_answers_classified() {
+    let sim = Peer::start().await;
+    let template = "8ff55eac1d0b478ab3c06c3c6a492300";
+    let m = message(
+        Channel::Sms,
+        "13800000001",
+        sms_content(template, &[("1", "369751")]),
+    );
+    for auth in ["wsse", "aksk"] {
+        let cfg = HUAWEI.replace("{auth}", auth);
+        let p = sim.provider(&cfg, false);
+        let r = p.send(&m, 1).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{auth}: {r:?}");
+        assert!(r.provider_message_id.unwrap().contains('_'), "{auth}");
+        // A wrong secret: the simulator recomputes the digest or signature and refuses it.
+        let bad = sim.provider(&cfg, true).send(&m, 1).await;
+        assert_eq!(bad.outcome, DeliveryOutcome::FailedPermanent, "{auth}");
+        let want = if auth == "wsse" { "E000105" } else { "E000045" };
+        assert_eq!(bad.reason.unwrap().code, want);
+    }
+    let log = sim.log("huawei").await;
+    let first = &log["accepted"][0];
+    assert_eq!(first["to"], "+8613800000001");
+    assert_eq!(first["extend"], m.header.message_id.as_str());
+    assert_eq!(first["params"], json!(["369751"]));
+    let p = sim.provider(&HUAWEI.replace("{auth}", "wsse"), false);
+    // A number that is not digits fails the whole request.
+    let bad_number = p
+        .send(
+            &message(Channel::Sms, "+86138-0000", sms_content(template, &[])),
+            1,
+        )
+        .await;
+    assert_eq!(bad_number.reason.unwrap().code, "E000503");
+    let no_template = p
+        .send(&message(Channel::Sms, "13800000001", text("x")), 1)
+        .await;
+    assert_eq!(
+        no_template.reason.unwrap().code,
+        "missing_provider_template"
+    );
+    sim.faults(
+        "huawei",
+        json!([
+            {"kind": "error", "code": "E200015", "message": "待发送短信数量太大"},
+            {"kind": "error", "code": "E000000", "message": "系统异常"},
+            {"kind": "error", "code": "E200028", "message": "模板变量校验失败"},
+            {"kind": "error", "code": "E000110", "message": "Created out of window"},
+        ]),
+    )
+    .await;
+    assert_eq!(p.send(&m, 2).await.outcome, DeliveryOutcome::RateLimited);
+    assert_eq!(
+        p.send(&m, 3).await.outcome,
+        DeliveryOutcome::FailedTransient
+    );
+    let permanent = p.send(&m, 4).await;
+    assert_eq!(permanent.outcome, DeliveryOutcome::FailedPermanent);
+    assert_eq!(permanent.reason.unwrap().code, "E200028");
+    assert_eq!(
+        p.send(&m, 5).await.outcome,
+        DeliveryOutcome::FailedTransient
+    );
+}
+
 #[tokio::test]
 async fn tencent_batches_numbers_sharing_template_and_params_into_one_call() {
     let sim = Peer::start().await;

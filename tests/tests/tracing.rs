@@ -10,16 +10,6 @@ use herald_tests::otlp::{Received, Receiver};
 use herald_tests::*;
 use serde_json::json;
 
-async fn api_up(api: u16) {
-    eventually(Duration::from_secs(60), "the API answers", || async move {
-        reqwest::get(format!("http://127.0.0.1:{api}/health"))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 /// The stages a message's spans pass through, in order, each the parent of the next.
 const CHAIN: [&str; 6] = [
     "POST /v1/messages",
@@ -73,14 +63,7 @@ async fn one_message_is_one_trace(transport: &str, api: u16, admin: u16) {
     assert_eq!(resp.status().as_u16(), 202);
     let v: serde_json::Value = resp.json().await.unwrap();
     let id = v["message_ids"][0].as_str().unwrap().to_owned();
-    eventually(Duration::from_secs(90), "message delivered", || {
-        let id = id.clone();
-        async move {
-            let v = api_json(&format!("/v1/messages/{id}"), api).await?;
-            (v["status"] == "delivered").then_some(())
-        }
-    })
-    .await;
+    await_status(api, &id, "delivered").await;
 
     let spans = eventually(Duration::from_secs(30), "every stage's span", || {
         let spans = otlp.trace(&trace_id);

@@ -72,6 +72,26 @@ fn allowed(op: &Operator, csrf: &str, role: &str) -> Result<(), Refusal> {
     op.must_be(role)
 }
 
+/// Back to a template's page with a message.
+fn template_page(code: &str, app: &str, msg: &str) -> Response {
+    flash_to(
+        &format!("/templates/{}?app={}", url_encode(code), url_encode(app)),
+        msg,
+    )
+}
+
+/// Sample parameters typed as a JSON object; values that are not strings are used as JSON text.
+fn sample(params: &str) -> Result<std::collections::HashMap<String, String>, String> {
+    if params.trim().is_empty() {
+        return Ok(Default::default());
+    }
+    let v: BTreeMap<String, Value> =
+        serde_json::from_str(params).map_err(|e| format!("sample parameters: {e}"))?;
+    Ok(v.into_iter()
+        .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+        .collect())
+}
+
 fn flash_to(path: &str, msg: &str) -> Response {
     let q: String = url_encode(msg);
     let sep = if path.contains('?') { '&' } else { '?' };
@@ -660,15 +680,7 @@ pub async fn preview(
 
 fn preview_text(code: &str, e: &Edit) -> Result<Value, String> {
     let t = edited(code, e)?;
-    let params: BTreeMap<String, String> = if e.params.trim().is_empty() {
-        BTreeMap::new()
-    } else {
-        let v: BTreeMap<String, Value> =
-            serde_json::from_str(&e.params).map_err(|e| format!("sample parameters: {e}"))?;
-        v.into_iter()
-            .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-            .collect()
-    };
+    let params = sample(&e.params)?;
     let compiled = herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))?;
     let m = MessageAccepted {
         header: EventHeader {
@@ -690,7 +702,7 @@ fn preview_text(code: &str, e: &Edit) -> Result<Value, String> {
         },
         recipient_index: 0,
         template: Some(code.to_owned()),
-        params: params.into_iter().collect(),
+        params,
         content: None,
         send_at: None,
         priority: Priority::Normal,
@@ -714,16 +726,7 @@ pub async fn publish(
     if let Err(r) = allowed(&op, &e.csrf, "admin") {
         return r.into_response();
     }
-    let back = |msg: &str| {
-        flash_to(
-            &format!(
-                "/templates/{}?app={}",
-                url_encode(&code),
-                url_encode(&e.app)
-            ),
-            msg,
-        )
-    };
+    let back = |msg: &str| template_page(&code, &e.app, msg);
     let t = match edited(&code, &e) {
         Ok(t) => t,
         Err(m) => return back(&format!("not published: {m}")),
@@ -765,16 +768,7 @@ pub async fn test_send(
     if let Err(r) = allowed(&op, &f.csrf, "operator") {
         return r.into_response();
     }
-    let back = |msg: &str| {
-        flash_to(
-            &format!(
-                "/templates/{}?app={}",
-                url_encode(&code),
-                url_encode(&f.app)
-            ),
-            msg,
-        )
-    };
+    let back = |msg: &str| template_page(&code, &f.app, msg);
     let cfg = &console.deps().config;
     // A shared template is sent as the first configured app.
     let Some(app) = cfg
@@ -789,16 +783,9 @@ pub async fn test_send(
     let Some(t) = tri!(herald_domain::templates::get(&db, app, &code, None).await) else {
         return back("not sent: no such template");
     };
-    let params: std::collections::HashMap<String, String> = if f.params.trim().is_empty() {
-        Default::default()
-    } else {
-        match serde_json::from_str::<BTreeMap<String, Value>>(&f.params) {
-            Ok(v) => v
-                .into_iter()
-                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-                .collect(),
-            Err(e) => return back(&format!("not sent: sample parameters: {e}")),
-        }
+    let params = match sample(&f.params) {
+        Ok(p) => p,
+        Err(e) => return back(&format!("not sent: {e}")),
     };
     let now = herald_core::util::now_ms();
     let req = herald_schemas::SendRequested {

@@ -14,6 +14,7 @@ pub mod aliyun_sms;
 pub mod dingtalk_robot;
 pub mod feishu_bot;
 pub mod http;
+pub mod huawei_sms;
 pub mod inapp;
 pub mod receipt;
 pub mod settings;
@@ -39,6 +40,7 @@ pub static REGISTRY: Registry = Registry(&[
     smtp::KIND,
     aliyun_sms::KIND,
     tencent_sms::KIND,
+    huawei_sms::KIND,
     wecom::ROBOT,
     wecom::APP,
     dingtalk_robot::KIND,

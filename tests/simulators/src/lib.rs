@@ -15,6 +15,7 @@
 //! `GET /_log/{provider}` lists accepted sends, `POST /_reset` clears everything.
 
 pub mod aliyun;
+pub mod huawei;
 pub mod robots;
 pub mod tencent;
 pub mod weixin;
@@ -37,6 +38,8 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_ALIYUN_KEY_SECRET", "sim-aliyun-secret"),
     ("HERALD_SIM_TENCENT_SECRET_ID", "AKIDsimtencent"),
     ("HERALD_SIM_TENCENT_SECRET_KEY", "sim-tencent-secret"),
+    ("HERALD_SIM_HUAWEI_APP_KEY", "simHuaweiAppKey0001"),
+    ("HERALD_SIM_HUAWEI_APP_SECRET", "sim-huawei-app-secret"),
     ("HERALD_SIM_DINGTALK_TOKEN", "sim-dingtalk-token"),
     ("HERALD_SIM_DINGTALK_SECRET", "SECsimdingtalk"),
     ("HERALD_SIM_FEISHU_HOOK", "0b6b5b3c-sim-feishu-hook"),
@@ -234,6 +237,15 @@ impl Sim {
     /// Pushes a receipt body to the provider's receipt URL in the background, retrying like the
     /// real platforms do (compressed: 1 s, 2 s, 4 s).
     pub fn push_receipt(self: &Arc<Self>, provider: &str, body: Value, delay: Duration) {
+        self.push(provider, Push::Json(body), delay);
+    }
+
+    /// A receipt pushed as a form (Huawei's status reports).
+    pub fn push_form_receipt(self: &Arc<Self>, provider: &str, body: String, delay: Duration) {
+        self.push(provider, Push::Form(body), delay);
+    }
+
+    fn push(self: &Arc<Self>, provider: &str, body: Push, delay: Duration) {
         let url = self
             .receipt_urls
             .lock()
@@ -248,15 +260,20 @@ impl Sim {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             for wait in [1u64, 2, 4, 8, 15, 30, 60, 60, 60, 60, 0] {
-                let ok = sim
-                    .http
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
+                let req = sim.http.post(&url);
+                let req = match &body {
+                    Push::Json(v) => req.json(v),
+                    Push::Form(f) => req
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(f.clone()),
+                };
+                let ok = req.send().await.is_ok_and(|r| r.status().is_success());
                 if ok {
-                    sim.record(&format!("{provider}-receipts"), body);
+                    let recorded = match body {
+                        Push::Json(v) => v,
+                        Push::Form(f) => Value::String(f),
+                    };
+                    sim.record(&format!("{provider}-receipts"), recorded);
                     return;
                 }
                 if wait == 0 {
@@ -267,6 +284,12 @@ impl Sim {
             }
         });
     }
+}
+
+/// A receipt push's body.
+enum Push {
+    Json(Value),
+    Form(String),
 }
 
 /// Applies a fault before the request is processed: an error to answer (`Err`), a slow answer
@@ -434,6 +457,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .merge(aliyun::routes())
         .merge(tencent::routes())
+        .merge(huawei::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
         .route(
