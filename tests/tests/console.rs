@@ -64,13 +64,22 @@ async fn shot(c: &Client, name: &str) {
     std::fs::write(shots().join(format!("{name}.png")), png).unwrap();
 }
 
+/// An element's text; found again if the page was replaced between finding and reading it.
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    eventually(Duration::from_secs(15), css, || async move {
+        c.find(Locator::Css(css)).await.ok()?.text().await.ok()
+    })
+    .await
+}
+
+/// Clicks, then waits until the page the click leads to is loaded (its URL passes `arrived`).
+async fn click_to(c: &Client, css: &str, arrived: impl Fn(&str) -> bool) {
+    click(c, css).await;
+    eventually(Duration::from_secs(15), "the next page", || async {
+        let url = c.current_url().await.ok()?.to_string();
+        arrived(&url).then_some(())
+    })
+    .await;
 }
 
 /// The confirmation a change's page shows, once it has loaded.
@@ -218,7 +227,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     await_status(api, &demo_id, "delivered").await;
     c.goto(&format!("{base}/messages")).await.unwrap();
     fill(&c, "#q", &format!("{tag}0@example.com")).await;
-    click(&c, "#search-submit").await;
+    click_to(&c, "#search-submit", |u| u.contains("?q=")).await;
     let found = text(&c, "#messages").await;
     assert!(found.contains(&demo_id), "found by recipient: {found}");
     shot(&c, "messages").await;
@@ -372,7 +381,22 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     fill(&c, "#test-address", &format!("{tag}-test@example.com")).await;
     fill(&c, "#test-params", r#"{"name": "Tess"}"#).await;
     click(&c, "#test-send-submit").await;
-    let sent = flash(&c).await;
+    // The page before (after publishing) shows a confirmation too: wait for this one.
+    let sent = eventually(
+        Duration::from_secs(15),
+        "the test send's confirmation",
+        || async {
+            let f = c
+                .find(Locator::Css("#flash"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            f.starts_with("test message").then_some(f)
+        },
+    )
+    .await;
     let test_id = sent
         .strip_prefix("test message ")
         .and_then(|r| r.strip_suffix(" sent"))
