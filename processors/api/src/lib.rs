@@ -18,6 +18,7 @@ pub mod cancel;
 pub mod inbox;
 pub mod reads;
 pub mod templates;
+pub mod verifications;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -349,7 +350,6 @@ async fn send_traced(
         )
         .field("app_id"));
     }
-    let cfg = &state.deps.config;
     let request_id = b.request_id.clone().unwrap_or_else(random_id);
     let req = SendRequested {
         request_id: request_id.clone(),
@@ -368,73 +368,7 @@ async fn send_traced(
         metadata: b.metadata,
         requested_at: b.requested_at.unwrap_or_else(now_ms),
     };
-    // Everything accept would reject is refused here, with the same code (promise 5).
-    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
-    herald_domain::validate::all(&req, &limits, now_ms()).map_err(|p| {
-        let status = if p.code == "request_too_large" {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError::new(status, p.code, p.message).field(p.field)
-    })?;
-    if let Some(t) = &req.template
-        && !cfg
-            .templates
-            .iter()
-            .any(|x| &x.code == t && x.app.as_deref().is_none_or(|a| a == app))
-        && herald_domain::templates::get(&*state.db().await.map_err(db_err)?, &app, t, None)
-            .await
-            .map_err(db_err)?
-            .is_none()
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unknown_template",
-            format!("template {t:?} is not defined"),
-        )
-        .field("template"));
-    }
-    if req.channel == Channel::Webhook {
-        for (i, r) in req.recipients.iter().enumerate() {
-            state.guard.check_url(r.address.trim()).map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, "destination_not_allowed", e)
-                    .field(format!("recipients[{i}].address"))
-            })?;
-        }
-    }
-    let mut rec = record(
-        &state.deps.codec,
-        topics::REQUESTS,
-        &request_id,
-        trace,
-        &req,
-    )
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "registry_unavailable",
-            e.to_string(),
-        )
-    })?;
-    if rec.payload.len() > herald_core::worker::MAX_OUTPUT_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
-            format!(
-                "the request is {} bytes as a record, at most {}",
-                rec.payload.len(),
-                herald_core::worker::MAX_OUTPUT_BYTES
-            ),
-        ));
-    }
-    // The gateway counts this request against the daily quota (below) and vouches for that
-    // with a keyed mark, so accept does not count it again.
-    rec.headers.push((
-        herald_domain::quota::COUNTED_HEADER.into(),
-        herald_domain::quota::mark(cfg, &request_id),
-    ));
+    let rec = prepare(&state, &app, &req, trace).await?;
     let ids: Vec<String> = (0..req.recipients.len())
         .map(|i| message_id(&app, &request_id, i))
         .collect();
@@ -501,6 +435,81 @@ async fn send_traced(
         Json(json!({"request_id": request_id, "message_ids": ids})),
     )
         .into_response())
+}
+
+/// The record of a request the gateway takes: refused here with the code accept would give
+/// (promise 5), its template known, webhook destinations allowed, small enough, and marked as
+/// counted against the app's daily quota (the caller takes the quota).
+pub(crate) async fn prepare(
+    state: &ApiState,
+    app: &str,
+    req: &SendRequested,
+    trace: &str,
+) -> Result<herald_core::transport::OutRecord, ApiError> {
+    let cfg = &state.deps.config;
+    let request_id = &req.request_id;
+    // Everything accept would reject is refused here, with the same code (promise 5).
+    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
+    herald_domain::validate::all(req, &limits, now_ms()).map_err(|p| {
+        let status = if p.code == "request_too_large" {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, p.code, p.message).field(p.field)
+    })?;
+    if let Some(t) = &req.template
+        && !cfg
+            .templates
+            .iter()
+            .any(|x| &x.code == t && x.app.as_deref().is_none_or(|a| a == app))
+        && herald_domain::templates::get(&*state.db().await.map_err(db_err)?, app, t, None)
+            .await
+            .map_err(db_err)?
+            .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_template",
+            format!("template {t:?} is not defined"),
+        )
+        .field("template"));
+    }
+    if req.channel == Channel::Webhook {
+        for (i, r) in req.recipients.iter().enumerate() {
+            state.guard.check_url(r.address.trim()).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "destination_not_allowed", e)
+                    .field(format!("recipients[{i}].address"))
+            })?;
+        }
+    }
+    let mut rec = record(&state.deps.codec, topics::REQUESTS, request_id, trace, req)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_unavailable",
+                e.to_string(),
+            )
+        })?;
+    if rec.payload.len() > herald_core::worker::MAX_OUTPUT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request is {} bytes as a record, at most {}",
+                rec.payload.len(),
+                herald_core::worker::MAX_OUTPUT_BYTES
+            ),
+        ));
+    }
+    // The gateway counts this request against the daily quota (below) and vouches for that
+    // with a keyed mark, so accept does not count it again.
+    rec.headers.push((
+        herald_domain::quota::COUNTED_HEADER.into(),
+        herald_domain::quota::mark(cfg, request_id),
+    ));
+    Ok(rec)
 }
 
 fn channel_param(c: &str) -> Result<Channel, ApiError> {
@@ -785,6 +794,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/requests/{id}/cancel"),
     ("get", "/v1/recipients/{address}/messages"),
     ("get", "/v1/stats"),
+    ("post", "/v1/verifications"),
+    ("get", "/v1/verifications/{id}"),
+    ("post", "/v1/verifications/{id}/check"),
     ("get", "/v1/templates/{code}"),
     ("put", "/v1/templates/{code}"),
     ("put", "/v1/opt-outs/{channel}/{address}"),
@@ -820,6 +832,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/recipients/{address}/messages", get(reads::history))
         .route("/v1/stats", get(reads::stats))
+        .route("/v1/verifications", post(verifications::start))
+        .route("/v1/verifications/{id}", get(verifications::get_one))
+        .route("/v1/verifications/{id}/check", post(verifications::check))
         .route(
             "/v1/templates/{code}",
             get(templates::get_template).put(templates::put_template),

@@ -41,6 +41,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub security: SecurityConfig,
     pub retention: RetentionConfig,
+    pub verifications: VerificationsConfig,
     pub apps: Vec<AppConfig>,
     pub providers: Vec<ProviderConfig>,
     pub templates: Vec<TemplateConfig>,
@@ -65,6 +66,7 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             security: SecurityConfig::default(),
             retention: RetentionConfig::default(),
+            verifications: VerificationsConfig::default(),
             apps: Vec::new(),
             providers: Vec::new(),
             templates: Vec::new(),
@@ -330,6 +332,48 @@ impl Default for SecurityConfig {
             secret_env: "HERALD_SERVER_SECRET".into(),
             secret: String::new(),
             outbound_allow: Vec::new(),
+        }
+    }
+}
+
+/// Verification codes (`POST /v1/verifications`): how they are made, how long they live, how
+/// often they may be checked and sent. Keep the send limits at or below the SMS providers' own
+/// per-number caps and the channel's frequency cap, so callers get Herald's clear 429 rather than
+/// a provider's refusal.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationsConfig {
+    /// Digits in a code (4–10); a request may ask for another length in that range.
+    pub code_length: u8,
+    /// How long a code is valid; a request may ask for less, never more than `max_ttl_secs`.
+    pub ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    /// Wrong checks before the code is dead. A resend does not reset the count.
+    pub max_attempts: i32,
+    /// Least time between two sends to one destination.
+    pub resend_interval_secs: u64,
+    /// Most sends to one destination per rolling hour and per rolling day (across apps).
+    pub max_sends_per_hour: i64,
+    pub max_sends_per_day: i64,
+    /// Channels codes may go out on. `INAPP` is refused: the inbox stores what it shows.
+    pub channels: Vec<String>,
+}
+
+impl Default for VerificationsConfig {
+    fn default() -> Self {
+        VerificationsConfig {
+            code_length: 6,
+            ttl_secs: 300,
+            max_ttl_secs: 600,
+            max_attempts: 5,
+            resend_interval_secs: 60,
+            max_sends_per_hour: 5,
+            max_sends_per_day: 10,
+            channels: [
+                "SMS", "EMAIL", "WECOM", "DINGTALK", "FEISHU", "WECHAT", "WEBHOOK",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -804,6 +848,34 @@ impl Config {
                 self.security.secret_env
             ));
         }
+        let v = &self.verifications;
+        if !(4..=10).contains(&v.code_length) {
+            problems.push("verifications: code_length must be 4 to 10".to_owned());
+        }
+        if v.ttl_secs == 0 || v.ttl_secs > v.max_ttl_secs {
+            problems.push(
+                "verifications: ttl_secs must be positive and at most max_ttl_secs".to_owned(),
+            );
+        }
+        if v.max_attempts < 1
+            || v.max_sends_per_hour < 1
+            || v.max_sends_per_day < v.max_sends_per_hour
+        {
+            problems.push(
+                "verifications: max_attempts and max_sends_per_hour must be at least 1, max_sends_per_day at least max_sends_per_hour"
+                    .to_owned(),
+            );
+        }
+        for c in &v.channels {
+            if c.eq_ignore_ascii_case("INAPP") {
+                problems.push("verifications.channels: INAPP cannot carry codes (the inbox stores what it shows)".to_owned());
+            } else if !herald_schemas::Channel::ALL
+                .iter()
+                .any(|k| k.as_str().eq_ignore_ascii_case(c))
+            {
+                problems.push(format!("verifications.channels: unknown channel {c:?}"));
+            }
+        }
         for a in &self.security.outbound_allow {
             if let Err(e) = crate::netguard::Allow::parse(a) {
                 problems.push(format!("security.outbound_allow: {e}"));
@@ -1063,6 +1135,9 @@ mod tests {
             [[providers]]
             code = "b"
             kind = "pigeon"
+            [verifications]
+            code_length = 3
+            channels = ["SMS", "INAPP", "PIGEON"]
         "#;
         let mut cfg = Config::parse(text).unwrap();
         cfg.apply_env(|_| None);
@@ -1077,6 +1152,9 @@ mod tests {
             "providers.a: endpoint is required",
             "providers.a: settings.sign_name is required",
             "providers.b: unknown kind \"pigeon\" (known: smtp, aliyun_sms)",
+            "verifications: code_length must be 4 to 10",
+            "verifications.channels: INAPP cannot carry codes",
+            "verifications.channels: unknown channel \"PIGEON\"",
         ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }

@@ -12,6 +12,8 @@
 //! - [`readmodel`], [`retention`]: the read model's tables and the purge of everything that
 //!   grows with traffic.
 //! - [`redact`]: what leaves in error texts.
+//! - [`verification`]: verification codes: generation, the keyed MAC they are stored as, their
+//!   seal in transit, and the checks and limits.
 
 pub mod dead_letters;
 pub mod event;
@@ -31,3 +33,4 @@ pub mod schema;
 pub mod status;
 pub mod templates;
 pub mod validate;
+pub mod verification;

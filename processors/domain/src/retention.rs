@@ -54,6 +54,7 @@ pub const DOMAIN_PURGES: &[Purge] = &[
     crate::inbox::PURGE,
     crate::failure::alert::PURGE,
     crate::quota::PURGE,
+    crate::verification::PURGE,
 ];
 
 /// Runs rounds of `purges` every `interval_secs` until `shutdown`.

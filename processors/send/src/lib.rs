@@ -60,6 +60,8 @@ struct Send {
     /// Providers open by either signal in any process (`switch_provider` skips them).
     health: breaker::OpenSet,
     redactor: herald_domain::redact::Redactor,
+    /// Opens verification codes for the provider call (they travel sealed).
+    keys: herald_domain::verification::Keys,
 }
 
 /// Text PostgreSQL can store (a provider may answer with a NUL byte).
@@ -296,6 +298,29 @@ impl BatchHandler for Send {
                 .filter(|(_, p)| **p == Prior::Fresh)
                 .map(|(i, _)| i)
                 .collect();
+            // Verification codes travel sealed: only the provider call's own copy of a message
+            // has its code; everything recorded or published below is built from `msgs`.
+            let opened;
+            let calling = if msgs
+                .iter()
+                .any(|(m, _, _)| herald_domain::verification::sealed_in(&m.content))
+            {
+                opened = msgs
+                    .iter()
+                    .map(|(m, a, t)| {
+                        let mut m = m.clone();
+                        herald_domain::verification::open_content(
+                            &self.keys,
+                            &m.header.request_id,
+                            &mut m.content,
+                        );
+                        (m, *a, t.clone())
+                    })
+                    .collect::<Vec<_>>();
+                &opened
+            } else {
+                &msgs
+            };
             let Calls {
                 done: mut calls,
                 failed,
@@ -303,7 +328,7 @@ impl BatchHandler for Send {
                 &self.db,
                 &providers,
                 &self.limiters,
-                &msgs,
+                calling,
                 plan::waves(priors, wave_size),
             )
             .await;
@@ -754,6 +779,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     // Every worker shares the providers, rules, limiters and breakers; each has its own database
     // connection and view of provider health.
     let redactor = herald_domain::redact::Redactor::new(&deps.config);
+    let keys = herald_domain::verification::Keys::new(&deps.config.security.secret);
     let handler = |db| Send {
         deps: deps.clone(),
         db,
@@ -763,6 +789,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         breakers: breakers.clone(),
         health: Default::default(),
         redactor: redactor.clone(),
+        keys: keys.clone(),
     };
     let mut workers = Vec::new();
     for channel in channels.iter().copied() {
