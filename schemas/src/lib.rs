@@ -103,6 +103,7 @@ macro_rules! event {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "io.herald.v1")]
+/// `PUSH` is mobile push (FCM, APNs, Getui): the address is a device token.
 pub enum Channel {
     #[serde(rename = "EMAIL")]
     Email,
@@ -120,10 +121,12 @@ pub enum Channel {
     Webhook,
     #[serde(rename = "INAPP")]
     Inapp,
+    #[serde(rename = "PUSH")]
+    Push,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 8] = [
+    pub const ALL: [Channel; 9] = [
         Channel::Email,
         Channel::Sms,
         Channel::Wecom,
@@ -132,6 +135,7 @@ impl Channel {
         Channel::Wechat,
         Channel::Webhook,
         Channel::Inapp,
+        Channel::Push,
     ];
 
     /// Lower-case name used in topic names, config and metrics labels.
@@ -145,6 +149,7 @@ impl Channel {
             Channel::Wechat => "wechat",
             Channel::Webhook => "webhook",
             Channel::Inapp => "inapp",
+            Channel::Push => "push",
         }
     }
 

@@ -2285,3 +2285,152 @@ async fn huawei_sms_through_the_pipeline() {
     assert!(reason_codes(&v).contains(&"UNDELIV".to_owned()), "{v}");
     run.stop();
 }
+
+/// The FCM test's additions to ops/herald.toml: a second project's provider (same simulator)
+/// to switch to, and rules that switch or alert on one FCM code each.
+const FCM_EXTRA: &str = r#"
+[[providers]]
+code = "fcm-backup"
+kind = "fcm"
+endpoint = "http://127.0.0.1:18100/fcm"
+priority = 1
+timeout_ms = 2000
+credentials_env = { service_account = "HERALD_SIM_FCM_SERVICE_ACCOUNT" }
+
+[[rules]]
+name = "fcm: the token belongs to another project's app, switch"
+scene = "send_failure"
+error_codes = ["SENDER_ID_MISMATCH"]
+action = "switch_provider"
+priority = 5
+
+[[rules]]
+name = "fcm: the APNs key in Firebase is wrong, alert"
+scene = "send_failure"
+error_codes = ["THIRD_PARTY_AUTH_ERROR"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 5
+"#;
+
+fn push(token: &str, body: &str) -> Value {
+    json!({"app_id": "demo", "channel": "PUSH", "template": "push_notice", "priority": "HIGH",
+           "params": {"title": "Your order", "body": body},
+           "recipients": [{"address": token}], "requested_at": herald_core::util::now_ms()})
+}
+
+/// The FCM row of the provider matrix (PROVIDERS-MORE.md §1), and a dead device token: the
+/// provider's `UNREGISTERED` fails the message, marks the token, and the next message to it is
+/// suppressed before any provider is called; the app reads the token and revives it.
+#[tokio::test(flavor = "multi_thread")]
+async fn fcm_push_through_the_pipeline_and_dead_tokens_are_suppressed() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-fcm.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap() + FCM_EXTRA;
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_620, 19_620);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    run.provider_ready("fcm", "fcm-sim").await;
+    let case = Case {
+        sim: "fcm",
+        provider: "fcm-sim",
+        transient: ("UNAVAILABLE", "The service is currently unavailable."),
+        permanent: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
+        switch: ("SENDER_ID_MISMATCH", "SenderId mismatch"),
+        backup: "fcm-backup",
+        alert: (
+            "THIRD_PARTY_AUTH_ERROR",
+            "Auth error from APNS or Web Push Service",
+        ),
+        limited: (
+            "QUOTA_EXCEEDED",
+            "Quota exceeded for quota metric 'Send requests'",
+        ),
+        // No receipts and no idempotency key: a lost answer is `unknown`, never resent.
+        after_timeout: "unknown",
+        body: |tag| push(&format!("device-{tag}"), tag),
+    };
+    matrix_row(&run, &case, api).await;
+
+    // What FCM took: the notification from the template, the message id as collapse key.
+    let tag = unique("taken");
+    let id = run
+        .send(push(&format!("device-{tag}"), &tag))
+        .await
+        .remove(0);
+    let v = run.until(&id, "delivered", "fcm delivered").await;
+    assert_eq!(v["provider"], "fcm-sim");
+    let log = run.sim_log("fcm").await;
+    let taken = log["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["token"] == format!("device-{tag}").as_str())
+        .cloned()
+        .expect("FCM took it");
+    assert_eq!(
+        taken["notification"],
+        json!({"title": "Your order", "body": tag})
+    );
+    assert_eq!(taken["collapse_key"], id.as_str());
+
+    // A token FCM no longer knows.
+    let since = herald_core::util::now_ms() - 1;
+    let dead = format!("unregistered-{}", unique("t"));
+    let first = run.send(push(&dead, "one")).await.remove(0);
+    let v = run.until(&first, "failed", "UNREGISTERED fails").await;
+    assert!(reason_codes(&v).contains(&"UNREGISTERED".to_owned()), "{v}");
+    assert_eq!(v["attempts"], 1, "not retried: {v}");
+    let listed = eventually(Duration::from_secs(10), "the dead token listed", || {
+        let path = format!("/v1/device-tokens/dead?since={since}");
+        let dead = dead.clone();
+        async move {
+            let v = api_json(&path, api).await?;
+            v["tokens"]
+                .as_array()?
+                .iter()
+                .find(|t| t["token"] == dead.as_str())
+                .cloned()
+        }
+    })
+    .await;
+    assert_eq!(
+        (
+            &listed["channel"],
+            &listed["reason_code"],
+            &listed["message_id"],
+            &listed["provider"]
+        ),
+        (
+            &json!("push"),
+            &json!("UNREGISTERED"),
+            &json!(first),
+            &json!("fcm-sim")
+        )
+    );
+    let calls = run.sim_log("fcm").await["requests"].as_u64().unwrap();
+    let second = run.send(push(&dead, "two")).await.remove(0);
+    let v = run
+        .until(&second, "suppressed", "a dead token suppressed")
+        .await;
+    assert!(
+        reason_codes(&v).contains(&"device_token_dead".to_owned()),
+        "{v}"
+    );
+    assert_eq!(
+        run.sim_log("fcm").await["requests"].as_u64().unwrap(),
+        calls,
+        "FCM was not called for a dead token"
+    );
+    // Revived by the app: the next message is sent again (and FCM still refuses it).
+    let path = format!("/v1/device-tokens/dead/PUSH/{dead}");
+    let resp = signed("DELETE", &path, b"", api).send().await.unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["revived"], true, "{body}");
+    let third = run.send(push(&dead, "three")).await.remove(0);
+    let v = run
+        .until(&third, "failed", "sent again after revival")
+        .await;
+    assert!(reason_codes(&v).contains(&"UNREGISTERED".to_owned()), "{v}");
+    run.stop();
+}

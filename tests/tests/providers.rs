@@ -77,19 +77,30 @@ impl Peer {
 
     /// A provider built from config text (endpoint paths relative to the simulator).
     fn provider(&self, toml: &str, wrong_secret: bool) -> Box<dyn Provider> {
+        self.provider_with(toml, |k| {
+            (wrong_secret && (k.ends_with("SECRET") || k.ends_with("SECRET_KEY")))
+                .then(|| "wrong".into())
+        })
+    }
+
+    /// A provider built from config text, with `env` answering first for the variables it
+    /// knows (then the simulators' credentials, pointed at this simulator).
+    fn provider_with(&self, toml: &str, env: impl Fn(&str) -> Option<String>) -> Box<dyn Provider> {
         let text = toml.replace("{base}", &self.base);
         let mut cfg = Config::parse(&text).unwrap();
         cfg.apply_env(|k| {
             if k == "HERALD_SERVER_SECRET" {
                 return Some(herald_tests::SERVER_SECRET.into());
             }
-            if wrong_secret && (k.ends_with("SECRET") || k.ends_with("SECRET_KEY")) {
-                return Some("wrong".into());
+            if let Some(v) = env(k) {
+                return Some(v);
             }
+            // A credential naming the shared simulator (the service account's token_uri)
+            // names this one.
             CREDENTIALS
                 .iter()
                 .any(|(v, _)| *v == k)
-                .then(|| credential(k))
+                .then(|| credential(k).replace("http://127.0.0.1:18100", &self.base))
         });
         cfg.validate(&REGISTRY).unwrap();
         let guard = herald_core::netguard::Guard::new(&cfg.security.outbound_allow);
@@ -863,4 +874,147 @@ async fn smtp_with_required_starttls_implicit_tls_and_auth_against_a_real_server
     assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
     assert_eq!(mails(&dir, implicit_port).len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+const FCM: &str = r#"
+[[providers]]
+code = "fcm"
+kind = "fcm"
+endpoint = "{base}/fcm"
+timeout_ms = 1000
+credentials_env = { service_account = "HERALD_SIM_FCM_SERVICE_ACCOUNT" }
+"#;
+
+fn push(title: &str, body: &str) -> RenderedContent {
+    RenderedContent {
+        subject: Some(title.into()),
+        text: Some(body.into()),
+        provider_params: [("order".to_owned(), "42".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// FCM HTTP v1 against its simulator: the RS256 assertion is exchanged once for a token that
+/// later sends reuse; a revoked token is replaced without failing the message; the body as
+/// FCM takes it; each error class; a wrong key, another project and a dead token.
+#[tokio::test]
+async fn fcm_authenticates_with_a_service_account_and_classifies_answers() {
+    let sim = Peer::start().await;
+    let p = sim.provider(FCM, false);
+    let mut m = message(Channel::Push, "device-token-1", push("Order", "Shipped"));
+    m.expires_at = Some(herald_core::util::now_ms() + 600_000);
+    for attempt in 1..=3 {
+        let r = p.send(&m, attempt).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+        assert!(
+            r.provider_message_id
+                .unwrap()
+                .starts_with("projects/herald-sim/messages/0:")
+        );
+    }
+    let log = sim.log("fcm").await;
+    assert_eq!(log["tokens_issued"], 1, "one token for every send: {log}");
+    let first = &log["accepted"][0];
+    assert_eq!(first["token"], "device-token-1");
+    assert_eq!(
+        first["notification"],
+        json!({"title": "Order", "body": "Shipped"})
+    );
+    assert_eq!(first["data"], json!({"order": "42"}));
+    assert_eq!(first["collapse_key"], m.header.message_id.as_str());
+    assert_eq!(first["tag"], m.header.message_id.as_str());
+    assert_eq!(first["priority"], "HIGH");
+    assert!(first["ttl"].as_str().unwrap().ends_with('s'));
+    // The token is revoked: FCM answers 401, a fresh token is fetched, the message goes out.
+    sim.revoke("fcm").await;
+    assert_eq!(p.send(&m, 4).await.outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(sim.log("fcm").await["tokens_issued"], 2);
+    // Scripted answers, each in FCM's shape and status.
+    sim.faults(
+        "fcm",
+        json!([
+            {"kind": "error", "code": "QUOTA_EXCEEDED"},
+            {"kind": "error", "code": "UNAVAILABLE"},
+            {"kind": "error", "code": "INTERNAL"},
+            {"kind": "error", "code": "INVALID_ARGUMENT"},
+            {"kind": "error", "code": "THIRD_PARTY_AUTH_ERROR"},
+        ]),
+    )
+    .await;
+    use DeliveryOutcome::*;
+    for (outcome, code) in [
+        (RateLimited, "QUOTA_EXCEEDED"),
+        (FailedTransient, "UNAVAILABLE"),
+        (FailedTransient, "INTERNAL"),
+        (FailedPermanent, "INVALID_ARGUMENT"),
+        (FailedPermanent, "THIRD_PARTY_AUTH_ERROR"),
+    ] {
+        let r = p.send(&m, 5).await;
+        assert_eq!(
+            (r.outcome, r.response_code.as_deref()),
+            (outcome, Some(code))
+        );
+        assert!(!p.dead_address(&r));
+    }
+    // A token FCM no longer knows: permanent, and the token is dead.
+    let gone = p
+        .send(
+            &message(Channel::Push, "unregistered-abc", push("a", "b")),
+            1,
+        )
+        .await;
+    assert_eq!(
+        (gone.outcome, gone.response_code.as_deref()),
+        (FailedPermanent, Some("UNREGISTERED"))
+    );
+    assert!(p.dead_address(&gone));
+    let mismatch = p
+        .send(
+            &message(Channel::Push, "other-project-abc", push("a", "b")),
+            1,
+        )
+        .await;
+    assert_eq!(
+        mismatch.response_code.as_deref(),
+        Some("SENDER_ID_MISMATCH")
+    );
+    assert!(!p.dead_address(&mismatch));
+    // A key the token endpoint does not know: refused, permanent, nothing sent.
+    let other_key = p_with_key(
+        &sim,
+        include_str!("../../processors/providers/src/fcm/testdata/rfc7515-a2.pem"),
+    );
+    let r = other_key.send(&m, 1).await;
+    assert_eq!(
+        (r.outcome, r.response_code.as_deref()),
+        (FailedPermanent, Some("invalid_grant")),
+        "{r:?}"
+    );
+    // Another project than the service account's: 403 from FCM.
+    let wrong_project = sim.provider(
+        &FCM.replace(
+            "credentials_env",
+            "settings = { project_id = \"someone-else\" }\ncredentials_env",
+        ),
+        false,
+    );
+    let r = wrong_project.send(&m, 1).await;
+    assert_eq!(
+        (r.outcome, r.response_code.as_deref()),
+        (FailedPermanent, Some("PERMISSION_DENIED")),
+        "{r:?}"
+    );
+    let before = sim.log("fcm").await["accepted"].as_array().unwrap().len();
+    assert_eq!(before, 4, "only the successful sends were taken");
+}
+
+/// An FCM provider whose service account signs with `key` (the simulator does not know it).
+fn p_with_key(sim: &Peer, key: &str) -> Box<dyn Provider> {
+    let mut account: Value = serde_json::from_str(herald_simulators::fcm::SERVICE_ACCOUNT).unwrap();
+    account["private_key"] = json!(key);
+    account["token_uri"] = json!(format!("{}/fcm/token", sim.base));
+    let account = account.to_string();
+    sim.provider_with(FCM, move |k| {
+        (k == "HERALD_SIM_FCM_SERVICE_ACCOUNT").then(|| account.clone())
+    })
 }

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod device_tokens;
 pub mod inbox;
 pub mod reads;
 pub mod templates;
@@ -794,6 +795,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/requests/{id}/cancel"),
     ("get", "/v1/recipients/{address}/messages"),
     ("get", "/v1/stats"),
+    ("get", "/v1/device-tokens/dead"),
+    ("delete", "/v1/device-tokens/dead/{channel}/{token}"),
     ("post", "/v1/verifications"),
     ("get", "/v1/verifications/{id}"),
     ("post", "/v1/verifications/{id}/check"),
@@ -832,6 +835,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/recipients/{address}/messages", get(reads::history))
         .route("/v1/stats", get(reads::stats))
+        .route("/v1/device-tokens/dead", get(device_tokens::list))
+        .route(
+            "/v1/device-tokens/dead/{channel}/{token}",
+            axum::routing::delete(device_tokens::revive),
+        )
         .route("/v1/verifications", post(verifications::start))
         .route("/v1/verifications/{id}", get(verifications::get_one))
         .route("/v1/verifications/{id}/check", post(verifications::check))

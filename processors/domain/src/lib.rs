@@ -16,6 +16,7 @@
 //!   seal in transit, and the checks and limits.
 
 pub mod dead_letters;
+pub mod device_tokens;
 pub mod event;
 pub mod failure;
 pub mod gate;

@@ -340,6 +340,14 @@ pub fn address(channel: Channel, address: &str) -> Checked {
             }
             _ => bad("not an http(s) URL"),
         },
+        // FCM registration tokens, APNs device tokens (hex), Getui client ids: printable ASCII.
+        Channel::Push => {
+            if a.bytes().all(|b| b.is_ascii_graphic()) {
+                Ok(())
+            } else {
+                bad("not a device token (printable ASCII without spaces)")
+            }
+        }
         _ => Ok(()),
     }
 }
@@ -494,6 +502,9 @@ mod tests {
         assert!(address(Channel::Webhook, "https://h.example/x").is_ok());
         assert!(address(Channel::Webhook, "ftp://h").is_err());
         assert!(address(Channel::Webhook, "https://user:pw@h.example/").is_err());
+        assert!(address(Channel::Push, "dGVzdA:APA91b-x_y").is_ok());
+        assert!(address(Channel::Push, "two words").is_err());
+        assert!(address(Channel::Push, "tökén").is_err());
         assert!(address(Channel::Email, "a b@x.io").is_err());
         assert!(address(Channel::Email, "a@x.io>, b@y.io").is_err());
         assert!(address(Channel::Wecom, "user\u{0}1").is_err());

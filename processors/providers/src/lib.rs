@@ -12,6 +12,7 @@
 
 pub mod aliyun_sms;
 pub mod dingtalk_robot;
+pub mod fcm;
 pub mod feishu_bot;
 pub mod http;
 pub mod huawei_sms;
@@ -48,6 +49,7 @@ pub static REGISTRY: Registry = Registry(&[
     wechat_oa::KIND,
     webhook::KIND,
     inapp::KIND,
+    fcm::KIND,
 ]);
 
 /// Builds one provider's client.
@@ -152,6 +154,12 @@ pub trait Provider: Send + Sync {
         256
     }
     fn send<'a>(&'a self, m: &'a MessageRouted, attempt: i32) -> BoxFuture<'a, CallResult>;
+    /// Whether this answer says the recipient's address is gone for good (a mobile push
+    /// device token the provider no longer knows): the send stage records it, the route stage
+    /// suppresses later sends to it.
+    fn dead_address(&self, _r: &CallResult) -> bool {
+        false
+    }
     /// Most messages one provider call can carry (1: no batching).
     fn batch_max(&self) -> usize {
         1

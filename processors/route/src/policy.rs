@@ -138,12 +138,14 @@ pub async fn stateful(
     policies: &HashMap<herald_schemas::Channel, PolicyConfig>,
 ) -> Result<Vec<Verdict>, tokio_postgres::Error> {
     let mut verdicts = vec![Verdict::Send; msgs.len()];
-    // Opt-outs apply to every channel unless its policy turns them off.
+    // Opt-outs apply to every channel unless its policy turns them off; dead device tokens to
+    // mobile push.
     let relevant: Vec<usize> = (0..msgs.len())
         .filter(|i| {
-            policies
-                .get(&msgs[*i].header.channel)
-                .is_none_or(|p| p.opt_out)
+            msgs[*i].header.channel == herald_schemas::Channel::Push
+                || policies
+                    .get(&msgs[*i].header.channel)
+                    .is_none_or(|p| p.opt_out)
         })
         .collect();
     if relevant.is_empty() {
@@ -163,6 +165,12 @@ pub async fn stateful(
         })
         .collect();
     let opted = herald_domain::opt_out::opted_out(&tx, &keys).await?;
+    let push: Vec<(&str, &str, &str)> = keys
+        .iter()
+        .filter(|k| k.1 == herald_schemas::Channel::Push.as_str())
+        .map(|(a, c, t)| (*a, *c, t.trim()))
+        .collect();
+    let dead = herald_domain::device_tokens::dead(&tx, &push).await?;
 
     // Lock every (app, channel, recipient) scope of the batch that has a cap or dedup, sorted.
     let counted: Vec<usize> = (0..msgs.len())
@@ -219,6 +227,20 @@ pub async fn stateful(
         }
         first_of.insert(m.header.message_id.as_str(), i);
         let policy = policies.get(&m.header.channel);
+        if m.header.channel == herald_schemas::Channel::Push
+            && dead.contains(&(
+                m.header.app_id.clone(),
+                m.header.channel.as_str().to_owned(),
+                m.recipient.address.trim().to_owned(),
+            ))
+        {
+            verdicts[i] = Verdict::Suppress {
+                policy: "dead_token",
+                code: "device_token_dead",
+                message: "the provider said this device token is gone (unregistered)".into(),
+            };
+            continue;
+        }
         if policy.is_none_or(|p| p.opt_out)
             && opted.contains(&(
                 m.header.app_id.clone(),

@@ -367,6 +367,30 @@ impl BatchHandler for Send {
             if let Some(e) = failed {
                 return Err(e);
             }
+            // Device tokens the provider says are gone: later sends to them are suppressed.
+            // After the ledger has the outcomes, so a failure here retries the batch, which is
+            // answered from the ledger and marks them again.
+            let dead: Vec<herald_domain::device_tokens::Dead> = calls
+                .iter()
+                .filter_map(|(i, r, _, _)| {
+                    let m = &msgs[*i].0;
+                    providers
+                        .get(&m.provider)
+                        .filter(|p| p.dead_address(r))
+                        .map(|_| herald_domain::device_tokens::Dead {
+                            app_id: m.header.app_id.clone(),
+                            channel: m.header.channel.as_str().to_owned(),
+                            token: m.recipient.address.trim().to_owned(),
+                            provider: m.provider.clone(),
+                            reason_code: r.response_code.clone().unwrap_or_default(),
+                            message_id: m.header.message_id.clone(),
+                            at: 0,
+                        })
+                })
+                .collect();
+            herald_domain::device_tokens::mark(&*self.db, &dead)
+                .await
+                .map_err(|e| StageError::postgres("dead device tokens", e))?;
 
             // Only calls made now say anything about the provider's health (an interrupted
             // call from before a crash does not).

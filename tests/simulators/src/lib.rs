@@ -5,7 +5,8 @@
 //!
 //! Paths: `/aliyun/`, `/tencent/`, `/dingtalk/robot/send`, `/feishu/open-apis/bot/v2/hook/{id}`,
 //! `/wecom/cgi-bin/{webhook/send,gettoken,message/send}`,
-//! `/wechat/cgi-bin/{stable_token,message/template/send}`.
+//! `/wechat/cgi-bin/{stable_token,message/template/send}`, `/huawei/sms/batchSendSms/v1`,
+//! `/fcm/token`, `/fcm/v1/projects/{project}/messages:send`.
 //!
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
 //! by the next request that passes authentication; `DELETE` drops what is left), `PUT /_control/{provider}/limit` sets a
@@ -15,6 +16,7 @@
 //! `GET /_log/{provider}` lists accepted sends, `POST /_reset` clears everything.
 
 pub mod aliyun;
+pub mod fcm;
 pub mod huawei;
 pub mod robots;
 pub mod tencent;
@@ -50,6 +52,8 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_WECHAT_APP_ID", "wxsimapp"),
     ("HERALD_SIM_WECHAT_APP_SECRET", "sim-wechat-app-secret"),
     ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
+    // A test key file: its private key is the simulator's registered service account.
+    ("HERALD_SIM_FCM_SERVICE_ACCOUNT", fcm::SERVICE_ACCOUNT),
     (
         "HERALD_SIM_ALERT_SECRET",
         "whsec_c2ltLWFsZXJ0LXNlY3JldC0wMTIzNDU2Nzg5",
@@ -209,6 +213,25 @@ impl Sim {
             ));
         }
         tokens.last().cloned().unwrap_or_default()
+    }
+
+    /// Records a token issued by the provider's own token endpoint (several stay live at once,
+    /// as Google's do, until they expire or are revoked).
+    pub fn issue(&self, provider: &str, token: String) {
+        self.lock()
+            .tokens
+            .entry(provider.into())
+            .or_default()
+            .push(token);
+    }
+
+    /// Whether `token` was issued here and not revoked since.
+    pub fn token_live(&self, provider: &str, token: &str) -> bool {
+        self.lock().tokens.get(provider).is_some_and(|t| {
+            t.iter()
+                .rposition(|x| x == token)
+                .is_some_and(|at| !t[at..].iter().any(|x| x.starts_with("revoked-")))
+        })
     }
 
     /// Whether `token` was issued here at some point (then a refused one is "expired").
@@ -458,6 +481,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .merge(aliyun::routes())
         .merge(tencent::routes())
         .merge(huawei::routes())
+        .merge(fcm::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
         .route(
