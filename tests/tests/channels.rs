@@ -2434,3 +2434,93 @@ async fn fcm_push_through_the_pipeline_and_dead_tokens_are_suppressed() {
     assert!(reason_codes(&v).contains(&"UNREGISTERED".to_owned()), "{v}");
     run.stop();
 }
+
+/// The 掌榕网 row of the provider matrix (PROVIDERS-MORE.md §3), and its report moving a
+/// message `sent` → `undelivered` with the operator's code.
+#[tokio::test(flavor = "multi_thread")]
+async fn zrwinfo_sms_through_the_pipeline() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-zrwinfo.toml");
+    let text = std::fs::read_to_string(config_path())
+        .unwrap()
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
+            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
+            1,
+        )
+        .replacen(
+            "endpoint = \"http://127.0.0.1:18100/zrwinfo\"\npriority = 10",
+            "endpoint = \"http://127.0.0.1:18100/zrwinfo\"\npriority = 0",
+            1,
+        );
+    assert!(
+        text.contains("18100/aliyun\"\npriority = 2")
+            && text.contains("18100/zrwinfo\"\npriority = 0"),
+        "config layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_640, 19_640);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
+    run.sim_put(
+        "/_control/zrwinfo/receipts",
+        json!({"url": format!("http://127.0.0.1:{}/callbacks/zrwinfo-sim/{token}", api + 1)}),
+    )
+    .await;
+    run.provider_ready("tencent", "tencent-sim").await;
+    run.provider_ready("zrwinfo", "zrwinfo-sim").await;
+    let case = Case {
+        sim: "zrwinfo",
+        provider: "zrwinfo-sim",
+        transient: ("503", ""),
+        permanent: ("9023", "手机号码已被列入黑名单"),
+        switch: ("9010", "余额不足"),
+        backup: "tencent-sim",
+        alert: ("9016", "无效的签名或签名ID"),
+        limited: ("9024", "手机号码超频"),
+        // The lost answer's smUuid is unknown: the message stays `sent` (held for a receipt
+        // that cannot be matched), never resent.
+        after_timeout: "sent",
+        body: |tag| {
+            json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                   "params": {"code": tag.chars().filter(char::is_ascii_digit).take(6).collect::<String>()},
+                   "recipients": [{"address": phone("6")}], "requested_at": herald_core::util::now_ms()})
+        },
+    };
+    matrix_row(&run, &case, api).await;
+    // The request the platform took: template, content, the number without a prefix.
+    let number = phone("5");
+    let id = run
+        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                     "params": {"code": "424242"}, "recipients": [{"address": format!("+86{number}")}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&id, "delivered", "zrwinfo delivered").await;
+    assert!(
+        timeline_has(&v, "sent"),
+        "sent, then delivered by the report: {v}"
+    );
+    let log = run.sim_log("zrwinfo").await;
+    let taken = log["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mobile"] == number.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("the simulator took {number}: {log}"));
+    assert_eq!(taken["template_id"], "100001");
+    assert_eq!(taken["content"], "424242");
+    assert_eq!(taken["sign"], "【Herald】");
+    // A number the operator does not reach: the report says so.
+    let unreached = format!("139{}0000", &phone("")[3..7]);
+    let gone = run
+        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                     "params": {"code": "424242"}, "recipients": [{"address": unreached}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&gone, "undelivered", "zrwinfo undelivered").await;
+    assert!(reason_codes(&v).contains(&"MK:0001".to_owned()), "{v}");
+    run.stop();
+}

@@ -1018,3 +1018,113 @@ fn p_with_key(sim: &Peer, key: &str) -> Box<dyn Provider> {
         (k == "HERALD_SIM_FCM_SERVICE_ACCOUNT").then(|| account.clone())
     })
 }
+
+const ZRWINFO: &str = r#"
+[[providers]]
+code = "zrwinfo"
+kind = "zrwinfo_sms"
+endpoint = "{base}/zrwinfo"
+timeout_ms = 1000
+credentials_env = { access_key = "HERALD_SIM_ZRWINFO_ACCESS_KEY", secret = "HERALD_SIM_ZRWINFO_SECRET" }
+settings = { sign = "【Herald】", auth = "{auth}" }
+"#;
+
+/// 掌榕网 against its simulator: the plain single send and the 2.0 token send both taken (a
+/// wrong secret refused either way); the content as the platform takes it; each class.
+#[tokio::test]
+async fn zrwinfo_plain_and_token_sends_are_accepted_and_answers_classified() {
+    let sim = Peer::start().await;
+    let m = message(
+        Channel::Sms,
+        "13800000002",
+        sms_content("100001", &[("code", "369751")]),
+    );
+    for auth in ["plain", "token"] {
+        let cfg = ZRWINFO.replace("{auth}", auth);
+        let r = sim.provider(&cfg, false).send(&m, 1).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{auth}: {r:?}");
+        assert!(r.provider_message_id.is_some());
+        let bad = sim.provider(&cfg, true).send(&m, 1).await;
+        assert_eq!(
+            (bad.outcome, bad.reason.unwrap().code.as_str()),
+            (DeliveryOutcome::FailedPermanent, "9006"),
+            "{auth}"
+        );
+    }
+    let log = sim.log("zrwinfo").await;
+    let taken = log["accepted"].as_array().unwrap();
+    assert_eq!(taken.len(), 2);
+    assert_eq!(taken[0]["auth"], "plain");
+    assert_eq!(taken[1]["auth"], "token");
+    assert_eq!(taken[0]["content"], "369751");
+    assert_eq!(taken[0]["mobile"], "13800000002");
+    let p = sim.provider(&ZRWINFO.replace("{auth}", "plain"), false);
+    // The official four-variable example, in key order.
+    let order = p
+        .send(
+            &message(
+                Channel::Sms,
+                "13800000003",
+                sms_content(
+                    "100002",
+                    &[
+                        ("1", "先生"),
+                        ("2", "9:40"),
+                        ("3", "快递公司"),
+                        ("4", "1234567"),
+                    ],
+                ),
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(order.outcome, DeliveryOutcome::Succeeded, "{order:?}");
+    assert_eq!(
+        sim.log("zrwinfo").await["accepted"][2]["content"],
+        "先生##9:40##快递公司##1234567"
+    );
+    // Refused by the platform's rules: variables that do not fit the template, a bad number.
+    let wrong_count = p
+        .send(
+            &message(
+                Channel::Sms,
+                "13800000004",
+                sms_content("100002", &[("1", "a")]),
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(wrong_count.reason.unwrap().code, "10006");
+    let bad_number = p
+        .send(
+            &message(
+                Channel::Sms,
+                "+1-555-0100",
+                sms_content("100001", &[("1", "1")]),
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(bad_number.reason.unwrap().code, "9003");
+    sim.faults(
+        "zrwinfo",
+        json!([
+            {"kind": "error", "code": "9024", "message": "手机号码超频"},
+            {"kind": "error", "code": "503"},
+            {"kind": "error", "code": "9010", "message": "余额不足"},
+        ]),
+    )
+    .await;
+    use DeliveryOutcome::*;
+    for (outcome, code) in [
+        (RateLimited, "9024"),
+        (FailedTransient, "503"),
+        (FailedPermanent, "9010"),
+    ] {
+        let r = p.send(&m, 2).await;
+        assert_eq!(
+            (r.outcome, r.reason.unwrap().code.as_str()),
+            (outcome, code)
+        );
+    }
+}

@@ -25,6 +25,7 @@ pub mod token;
 pub mod webhook;
 pub mod wechat_oa;
 pub mod wecom;
+pub mod zrwinfo_sms;
 
 use futures::future::BoxFuture;
 use herald_core::config::{ProviderConfig, ProviderKinds};
@@ -50,6 +51,7 @@ pub static REGISTRY: Registry = Registry(&[
     webhook::KIND,
     inapp::KIND,
     fcm::KIND,
+    zrwinfo_sms::KIND,
 ]);
 
 /// Builds one provider's client.

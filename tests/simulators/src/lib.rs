@@ -6,7 +6,8 @@
 //! Paths: `/aliyun/`, `/tencent/`, `/dingtalk/robot/send`, `/feishu/open-apis/bot/v2/hook/{id}`,
 //! `/wecom/cgi-bin/{webhook/send,gettoken,message/send}`,
 //! `/wechat/cgi-bin/{stable_token,message/template/send}`, `/huawei/sms/batchSendSms/v1`,
-//! `/fcm/token`, `/fcm/v1/projects/{project}/messages:send`.
+//! `/fcm/token`, `/fcm/v1/projects/{project}/messages:send`,
+//! `/zrwinfo/api/v2/{single_send,send}`.
 //!
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
 //! by the next request that passes authentication; `DELETE` drops what is left), `PUT /_control/{provider}/limit` sets a
@@ -21,6 +22,7 @@ pub mod huawei;
 pub mod robots;
 pub mod tencent;
 pub mod weixin;
+pub mod zrwinfo;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +53,8 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_WECOM_CORP_SECRET", "sim-wecom-corp-secret"),
     ("HERALD_SIM_WECHAT_APP_ID", "wxsimapp"),
     ("HERALD_SIM_WECHAT_APP_SECRET", "sim-wechat-app-secret"),
+    ("HERALD_SIM_ZRWINFO_ACCESS_KEY", "simZrwinfoAccessKey"),
+    ("HERALD_SIM_ZRWINFO_SECRET", "sim-zrwinfo-secret"),
     ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
     // A test key file: its private key is the simulator's registered service account.
     ("HERALD_SIM_FCM_SERVICE_ACCOUNT", fcm::SERVICE_ACCOUNT),
@@ -482,6 +486,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .merge(tencent::routes())
         .merge(huawei::routes())
         .merge(fcm::routes())
+        .merge(zrwinfo::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
         .route(
