@@ -2524,3 +2524,132 @@ async fn zrwinfo_sms_through_the_pipeline() {
     assert!(reason_codes(&v).contains(&"MK:0001".to_owned()), "{v}");
     run.stop();
 }
+
+/// The APNs test's additions to ops/herald.toml: a second provider of the same team (it shares
+/// the provider token), and rules that switch or alert on one APNs reason each.
+const APNS_EXTRA: &str = r#"
+[[providers]]
+code = "apns-backup"
+kind = "apns"
+endpoint = "http://127.0.0.1:18100/apns"
+priority = 1
+timeout_ms = 2000
+credentials_env = { auth_key = "HERALD_SIM_APNS_AUTH_KEY" }
+settings = { team_id = "SIMTEAM001", key_id = "SIMKEY0001", topic = "io.herald.sim" }
+
+[[rules]]
+name = "apns: this provider's key was revoked, switch"
+scene = "send_failure"
+error_codes = ["InvalidProviderToken"]
+action = "switch_provider"
+priority = 5
+
+[[rules]]
+name = "apns: sandbox and production mixed up, alert"
+scene = "send_failure"
+error_codes = ["BadCertificateEnvironment"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 5
+"#;
+
+/// An APNs address: `apns:` and 64 hex characters, starting with `prefix`.
+fn apns_device(prefix: &str) -> String {
+    let hex = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    format!("apns:{prefix}{}", &hex[prefix.len()..])
+}
+
+/// The APNs row of the provider matrix (PROVIDERS-MORE.md §2) over HTTP/2; mobile push routed by
+/// platform (an `apns:` address never reaches FCM, a bare token never APNs); a 410
+/// `Unregistered` token suppressed afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn apns_push_through_the_pipeline_over_http2() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-apns.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap() + APNS_EXTRA;
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_660, 19_660);
+    // Apple counts provider-token updates per team: forget the tokens of earlier runs.
+    reqwest::Client::new()
+        .post(format!("{}/_control/apns/revoke", sim_url()))
+        .send()
+        .await
+        .unwrap();
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    run.provider_ready("apns", "apns-sim").await;
+    let case = Case {
+        sim: "apns",
+        provider: "apns-sim",
+        transient: ("ServiceUnavailable", ""),
+        permanent: ("BadDeviceToken", ""),
+        switch: ("InvalidProviderToken", ""),
+        backup: "apns-backup",
+        alert: ("BadCertificateEnvironment", ""),
+        limited: ("TooManyRequests", ""),
+        after_timeout: "unknown",
+        body: |tag| push(&apns_device(""), tag),
+    };
+    matrix_row(&run, &case, api).await;
+    let log = run.sim_log("apns").await;
+    assert_eq!(
+        log["tokens_issued"], 1,
+        "one provider token for both providers: {log}"
+    );
+    assert!(
+        log["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["http"] == "HTTP/2")
+    );
+    // Routed by platform: each address to its own service.
+    let (fcm_before, apns_before) = (
+        run.sim_log("fcm").await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len),
+        run.sim_log("apns").await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len),
+    );
+    let to_fcm = run
+        .send(push(&format!("device-{}", unique("f")), "f"))
+        .await
+        .remove(0);
+    let to_apns = run.send(push(&apns_device(""), "a")).await.remove(0);
+    let v = run.until(&to_fcm, "delivered", "a bare token by FCM").await;
+    assert_eq!(v["provider"], "fcm-sim");
+    let v = run
+        .until(&to_apns, "delivered", "an apns: token by APNs")
+        .await;
+    assert_eq!(v["provider"], "apns-sim");
+    assert_eq!(
+        run.sim_log("fcm").await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len),
+        fcm_before + 1
+    );
+    assert_eq!(
+        run.sim_log("apns").await["accepted"]
+            .as_array()
+            .map_or(0, Vec::len),
+        apns_before + 1
+    );
+    // 410 Unregistered: failed, the token dead, the next message suppressed.
+    let dead = apns_device("dead");
+    let first = run.send(push(&dead, "one")).await.remove(0);
+    let v = run.until(&first, "failed", "Unregistered fails").await;
+    assert!(reason_codes(&v).contains(&"Unregistered".to_owned()), "{v}");
+    let second = run.send(push(&dead, "two")).await.remove(0);
+    let v = run
+        .until(&second, "suppressed", "a dead APNs token suppressed")
+        .await;
+    assert!(
+        reason_codes(&v).contains(&"device_token_dead".to_owned()),
+        "{v}"
+    );
+    run.stop();
+}

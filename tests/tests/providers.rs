@@ -1128,3 +1128,150 @@ async fn zrwinfo_plain_and_token_sends_are_accepted_and_answers_classified() {
         );
     }
 }
+
+const APNS: &str = r#"
+[[providers]]
+code = "apns"
+kind = "apns"
+endpoint = "{base}/apns"
+timeout_ms = 1000
+credentials_env = { auth_key = "HERALD_SIM_APNS_AUTH_KEY" }
+settings = { team_id = "SIMTEAM001", key_id = "SIMKEY0001", topic = "io.herald.sim" }
+"#;
+
+fn apns_token(prefix: &str) -> String {
+    let hex = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    format!("apns:{prefix}{}", &hex[prefix.len()..])
+}
+
+/// APNs against its HTTP/2 simulator: the ES256 provider token is accepted and shared (one per
+/// team in the process, however many providers); the request as APNs takes it; an HTTP/1.1
+/// client is refused; a key APNs does not know, a bad token, a dead one, and each class.
+#[tokio::test]
+async fn apns_speaks_http2_with_a_shared_provider_token_and_classifies_answers() {
+    let sim = Peer::start().await;
+    let p = sim.provider(APNS, false);
+    let device = apns_token("");
+    let mut m = message(Channel::Push, &device, push("Order", "Shipped"));
+    m.header.message_id = uuid::Uuid::new_v4().to_string();
+    m.expires_at = Some(herald_core::util::now_ms() + 600_000);
+    for attempt in 1..=2 {
+        let r = p.send(&m, attempt).await;
+        assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+        assert_eq!(
+            r.provider_message_id.as_deref(),
+            Some(m.header.message_id.as_str())
+        );
+    }
+    // Another provider of the same team shares the token (Apple counts updates per team).
+    let again = sim.provider(APNS, false);
+    assert_eq!(again.send(&m, 3).await.outcome, DeliveryOutcome::Succeeded);
+    let log = sim.log("apns").await;
+    assert_eq!(log["tokens_issued"], 1, "{log}");
+    let first = &log["accepted"][0];
+    assert_eq!(first["http"], "HTTP/2");
+    assert_eq!(first["token"], &device["apns:".len()..]);
+    assert_eq!(
+        first["payload"],
+        json!({"aps": {"alert": {"title": "Order", "body": "Shipped"}}, "order": "42"})
+    );
+    assert_eq!(first["push_type"], "alert");
+    assert_eq!(first["priority"], "10");
+    assert_eq!(first["collapse_id"], m.header.message_id.as_str());
+    assert!(first["expiration"].as_str().unwrap().parse::<i64>().is_ok());
+    // A background push (no title or body) goes at priority 5.
+    let quiet = p
+        .send(
+            &message(
+                Channel::Push,
+                &apns_token(""),
+                RenderedContent {
+                    provider_params: [("sync".to_owned(), "1".to_owned())].into(),
+                    ..Default::default()
+                },
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(quiet.outcome, DeliveryOutcome::Succeeded, "{quiet:?}");
+    let bg = &sim.log("apns").await["accepted"][3];
+    assert_eq!(
+        (bg["push_type"].as_str(), bg["priority"].as_str()),
+        (Some("background"), Some("5"))
+    );
+    assert_eq!(
+        bg["payload"],
+        json!({"aps": {"content-available": 1}, "sync": "1"})
+    );
+    // APNs speaks HTTP/2 only: an HTTP/1.1 request is refused.
+    let h1 = reqwest::Client::new()
+        .post(format!(
+            "{}/apns/3/device/{}",
+            sim.base,
+            &device["apns:".len()..]
+        ))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h1.status().as_u16(), 505);
+    // A token that is not a device token; one APNs says is gone.
+    use DeliveryOutcome::*;
+    let bad = p
+        .send(&message(Channel::Push, "apns:xyz", push("a", "b")), 1)
+        .await;
+    assert_eq!(
+        (bad.outcome, bad.response_code.as_deref()),
+        (FailedPermanent, Some("BadDeviceToken"))
+    );
+    assert!(!p.dead_address(&bad));
+    let gone = p
+        .send(
+            &message(Channel::Push, &apns_token("dead"), push("a", "b")),
+            1,
+        )
+        .await;
+    assert_eq!(
+        (gone.outcome, gone.response_code.as_deref()),
+        (FailedPermanent, Some("Unregistered"))
+    );
+    assert!(p.dead_address(&gone));
+    sim.faults(
+        "apns",
+        json!([
+            {"kind": "error", "code": "TooManyRequests"},
+            {"kind": "error", "code": "ServiceUnavailable"},
+            {"kind": "error", "code": "TooManyProviderTokenUpdates"},
+            {"kind": "error", "code": "BadCertificateEnvironment"},
+        ]),
+    )
+    .await;
+    for (outcome, code) in [
+        (RateLimited, "TooManyRequests"),
+        (FailedTransient, "ServiceUnavailable"),
+        (RateLimited, "TooManyProviderTokenUpdates"),
+        (FailedPermanent, "BadCertificateEnvironment"),
+    ] {
+        let r = p.send(&m, 4).await;
+        assert_eq!(
+            (r.outcome, r.response_code.as_deref()),
+            (outcome, Some(code))
+        );
+    }
+    // A key the simulator does not know (another team's): refused before anything is sent.
+    let stranger = sim.provider_with(&APNS.replace("SIMTEAM001", "OTHERTEAM1"), |k| {
+        (k == "HERALD_SIM_APNS_AUTH_KEY").then(|| {
+            include_str!("../../processors/providers/src/apns/testdata/rfc7515-a3.p8").to_owned()
+        })
+    });
+    let r = stranger.send(&m, 1).await;
+    assert_eq!(
+        (r.outcome, r.response_code.as_deref()),
+        (FailedPermanent, Some("InvalidProviderToken")),
+        "{r:?}"
+    );
+}

@@ -11,6 +11,7 @@
 //! entry in the config, and its simulator in `tests/simulators` (README, "Adding a provider").
 
 pub mod aliyun_sms;
+pub mod apns;
 pub mod dingtalk_robot;
 pub mod fcm;
 pub mod feishu_bot;
@@ -51,6 +52,7 @@ pub static REGISTRY: Registry = Registry(&[
     webhook::KIND,
     inapp::KIND,
     fcm::KIND,
+    apns::KIND,
     zrwinfo_sms::KIND,
 ]);
 
@@ -70,6 +72,25 @@ pub struct Kind {
     pub build: Build,
     /// The provider's receipt push format, if it pushes receipts to the callback stage.
     pub receipts: Option<Receipts>,
+    /// Which recipient addresses it can reach: the route stage (and `switch_provider`) only
+    /// give a message to providers that accept its address (mobile push: one platform each).
+    pub accepts: fn(&str) -> bool,
+}
+
+/// Every address (all but mobile push).
+pub fn any_address(_: &str) -> bool {
+    true
+}
+
+/// The platform a mobile push address names, and its device token: `apns:<hex token>`,
+/// `fcm:<token>`, or a bare token (FCM's; FCM tokens may hold `:` themselves, so only a known
+/// platform name counts as a prefix).
+pub fn push_platform(address: &str) -> (&str, &str) {
+    let a = address.trim();
+    match a.split_once(':') {
+        Some((p @ ("apns" | "fcm"), token)) => (p, token),
+        _ => ("fcm", a),
+    }
 }
 
 /// What building a client may need besides its own config entry.
@@ -101,6 +122,11 @@ impl Registry {
             .find(&p.kind)
             .ok_or_else(|| ProviderError::one(p, format!("unknown kind {:?}", p.kind)))?;
         (kind.build)(p, cx)
+    }
+
+    /// Whether a provider of `kind` can reach `address` (unknown kinds reach nothing).
+    pub fn accepts(&self, kind: &str, address: &str) -> bool {
+        self.find(kind).is_some_and(|k| (k.accepts)(address))
     }
 
     /// The receipt format of a provider kind, if it has one.

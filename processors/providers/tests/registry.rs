@@ -17,6 +17,10 @@ fn shipped_config() -> Config {
 
 /// The environment of a deployment: every secret variable set, nothing else overridden.
 fn any_secret(name: &str) -> Option<String> {
+    if name.ends_with("AUTH_KEY") {
+        // An APNs .p8 key must be a P-256 key.
+        return Some(include_str!("../src/apns/testdata/rfc7515-a3.p8").to_owned());
+    }
     if name.ends_with("SERVICE_ACCOUNT") {
         // A key file must be one: a service account with a real RSA key.
         return Some(

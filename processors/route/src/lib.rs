@@ -38,6 +38,8 @@ pub const STAGE: &str = "route";
 struct Route {
     deps: Deps,
     balancers: HashMap<Channel, Balancer>,
+    /// Each configured provider's kind, by code.
+    kinds: HashMap<String, String>,
     health: Health,
     policies: HashMap<Channel, PolicyConfig>,
     policy_db: herald_core::db::Db,
@@ -205,9 +207,15 @@ impl BatchHandler for Route {
                     // Skip open breakers; when every provider of the channel is open, still
                     // route (the send stage's rules retry with backoff): never a failed message
                     // for a health state.
+                    // Only providers that reach the address (mobile push: its platform).
                     .and_then(|b| {
-                        b.pick(|code| !open.is_open(code))
-                            .or_else(|| b.pick(|_| true))
+                        let reaches = |code: &str| {
+                            self.kinds.get(code).is_some_and(|k| {
+                                herald_providers::REGISTRY.accepts(k, &m.recipient.address)
+                            })
+                        };
+                        b.pick(|code| reaches(code) && !open.is_open(code))
+                            .or_else(|| b.pick(reaches))
                     });
                 let Some((provider, kind)) = choice else {
                     let ev = MessageFailed {
@@ -248,6 +256,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .iter()
         .map(|c| (*c, Balancer::new(&deps.config.providers_for(*c))))
         .collect();
+    let kinds = deps
+        .config
+        .providers
+        .iter()
+        .map(|p| (p.code.clone(), p.kind.clone()))
+        .collect();
     let spec = deps.spec(STAGE, vec![topics::RENDERED.into()], true);
     let transport = deps.transport.clone();
     let policies: HashMap<Channel, PolicyConfig> = deps
@@ -275,6 +289,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         Route {
             deps,
             balancers,
+            kinds,
             health,
             policies,
             policy_db,

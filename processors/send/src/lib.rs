@@ -144,7 +144,14 @@ impl Send {
             .is_some_and(|p| p.has_receipts());
         let now = now_ms();
         let decision = self.rules.decide(m, attempt, &r, has_receipts, now, |c| {
-            self.breakers.available(c) && !self.health.is_open(c)
+            self.breakers.available(c)
+                && !self.health.is_open(c)
+                && self
+                    .deps
+                    .config
+                    .providers
+                    .iter()
+                    .any(|p| p.code == c && REGISTRY.accepts(&p.kind, &m.recipient.address))
         });
         metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
             .increment(1);

@@ -7,7 +7,7 @@
 //! `/wecom/cgi-bin/{webhook/send,gettoken,message/send}`,
 //! `/wechat/cgi-bin/{stable_token,message/template/send}`, `/huawei/sms/batchSendSms/v1`,
 //! `/fcm/token`, `/fcm/v1/projects/{project}/messages:send`,
-//! `/zrwinfo/api/v2/{single_send,send}`.
+//! `/zrwinfo/api/v2/{single_send,send}`, `/apns/3/device/{token}` (HTTP/2 only).
 //!
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
 //! by the next request that passes authentication; `DELETE` drops what is left), `PUT /_control/{provider}/limit` sets a
@@ -17,6 +17,7 @@
 //! `GET /_log/{provider}` lists accepted sends, `POST /_reset` clears everything.
 
 pub mod aliyun;
+pub mod apns;
 pub mod fcm;
 pub mod huawei;
 pub mod robots;
@@ -55,6 +56,7 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_WECHAT_APP_SECRET", "sim-wechat-app-secret"),
     ("HERALD_SIM_ZRWINFO_ACCESS_KEY", "simZrwinfoAccessKey"),
     ("HERALD_SIM_ZRWINFO_SECRET", "sim-zrwinfo-secret"),
+    ("HERALD_SIM_APNS_AUTH_KEY", apns::AUTH_KEY),
     ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
     // A test key file: its private key is the simulator's registered service account.
     ("HERALD_SIM_FCM_SERVICE_ACCOUNT", fcm::SERVICE_ACCOUNT),
@@ -236,6 +238,11 @@ impl Sim {
                 .rposition(|x| x == token)
                 .is_some_and(|at| !t[at..].iter().any(|x| x.starts_with("revoked-")))
         })
+    }
+
+    /// Runs `f` on a provider's token list (providers with their own token rules).
+    pub fn with_tokens<R>(&self, provider: &str, f: impl FnOnce(&mut Vec<String>) -> R) -> R {
+        f(self.lock().tokens.entry(provider.into()).or_default())
     }
 
     /// Whether `token` was issued here at some point (then a refused one is "expired").
@@ -487,6 +494,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .merge(huawei::routes())
         .merge(fcm::routes())
         .merge(zrwinfo::routes())
+        .merge(apns::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
         .route(

@@ -32,6 +32,7 @@ pub const KIND: Kind = Kind {
         parse: receipt::parse,
         ack: receipt::ack,
     }),
+    accepts: crate::any_address,
 };
 
 pub const VERSION: &str = "2017-05-25";

@@ -26,6 +26,7 @@ pub const KIND: Kind = Kind {
     check: |p| DingtalkRobot::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(DingtalkRobot::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 pub struct DingtalkRobot {

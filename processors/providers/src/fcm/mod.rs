@@ -40,8 +40,11 @@ pub const KIND: Kind = Kind {
     check: |p| Fcm::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(Fcm::new(p)?)),
     receipts: None,
+    accepts: |a| crate::push_platform(a).0 == PLATFORM,
 };
 
+/// The push platform FCM serves: bare tokens and `fcm:<token>`.
+pub const PLATFORM: &str = "fcm";
 /// FCM's longest time to live (4 weeks).
 const MAX_TTL_SECS: i64 = 2_419_200;
 /// The FCM error code that means the device token is gone for good.
@@ -120,7 +123,7 @@ impl Fcm {
 pub fn body(m: &MessageRouted, validate_only: bool, now: i64) -> Value {
     let id = &m.header.message_id;
     let mut message = json!({
-        "token": m.recipient.address.trim(),
+        "token": crate::push_platform(&m.recipient.address).1,
         "android": {
             "collapse_key": id,
             "priority": if m.priority == Priority::High { "HIGH" } else { "NORMAL" },

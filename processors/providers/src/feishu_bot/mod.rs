@@ -25,6 +25,7 @@ pub const KIND: Kind = Kind {
     check: |p| FeishuBot::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(FeishuBot::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 pub struct FeishuBot {

@@ -17,6 +17,7 @@ pub const KIND: Kind = Kind {
     check: |p| Inapp::new(p).map(drop),
     build: |p, cx: &Context| Ok(Box::new(Inapp::new(p)?.with_postgres(cx.postgres_url))),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 pub struct Inapp {

@@ -27,6 +27,7 @@ pub const KIND: Kind = Kind {
     check: |p| Smtp::settings(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(Smtp::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 /// Pooled SMTP connections per provider.

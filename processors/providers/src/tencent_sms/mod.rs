@@ -35,6 +35,7 @@ pub const KIND: Kind = Kind {
         parse: receipt::parse,
         ack: receipt::ack,
     }),
+    accepts: crate::any_address,
 };
 
 pub const VERSION: &str = "2021-01-11";

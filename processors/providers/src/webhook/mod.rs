@@ -16,6 +16,7 @@ pub const KIND: Kind = Kind {
     check: |p| Webhook::new(p, &Guard::new(&[])).map(drop),
     build: |p, cx: &Context| Ok(Box::new(Webhook::new(p, cx.guard)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 /// Generic outgoing webhook, signed per the Standard Webhooks spec

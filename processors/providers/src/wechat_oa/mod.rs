@@ -28,6 +28,7 @@ pub const KIND: Kind = Kind {
     check: |p| WechatOa::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(WechatOa::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 pub struct WechatOa {

@@ -23,6 +23,7 @@ pub const ROBOT: Kind = Kind {
     check: |p| WecomRobot::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(WecomRobot::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 pub const APP: Kind = Kind {
@@ -31,6 +32,7 @@ pub const APP: Kind = Kind {
     check: |p| WecomApp::new(p).map(drop),
     build: |p, _: &Context| Ok(Box::new(WecomApp::new(p)?)),
     receipts: None,
+    accepts: crate::any_address,
 };
 
 /// The WeCom/WeChat `errcode` envelope, classified. Token errors are handled by the caller.

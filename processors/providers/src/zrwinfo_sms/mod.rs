@@ -43,6 +43,7 @@ pub const KIND: Kind = Kind {
         parse: receipt::parse,
         ack: receipt::ack,
     }),
+    accepts: crate::any_address,
 };
 
 pub const SINGLE_SEND: &str = "/api/v2/single_send";
