@@ -2653,3 +2653,68 @@ async fn apns_push_through_the_pipeline_over_http2() {
     );
     run.stop();
 }
+
+/// The JPush test's additions to ops/herald.toml: a backup app (same simulator) and rules.
+const JPUSH_EXTRA: &str = r#"
+[[providers]]
+code = "jpush-backup"
+kind = "jpush"
+endpoint = "http://127.0.0.1:18100/jpush"
+priority = 1
+timeout_ms = 2000
+credentials_env = { app_key = "HERALD_SIM_JPUSH_APP_KEY", master_secret = "HERALD_SIM_JPUSH_MASTER_SECRET" }
+
+[[rules]]
+name = "jpush: this app key is no longer valid, switch"
+scene = "send_failure"
+error_codes = ["1008"]
+action = "switch_provider"
+priority = 5
+
+[[rules]]
+name = "jpush: authentication failed, alert"
+scene = "send_failure"
+error_codes = ["1004"]
+action = "alert"
+action_config = { webhook_url = "http://127.0.0.1:18100/_alerts", secret_env = "HERALD_SIM_ALERT_SECRET" }
+priority = 5
+"#;
+
+/// The JPush row of the provider matrix (PROVIDERS-MORE.md §5.2), and an inactive registration
+/// id (1011) suppressed afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn jpush_through_the_pipeline() {
+    let _serial = SERIAL.lock().await;
+    let cfg = std::env::temp_dir().join("herald-channels-jpush.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap() + JPUSH_EXTRA;
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_680, 19_680);
+    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    run.provider_ready("jpush", "jpush-sim").await;
+    let case = Case {
+        sim: "jpush",
+        provider: "jpush-sim",
+        transient: ("1000", "Server Internal Error"),
+        permanent: ("1003", "Parameter value is invalid"),
+        switch: ("1008", "app_key is invalid"),
+        backup: "jpush-backup",
+        alert: ("1004", "Authen failed"),
+        limited: ("2002", "Request times over the limit"),
+        after_timeout: "unknown",
+        body: |tag| push(&format!("jpush:{}", unique("rid")), tag),
+    };
+    matrix_row(&run, &case, api).await;
+    let dead = format!("jpush:inactive-{}", unique("r"));
+    let first = run.send(push(&dead, "one")).await.remove(0);
+    let v = run.until(&first, "failed", "1011 fails").await;
+    assert!(reason_codes(&v).contains(&"1011".to_owned()), "{v}");
+    let second = run.send(push(&dead, "two")).await.remove(0);
+    let v = run
+        .until(&second, "suppressed", "an inactive id suppressed")
+        .await;
+    assert!(
+        reason_codes(&v).contains(&"device_token_dead".to_owned()),
+        "{v}"
+    );
+    run.stop();
+}

@@ -1275,3 +1275,104 @@ async fn apns_speaks_http2_with_a_shared_provider_token_and_classifies_answers()
         "{r:?}"
     );
 }
+
+const JPUSH: &str = r#"
+[[providers]]
+code = "jpush"
+kind = "jpush"
+endpoint = "{base}/jpush"
+timeout_ms = 1000
+credentials_env = { app_key = "HERALD_SIM_JPUSH_APP_KEY", master_secret = "HERALD_SIM_JPUSH_MASTER_SECRET" }
+settings = { apns_production = "false" }
+"#;
+
+/// JPush against its simulator: Basic auth accepted (a wrong master secret refused), the
+/// push as JPush takes it, a data-only message, an inactive registration id, each class.
+#[tokio::test]
+async fn jpush_basic_auth_is_accepted_and_answers_classified() {
+    let sim = Peer::start().await;
+    let p = sim.provider(JPUSH, false);
+    let mut m = message(
+        Channel::Push,
+        "jpush:1a0018970a1f0e2f7c4",
+        push("Order", "Shipped"),
+    );
+    m.expires_at = Some(herald_core::util::now_ms() + 600_000);
+    let r = p.send(&m, 1).await;
+    assert_eq!(r.outcome, DeliveryOutcome::Succeeded, "{r:?}");
+    let taken = &sim.log("jpush").await["accepted"][0];
+    assert_eq!(taken["registration_id"], json!(["1a0018970a1f0e2f7c4"]));
+    assert_eq!(taken["notification"]["alert"], "Shipped");
+    assert_eq!(taken["notification"]["android"]["title"], "Order");
+    assert_eq!(
+        taken["notification"]["android"]["extras"],
+        json!({"order": "42"})
+    );
+    assert_eq!(taken["options"]["apns_production"], false);
+    assert!(taken["options"]["time_to_live"].as_i64().unwrap() > 500);
+    assert_eq!(
+        r.provider_message_id.as_ref(),
+        taken["msg_id"].as_str().map(str::to_owned).as_ref()
+    );
+    let data = p
+        .send(
+            &message(
+                Channel::Push,
+                "jpush:1a0018970a1f0e2f7c4",
+                RenderedContent {
+                    provider_params: [("sync".to_owned(), "1".to_owned())].into(),
+                    ..Default::default()
+                },
+            ),
+            1,
+        )
+        .await;
+    assert_eq!(data.outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(
+        sim.log("jpush").await["accepted"][1]["message"]["extras"],
+        json!({"sync": "1"})
+    );
+    let wrong = sim
+        .provider_with(JPUSH, |k| {
+            (k == "HERALD_SIM_JPUSH_MASTER_SECRET").then(|| "wrong".into())
+        })
+        .send(&m, 1)
+        .await;
+    assert_eq!(
+        (wrong.outcome, wrong.response_code.as_deref()),
+        (DeliveryOutcome::FailedPermanent, Some("1004"))
+    );
+    let gone = p
+        .send(
+            &message(Channel::Push, "jpush:inactive-1", push("a", "b")),
+            1,
+        )
+        .await;
+    assert_eq!(
+        (gone.outcome, gone.response_code.as_deref()),
+        (DeliveryOutcome::FailedPermanent, Some("1011"))
+    );
+    assert!(p.dead_address(&gone));
+    sim.faults(
+        "jpush",
+        json!([
+            {"kind": "error", "code": "2002"},
+            {"kind": "error", "code": "1000"},
+            {"kind": "error", "code": "1008"},
+        ]),
+    )
+    .await;
+    use DeliveryOutcome::*;
+    for (outcome, code) in [
+        (RateLimited, "2002"),
+        (FailedTransient, "1000"),
+        (FailedPermanent, "1008"),
+    ] {
+        let r = p.send(&m, 2).await;
+        assert_eq!(
+            (r.outcome, r.response_code.as_deref()),
+            (outcome, Some(code))
+        );
+        assert!(!p.dead_address(&r));
+    }
+}

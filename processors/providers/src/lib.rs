@@ -18,6 +18,7 @@ pub mod feishu_bot;
 pub mod http;
 pub mod huawei_sms;
 pub mod inapp;
+pub mod jpush;
 pub mod receipt;
 pub mod settings;
 pub mod smtp;
@@ -53,6 +54,7 @@ pub static REGISTRY: Registry = Registry(&[
     inapp::KIND,
     fcm::KIND,
     apns::KIND,
+    jpush::KIND,
     zrwinfo_sms::KIND,
 ]);
 
@@ -83,12 +85,12 @@ pub fn any_address(_: &str) -> bool {
 }
 
 /// The platform a mobile push address names, and its device token: `apns:<hex token>`,
-/// `fcm:<token>`, or a bare token (FCM's; FCM tokens may hold `:` themselves, so only a known
+/// `jpush:<registration id>`, `fcm:<token>`, or a bare token (FCM's; FCM tokens may hold `:` themselves, so only a known
 /// platform name counts as a prefix).
 pub fn push_platform(address: &str) -> (&str, &str) {
     let a = address.trim();
     match a.split_once(':') {
-        Some((p @ ("apns" | "fcm"), token)) => (p, token),
+        Some((p @ ("apns" | "fcm" | "jpush"), token)) => (p, token),
         _ => ("fcm", a),
     }
 }

@@ -7,7 +7,8 @@
 //! `/wecom/cgi-bin/{webhook/send,gettoken,message/send}`,
 //! `/wechat/cgi-bin/{stable_token,message/template/send}`, `/huawei/sms/batchSendSms/v1`,
 //! `/fcm/token`, `/fcm/v1/projects/{project}/messages:send`,
-//! `/zrwinfo/api/v2/{single_send,send}`, `/apns/3/device/{token}` (HTTP/2 only).
+//! `/zrwinfo/api/v2/{single_send,send}`, `/apns/3/device/{token}` (HTTP/2 only),
+//! `/jpush/v3/push[/validate]`.
 //!
 //! Control (for tests): `POST /_control/{provider}/faults` appends scripted faults (each consumed
 //! by the next request that passes authentication; `DELETE` drops what is left), `PUT /_control/{provider}/limit` sets a
@@ -20,6 +21,7 @@ pub mod aliyun;
 pub mod apns;
 pub mod fcm;
 pub mod huawei;
+pub mod jpush;
 pub mod robots;
 pub mod tencent;
 pub mod weixin;
@@ -57,6 +59,8 @@ pub const CREDENTIALS: &[(&str, &str)] = &[
     ("HERALD_SIM_ZRWINFO_ACCESS_KEY", "simZrwinfoAccessKey"),
     ("HERALD_SIM_ZRWINFO_SECRET", "sim-zrwinfo-secret"),
     ("HERALD_SIM_APNS_AUTH_KEY", apns::AUTH_KEY),
+    ("HERALD_SIM_JPUSH_APP_KEY", "7d431e42dfa6a6d693ac2d04"),
+    ("HERALD_SIM_JPUSH_MASTER_SECRET", "sim-jpush-master-secret"),
     ("HERALD_SIM_CALLBACK_TOKEN", "sim-callback-token"),
     // A test key file: its private key is the simulator's registered service account.
     ("HERALD_SIM_FCM_SERVICE_ACCOUNT", fcm::SERVICE_ACCOUNT),
@@ -495,6 +499,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .merge(fcm::routes())
         .merge(zrwinfo::routes())
         .merge(apns::routes())
+        .merge(jpush::routes())
         .merge(robots::routes())
         .merge(weixin::routes())
         .route(
