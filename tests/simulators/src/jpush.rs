@@ -3,7 +3,7 @@
 //! 401 + `1004`); a JSON body (`1003`) with `platform` and `audience` (`1002`), the audience a
 //! non-empty `registration_id` list or `all` (`1003`), a `notification` or a `message` (`1002`),
 //! at most 4000 bytes (`1005`). Registration ids starting `inactive-` match no active user (400
-//! + `1011`). Errors: a non-200 status and `{"error":{"code","message"}}`; scripted codes get
+//! with `1011`). Errors: a non-200 status and `{"error":{"code","message"}}`; scripted codes get
 //! JPush's status (`2002` 429, `1000` 500, `1030` 503, `1004` 401). Success: `sendno` echoed as
 //! a string and a numeric-string `msg_id`; `validate` records nothing.
 
