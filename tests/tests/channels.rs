@@ -2373,6 +2373,24 @@ async fn fcm_push_through_the_pipeline_and_dead_tokens_are_suppressed() {
         json!({"title": "Your order", "body": tag})
     );
     assert_eq!(taken["collapse_key"], id.as_str());
+    // Push is a channel of the stats like any other.
+    let stats = api_json(
+        &format!(
+            "/v1/stats?from={}&group_by=channel",
+            herald_core::util::now_ms() - 600_000
+        ),
+        api,
+    )
+    .await
+    .unwrap();
+    let row = stats["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "push")
+        .cloned()
+        .unwrap_or_else(|| panic!("a push row: {stats}"));
+    assert!(row["delivered"].as_i64().unwrap() >= 1, "{row}");
 
     // A token FCM no longer knows.
     let since = herald_core::util::now_ms() - 1;

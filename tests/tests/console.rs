@@ -535,7 +535,17 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         assert!(exists(&c, &format!("#{name}")).await, "{page}");
         shot(&c, name).await;
         if name == "providers" {
-            assert!(text(&c, "#providers").await.contains("smtp-local"));
+            let listed = text(&c, "#providers").await;
+            // Every configured provider, mobile push's and the new SMS providers' included.
+            for code in [
+                "smtp-local",
+                "fcm-sim",
+                "apns-sim",
+                "jpush-sim",
+                "zrwinfo-sim",
+            ] {
+                assert!(listed.contains(code), "{code} on the providers page");
+            }
         }
     }
     c.goto(&format!("{base}/audit")).await.unwrap();

@@ -292,6 +292,17 @@ pub fn all(req: &SendRequested, limits: &Limits, now_ms: i64) -> Checked {
     Ok(())
 }
 
+/// The platform a mobile push address names, and its device token: `apns:<hex token>`,
+/// `jpush:<registration id>`, `fcm:<token>`, or a bare token (FCM's; FCM tokens may hold `:`
+/// themselves, so only a known platform name counts as a prefix).
+pub fn push_platform(address: &str) -> (&str, &str) {
+    let a = address.trim();
+    match a.split_once(':') {
+        Some((p @ ("apns" | "fcm" | "jpush"), token)) => (p, token),
+        _ => ("fcm", a),
+    }
+}
+
 /// Checks a recipient address for its channel (the field is filled in by the caller).
 pub fn address(channel: Channel, address: &str) -> Checked {
     let a = address.trim();
@@ -340,12 +351,17 @@ pub fn address(channel: Channel, address: &str) -> Checked {
             }
             _ => bad("not an http(s) URL"),
         },
-        // FCM registration tokens, APNs device tokens (hex), Getui client ids: printable ASCII.
+        // Device tokens: printable ASCII; an APNs token is hex.
         Channel::Push => {
-            if a.bytes().all(|b| b.is_ascii_graphic()) {
-                Ok(())
-            } else {
+            let (platform, token) = push_platform(a);
+            if token.is_empty() || !a.bytes().all(|b| b.is_ascii_graphic()) {
                 bad("not a device token (printable ASCII without spaces)")
+            } else if platform == "apns"
+                && (token.len() % 2 != 0 || !token.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                bad("not an APNs device token (apns: and hex)")
+            } else {
+                Ok(())
             }
         }
         _ => Ok(()),
@@ -505,6 +521,12 @@ mod tests {
         assert!(address(Channel::Push, "dGVzdA:APA91b-x_y").is_ok());
         assert!(address(Channel::Push, "two words").is_err());
         assert!(address(Channel::Push, "tökén").is_err());
+        assert!(address(Channel::Push, "apns:0a1b").is_ok());
+        assert!(address(Channel::Push, "apns:0a1").is_err());
+        assert!(address(Channel::Push, "apns:zz").is_err());
+        assert!(address(Channel::Push, "jpush:").is_err());
+        assert_eq!(push_platform("dXyz:APA91b"), ("fcm", "dXyz:APA91b"));
+        assert_eq!(push_platform(" jpush:1a2 "), ("jpush", "1a2"));
         assert!(address(Channel::Email, "a b@x.io").is_err());
         assert!(address(Channel::Email, "a@x.io>, b@y.io").is_err());
         assert!(address(Channel::Wecom, "user\u{0}1").is_err());

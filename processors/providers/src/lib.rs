@@ -84,16 +84,8 @@ pub fn any_address(_: &str) -> bool {
     true
 }
 
-/// The platform a mobile push address names, and its device token: `apns:<hex token>`,
-/// `jpush:<registration id>`, `fcm:<token>`, or a bare token (FCM's; FCM tokens may hold `:` themselves, so only a known
-/// platform name counts as a prefix).
-pub fn push_platform(address: &str) -> (&str, &str) {
-    let a = address.trim();
-    match a.split_once(':') {
-        Some((p @ ("apns" | "fcm" | "jpush"), token)) => (p, token),
-        _ => ("fcm", a),
-    }
-}
+/// Mobile push addresses name their platform (one validation, one reading).
+pub use herald_domain::validate::push_platform;
 
 /// What building a client may need besides its own config entry.
 pub struct Context<'a> {
