@@ -1703,6 +1703,56 @@ async fn scripted_error(run: &Run, c: &Case, (code, message): (&str, &str), stat
     v
 }
 
+/// Starts Herald on ops/herald.toml with `edit` applied and `extra` appended (a test's own
+/// providers and rules), as test `name`.
+async fn start_edited(
+    name: &str,
+    (api, admin): (u16, u16),
+    edit: impl Fn(String) -> String,
+    extra: &str,
+) -> Run {
+    let cfg = std::env::temp_dir().join(format!("herald-channels-{name}.toml"));
+    let base = std::fs::read_to_string(config_path()).unwrap();
+    std::fs::write(&cfg, edit(base) + extra).unwrap();
+    Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await
+}
+
+/// ops/herald.toml with the SMS provider at `sim`'s endpoint (configured at priority `was`)
+/// first, and Aliyun behind Tencent: the provider is reached directly, Tencent is its backup.
+fn sms_first(sim: &'static str, was: u32) -> impl Fn(String) -> String {
+    move |text| {
+        let endpoint = format!("endpoint = \"http://127.0.0.1:18100/{sim}\"\npriority = ");
+        let edited = text
+            .replacen(
+                "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
+                "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
+                1,
+            )
+            .replacen(&format!("{endpoint}{was}"), &format!("{endpoint}0"), 1);
+        assert!(
+            edited.contains("18100/aliyun\"\npriority = 2")
+                && edited.contains(&format!("{endpoint}0")),
+            "config layout changed"
+        );
+        edited
+    }
+}
+
+/// A number the operator does not reach (the simulators' numbers ending in 0000; its own, so
+/// that no other test's caps count it): the report moves the message to `undelivered` with
+/// the operator's `code`.
+async fn unreached_is_undelivered(run: &Run, what: &str, code: &str) {
+    let unreached = format!("139{}0000", &phone("")[3..7]);
+    let gone = run
+        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
+                     "params": {"code": "424242"}, "recipients": [{"address": unreached}],
+                     "requested_at": herald_core::util::now_ms()}))
+        .await
+        .remove(0);
+    let v = run.until(&gone, "undelivered", what).await;
+    assert!(reason_codes(&v).contains(&code.to_owned()), "{v}");
+}
+
 /// The matrix test's additions to ops/herald.toml: a second robot / account for the channels
 /// that have one provider (same simulator), and rules that switch or alert on one code each.
 const MATRIX_EXTRA: &str = r#"
@@ -2206,28 +2256,14 @@ priority = 5
 #[tokio::test(flavor = "multi_thread")]
 async fn huawei_sms_through_the_pipeline() {
     let _serial = SERIAL.lock().await;
-    let cfg = std::env::temp_dir().join("herald-channels-huawei.toml");
-    let text = std::fs::read_to_string(config_path())
-        .unwrap()
-        .replacen(
-            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
-            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
-            1,
-        )
-        .replacen(
-            "endpoint = \"http://127.0.0.1:18100/huawei\"\npriority = 9",
-            "endpoint = \"http://127.0.0.1:18100/huawei\"\npriority = 0",
-            1,
-        )
-        + HUAWEI_EXTRA;
-    assert!(
-        text.contains("18100/aliyun\"\npriority = 2")
-            && text.contains("18100/huawei\"\npriority = 0"),
-        "config layout changed"
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let (api, admin) = (18_560, 19_960);
-    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let run = start_edited(
+        "huawei",
+        (18_560, 19_960),
+        sms_first("huawei", 9),
+        HUAWEI_EXTRA,
+    )
+    .await;
+    let api = run.api;
     run.provider_ready("tencent", "tencent-sim").await;
     let case = Case {
         sim: "huawei",
@@ -2272,17 +2308,7 @@ async fn huawei_sms_through_the_pipeline() {
     assert_eq!(taken["template_id"], "8ff55eac1d0b478ab3c06c3c6a492300");
     assert_eq!(taken["params"], json!(["424242"]));
     assert!(taken["to"].as_str().unwrap().starts_with("+86"));
-    // A number the operator does not reach (the simulator's numbers ending in 0000; its own,
-    // so that no other test's caps count it): the report says so.
-    let unreached = format!("139{}0000", &phone("")[3..7]);
-    let gone = run
-        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
-                     "params": {"code": "424242"}, "recipients": [{"address": unreached}],
-                     "requested_at": herald_core::util::now_ms()}))
-        .await
-        .remove(0);
-    let v = run.until(&gone, "undelivered", "huawei undelivered").await;
-    assert!(reason_codes(&v).contains(&"UNDELIV".to_owned()), "{v}");
+    unreached_is_undelivered(&run, "huawei undelivered", "UNDELIV").await;
     run.stop();
 }
 
@@ -2325,11 +2351,8 @@ fn push(token: &str, body: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn fcm_push_through_the_pipeline_and_dead_tokens_are_suppressed() {
     let _serial = SERIAL.lock().await;
-    let cfg = std::env::temp_dir().join("herald-channels-fcm.toml");
-    let text = std::fs::read_to_string(config_path()).unwrap() + FCM_EXTRA;
-    std::fs::write(&cfg, text).unwrap();
-    let (api, admin) = (18_620, 19_620);
-    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let run = start_edited("fcm", (18_620, 19_620), |t| t, FCM_EXTRA).await;
+    let api = run.api;
     run.provider_ready("fcm", "fcm-sim").await;
     let case = Case {
         sim: "fcm",
@@ -2458,27 +2481,8 @@ async fn fcm_push_through_the_pipeline_and_dead_tokens_are_suppressed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn zrwinfo_sms_through_the_pipeline() {
     let _serial = SERIAL.lock().await;
-    let cfg = std::env::temp_dir().join("herald-channels-zrwinfo.toml");
-    let text = std::fs::read_to_string(config_path())
-        .unwrap()
-        .replacen(
-            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 0",
-            "endpoint = \"http://127.0.0.1:18100/aliyun\"\npriority = 2",
-            1,
-        )
-        .replacen(
-            "endpoint = \"http://127.0.0.1:18100/zrwinfo\"\npriority = 10",
-            "endpoint = \"http://127.0.0.1:18100/zrwinfo\"\npriority = 0",
-            1,
-        );
-    assert!(
-        text.contains("18100/aliyun\"\npriority = 2")
-            && text.contains("18100/zrwinfo\"\npriority = 0"),
-        "config layout changed"
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let (api, admin) = (18_640, 19_640);
-    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let run = start_edited("zrwinfo", (18_640, 19_640), sms_first("zrwinfo", 10), "").await;
+    let api = run.api;
     let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
     run.sim_put(
         "/_control/zrwinfo/receipts",
@@ -2530,16 +2534,7 @@ async fn zrwinfo_sms_through_the_pipeline() {
     assert_eq!(taken["template_id"], "100001");
     assert_eq!(taken["content"], "424242");
     assert_eq!(taken["sign"], "【Herald】");
-    // A number the operator does not reach: the report says so.
-    let unreached = format!("139{}0000", &phone("")[3..7]);
-    let gone = run
-        .send(json!({"app_id": "demo", "channel": "SMS", "template": "verify_code", "priority": "HIGH",
-                     "params": {"code": "424242"}, "recipients": [{"address": unreached}],
-                     "requested_at": herald_core::util::now_ms()}))
-        .await
-        .remove(0);
-    let v = run.until(&gone, "undelivered", "zrwinfo undelivered").await;
-    assert!(reason_codes(&v).contains(&"MK:0001".to_owned()), "{v}");
+    unreached_is_undelivered(&run, "zrwinfo undelivered", "MK:0001").await;
     run.stop();
 }
 
@@ -2587,17 +2582,14 @@ fn apns_device(prefix: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn apns_push_through_the_pipeline_over_http2() {
     let _serial = SERIAL.lock().await;
-    let cfg = std::env::temp_dir().join("herald-channels-apns.toml");
-    let text = std::fs::read_to_string(config_path()).unwrap() + APNS_EXTRA;
-    std::fs::write(&cfg, text).unwrap();
-    let (api, admin) = (18_660, 19_660);
     // Apple counts provider-token updates per team: forget the tokens of earlier runs.
     reqwest::Client::new()
         .post(format!("{}/_control/apns/revoke", sim_url()))
         .send()
         .await
         .unwrap();
-    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let run = start_edited("apns", (18_660, 19_660), |t| t, APNS_EXTRA).await;
+    let api = run.api;
     run.provider_ready("apns", "apns-sim").await;
     let case = Case {
         sim: "apns",
@@ -2703,11 +2695,8 @@ priority = 5
 #[tokio::test(flavor = "multi_thread")]
 async fn jpush_through_the_pipeline() {
     let _serial = SERIAL.lock().await;
-    let cfg = std::env::temp_dir().join("herald-channels-jpush.toml");
-    let text = std::fs::read_to_string(config_path()).unwrap() + JPUSH_EXTRA;
-    std::fs::write(&cfg, text).unwrap();
-    let (api, admin) = (18_680, 19_680);
-    let run = Run::attach(api, Herald::start(&cfg, &herald_env(api, admin))).await;
+    let run = start_edited("jpush", (18_680, 19_680), |t| t, JPUSH_EXTRA).await;
+    let api = run.api;
     run.provider_ready("jpush", "jpush-sim").await;
     let case = Case {
         sim: "jpush",
