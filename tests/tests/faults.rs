@@ -718,3 +718,200 @@ async fn a_receipt_that_never_comes_ends_the_wait_unknown() {
         "no deadline for a message whose receipt came: {v}"
     );
 }
+
+/// Issue 29 (a Redis chaos run left 1,000 messages pending for ever), replayed in the order that
+/// run met its faults: a batch of rendered messages is handed to a route worker that then dies
+/// (the test reads them as that worker and never acknowledges), Redis is SIGKILLed and comes
+/// back from its append-only file, and the route stage is started again while the schema
+/// registry is down. The route stage must wait for the registry instead of exiting (a stage
+/// that exits at start stays down wherever nothing restarts it: that is how the chaos run lost
+/// its route workers), and take the dead worker's entries over once they are `claim_idle` old.
+/// Every message ends delivered; nothing stays pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_entries_of_a_dead_worker_are_taken_over_after_redis_and_registry_restarts() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin, route_admin) = (18_590, 19_990, 19_991);
+    let cfg = std::env::temp_dir().join("herald-faults-redis.toml");
+    let text = std::fs::read_to_string(config_path()).unwrap().replacen(
+        "[redis]\n",
+        "[redis]\nclaim_idle_secs = 3\n",
+        1,
+    );
+    assert!(
+        text.contains("claim_idle_secs = 3"),
+        "config layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut env = herald_env(api, admin);
+    env.push(("HERALD_TRANSPORT", "redis".into()));
+    // Every stage but route, in one process.
+    let _rest = Herald::start_with(
+        &cfg,
+        &env,
+        &[
+            "--stages",
+            "accept,render,send,delay,projector,api,callback,notify",
+        ],
+        "rest.",
+    );
+    api_up(api).await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(send_email(api, "held").await);
+    }
+    for id in &ids {
+        eventually(Duration::from_secs(90), "rendered", || async move {
+            let v = api_json(&format!("/v1/messages/{id}"), api).await?;
+            (v["status"] == "rendered").then_some(())
+        })
+        .await;
+    }
+
+    // A route worker takes the batch and dies before acknowledging it.
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let dead = unique("route-dead");
+    let _: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("herald.rendered")
+        .arg("herald-route")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    let mut taken = 0usize;
+    loop {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("herald-route")
+            .arg(&dead)
+            .arg("COUNT")
+            .arg(10_000)
+            .arg("STREAMS")
+            .arg("herald.rendered")
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let n: usize = reply.map_or(0, |r| r.keys.iter().map(|k| k.ids.len()).sum());
+        if n == 0 {
+            break;
+        }
+        taken += n;
+    }
+    assert!(taken >= ids.len(), "the dead worker took {taken} entries");
+    drop(conn);
+
+    // Redis dies as a crash kills it and comes back from its append-only file (written every
+    // second: wait for the hand-over to be in it).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+    assert!(
+        std::process::Command::new(&stack)
+            .args(["restart-redis", "2"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pending_of = |consumer: String| async move {
+        let mut conn = redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("herald.rendered")
+            .arg("herald-route")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        consumers
+            .iter()
+            .find(|c| {
+                c.get("name")
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .as_deref()
+                    == Some(consumer.as_str())
+            })
+            .and_then(|c| c.get("pending"))
+            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+            .unwrap_or(0)
+    };
+    let stranded = pending_of(dead.clone()).await;
+    assert!(
+        stranded >= ids.len() as i64,
+        "after the restart the dead worker still holds its entries ({stranded})"
+    );
+
+    // The registry dies; the route stage starts while it is away.
+    let registry_back = std::thread::spawn(move || {
+        std::process::Command::new(&stack)
+            .args(["restart-registry", "8"])
+            .status()
+            .unwrap()
+            .success()
+    });
+    eventually(Duration::from_secs(10), "the registry is down", || async {
+        reqwest::get(format!("{}/subjects", registry()))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let mut route_env = herald_env(api, route_admin);
+    route_env.push(("HERALD_TRANSPORT", "redis".into()));
+    let mut route = Herald::start_with(&cfg, &route_env, &["--stages", "route"], "route.");
+    assert!(registry_back.join().unwrap(), "the registry came back");
+    assert_eq!(
+        route.wait_exit(Duration::from_secs(3)),
+        None,
+        "the route stage exited while the registry was away"
+    );
+
+    for id in &ids {
+        delivered(api, id, "a message the dead worker held").await;
+    }
+    assert_eq!(
+        pending_of(dead).await,
+        0,
+        "the dead worker's entries were taken over"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{route_admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_start_retries_total{dependency=\"registry and topics\"}"),
+        "the route stage waited for the registry"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the oldest pending entry's age reported",
+        || {
+            let route_admin = route_admin;
+            async move {
+                let m = reqwest::get(format!("http://127.0.0.1:{route_admin}/metrics"))
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                m.lines()
+                    .any(|l| {
+                        l.starts_with("herald_stage_pending_oldest_seconds{")
+                            && l.contains("group=\"herald-route\"")
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        route.wait_exit(Duration::from_millis(10)),
+        None,
+        "route still runs"
+    );
+}

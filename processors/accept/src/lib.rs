@@ -257,12 +257,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .iter()
         .filter_map(|a| Some((a.id.clone(), a.daily_quota?)))
         .collect();
-    let tdb = herald_domain::schema::migrated(&deps).await?;
-    herald_domain::templates::seed(&tdb, &deps.config.templates)
-        .await
-        .map_err(|e| {
-            StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
-        })?;
+    let tdb = herald_domain::templates::seeded(&deps).await?;
     let watch = herald_domain::templates::Watch::new(tdb);
     run_worker(
         STAGE,

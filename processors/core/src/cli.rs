@@ -43,6 +43,16 @@ pub async fn setup(deps: &Deps) -> Result<(), String> {
     Ok(())
 }
 
+/// [`setup`], waiting while the registry or the transport is away (a registry restarting, or
+/// answering 500 while its own database restarts): a stage started then waits instead of
+/// exiting (see [`crate::runtime::starting`]).
+pub async fn setup_when_ready(deps: &Deps) -> Result<(), StageError> {
+    crate::runtime::starting("registry and topics", || async {
+        setup(deps).await.map_err(StageError::Transient)
+    })
+    .await
+}
+
 /// Serves `/metrics` (Prometheus text), `/health/live` (the process answers) and `/health` =
 /// `/health/ready` (each dependency: transport, registry, PostgreSQL) until `shutdown`.
 pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
@@ -126,8 +136,8 @@ pub fn stage_main(
         telemetry::metrics_handle();
         let _exporting = crate::trace::install(&config.tracing)?;
         let deps = Deps::new(config).map_err(|e| e.to_string())?;
-        setup(&deps).await?;
         let shutdown = crate::shutdown::on_signals();
+        setup_when_ready(&deps).await.map_err(|e| e.to_string())?;
         crate::memory::spawn_trimmer(Duration::from_secs(2), shutdown.clone());
         let admin = tokio::spawn(serve_admin(deps.clone(), shutdown.clone()));
         let outcome = run(deps, shutdown.clone()).await;

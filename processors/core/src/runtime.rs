@@ -112,24 +112,88 @@ impl Deps {
         spec
     }
 
-    /// A stage's own pooled PostgreSQL connection, taken at start: failing is fatal (the
-    /// process exits; its supervisor restarts it). Later failures are the worker's to retry.
+    /// A stage's own pooled PostgreSQL connection, taken at start. While PostgreSQL is away
+    /// (or not accepting connections yet) the start waits for it ([`starting`]); only a
+    /// connection it refuses for good (bad credentials, no such database) is fatal.
     pub async fn stage_db(&self) -> Result<crate::db::Db, crate::worker::StageError> {
-        crate::db::Db::connect(&self.config.postgres.url)
-            .await
-            .map_err(|e| crate::worker::StageError::Fatal(format!("postgres: {e}")))
+        starting("postgres", || async {
+            crate::db::Db::connect(&self.config.postgres.url)
+                .await
+                .map_err(pool_start_error)
+        })
+        .await
     }
 
-    /// A pool shared by a process's concurrent users (the API's handlers), made at start.
+    /// A pool shared by a process's concurrent users (the API's handlers), made at start
+    /// (waiting for PostgreSQL like [`Deps::stage_db`]).
     pub async fn shared_db(&self) -> Result<crate::db::SharedDb, crate::worker::StageError> {
-        crate::db::SharedDb::connect(&self.config.postgres.url)
-            .await
-            .map_err(|e| crate::worker::StageError::Fatal(format!("postgres: {e}")))
+        starting("postgres", || async {
+            crate::db::SharedDb::connect(&self.config.postgres.url)
+                .await
+                .map_err(pool_start_error)
+        })
+        .await
     }
 
     /// A PostgreSQL client (the connection task runs in the background).
     pub async fn postgres(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         connect_postgres(&self.config.postgres.url).await
+    }
+}
+
+/// A failure to connect at start: fatal when PostgreSQL refuses us for good (SQLSTATE class 28
+/// invalid authorization, 3D no such database), else transient.
+fn pool_start_error(e: crate::db::PoolFailure) -> crate::worker::StageError {
+    use crate::worker::StageError;
+    let refused = match &e {
+        crate::db::PoolFailure::Postgres(pg) => pg.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code.starts_with("28") || code.starts_with("3D")
+        }),
+        crate::db::PoolFailure::Pool(_) => false,
+    };
+    if refused {
+        StageError::Fatal(format!("postgres: {e}"))
+    } else {
+        StageError::Transient(format!("postgres: {e}"))
+    }
+}
+
+/// Longest pause between two tries of a dependency at start.
+const START_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs `attempt` until it succeeds or fails for good: what a process needs before it can work
+/// (the registry, PostgreSQL, topics) may be restarting when the process starts, and a stage
+/// that exited then would stay down wherever nothing restarts it (promise 1: a dependency that
+/// is down only pauses a stage — at start too). A transient failure is logged and tried again
+/// with back-off (100 ms doubling to 5 s); a fatal or permanent one is returned; SIGTERM or
+/// SIGINT while waiting ends the wait with a fatal error.
+pub async fn starting<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, crate::worker::StageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::worker::StageError>>,
+{
+    use crate::worker::StageError;
+    let shutdown = crate::shutdown::on_signals();
+    let mut backoff = Duration::from_millis(100);
+    let mut tries = 0u32;
+    loop {
+        match attempt().await {
+            Err(StageError::Transient(e)) => {
+                tries += 1;
+                metrics::counter!(crate::telemetry::names::START_RETRIES, "dependency" => what.to_owned())
+                    .increment(1);
+                tracing::warn!(dependency = what, error = %e, tries, "not available at start; trying again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        return Err(StageError::Fatal(format!("stopped while waiting for {what}: {e}")));
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(START_BACKOFF_MAX);
+            }
+            other => return other,
+        }
     }
 }
 
@@ -191,6 +255,34 @@ pub fn pg_error_ref(e: &tokio_postgres::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::worker::StageError;
+
+    #[tokio::test]
+    async fn a_start_waits_out_transient_failures_and_gives_up_on_fatal_ones() {
+        let mut tries = 0;
+        let got = super::starting("test dependency", || {
+            tries += 1;
+            let n = tries;
+            async move {
+                if n < 3 {
+                    Err(StageError::Transient("away".into()))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(3));
+        let mut tries = 0;
+        let got: Result<(), _> = super::starting("test dependency", || {
+            tries += 1;
+            async { Err(StageError::Fatal("bad config".into())) }
+        })
+        .await;
+        assert!(matches!(got, Err(StageError::Fatal(_))));
+        assert_eq!(tries, 1, "a fatal failure is not tried again");
+    }
+
     #[test]
     fn picks_the_largest_tier_that_fits() {
         assert_eq!(super::tier_for(500), 1);

@@ -4,9 +4,21 @@
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// A token cancelled on SIGTERM or SIGINT.
+/// The process's token, cancelled on SIGTERM or SIGINT. The first call (inside the runtime)
+/// installs the signal handlers; later calls return the same token, so code that has no token
+/// handed to it (start-up retries) still stops when the process is asked to.
 pub fn on_signals() -> CancellationToken {
-    let token = CancellationToken::new();
+    static TOKEN: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+    let mut first = false;
+    let token = TOKEN
+        .get_or_init(|| {
+            first = true;
+            CancellationToken::new()
+        })
+        .clone();
+    if !first {
+        return token;
+    }
     let t = token.clone();
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();

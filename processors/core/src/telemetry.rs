@@ -25,6 +25,9 @@ pub mod names {
     pub const REQUEST_TO_CALL_SECONDS: &str = "herald_send_request_to_call_seconds";
     pub const PROJECTOR_ROWS: &str = "herald_projector_events_applied_total";
     pub const API_REQUESTS: &str = "herald_api_requests_total";
+    /// Console logins by outcome: ok, failed, throttled (refused before the password was checked),
+    /// busy (no room to check it).
+    pub const CONSOLE_LOGINS: &str = "herald_console_logins_total";
     pub const TOKEN_FETCHES: &str = "herald_send_token_fetches_total";
     pub const RULE_ACTIONS: &str = "herald_send_rule_actions_total";
     pub const RATE_LIMIT_WAIT_SECONDS: &str = "herald_send_rate_limit_wait_seconds";
@@ -48,6 +51,14 @@ pub mod names {
     pub const QUOTA_USED_RATIO: &str = "herald_app_quota_used_ratio";
     /// Rows waiting in an outbox (alerts, status webhooks) to be delivered.
     pub const OUTBOX_BACKLOG: &str = "herald_outbox_backlog";
+    /// Tries of a dependency a process waited for at start (registry, PostgreSQL, topics), by
+    /// dependency: a stage that starts while one is away waits for it instead of exiting.
+    pub const START_RETRIES: &str = "herald_start_retries_total";
+    /// Redis Streams: how long the group's first pending entry (handed to a consumer, not yet
+    /// acknowledged) has waited since it was handed out, per stream (0 when none is pending).
+    /// Entries of a dead consumer are taken over after `claim_idle`, so outside the delay tiers
+    /// (which hold records for up to a tier's length) this stays below `claim_idle` plus a batch.
+    pub const PENDING_OLDEST_SECONDS: &str = "herald_stage_pending_oldest_seconds";
 }
 
 /// Every metric Herald exports (README's metrics section is checked against this list, and a
@@ -66,6 +77,7 @@ pub const ALL: &[&str] = &[
     names::REQUEST_TO_CALL_SECONDS,
     names::PROJECTOR_ROWS,
     names::API_REQUESTS,
+    names::CONSOLE_LOGINS,
     names::TOKEN_FETCHES,
     names::RULE_ACTIONS,
     names::RATE_LIMIT_WAIT_SECONDS,
@@ -81,6 +93,8 @@ pub const ALL: &[&str] = &[
     names::STAGE_UP,
     names::QUOTA_USED_RATIO,
     names::OUTBOX_BACKLOG,
+    names::START_RETRIES,
+    names::PENDING_OLDEST_SECONDS,
 ];
 
 /// Sets a consumer group's lag on one partition ([`names::CONSUMER_LAG`]).

@@ -47,11 +47,17 @@ pub fn latest() -> i32 {
         .unwrap_or(0)
 }
 
-/// A stage's database connection, after bringing the schema up to date.
+/// A stage's database connection, after bringing the schema up to date. PostgreSQL going away
+/// meanwhile is waited out like at connect ([`herald_core::runtime::starting`]); a migration
+/// PostgreSQL refuses (or applied migrations that differ from this build's) is fatal.
 pub async fn migrated(deps: &Deps) -> Result<herald_core::db::Db, StageError> {
-    let mut db = deps.stage_db().await?;
-    migrate(&mut db)
-        .await
-        .map_err(|e| StageError::Fatal(format!("schema: {e}")))?;
-    Ok(db)
+    herald_core::runtime::starting("postgres schema", || async {
+        let mut db = deps.stage_db().await?;
+        match migrate(&mut db).await {
+            Ok(_) => Ok(db),
+            Err(e) if db.is_closed() => Err(StageError::Transient(format!("schema: {e}"))),
+            Err(e) => Err(StageError::Fatal(format!("schema: {e}"))),
+        }
+    })
+    .await
 }

@@ -257,8 +257,10 @@ async fn run(deps: Deps, stages: &str, callback_listen: String) -> anyhow::Resul
             bail!("unknown stage {s:?}; stages are {}", STAGES.join(", "));
         }
     }
-    setup(&deps).await?;
     let shutdown = herald_core::shutdown::on_signals();
+    herald_core::cli::setup_when_ready(&deps)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     herald_core::memory::spawn_trimmer(std::time::Duration::from_secs(2), shutdown.clone());
     let tracker = tokio_util::task::TaskTracker::new();
     let failed = CancellationToken::new();

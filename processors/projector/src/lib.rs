@@ -192,19 +192,24 @@ impl BatchHandler for Projector {
 
 /// Runs the projector until `shutdown`.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageError> {
-    let mut db = herald_domain::schema::migrated(&deps).await?;
-    let offsets = readmodel::positions(&*db)
-        .await
-        .map_err(|e| StageError::Fatal(format!("projector offsets: {e}")))?;
     let use_offsets = deps.transport.kind() == "kafka";
-    if use_offsets {
-        // The rows and the positions they came from commit together, so a commit PostgreSQL
-        // loses in a crash is simply replayed: no need to wait for each commit's flush.
-        db = db
-            .with_session("SET synchronous_commit = off")
+    let (db, offsets) = herald_core::runtime::starting("postgres positions", || async {
+        let mut db = herald_domain::schema::migrated(&deps).await?;
+        let offsets = readmodel::positions(&*db)
             .await
-            .map_err(|e| StageError::Fatal(format!("projector session: {e}")))?;
-    }
+            .map_err(|e| StageError::postgres("projector offsets", e))?;
+        if use_offsets {
+            // The rows and the positions they came from commit together, so a commit
+            // PostgreSQL loses in a crash is simply replayed: no need to wait for each
+            // commit's flush.
+            db = db
+                .with_session("SET synchronous_commit = off")
+                .await
+                .map_err(|e| StageError::postgres("projector session", e))?;
+        }
+        Ok((db, offsets))
+    })
+    .await?;
     // The projector runs the retention task of the tables owned in herald-domain (one process
     // purges a table at a time, whichever runs it); route and notify purge their own.
     herald_domain::retention::spawn(

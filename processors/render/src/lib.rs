@@ -126,12 +126,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     )
     .await
     .map_err(|e| StageError::Fatal(e.to_string()))?;
-    let db = herald_domain::schema::migrated(&deps).await?;
-    herald_domain::templates::seed(&db, &deps.config.templates)
-        .await
-        .map_err(|e| {
-            StageError::Fatal(format!("templates: {}", herald_core::runtime::pg_error(e)))
-        })?;
+    let db = herald_domain::templates::seeded(&deps).await?;
     let watch = herald_domain::templates::Watch::new(db);
     let spec = deps.spec(STAGE, vec![topics::ACCEPTED.into()], true);
     let transport = deps.transport.clone();

@@ -83,6 +83,10 @@ struct Fleet {
     logs: PathBuf,
     transport: String,
     procs: Vec<Proc>,
+    /// Processes that ended without being killed (instance and exit status). A stage must
+    /// outlive its dependencies' faults — wait for them, not exit — since nothing here
+    /// restarts it; each one found fails the run.
+    exited: Vec<String>,
 }
 
 impl Fleet {
@@ -117,7 +121,21 @@ impl Fleet {
         Ok(())
     }
 
+    /// Notes every process that has ended on its own since the last look.
+    fn note_exits(&mut self) {
+        for p in &mut self.procs {
+            if let Some(c) = &mut p.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                println!("chaos: {} exited by itself ({status})", p.instance);
+                self.exited.push(format!("{} {status}", p.instance));
+                p.child = None;
+            }
+        }
+    }
+
     fn kill(&mut self, i: usize) {
+        self.note_exits();
         if let Some(mut c) = self.procs[i].child.take() {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
@@ -125,6 +143,7 @@ impl Fleet {
     }
 
     fn stop_all(&mut self) {
+        self.note_exits();
         for p in &mut self.procs {
             if let Some(c) = &p.child {
                 let _ = Command::new("kill")
@@ -585,6 +604,7 @@ async fn main() -> anyhow::Result<()> {
                 child: None,
             })
             .collect(),
+        exited: Vec::new(),
     };
     let http = reqwest::Client::new();
     let _ = http.post(format!("{}/_reset", sim_url())).send().await;
@@ -870,11 +890,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let dlq_after = dead_letters(&transport).await?;
     let unexpected_dead = dlq_after.saturating_sub(dlq_before) as i64 - POISON as i64;
-    fleet.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+    let exited = {
+        let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
+        f.stop_all();
+        f.exited.len()
+    };
 
     println!(
         "chaos: registry_restarts={registry_restarts} canceled_sent={canceled_sent} \
-         dead_letters_unexpected={unexpected_dead} elapsed_s={:.0}",
+         dead_letters_unexpected={unexpected_dead} exited_by_itself={exited} elapsed_s={:.0}",
         started.elapsed().as_secs_f64()
     );
     println!(
@@ -889,6 +913,7 @@ async fn main() -> anyhow::Result<()> {
         && unexplained == 0
         && rebuild_equal
         && canceled_sent == 0
-        && unexpected_dead == 0;
+        && unexpected_dead == 0
+        && exited == 0;
     std::process::exit(if ok { 0 } else { 1 });
 }

@@ -3,15 +3,32 @@
 //! (`XACK`) go in one `MULTI`/`EXEC`, so a crash leaves either both or neither. A restarted worker
 //! first re-reads its own pending entries; entries a dead worker left pending are taken over with
 //! `XAUTOCLAIM` once idle long enough.
+//!
+//! "No entry stays pending longer than `claim_idle` plus a poll while a worker of its group
+//! runs" holds by construction:
+//! - a source that fails in any way (a dropped connection, a Redis restart, an answer that did
+//!   not come in time — after which the server may still have handed this consumer entries) is
+//!   rebuilt, and a new source re-reads its own consumer's pending entries first;
+//! - every source sweeps its group's whole pending list with `XAUTOCLAIM` at least every
+//!   `claim_idle / 2`, following the command's cursor to the end of the list (a sweep that
+//!   always restarted at `0-0` with `COUNT` could stop short of entries further on);
+//! - the connections that publish and probe reconnect by themselves (`ConnectionManager`), so
+//!   a Redis restart never leaves a process with a dead one;
+//! - each source reports the age of its group's oldest pending entry per stream
+//!   ([`names::PENDING_OLDEST_SECONDS`]), which the `HeraldRedisPendingStuck` alert watches.
+//!
+//! [`names::PENDING_OLDEST_SECONDS`]: crate::telemetry::names::PENDING_OLDEST_SECONDS
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamReadReply};
-use redis::{AsyncCommands, Value};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingCountReply, StreamReadReply,
+};
+use redis::{AsyncCommands, AsyncConnectionConfig, Value};
 
 use super::{
     InRecord, OutRecord, Publisher, Source, SourceSpec, TResult, TopicSpec, Transport,
@@ -41,8 +58,16 @@ impl RedisSettings {
 pub struct RedisTransport {
     settings: RedisSettings,
     client: redis::Client,
-    shared: tokio::sync::OnceCell<MultiplexedConnection>,
+    /// Probes, rewinds and every publisher of the process share one reconnecting connection.
+    shared: Arc<tokio::sync::OnceCell<ConnectionManager>>,
 }
+
+/// Longest wait for Redis to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for an answer beyond a command's own blocking time: a batch's `MULTI` of a
+/// thousand `XADD`s, or a server busy rewriting its append-only file, can take more than the
+/// client's default half second, and a command given up on may still be carried out.
+const ANSWER_SLACK: Duration = Duration::from_secs(10);
 
 impl RedisTransport {
     pub fn new(settings: RedisSettings) -> TResult<Self> {
@@ -50,17 +75,30 @@ impl RedisTransport {
         Ok(RedisTransport {
             settings,
             client,
-            shared: tokio::sync::OnceCell::new(),
+            shared: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
-    async fn shared(&self) -> TResult<MultiplexedConnection> {
-        Ok(self
-            .shared
-            .get_or_try_init(|| self.client.get_multiplexed_async_connection())
-            .await?
-            .clone())
+    async fn shared(&self) -> TResult<ConnectionManager> {
+        shared_connection(&self.client, &self.shared).await
     }
+}
+
+/// The process's reconnecting connection, made on first use.
+async fn shared_connection(
+    client: &redis::Client,
+    cell: &tokio::sync::OnceCell<ConnectionManager>,
+) -> TResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(ANSWER_SLACK))
+        // A command during a restart fails at once (the caller retries); reconnecting goes on
+        // in the background.
+        .set_number_of_retries(2);
+    Ok(cell
+        .get_or_try_init(|| ConnectionManager::new_with_config(client.clone(), config))
+        .await?
+        .clone())
 }
 
 fn add_xadd(pipe: &mut redis::Pipeline, r: &OutRecord, max_len: usize) {
@@ -125,6 +163,10 @@ pub struct RedisSource {
     unacked: BTreeMap<String, Vec<String>>,
 }
 
+/// `XAUTOCLAIM` calls one sweep makes at most per stream (each examines up to ten times `COUNT`
+/// pending entries); a longer list is swept on in the next round from where this one stopped.
+const CLAIM_CALLS_PER_SWEEP: usize = 16;
+
 impl RedisSource {
     async fn read(&mut self, ids: &str, block: Option<Duration>) -> TResult<Vec<InRecord>> {
         let mut c = redis::cmd("XREADGROUP");
@@ -155,20 +197,35 @@ impl RedisSource {
         Ok(out)
     }
 
+    /// Takes over the group's entries idle for `claim_idle` or more (a dead worker's; this
+    /// consumer's own too, should it have lost track of one), sweeping each stream's pending
+    /// list to its end: `XAUTOCLAIM` examines a bounded slice per call and answers where to go
+    /// on, so the sweep follows that cursor rather than starting at `0-0` every time.
     async fn claim_abandoned(&mut self) -> TResult<Vec<InRecord>> {
         let mut out = Vec::new();
         for t in self.spec.topics.clone() {
-            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&t)
-                .arg(&self.spec.group)
-                .arg(&self.spec.instance)
-                .arg(self.settings.claim_idle.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(self.spec.max_batch)
-                .query_async(&mut self.conn)
-                .await?;
-            out.extend(reply.claimed.iter().map(|e| to_in_record(&t, e)));
+            let mut cursor = "0-0".to_owned();
+            for _ in 0..CLAIM_CALLS_PER_SWEEP {
+                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(&t)
+                    .arg(&self.spec.group)
+                    .arg(&self.spec.instance)
+                    .arg(self.settings.claim_idle.as_millis() as u64)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(self.spec.max_batch)
+                    .query_async(&mut self.conn)
+                    .await?;
+                if !reply.claimed.is_empty() {
+                    tracing::warn!(group = %self.spec.group, stream = %t, entries = reply.claimed.len(),
+                        "took over entries pending on a consumer for longer than claim_idle");
+                }
+                out.extend(reply.claimed.iter().map(|e| to_in_record(&t, e)));
+                cursor = reply.next_stream_id;
+                if cursor == "0-0" || out.len() >= self.spec.max_batch {
+                    break;
+                }
+            }
         }
         Ok(out)
     }
@@ -189,6 +246,22 @@ impl RedisSource {
             if let Some(g) = reply.groups.iter().find(|g| g.name == self.spec.group) {
                 let lag = g.lag.unwrap_or(0) + g.pending;
                 crate::telemetry::consumer_lag(&self.spec.group, t, 0, lag as i64);
+            }
+            // The group's first pending entry (lowest id) has waited longest unless it was
+            // re-delivered: its time since it was handed out is the age an alert needs (an entry
+            // added long ago and read just now, from a backlog, is not stuck).
+            let first: Result<StreamPendingCountReply, _> = self
+                .conn
+                .xpending_count(t, &self.spec.group, "-", "+", 1)
+                .await;
+            if let Ok(p) = first {
+                let oldest = p
+                    .ids
+                    .first()
+                    .map_or(0.0, |e| e.last_delivered_ms as f64 / 1000.0);
+                metrics::gauge!(crate::telemetry::names::PENDING_OLDEST_SECONDS,
+                    "group" => self.spec.group.clone(), "topic" => t.clone())
+                .set(oldest);
             }
         }
     }
@@ -257,8 +330,10 @@ impl Source for RedisSource {
     }
 }
 
+/// Publishes on the process's shared reconnecting connection, made on first use.
 pub struct RedisPublisher {
-    conn: MultiplexedConnection,
+    client: redis::Client,
+    shared: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     max_len: usize,
 }
 
@@ -269,7 +344,7 @@ impl Publisher for RedisPublisher {
             for r in &records {
                 add_xadd(&mut pipe, r, self.max_len);
             }
-            let mut conn = self.conn.clone();
+            let mut conn = shared_connection(&self.client, &self.shared).await?;
             pipe.query_async::<()>(&mut conn).await?;
             Ok(())
         })
@@ -284,7 +359,15 @@ impl Transport for RedisTransport {
     fn source(&self, spec: SourceSpec) -> BoxFuture<'_, TResult<Box<dyn Source>>> {
         Box::pin(async move {
             // A dedicated connection: XREADGROUP BLOCK would stall a shared multiplexed one.
-            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            // Its answers may take the blocking time plus a large MULTI's; a failure of any
+            // kind drops the source (see the module header).
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(spec.max_wait + ANSWER_SLACK));
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
             for t in &spec.topics {
                 let r: redis::RedisResult<()> = conn
                     .xgroup_create_mkstream(t, &spec.group, if spec.from_end { "$" } else { "0" })
@@ -308,11 +391,11 @@ impl Transport for RedisTransport {
     }
 
     fn publisher(&self) -> TResult<Arc<dyn Publisher>> {
-        // Connecting is async; a publisher connects lazily on first use through this handle.
-        Ok(Arc::new(LazyRedisPublisher {
+        // Connecting is async: the shared connection is made on first publish.
+        Ok(Arc::new(RedisPublisher {
             client: self.client.clone(),
+            shared: self.shared.clone(),
             max_len: self.settings.max_len,
-            inner: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -343,29 +426,6 @@ impl Transport for RedisTransport {
             let mut c = self.shared().await?;
             let _: String = redis::cmd("PING").query_async(&mut c).await?;
             Ok(())
-        })
-    }
-}
-
-struct LazyRedisPublisher {
-    client: redis::Client,
-    max_len: usize,
-    inner: tokio::sync::OnceCell<RedisPublisher>,
-}
-
-impl Publisher for LazyRedisPublisher {
-    fn publish(&self, records: Vec<OutRecord>) -> BoxFuture<'_, TResult<()>> {
-        Box::pin(async move {
-            let p = self
-                .inner
-                .get_or_try_init(|| async {
-                    Ok::<_, TransportError>(RedisPublisher {
-                        conn: self.client.get_multiplexed_async_connection().await?,
-                        max_len: self.max_len,
-                    })
-                })
-                .await?;
-            p.publish(records).await
         })
     }
 }

@@ -21,6 +21,21 @@ fn owner(t: &TemplateConfig) -> &str {
 }
 
 /// Stores the config file's templates (versions already stored are left alone).
+/// A stage's connection for its template watch, with the configured templates stored (waiting
+/// for PostgreSQL at start like [`crate::schema::migrated`]).
+pub async fn seeded(
+    deps: &herald_core::runtime::Deps,
+) -> Result<herald_core::db::Db, herald_core::worker::StageError> {
+    herald_core::runtime::starting("postgres templates", || async {
+        let db = crate::schema::migrated(deps).await?;
+        seed(&db, &deps.config.templates)
+            .await
+            .map_err(|e| herald_core::worker::StageError::postgres("templates", e))?;
+        Ok(db)
+    })
+    .await
+}
+
 pub async fn seed(db: &Client, templates: &[TemplateConfig]) -> Result<(), tokio_postgres::Error> {
     for t in templates {
         db.execute(
