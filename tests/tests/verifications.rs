@@ -17,14 +17,29 @@ const ADMIN: u16 = 19_730;
 
 struct Run {
     http: reqwest::Client,
+    /// The API port of the Herald under test.
+    api: u16,
     /// Every code seen, for the leak search.
     codes: Vec<String>,
 }
 
 impl Run {
     async fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        self.post_as("demo", SECRET, path, body).await
+    }
+
+    async fn post_as(
+        &self,
+        app: &str,
+        secret: &str,
+        path: &str,
+        body: &Value,
+    ) -> (u16, Value, Option<String>) {
         let bytes = serde_json::to_vec(body).unwrap();
-        let resp = signed("POST", path, &bytes, API).send().await.unwrap();
+        let resp = signed_with(&self.http, app, secret, "POST", path, &bytes, self.api)
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let retry = resp
             .headers()
@@ -42,6 +57,28 @@ impl Run {
         v
     }
 
+    /// Starts a verification as `app` once the resend interval has passed (polling while the
+    /// answer is `verification_cooldown`); the answer.
+    async fn start_after_cooldown(&self, app: &str, body: Value) -> Value {
+        let secret = if app == OTHER_APP {
+            OTHER_SECRET
+        } else {
+            SECRET
+        };
+        eventually(Duration::from_secs(10), "a send after the interval", || {
+            let body = body.clone();
+            async move {
+                let (status, v, _) = self.post_as(app, secret, "/v1/verifications", &body).await;
+                assert!(
+                    status == 202 || v["error"]["code"] == "verification_cooldown",
+                    "{body}: {status} {v}"
+                );
+                (status == 202).then_some(v)
+            }
+        })
+        .await
+    }
+
     async fn check(&self, id: &str, body: Value) -> Value {
         let (status, v, _) = self
             .post(&format!("/v1/verifications/{id}/check"), &body)
@@ -53,7 +90,7 @@ impl Run {
     /// The code an e-mail verification delivered (from the SMTP server's mailbox).
     async fn mailed_code(&mut self, started: &Value, len: usize) -> String {
         let mid = started["message_id"].as_str().unwrap().to_owned();
-        await_status(API, &mid, "delivered").await;
+        await_status(self.api, &mid, "delivered").await;
         let mail = eventually(Duration::from_secs(30), "the mail", || {
             let mid = mid.clone();
             async move { mails_for(std::slice::from_ref(&mid)).remove(&mid) }
@@ -108,6 +145,22 @@ fn digits_after(text: &str, marker: &str, len: usize) -> Option<String> {
     (digits.len() == len).then_some(digits)
 }
 
+/// `ops/herald.toml` with its `[verifications]` section replaced by `verifications` and `extra`
+/// appended, written to the temporary directory as `name`.
+fn config_with(name: &str, verifications: &str, extra: &str) -> std::path::PathBuf {
+    let cfg = std::env::temp_dir().join(name);
+    let text = std::fs::read_to_string(config_path()).unwrap();
+    let section = text.find("[verifications]").unwrap();
+    let end = section + text[section..].find("\n\n").unwrap();
+    let text = format!(
+        "{}[verifications]\n{verifications}{}{extra}",
+        &text[..section],
+        &text[end..]
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
 /// A code that is not `code` (same length).
 fn wrong(code: &str) -> String {
     code.chars()
@@ -118,23 +171,19 @@ fn wrong(code: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verification_codes_are_single_use_limited_and_never_stored() {
     let started_at = herald_core::util::now_ms();
-    let cfg = std::env::temp_dir().join("herald-verifications.toml");
     // Long codes, so the leak search cannot match by chance; short intervals, so the test runs
     // in seconds.
-    let text = std::fs::read_to_string(config_path()).unwrap();
-    let section = text.find("[verifications]").unwrap();
-    let end = section + text[section..].find("\n\n").unwrap();
-    let text = format!(
-        "{}[verifications]\ncode_length = 10\nttl_secs = 300\nmax_attempts = 5\n\
-         resend_interval_secs = 2\nmax_sends_per_hour = 4\nmax_sends_per_day = 10\n{}",
-        &text[..section],
-        &text[end..]
+    let cfg = config_with(
+        "herald-verifications.toml",
+        "code_length = 10\nttl_secs = 300\nmax_attempts = 5\nresend_interval_secs = 2\n\
+         max_sends_per_hour = 4\nmax_sends_per_day = 10\n",
+        "",
     );
-    std::fs::write(&cfg, text).unwrap();
     let herald = Herald::start(&cfg, &herald_env(API, ADMIN));
     api_up(API).await;
     let mut run = Run {
         http: reqwest::Client::new(),
+        api: API,
         codes: Vec::new(),
     };
     let tag = unique("otp");
@@ -472,6 +521,7 @@ async fn verification_codes_are_single_use_limited_and_never_stored() {
     assert!(scanned > 0, "records were scanned");
     assert!(hits.is_empty(), "codes in records: {hits:?}");
     // Stopped cleanly: a killed process could leave a Kafka transaction open.
+    drop(run);
     let mut herald = herald;
     herald.signal("TERM");
     assert_eq!(herald.wait_exit(Duration::from_secs(60)), Some(0));
@@ -480,6 +530,228 @@ async fn verification_codes_are_single_use_limited_and_never_stored() {
     for code in &codes {
         assert!(!log.contains(code.as_str()), "a code in Herald's log");
     }
+}
+
+const LIMITS_API: u16 = 18_850;
+const LIMITS_ADMIN: u16 = 19_750;
+const OTHER_APP: &str = "otp-other";
+const OTHER_SECRET: &str = "otp-other-test-secret";
+
+/// The rules that key on a destination (cooldown, hourly limit, wrong-check budget) see one
+/// destination however it is written, and one app's sends never use up another's; codes are not
+/// sent to group chats unless the operator lists the channel; and a wrong check made while a
+/// resend is in flight is counted on the new code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_destination_rules_follow_the_normalised_destination_and_the_app() {
+    // A large budget, so the resend race below never spends it; the default channels.
+    let cfg = config_with(
+        "herald-verification-limits.toml",
+        "code_length = 8\nttl_secs = 300\nmax_attempts = 100\nresend_interval_secs = 2\n\
+         max_sends_per_hour = 3\nmax_sends_per_day = 10\n",
+        &format!(
+            "\n[[apps]]\nid = \"{OTHER_APP}\"\nsecret_env = \"HERALD_APP_OTP_OTHER_SECRET\"\n"
+        ),
+    );
+    let mut env = herald_env(LIMITS_API, LIMITS_ADMIN);
+    env.push(("HERALD_APP_OTP_OTHER_SECRET", OTHER_SECRET.to_owned()));
+    let herald = Herald::start(&cfg, &env);
+    api_up(LIMITS_API).await;
+    let mut run = Run {
+        http: reqwest::Client::new(),
+        api: LIMITS_API,
+        codes: Vec::new(),
+    };
+    let tag = unique("norm");
+    let refused_with = |v: (u16, Value, Option<String>), code: &str| {
+        assert_eq!(
+            (v.0, v.1["error"]["code"].as_str()),
+            (429, Some(code)),
+            "{}",
+            v.1
+        );
+    };
+
+    // 1. One mailbox written two ways: one cooldown, one wrong-check budget, one code.
+    let upper = format!("Victim-{tag}@example.com");
+    let lower = format!("victim-{tag}@EXAMPLE.com");
+    let e1 = run
+        .start(json!({"purpose": "login", "channel": "EMAIL", "to": upper}))
+        .await;
+    let e1_id = e1["id"].as_str().unwrap().to_owned();
+    for left in [99, 98] {
+        let v = run.check(&e1_id, json!({"code": "00000000"})).await;
+        assert_eq!(v["attempts_left"].as_i64(), Some(left), "{v}");
+    }
+    refused_with(
+        run.post(
+            "/v1/verifications",
+            &json!({"purpose": "login", "channel": "EMAIL", "to": lower}),
+        )
+        .await,
+        "verification_cooldown",
+    );
+    let e2 = run
+        .start_after_cooldown(
+            "demo",
+            json!({"purpose": "login", "channel": "EMAIL", "to": lower}),
+        )
+        .await;
+    assert_eq!(e2["attempts"], 2, "the budget is the mailbox's: {e2}");
+    let code_e2 = run.mailed_code(&e2, 8).await;
+    let v = run.check(&e1_id, json!({"code": code_e2})).await;
+    assert_eq!(v["status"], "superseded", "{v}");
+    // Checked against the mailbox however the caller writes it.
+    let v = run
+        .check(
+            e2["id"].as_str().unwrap(),
+            json!({"code": code_e2, "to": format!("VICTIM-{tag}@Example.Com")}),
+        )
+        .await;
+    assert_eq!(v["valid"], true, "{v}");
+
+    // 2. One phone number written three ways (E.164, with the country code but no +, national):
+    //    one cooldown, one budget, one hourly limit. Numbers that are not a phone are refused.
+    let national = {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!("1391{:07}", n % 10_000_000)
+    };
+    let sms = |to: String| json!({"purpose": "login", "channel": "SMS", "to": to, "template": "verify_code"});
+    for bad in ["1391234567", "+999123456789"] {
+        let (status, v, _) = run.post("/v1/verifications", &sms(bad.to_owned())).await;
+        assert_eq!(
+            (
+                status,
+                v["error"]["code"].as_str(),
+                v["error"]["field"].as_str()
+            ),
+            (400, Some("invalid_recipient"), Some("to")),
+            "{bad}: {v}"
+        );
+    }
+    let p1 = run.start(sms(format!("+86{national}"))).await;
+    let v = run
+        .check(p1["id"].as_str().unwrap(), json!({"code": "00000000"}))
+        .await;
+    assert_eq!(v["attempts_left"].as_i64(), Some(99), "{v}");
+    refused_with(
+        run.post("/v1/verifications", &sms(format!("86{national}")))
+            .await,
+        "verification_cooldown",
+    );
+    let p2 = run
+        .start_after_cooldown("demo", sms(national.clone()))
+        .await;
+    assert_eq!(p2["attempts"], 1, "the budget is the number's: {p2}");
+    run.start_after_cooldown("demo", sms(format!("86{national}")))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    refused_with(
+        run.post("/v1/verifications", &sms(format!("0086{national}")))
+            .await,
+        "too_many_verifications",
+    );
+
+    // 3. One app spending its hourly sends to a destination leaves another app's untouched.
+    let shared = format!("shared-{tag}@example.com");
+    let mail = |purpose: &str| json!({"purpose": purpose, "channel": "EMAIL", "to": shared});
+    for i in 0..3 {
+        run.start_after_cooldown("demo", mail(&format!("p{i}")))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    refused_with(
+        run.post("/v1/verifications", &mail("p3")).await,
+        "too_many_verifications",
+    );
+    let (status, v, _) = run
+        .post_as(OTHER_APP, OTHER_SECRET, "/v1/verifications", &mail("p0"))
+        .await;
+    assert_eq!(status, 202, "another app's code: {v}");
+    assert_eq!(v["attempts"], 0, "another app's budget: {v}");
+    // Its own cooldown applies to it.
+    refused_with(
+        run.post_as(OTHER_APP, OTHER_SECRET, "/v1/verifications", &mail("p1"))
+            .await,
+        "verification_cooldown",
+    );
+
+    // 4. Channels whose providers post to group chats (robots) are refused unless listed.
+    for channel in ["DINGTALK", "FEISHU", "WECOM"] {
+        let (status, v, _) = run
+            .post(
+                "/v1/verifications",
+                &json!({"purpose": "login", "channel": channel, "to": "-"}),
+            )
+            .await;
+        assert_eq!(
+            (
+                status,
+                v["error"]["code"].as_str(),
+                v["error"]["field"].as_str()
+            ),
+            (400, Some("group_channel_not_allowed"), Some("channel")),
+            "{channel}: {v}"
+        );
+    }
+
+    // 5. Wrong checks of the current code while a resend is in flight: each one counted is
+    //    carried to the new code (none lost between reading the count and superseding).
+    let race = format!("race-{tag}@example.com");
+    let body = json!({"purpose": "login", "channel": "EMAIL", "to": race});
+    let r1 = run.start(body.clone()).await;
+    let r1_id = r1["id"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        run.check(&r1_id, json!({"code": "00000000"})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Six checkers at once keep the code's row busy for the whole resend.
+    let resending = std::sync::atomic::AtomicBool::new(true);
+    let hammer = || async {
+        let mut counted = 0;
+        for _ in 0..15 {
+            if !resending.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let v = run.check(&r1_id, json!({"code": "00000000"})).await;
+            assert_eq!(v["valid"], false);
+            if v["status"] == "pending" || v["status"] == "max_attempts_reached" {
+                counted += 1;
+            }
+        }
+        counted
+    };
+    let resend = async {
+        let v = run.start(body.clone()).await;
+        resending.store(false, std::sync::atomic::Ordering::Relaxed);
+        v
+    };
+    let checkers = futures::future::join_all((0..6).map(|_| hammer()));
+    let (r2, counts) = tokio::join!(resend, checkers);
+    let counted = 2 + counts.iter().sum::<i64>();
+    let old = api_json(&format!("/v1/verifications/{r1_id}"), LIMITS_API)
+        .await
+        .unwrap();
+    let new = api_json(
+        &format!("/v1/verifications/{}", r2["id"].as_str().unwrap()),
+        LIMITS_API,
+    )
+    .await
+    .unwrap();
+    assert_eq!(old["status"], "superseded", "{old}");
+    assert_eq!(old["attempts"], counted, "every wrong check counted: {old}");
+    assert_eq!(
+        new["attempts"], counted,
+        "every wrong check carried to the new code: {new}"
+    );
+
+    // The client's idle connections closed first: shutdown need not wait for them.
+    drop(run);
+    let mut herald = herald;
+    herald.signal("TERM");
+    assert_eq!(herald.wait_exit(Duration::from_secs(60)), Some(0));
 }
 
 /// Every Kafka record written since `since_ms` (every topic but the broker's own, aborted

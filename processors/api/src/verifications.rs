@@ -5,7 +5,9 @@
 //! destination) in `verifications`, and travels sealed in the published request (template
 //! parameter `code`): no table, topic, event, inbox or log holds it in clear. Rules in
 //! [`herald_domain::verification`]: single use, a wrong-check budget that a resend does not
-//! reset, per-destination cooldown and hourly/daily limits (429 with `Retry-After`).
+//! reset, each app's cooldown and hourly/daily limits per destination (429 with `Retry-After`),
+//! all keyed on the destination normalised once ([`herald_domain::destination`]). Channels whose
+//! providers post to group chats are refused unless the operator lists them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_core::telemetry::names;
-use herald_core::util::{mask_address, message_id, now_ms, random_id, recipient_key};
+use herald_core::util::{mask_address, message_id, now_ms, random_id};
+use herald_domain::destination::{Keyer, Region};
 use herald_domain::verification::{self as v, Keys, Refused};
 use herald_schemas::{Channel, Content, Priority, Recipient, SendRequested};
 use serde::Deserialize;
@@ -57,6 +60,27 @@ pub struct CheckBody {
     pub purpose: Option<String>,
     #[serde(default)]
     pub to: Option<String>,
+}
+
+/// Provider kinds that post to a group chat (a robot's webhook), where every member would read a
+/// code, rather than to one person.
+const GROUP_KINDS: [&str; 3] = ["wecom_robot", "dingtalk_robot", "feishu_bot"];
+
+/// How destinations are keyed: normalised in the configured default region, then HMAC'd.
+fn keyer(state: &ApiState) -> Result<Keyer<'_>, ApiError> {
+    let config = &state.deps.config;
+    let region = Region::parse(&config.verifications.default_region).ok_or_else(|| {
+        // Refused when the config loads; here only if that check is bypassed.
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "invalid_config",
+            "verifications.default_region is not a region",
+        )
+    })?;
+    Ok(Keyer {
+        server_secret: &config.security.secret,
+        region,
+    })
 }
 
 fn bad(code: &'static str, message: impl Into<String>, field: &str) -> ApiError {
@@ -113,17 +137,41 @@ pub async fn start(
             "purpose",
         ));
     }
+    let channel_name = b.channel.as_str().to_ascii_uppercase();
     if b.channel == Channel::Inapp
         || !cfg
             .channels
             .iter()
-            .any(|c| c.eq_ignore_ascii_case(b.channel.as_str()))
+            .any(|c| c.eq_ignore_ascii_case(&channel_name))
     {
+        let robots: Vec<&str> = if b.channel == Channel::Inapp {
+            Vec::new()
+        } else {
+            state
+                .deps
+                .config
+                .providers_for(b.channel)
+                .into_iter()
+                .filter(|p| GROUP_KINDS.contains(&p.kind.as_str()))
+                .map(|p| p.code.as_str())
+                .collect()
+        };
+        if !robots.is_empty() {
+            return Err(bad(
+                "group_channel_not_allowed",
+                format!(
+                    "verification codes are not sent on {channel_name}: its providers ({}) post \
+                     to group chats, where every member would read the code; an operator may \
+                     list {channel_name} in [verifications] channels to allow it",
+                    robots.join(", ")
+                ),
+                "channel",
+            ));
+        }
         return Err(bad(
             "channel_not_allowed",
             format!(
-                "verification codes are not sent on {} (allowed: {})",
-                b.channel.as_str(),
+                "verification codes are not sent on {channel_name} (allowed: {})",
                 cfg.channels.join(", ")
             ),
             "channel",
@@ -164,7 +212,11 @@ pub async fn start(
     let to = b.to.trim().to_owned();
     let id = random_id();
     let secret = &state.deps.config.security.secret;
-    let destination_key = recipient_key(secret, &to);
+    // Every per-destination rule keys on the normalised destination: one mailbox or phone
+    // however the caller writes it. The message still goes to `to` as written.
+    let destination_key = keyer(&state)?
+        .key(b.channel, &to, "to")
+        .map_err(|p| bad(p.code, p.message, &p.field))?;
     let keys = Keys::new(secret);
     // The code exists only here: sealed for the request, and as its MAC.
     let (sealed, mac) = {
@@ -252,7 +304,8 @@ pub async fn start(
         Err(e) => Err(e),
     };
     if let Err(e) = published {
-        // Not sent: it counts against nothing, and cannot be checked.
+        // Not sent: it counts against nothing, and cannot be checked; the code it was to
+        // replace is still valid.
         if let Ok(db) = state.db().await
             && let Err(err) = v::unsent(&db, &id).await
         {
@@ -261,6 +314,18 @@ pub async fn start(
         counted("verifications", "unavailable");
         return Err(e);
     }
+    // Out: now it replaces the older code, with every wrong check that one took meanwhile. If
+    // this fails the new code stays uncheckable and the older one valid (fail closed).
+    let view = {
+        let mut db = state.db().await.map_err(db_err)?;
+        v::published(&mut db, &id).await.map_err(|e| {
+            counted("verifications", "unavailable");
+            db_err(e)
+        })?
+    };
+    let (status, attempts) = view.map_or(("pending".to_owned(), created.attempts), |v| {
+        (v.status, v.attempts)
+    });
     let intake = herald_domain::intake::Intake {
         app_id: app.clone(),
         request_id: id.clone(),
@@ -275,12 +340,12 @@ pub async fn start(
         StatusCode::ACCEPTED,
         Json(json!({
             "id": id,
-            "status": "pending",
+            "status": status,
             "purpose": purpose,
             "channel": req.channel.as_str(),
             "to": masked,
             "expires_at": created.expires_at_ms,
-            "attempts": created.attempts,
+            "attempts": attempts,
             "max_attempts": cfg.max_attempts,
             "message_id": mid,
             "request_id": id,
@@ -301,17 +366,19 @@ pub async fn check(
         return Err(bad("invalid_code", "code is 1–64 characters", "code"));
     }
     let keys = Keys::new(&state.deps.config.security.secret);
-    let claimed_to =
-        b.to.as_deref()
-            .map(|t| recipient_key(&state.deps.config.security.secret, t.trim()));
+    let keyer = keyer(&state)?;
     let mut db = state.db().await.map_err(db_err)?;
     let checked = v::check(
         &mut db,
         &keys,
+        &keyer,
         &app,
         &id,
         b.code.trim(),
-        (b.purpose.as_deref().map(str::trim), claimed_to.as_deref()),
+        (
+            b.purpose.as_deref().map(str::trim),
+            b.to.as_deref().map(str::trim),
+        ),
     )
     .await
     .map_err(db_err)?

@@ -350,13 +350,19 @@ pub struct VerificationsConfig {
     pub max_ttl_secs: u64,
     /// Wrong checks before the code is dead. A resend does not reset the count.
     pub max_attempts: i32,
-    /// Least time between two sends to one destination.
+    /// Least time between two sends by one app to one destination.
     pub resend_interval_secs: u64,
-    /// Most sends to one destination per rolling hour and per rolling day (across apps).
+    /// Most sends by one app to one destination per rolling hour and per rolling day (each app
+    /// has its own: one app's abuse never denies another's codes).
     pub max_sends_per_hour: i64,
     pub max_sends_per_day: i64,
-    /// Channels codes may go out on. `INAPP` is refused: the inbox stores what it shows.
+    /// Channels codes may go out on. `INAPP` is refused: the inbox stores what it shows. The
+    /// default leaves out `WECOM`, `DINGTALK` and `FEISHU`, whose robots post to group chats
+    /// where every member reads the code: list one to allow it.
     pub channels: Vec<String>,
+    /// Region (ISO 3166-1 alpha-2) of phone numbers written without a country code: the limits
+    /// key on numbers in E.164, so `13800138000` and `+8613800138000` are one destination.
+    pub default_region: String,
 }
 
 impl Default for VerificationsConfig {
@@ -369,11 +375,10 @@ impl Default for VerificationsConfig {
             resend_interval_secs: 60,
             max_sends_per_hour: 5,
             max_sends_per_day: 10,
-            channels: [
-                "SMS", "EMAIL", "WECOM", "DINGTALK", "FEISHU", "WECHAT", "WEBHOOK",
-            ]
-            .map(String::from)
-            .to_vec(),
+            channels: ["SMS", "EMAIL", "WECHAT", "WEBHOOK"]
+                .map(String::from)
+                .to_vec(),
+            default_region: "CN".into(),
         }
     }
 }
@@ -876,6 +881,16 @@ impl Config {
                 problems.push(format!("verifications.channels: unknown channel {c:?}"));
             }
         }
+        if <phonenumber::country::Id as std::str::FromStr>::from_str(
+            &v.default_region.trim().to_ascii_uppercase(),
+        )
+        .is_err()
+        {
+            problems.push(format!(
+                "verifications.default_region: {:?} is not a region with phone numbers (ISO 3166-1 alpha-2, e.g. CN)",
+                v.default_region
+            ));
+        }
         for a in &self.security.outbound_allow {
             if let Err(e) = crate::netguard::Allow::parse(a) {
                 problems.push(format!("security.outbound_allow: {e}"));
@@ -1138,6 +1153,7 @@ mod tests {
             [verifications]
             code_length = 3
             channels = ["SMS", "INAPP", "PIGEON"]
+            default_region = "XX"
         "#;
         let mut cfg = Config::parse(text).unwrap();
         cfg.apply_env(|_| None);
@@ -1155,6 +1171,7 @@ mod tests {
             "verifications: code_length must be 4 to 10",
             "verifications.channels: INAPP cannot carry codes",
             "verifications.channels: unknown channel \"PIGEON\"",
+            "verifications.default_region: \"XX\" is not a region",
         ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }

@@ -12,10 +12,13 @@
 //! - [`readmodel`], [`retention`]: the read model's tables and the purge of everything that
 //!   grows with traffic.
 //! - [`redact`]: what leaves in error texts.
+//! - [`destination`]: the one normalised form (and key) of a destination that per-destination
+//!   rules key on: e-mail case, phones in E.164.
 //! - [`verification`]: verification codes: generation, the keyed MAC they are stored as, their
 //!   seal in transit, and the checks and limits.
 
 pub mod dead_letters;
+pub mod destination;
 pub mod device_tokens;
 pub mod event;
 pub mod failure;

@@ -1,7 +1,9 @@
 //! Verification codes (`POST /v1/verifications`, `…/{id}/check`): generated from the operating
 //! system's CSPRNG, stored only as a keyed MAC bound to the app, purpose and destination,
-//! time-limited, single use, with a wrong-check budget a resend does not reset, and sends per
-//! destination limited (cooldown, hourly, daily).
+//! time-limited, single use, with a wrong-check budget a resend does not reset (every check
+//! counted, even one made while a resend is on its way), and each app's sends per destination
+//! limited (cooldown, hourly, daily). Destinations are keyed in their normalised form
+//! ([`crate::destination`]): one mailbox or phone however it is written.
 //!
 //! The code itself is never stored and never travels in clear: the request Herald publishes
 //! carries it **sealed** (ChaCha20-Poly1305 under a key derived from the server secret, the
@@ -217,6 +219,8 @@ pub struct New<'a> {
     pub app_id: &'a str,
     pub purpose: &'a str,
     pub channel: &'a str,
+    /// The destination's key ([`crate::destination::Keyer::key`]: of its normalised form), so
+    /// every spelling of one mailbox or phone meets the same limits and budget.
     pub destination_key: &'a str,
     pub destination_masked: &'a str,
     pub code_mac: &'a [u8],
@@ -235,28 +239,31 @@ pub struct Limits {
 /// Why no new code is sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// Sent to this destination less than the resend interval ago.
+    /// This app sent to this destination less than the resend interval ago.
     Cooldown { retry_after_secs: i64 },
-    /// The hourly or daily limit for this destination.
+    /// This app's hourly or daily limit for this destination.
     TooManySends { retry_after_secs: i64 },
     /// The wrong-check budget of this app, purpose and destination is spent until the last
     /// code expires.
     Locked { retry_after_secs: i64 },
 }
 
-/// The created verification: when it expires, and the wrong checks it starts with (carried
-/// from the code it replaces).
+/// The reserved verification: when it expires, and the wrong checks it starts with (carried
+/// from the code it will replace).
 #[derive(Debug)]
 pub struct Created {
     pub expires_at_ms: i64,
     pub attempts: i32,
 }
 
-/// Records a verification, atomically with the per-destination limits: sends to one
-/// destination are serialised by an advisory lock, the resend interval and the hourly and daily
-/// counts are checked, and a still-valid code of the same app, purpose and destination is
-/// superseded, its wrong checks carried over (a resend buys no more guesses; a spent budget
-/// refuses new codes until the last one expires).
+/// Reserves a verification before its code is published, atomically with the limits: sends of
+/// one app to one destination are serialised by an advisory lock, and the resend interval and
+/// the hourly and daily counts are those of this app and destination (another app's sends
+/// never use them up). The latest code of the same app, purpose and destination is locked and
+/// its wrong checks carried (a resend buys no more guesses; a spent budget refuses new codes
+/// until the last one expires), but it stays valid: the new row is `sending`, uncheckable, until
+/// [`published`] swaps the two once the code is out. If publishing fails, [`unsent`] drops the
+/// new row and the old code is still the user's.
 pub async fn create(
     db: &mut Client,
     v: &New<'_>,
@@ -264,22 +271,23 @@ pub async fn create(
 ) -> Result<Result<Created, Refused>, tokio_postgres::Error> {
     let tx = db.transaction().await?;
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 1213353046))",
-        &[&v.destination_key],
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 1213353046))",
+        &[&v.app_id, &v.destination_key],
     )
     .await?;
     let row = tx
         .query_one(
             "SELECT
-               COALESCE(ceil(EXTRACT(EPOCH FROM max(created_at) + make_interval(secs => $2::bigint) - now()))::bigint, 0),
+               COALESCE(ceil(EXTRACT(EPOCH FROM max(created_at) + make_interval(secs => $3::bigint) - now()))::bigint, 0),
                count(*) FILTER (WHERE created_at > now() - interval '1 hour'),
                COALESCE(ceil(EXTRACT(EPOCH FROM min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
                                   + interval '1 hour' - now()))::bigint, 0),
                count(*),
                COALESCE(ceil(EXTRACT(EPOCH FROM min(created_at) + interval '1 day' - now()))::bigint, 0)
              FROM verifications
-             WHERE destination_key = $1 AND status <> 'unsent' AND created_at > now() - interval '1 day'",
-            &[&v.destination_key, &limits.resend_interval_secs],
+             WHERE app_id = $1 AND destination_key = $2 AND status <> 'unsent'
+               AND created_at > now() - interval '1 day'",
+            &[&v.app_id, &v.destination_key, &limits.resend_interval_secs],
         )
         .await?;
     let (cooldown, hour, hour_wait, day, day_wait): (i64, i64, i64, i64, i64) =
@@ -299,22 +307,23 @@ pub async fn create(
             retry_after_secs: day_wait.max(1),
         }));
     }
-    // The latest code of this app, purpose and destination still valid: its wrong checks carry
-    // over; it is superseded by the new one.
+    // The latest published code of this app, purpose and destination still valid, locked: a
+    // check of it in flight finishes first, so the count read here is its count.
     let prior = tx
         .query_opt(
-            "SELECT id, status, attempts,
+            "SELECT status, attempts,
                     GREATEST(ceil(EXTRACT(EPOCH FROM expires_at - now()))::bigint, 1)
              FROM verifications
              WHERE app_id = $1 AND purpose = $2 AND destination_key = $3 AND expires_at > now()
-             ORDER BY created_at DESC LIMIT 1",
+               AND status IN ('pending', 'approved', 'max_attempts_reached')
+             ORDER BY created_at DESC LIMIT 1
+             FOR UPDATE",
             &[&v.app_id, &v.purpose, &v.destination_key],
         )
         .await?;
     let mut attempts = 0;
     if let Some(p) = prior {
-        let (pid, status, tried, left): (String, String, i32, i64) =
-            (p.get(0), p.get(1), p.get(2), p.get(3));
+        let (status, tried, left): (String, i32, i64) = (p.get(0), p.get(1), p.get(2));
         if status != "approved" {
             if tried >= limits.max_attempts {
                 return Ok(Err(Refused::Locked {
@@ -322,20 +331,15 @@ pub async fn create(
                 }));
             }
             attempts = tried;
-            tx.execute(
-                "UPDATE verifications SET status = 'superseded', decided_at = now()
-                 WHERE id = $1 AND status = 'pending'",
-                &[&pid],
-            )
-            .await?;
         }
     }
+    // clock_timestamp(): rows of one destination are ordered as the lock let them in.
     let expires: i64 = tx
         .query_one(
             "INSERT INTO verifications (id, app_id, purpose, channel, destination_key,
                  destination_masked, code_mac, status, attempts, max_attempts, message_id,
-                 expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9, $10,
+                 created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, $9, $10, clock_timestamp(),
                      now() + make_interval(secs => $11::bigint))
              RETURNING (EXTRACT(EPOCH FROM expires_at) * 1000)::bigint",
             &[
@@ -361,8 +365,50 @@ pub async fn create(
     }))
 }
 
+/// The code reserved by [`create`] is published: it becomes checkable and supersedes the older
+/// live codes of its app, purpose and destination. Those are locked first, so every wrong check
+/// they took while the code was on its way (counted on them under the same row lock) is carried
+/// over: the new code starts with the highest count among them and itself. The new code's view
+/// after it (`max_attempts_reached` if those checks spent the budget); `None` when it was not
+/// `sending` any more.
+pub async fn published(db: &mut Client, id: &str) -> Result<Option<View>, tokio_postgres::Error> {
+    let tx = db.transaction().await?;
+    let older = tx
+        .query(
+            "SELECT o.id, o.attempts FROM verifications o
+               JOIN verifications n ON n.id = $1
+             WHERE o.app_id = n.app_id AND o.purpose = n.purpose
+               AND o.destination_key = n.destination_key AND o.created_at < n.created_at
+               AND o.expires_at > now() AND o.status IN ('pending', 'max_attempts_reached')
+             ORDER BY o.created_at, o.id
+             FOR UPDATE OF o",
+            &[&id],
+        )
+        .await?;
+    let ids: Vec<String> = older.iter().map(|r| r.get(0)).collect();
+    let carried: i32 = older.iter().map(|r| r.get(1)).max().unwrap_or(0);
+    tx.execute(
+        "UPDATE verifications SET status = 'superseded', decided_at = now()
+         WHERE id = ANY($1) AND status = 'pending'",
+        &[&ids],
+    )
+    .await?;
+    let sql = format!(
+        "UPDATE verifications SET attempts = GREATEST(attempts, $2),
+             status = CASE WHEN GREATEST(attempts, $2) >= max_attempts
+                           THEN 'max_attempts_reached' ELSE 'pending' END,
+             decided_at = CASE WHEN GREATEST(attempts, $2) >= max_attempts THEN now() END
+         WHERE id = $1 AND status = 'sending'
+         RETURNING {VIEW_COLUMNS}"
+    );
+    let row = tx.query_opt(&sql, &[&id, &carried]).await?;
+    tx.commit().await?;
+    Ok(row.as_ref().map(view))
+}
+
 /// The code was never published (the transport refused it): it does not count against the
-/// destination's limits and cannot be checked. Its wrong checks stay for the next one.
+/// destination's limits and cannot be checked. The code it was to replace stays valid, with its
+/// wrong checks.
 pub async fn unsent(db: &Client, id: &str) -> Result<(), tokio_postgres::Error> {
     db.execute(
         "UPDATE verifications SET status = 'unsent', decided_at = now() WHERE id = $1",
@@ -379,8 +425,9 @@ pub struct View {
     pub purpose: String,
     pub channel: String,
     pub to: String,
-    /// `pending`, `approved`, `max_attempts_reached`, `expired`, `superseded`, `unsent`
-    /// (and `used` as a check's answer for an approved one).
+    /// `pending`, `approved`, `max_attempts_reached`, `expired`, `superseded`, `unsent`,
+    /// `sending` (published but never made checkable: the database failed right after), and
+    /// `used` as a check's answer for an approved one.
     pub status: String,
     pub attempts: i32,
     pub max_attempts: i32,
@@ -427,12 +474,16 @@ pub struct Checked {
 }
 
 /// Checks a code. The row is locked for the check, so two concurrent right answers cannot both
-/// pass; a wrong one (or one for another purpose or destination) spends one of the budget, and
-/// the last one kills the code. An approved, superseded, expired or dead code is never
-/// approved (and does not count). `None`: no such verification for this app.
+/// pass, and a resend reading its count waits for it; a wrong one (or one for another purpose or
+/// destination) spends one of the budget, and the last one kills the code. An approved,
+/// superseded, expired, dead or not yet published code is never approved (and does not count).
+/// `claimed` is the purpose and destination the caller expects, if it names them: they are part
+/// of the MAC, the destination in its normalised form (an address that is not one of the
+/// code's channel never matches). `None`: no such verification for this app.
 pub async fn check(
     db: &mut Client,
     keys: &Keys,
+    keyer: &crate::destination::Keyer<'_>,
     app: &str,
     id: &str,
     code: &str,
@@ -456,11 +507,14 @@ pub async fn check(
         }));
     }
     let stored: Vec<u8> = row.get(11);
-    let destination_key: String = row.get(12);
-    // The caller may name the purpose and destination it expects; they are part of the MAC.
     let purpose = claimed.0.unwrap_or(&v.purpose);
-    let destination = claimed.1.unwrap_or(&destination_key);
-    let right = same_mac(&stored, &keys.code_mac(app, purpose, destination, code));
+    let destination = match claimed.1 {
+        None => Some(row.get::<_, String>(12)),
+        Some(to) => herald_schemas::Channel::parse(&v.channel)
+            .and_then(|channel| keyer.key(channel, to, "to").ok()),
+    };
+    let right =
+        destination.is_some_and(|d| same_mac(&stored, &keys.code_mac(app, purpose, &d, code)));
     if right {
         tx.execute(
             "UPDATE verifications SET status = 'approved', decided_at = now() WHERE id = $1",
