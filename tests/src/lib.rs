@@ -431,3 +431,22 @@ pub async fn await_status(api: u16, id: &str, status: &str) {
     })
     .await;
 }
+
+/// An `application/x-www-form-urlencoded` body (every byte but `[A-Za-z0-9-_.~]` escaped).
+pub fn form_body(pairs: &[(&str, &str)]) -> String {
+    let enc = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}

@@ -94,8 +94,13 @@ pub async fn serve_admin(deps: Deps, shutdown: CancellationToken) -> Result<(), 
         .await
         .map_err(|e| StageError::Fatal(format!("admin listen {listen}: {e}")))?;
     info!(%listen, "admin (/metrics, /health) listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    // The same bounds as every listener (header and body time, connections); scrapes and
+    // probes are few.
+    let limits = crate::serve::Limits {
+        max_connections: 64,
+        ..Default::default()
+    };
+    crate::serve::serve(listener, app, limits, shutdown)
         .await
         .map_err(|e| StageError::Fatal(format!("admin: {e}")))
 }

@@ -249,6 +249,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// How long a client may take to send its request headers (API and callback listeners).
     pub header_read_timeout_ms: u64,
+    /// How long a client may take, after its headers, to send the whole request body (API and
+    /// callback listeners): a body trickled slowly is cut off with 408.
+    pub body_read_timeout_ms: u64,
     /// Most connections open at once on each listener; more wait in the backlog.
     pub max_connections: usize,
     /// Most live inbox streams (SSE) one app may hold open on one API process.
@@ -262,6 +265,7 @@ impl Default for ApiConfig {
             signature_window_secs: 300,
             max_body_bytes: 1 << 20,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
             max_connections: 4096,
             max_streams_per_app: 100,
         }
@@ -273,6 +277,7 @@ impl ApiConfig {
     pub fn limits(&self) -> crate::serve::Limits {
         crate::serve::Limits {
             header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            body_read_timeout: std::time::Duration::from_millis(self.body_read_timeout_ms.max(1)),
             max_connections: self.max_connections.max(1),
             ..Default::default()
         }

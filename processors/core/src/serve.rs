@@ -1,13 +1,25 @@
-//! The HTTP server every listener of Herald's runs (gateway and read API, provider callbacks):
-//! axum's router on hyper, with bounds a caller cannot push past. Headers must arrive within
-//! [`Limits::header_read_timeout`] (slow-header clients are cut off), at most
+//! The HTTP server every listener of Herald's runs (gateway and read API, provider callbacks,
+//! console, admin): axum's router on hyper, with bounds a caller cannot push past. Headers must
+//! arrive within [`Limits::header_read_timeout`] (slow-header clients are cut off), a request's
+//! whole body within [`Limits::body_read_timeout`] of its headers (a body trickled a byte at a
+//! time is cut off with 408, whatever the gaps between its bytes), at most
 //! [`Limits::max_connections`] connections are open at once (more wait in the kernel's backlog,
-//! then are refused), and shutdown drains open connections within a bounded time.
+//! then are refused), and shutdown drains open connections within a bounded time. Handlers see
+//! the peer's address as axum's `ConnectInfo<SocketAddr>`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -21,6 +33,8 @@ use tracing::{debug, warn};
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// Longest time from a request's headers to the end of its body.
+    pub body_read_timeout: Duration,
     pub max_connections: usize,
     /// How long shutdown waits for open connections.
     pub drain: Duration,
@@ -30,6 +44,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
             drain: Duration::from_secs(10),
         }
@@ -43,6 +58,28 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let body_timeout = limits.body_read_timeout;
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: Request<Body>, next: axum::middleware::Next| async move {
+            let deadline = tokio::time::Instant::now() + body_timeout;
+            let fired = Arc::new(AtomicBool::new(false));
+            let (parts, body) = req.into_parts();
+            let body = Body::new(Deadline {
+                inner: body,
+                sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                limit: body_timeout,
+                fired: fired.clone(),
+            });
+            let resp = next.run(Request::from_parts(parts, body)).await;
+            // Whatever the handler made of the failed read (extractors answer 400), the
+            // caller learns what happened.
+            if fired.load(Ordering::Relaxed) {
+                metrics::counter!(crate::telemetry::names::BODY_TIMEOUTS).increment(1);
+                return body_timeout_response(body_timeout);
+            }
+            resp
+        },
+    ));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
@@ -76,7 +113,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let with_peer = router
+            .clone()
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let service = TowerToHyperService::new(with_peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -110,6 +153,67 @@ pub async fn serve(
     Ok(())
 }
 
+/// A request body that fails once its deadline passes (measured from the headers, not between
+/// frames: a trickle of bytes does not keep it alive).
+struct Deadline {
+    inner: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    fired: Arc<AtomicBool>,
+}
+
+/// The error a body past its deadline fails with; [`timed_out_answer`] recognises it.
+#[derive(Debug)]
+struct BodyTimedOut(Duration);
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body did not arrive within {} ms", self.0.as_millis())
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl HttpBody for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.fired.store(true, Ordering::Relaxed);
+            let limit = self.limit;
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut(limit)))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The 408 answer for a body that did not arrive in time.
+fn body_timeout_response(limit: Duration) -> Response {
+    let body = serde_json::json!({"error": {
+        "code": "body_timeout",
+        "message": BodyTimedOut(limit).to_string(),
+        "field": null,
+    }});
+    let mut resp = (StatusCode::REQUEST_TIMEOUT, axum::Json(body)).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +238,7 @@ mod tests {
             header_read_timeout: Duration::from_millis(300),
             max_connections: 1,
             drain: Duration::from_secs(1),
+            ..Limits::default()
         };
         let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let server = tokio::spawn(serve(listener, router, limits, stop.clone()));
@@ -166,6 +271,63 @@ mod tests {
         let closed =
             tokio::time::timeout(Duration::from_secs(5), kept.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "an idle keep-alive connection is closed");
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    /// A body trickled a byte at a time is cut off once the body-read time has passed since
+    /// its headers (408 in the JSON error shape), however short the gaps between its bytes; a
+    /// body sent at once is read, and handlers see the peer's address.
+    #[tokio::test]
+    async fn a_trickled_body_is_cut_off_and_handlers_see_the_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            body_read_timeout: Duration::from_millis(800),
+            ..Limits::default()
+        };
+        let router = Router::new().route(
+            "/",
+            axum::routing::post(
+                |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, body: Bytes| async move {
+                    format!("{peer} {}", body.len())
+                },
+            ),
+        );
+        let server = tokio::spawn(serve(listener, router, limits, stop.clone()));
+
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let trickle = async {
+            for _ in 0..100 {
+                if slow.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(1_500), trickle).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"body_timeout\""), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        let mut quick = TcpStream::connect(addr).await.unwrap();
+        let me = quick.local_addr().unwrap();
+        quick
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        quick.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with(&format!("{me} 3")), "{out}");
         stop.cancel();
         server.await.unwrap().unwrap();
     }

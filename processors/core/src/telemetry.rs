@@ -59,6 +59,9 @@ pub mod names {
     /// Entries of a dead consumer are taken over after `claim_idle`, so outside the delay tiers
     /// (which hold records for up to a tier's length) this stays below `claim_idle` plus a batch.
     pub const PENDING_OLDEST_SECONDS: &str = "herald_stage_pending_oldest_seconds";
+    /// Requests whose body did not arrive within the listener's body-read timeout (answered
+    /// 408, connection closed).
+    pub const BODY_TIMEOUTS: &str = "herald_http_body_timeouts_total";
 }
 
 /// Every metric Herald exports (README's metrics section is checked against this list, and a
@@ -95,6 +98,7 @@ pub const ALL: &[&str] = &[
     names::OUTBOX_BACKLOG,
     names::START_RETRIES,
     names::PENDING_OLDEST_SECONDS,
+    names::BODY_TIMEOUTS,
 ];
 
 /// Sets a consumer group's lag on one partition ([`names::CONSUMER_LAG`]).

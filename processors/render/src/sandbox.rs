@@ -213,6 +213,11 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// The running child's process id (none before the first use or after a death).
+    pub fn child_id(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.process.id())
+    }
+
     /// This executable as the child.
     pub fn current_exe() -> Result<PathBuf, SandboxError> {
         std::env::current_exe().map_err(|source| SandboxError::Spawn {
@@ -298,7 +303,10 @@ impl Sandbox {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            // A child killed by its limit says so in one line, without a backtrace.
+            // The child renders what apps wrote: it gets none of the parent's environment (the
+            // server secret, provider credentials, database URLs), only what it needs. A child
+            // killed by its limit says so in one line, without a backtrace.
+            .env_clear()
             .env("RUST_BACKTRACE", "0")
             .kill_on_drop(true)
             .spawn()

@@ -130,3 +130,23 @@ async fn a_missing_executable_is_an_error_not_a_failed_message() {
         .unwrap();
     assert!(matches!(err, SandboxError::Spawn { .. }), "{err}");
 }
+
+/// The child renders what apps wrote: none of the parent's environment (the server secret,
+/// provider credentials, database URLs) reaches it.
+#[tokio::test]
+async fn the_child_starts_with_a_clean_environment() {
+    let program = env!("CARGO_BIN_EXE_herald-render").into();
+    // The test process's own environment stands for the parent's: PATH and HOME at least.
+    assert!(std::env::var_os("PATH").is_some());
+    let sandbox = Sandbox::start(program, limits(), vec![template("hello", "Hi")])
+        .await
+        .unwrap();
+    let pid = sandbox.child_id().expect("a running child");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v.split(|b| *b == b'=').next().unwrap_or(v)).into_owned())
+        .collect();
+    assert_eq!(names, ["RUST_BACKTRACE"], "the child's environment");
+}
