@@ -82,7 +82,10 @@ impl Run {
             .post(self.url("/login"))
             .header("Origin", self.url(""))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form_body(&[("name", "admin"), ("password", ADMIN_PASSWORD)]))
+            .body(form_body(&[
+                ("name", "admin"),
+                ("password", ADMIN_PASSWORD),
+            ]))
             .send()
             .await
             .unwrap();
@@ -190,7 +193,10 @@ async fn a_console_preview_of_a_hostile_template_exhausts_only_the_render_child(
     let ok = run
         .preview(&session, "Hi {{ name }}", r#"{"name": "<b>Ann</b>"}"#)
         .await;
-    assert!(ok.contains("id=\"preview-text\">Hi &lt;b&gt;Ann&lt;/b&gt;<"), "{ok}");
+    assert!(
+        ok.contains("id=\"preview-text\">Hi &lt;b&gt;Ann&lt;/b&gt;<"),
+        "{ok}"
+    );
     let missing = run.preview(&session, "Hi {{ name }}", "{}").await;
     assert!(missing.contains("id=\"preview-error\""), "{missing}");
 
@@ -218,9 +224,259 @@ async fn a_console_preview_of_a_hostile_template_exhausts_only_the_render_child(
         "Herald still runs"
     );
     // The next preview gets a new child.
-    let again = run.preview(&session, "Hello {{ name }}", r#"{"name": "Bo"}"#).await;
+    let again = run
+        .preview(&session, "Hello {{ name }}", r#"{"name": "Bo"}"#)
+        .await;
     assert!(again.contains("Hello Bo"), "{again}");
     run.still_delivers("after-preview").await;
     let _ = run.admin;
     run.stop();
+}
+
+/// Sends a request's headers (declaring a 200-byte body) to `port`, then trickles its body a
+/// byte every 300 ms for up to 8 s: the raw answer and when it came.
+async fn trickle(port: u16, path: &str, content_type: &str) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
+             Content-Length: 200\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..27 {
+            if wr.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut answer)).await;
+    let took = started.elapsed();
+    writer.abort();
+    (String::from_utf8_lossy(&answer).into_owned(), took)
+}
+
+/// Finding 7: no listener lets a client hold a connection by trickling its body. The gateway,
+/// the provider-callback listener and the console each answer a body still arriving after
+/// `body_read_timeout_ms` (1 s here) with 408 `body_timeout` and close the connection, long
+/// before the trickle would have ended; then a normal message is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_trickled_a_byte_at_a_time_is_cut_off_on_every_listener() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin, console) = (18_620, 19_620, 18_625);
+    // The body bound from the config, shortened for the test.
+    let cfg_text = std::fs::read_to_string(config_path()).unwrap().replacen(
+        "[api]\n",
+        "[api]\nbody_read_timeout_ms = 1000\n",
+        1,
+    );
+    assert!(
+        cfg_text.contains("body_read_timeout_ms = 1000"),
+        "config layout changed"
+    );
+    let cfg = std::env::temp_dir().join("herald-hostile-surface-slow.toml");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let mut env = herald_env(api, admin);
+    env.push(("HERALD_CONSOLE_LISTEN", format!("127.0.0.1:{console}")));
+    env.push(("HERALD_CONSOLE_ADMIN_HASH", hash(ADMIN_PASSWORD)));
+    env.push(("HERALD_CONSOLE_VIEWER_HASH", hash("viewer-unused-here")));
+    let mut herald = Herald::start(&cfg, &env);
+    api_up(api).await;
+    eventually(
+        Duration::from_secs(60),
+        "the console answers",
+        || async move {
+            reqwest::get(format!("http://127.0.0.1:{console}/health"))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
+    for (port, path, content_type) in [
+        (api, "/v1/messages".to_owned(), "application/json"),
+        (
+            api + 1,
+            format!("/callbacks/aliyun-sim/{token}"),
+            "application/json",
+        ),
+        (
+            console,
+            "/login".to_owned(),
+            "application/x-www-form-urlencoded",
+        ),
+    ] {
+        let (answer, took) = trickle(port, &path, content_type).await;
+        println!("trickled body to :{port}{path}: answered in {took:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{port}{path}: {answer}");
+        assert!(answer.contains("body_timeout"), "{port}{path}: {answer}");
+        assert!(took < Duration::from_secs(5), "{port}{path}: held {took:?}");
+    }
+    let body = json!({"channel": "EMAIL", "template": "welcome",
+        "params": {"name": "Ada", "product": "Herald"},
+        "recipients": [{"address": format!("{}@example.com", unique("after-slow"))}]});
+    let id = send_message(api, &body).await;
+    await_status(api, &id, "delivered").await;
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+}
+
+/// Finding 2: the template store is bounded. A template over `max_bytes` is refused (413
+/// `template_too_large`), only the newest `versions_kept` versions of a code are kept, an app
+/// cannot own more than `codes_per_app` codes (409 `too_many_templates`), and storing is rate
+/// limited per app (429 with `Retry-After`). The newest version still renders a message, and a
+/// normal message is delivered after all of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_template_store_is_bounded_in_size_versions_codes_and_rate() {
+    let _serial = SERIAL.lock().await;
+    let app = unique("tstore").replace('-', "_");
+    let secret = "template-store-app-secret-1";
+    let edit = format!(
+        "\n[template_store]\nmax_bytes = 4096\nversions_kept = 3\ncodes_per_app = 4\nputs_per_minute = 20\n\
+         \n[[apps]]\nid = \"{app}\"\nsecret_env = \"HERALD_APP_TSTORE_SECRET\"\n"
+    );
+    let cfg = std::env::temp_dir().join("herald-hostile-surface-store.toml");
+    let mut text = std::fs::read_to_string(config_path()).unwrap();
+    text.push_str(&edit);
+    std::fs::write(&cfg, text).unwrap();
+    let (api, admin) = (18_630, 19_630);
+    let mut env = herald_env(api, admin);
+    env.push(("HERALD_APP_TSTORE_SECRET", secret.to_owned()));
+    let mut herald = Herald::start(&cfg, &env);
+    api_up(api).await;
+    let put = |code: String, text: String| {
+        let app = app.clone();
+        async move {
+            let body = serde_json::to_vec(&json!({"channel": "EMAIL", "subject": "S",
+                "text": text}))
+            .unwrap();
+            let r = signed_as(
+                &app,
+                secret,
+                "PUT",
+                &format!("/v1/templates/{code}"),
+                &body,
+                api,
+            )
+            .send()
+            .await
+            .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, v, retry)
+        }
+    };
+
+    // Too large: refused with its size, nothing stored.
+    let (status, v, _) = put("big".into(), "x".repeat(8 * 1024)).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(v["error"]["code"], "template_too_large", "{v}");
+
+    // Six versions of one code: the newest three are kept, the newest renders.
+    for i in 1..=6 {
+        let (status, v, _) = put("kept".into(), format!("version {i} for {{{{ name }}}}")).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["version"], i, "{v}");
+    }
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .unwrap();
+    let versions: Vec<i32> = db
+        .query(
+            "SELECT version FROM templates WHERE app_id = $1 AND code = 'kept' ORDER BY version",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [4, 5, 6]);
+    let body = serde_json::to_vec(&json!({"channel": "EMAIL", "template": "kept",
+        "params": {"name": "Ada"},
+        "recipients": [{"address": format!("{}@example.com", unique("kept"))}]}))
+    .unwrap();
+    let r = signed_as(&app, secret, "POST", "/v1/messages", &body, api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["message_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(
+        Duration::from_secs(90),
+        "the newest version renders",
+        || {
+            let (app, id) = (app.clone(), id.clone());
+            async move {
+                let r = signed_as(&app, secret, "GET", &format!("/v1/messages/{id}"), b"", api)
+                    .send()
+                    .await
+                    .ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                (v["status"] == "delivered").then_some(())
+            }
+        },
+    )
+    .await;
+    let row: Option<i32> = db
+        .query_one(
+            "SELECT template_version FROM messages WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(row, Some(6), "rendered with the newest version");
+
+    // Codes per app: four in all ("kept" and three more), the fifth refused.
+    for c in ["c1", "c2", "c3"] {
+        let (status, v, _) = put(c.into(), "Hello".into()).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let (status, v, _) = put("c4".into(), "Hello".into()).await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_templates", "{v}");
+    // A new version of a code the app has is still fine.
+    assert_eq!(put("c1".into(), "Hello again".into()).await.0, 201);
+
+    // The rate: 20 a minute, of which 12 are spent; the rest go, then 429 with Retry-After.
+    let mut limited = None;
+    for i in 0..20 {
+        let (status, v, retry) = put("c2".into(), format!("Hello {i}")).await;
+        if status == 429 {
+            assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+            limited = retry;
+            break;
+        }
+        assert_eq!(status, 201, "{v}");
+    }
+    let retry: u64 = limited.expect("429 within the minute").parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+
+    let body = json!({"channel": "EMAIL", "template": "welcome",
+        "params": {"name": "Ada", "product": "Herald"},
+        "recipients": [{"address": format!("{}@example.com", unique("after-store"))}]});
+    let id = send_message(api, &body).await;
+    await_status(api, &id, "delivered").await;
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
 }

@@ -65,6 +65,8 @@ pub struct ApiState {
     pub guard: herald_core::netguard::Guard,
     /// Live inbox streams per app.
     pub streams: Arc<inbox::StreamSlots>,
+    /// Template stores per app per minute (`[template_store] puts_per_minute`), per API process.
+    pub template_puts: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl ApiState {
@@ -953,6 +955,10 @@ pub async fn build_state(deps: Deps) -> Result<Arc<ApiState>, StageError> {
             ))
         })
         .collect();
+    let template_puts = governor::RateLimiter::keyed(governor::Quota::per_minute(
+        std::num::NonZeroU32::new(deps.config.template_store.puts_per_minute)
+            .unwrap_or(std::num::NonZeroU32::MIN),
+    ));
     let inbox = inbox::listen(deps.config.postgres.url.clone());
     let secrets = deps
         .config
@@ -996,6 +1002,7 @@ pub async fn build_state(deps: Deps) -> Result<Arc<ApiState>, StageError> {
         limits,
         guard: herald_core::netguard::Guard::new(&deps_guard),
         streams: Default::default(),
+        template_puts,
     });
     Ok(state)
 }

@@ -35,6 +35,21 @@ pub async fn put_template(
     Path(code): Path<String>,
     Signed { app, body }: Signed,
 ) -> Result<Response, ApiError> {
+    // Every render child and watcher loads the store: an app may not grow it at will.
+    if let Err(not_until) = state.template_puts.check_key(&app) {
+        use governor::clock::Clock;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "app {app} stores at most {} templates a minute",
+                state.deps.config.template_store.puts_per_minute
+            ),
+        );
+        e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        return Err(e);
+    }
     // The body is a template as in the config file, minus `code` (the path) and `version`
     // (the store assigns the next one).
     let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
@@ -86,14 +101,32 @@ pub async fn put_template(
             "no content",
         ));
     }
+    let bounds = &state.deps.config.template_store;
+    herald_domain::templates::check_size(&t, bounds).map_err(put_error)?;
     // The same compiler the render stage uses: a template that would not render is refused.
     herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_template", e))?;
-    let mut db = state.deps.postgres().await.map_err(db_err)?;
-    let stored = herald_domain::templates::put(&mut db, &app, t)
+    let mut db = state.db().await.map_err(db_err)?;
+    let stored = herald_domain::templates::put(&mut db, &app, t, bounds)
         .await
-        .map_err(db_err)?;
+        .map_err(put_error)?;
     Ok((StatusCode::CREATED, Json(view(&stored))).into_response())
+}
+
+/// The store's refusal in the JSON error shape.
+fn put_error(e: herald_domain::templates::PutError) -> ApiError {
+    use herald_domain::templates::PutError;
+    match e {
+        PutError::TooLarge { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "template_too_large",
+            e.to_string(),
+        ),
+        PutError::TooManyCodes { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "too_many_templates", e.to_string()).field("code")
+        }
+        PutError::Db(e) => db_err(e),
+    }
 }
 
 pub async fn get_template(

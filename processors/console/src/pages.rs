@@ -638,6 +638,16 @@ fn edited(code: &str, e: &Edit) -> Result<TemplateConfig, String> {
     Ok(t)
 }
 
+/// The provider fields of `prev` (the version an edit replaces) on `t`, which the form has none of.
+fn keep_provider_fields(t: &mut TemplateConfig, prev: TemplateConfig) {
+    if t.channel != prev.channel {
+        return;
+    }
+    t.provider_template = prev.provider_template;
+    t.provider_params = prev.provider_params;
+    t.provider_templates = prev.provider_templates;
+}
+
 /// Renders the edited template against the sample parameters through the render stage's
 /// compiler and renderer (strict about missing parameters, HTML escaped): an HTML fragment.
 pub async fn preview(
@@ -762,16 +772,30 @@ pub async fn publish(
         return r.into_response();
     }
     let back = |msg: &str| template_page(&code, &e.app, msg);
-    let t = match edited(&code, &e) {
+    let mut t = match edited(&code, &e) {
         Ok(t) => t,
         Err(m) => return back(&format!("not published: {m}")),
     };
+    let bounds = &console.deps().config.template_store;
+    if let Err(m) = herald_domain::templates::check_size(&t, bounds) {
+        return back(&format!("not published: {m}"));
+    }
     if let Err(m) = herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
     {
         return back(&format!("not published: {m}"));
     }
     let mut db = tri!(console.deps().postgres().await);
-    let stored = tri!(herald_domain::templates::put(&mut db, &e.app, t).await);
+    // The form edits the texts; what the provider needs (an SMS or WeChat template id and its
+    // parameters) is carried over from the version it replaces, or SMS sent with the new
+    // version would fail with missing_provider_template.
+    if let Some(prev) = tri!(herald_domain::templates::get(&db, &e.app, &code, None).await) {
+        keep_provider_fields(&mut t, prev);
+    }
+    let stored = match herald_domain::templates::put(&mut db, &e.app, t, bounds).await {
+        Ok(s) => s,
+        Err(herald_domain::templates::PutError::Db(e)) => return unavailable(&e.to_string()),
+        Err(m) => return back(&format!("not published: {m}")),
+    };
     let _ = herald_domain::dead_letters::audit(
         &db,
         &op.name,
@@ -1013,6 +1037,35 @@ mod tests {
         assert_eq!(m.template.as_deref(), Some("t"));
         assert_eq!(m.params["name"], "<b>Ann</b>");
         assert!(preview_input("t", &e("not json")).is_err());
+    }
+
+    #[test]
+    fn a_published_edit_keeps_the_provider_template_it_replaces() {
+        let mut prev = edited("verify_code", &edit("SMS", "Your code is {{ code }}")).unwrap();
+        prev.provider_template = Some("SMS_123".into());
+        prev.provider_params = [("code".to_owned(), "{{ code }}".to_owned())].into();
+        let mut t = edited("verify_code", &edit("SMS", "Code: {{ code }}")).unwrap();
+        keep_provider_fields(&mut t, prev.clone());
+        assert_eq!(t.provider_template.as_deref(), Some("SMS_123"));
+        assert_eq!(t.provider_params, prev.provider_params);
+        assert_eq!(t.text.as_deref(), Some("Code: {{ code }}"));
+        // Another channel's provider fields do not apply.
+        let mut mail = edited("verify_code", &edit("EMAIL", "Code: {{ code }}")).unwrap();
+        keep_provider_fields(&mut mail, prev);
+        assert!(mail.provider_template.is_none());
+    }
+
+    fn edit(channel: &str, text: &str) -> Edit {
+        Edit {
+            csrf: String::new(),
+            app: String::new(),
+            channel: channel.into(),
+            subject: String::new(),
+            text: text.into(),
+            html: String::new(),
+            markdown: String::new(),
+            params: String::new(),
+        }
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub struct Config {
     pub security: SecurityConfig,
     pub retention: RetentionConfig,
     pub verifications: VerificationsConfig,
+    pub template_store: TemplateStoreConfig,
     pub apps: Vec<AppConfig>,
     pub providers: Vec<ProviderConfig>,
     pub templates: Vec<TemplateConfig>,
@@ -67,6 +68,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             retention: RetentionConfig::default(),
             verifications: VerificationsConfig::default(),
+            template_store: TemplateStoreConfig::default(),
             apps: Vec::new(),
             providers: Vec::new(),
             templates: Vec::new(),
@@ -384,6 +386,34 @@ impl Default for VerificationsConfig {
                 .map(String::from)
                 .to_vec(),
             default_region: "CN".into(),
+        }
+    }
+}
+
+/// Bounds of the template store that apps write through `PUT /v1/templates/{code}` and operators
+/// through the console: every template is loaded by every render child and watcher, so no app may
+/// grow it without limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplateStoreConfig {
+    /// Largest template: its subject, texts and provider fields together, in bytes.
+    pub max_bytes: usize,
+    /// Versions kept per template code and app; older ones are deleted when a new one is stored
+    /// (only the newest renders).
+    pub versions_kept: usize,
+    /// Template codes one app may own.
+    pub codes_per_app: usize,
+    /// Templates one app may store per minute (per API process).
+    pub puts_per_minute: u32,
+}
+
+impl Default for TemplateStoreConfig {
+    fn default() -> Self {
+        TemplateStoreConfig {
+            max_bytes: 64 * 1024,
+            versions_kept: 20,
+            codes_per_app: 1000,
+            puts_per_minute: 60,
         }
     }
 }
@@ -1063,6 +1093,16 @@ impl Config {
         }
         if self.pipeline.batch_max == 0 {
             problems.push("pipeline.batch_max must be positive".into());
+        }
+        let ts = &self.template_store;
+        if ts.max_bytes == 0 || ts.max_bytes > 1 << 20 {
+            problems.push("template_store.max_bytes must be 1 to 1048576".into());
+        }
+        if ts.versions_kept == 0 || ts.codes_per_app == 0 || ts.puts_per_minute == 0 {
+            problems.push(
+                "template_store.versions_kept, codes_per_app and puts_per_minute must be positive"
+                    .into(),
+            );
         }
         if self.kafka.partitions < 1 {
             problems.push("kafka.partitions must be positive".into());

@@ -3,6 +3,11 @@
 //! `PUT /v1/templates/{code}` adds the next version. Render workers (and accept, and the gateway,
 //! which check that a template exists) reload when the store changes, checking at most once a
 //! second, so every worker renders with the same versions.
+//!
+//! The store is bounded ([`herald_core::config::TemplateStoreConfig`]): a template's size, the
+//! versions kept per code (older ones are deleted as new ones are stored), the codes per app.
+//! Watchers hold only what renders — the newest version of each (app, code) — and read only
+//! the rows added since they last looked (plus a full reload every few minutes).
 
 pub mod compile;
 
@@ -10,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use herald_core::config::TemplateConfig;
+use herald_core::config::{TemplateConfig, TemplateStoreConfig};
 
 fn to_json(t: &TemplateConfig) -> String {
     serde_json::to_string(t).unwrap_or_default()
@@ -20,7 +25,6 @@ fn owner(t: &TemplateConfig) -> &str {
     t.app.as_deref().unwrap_or("")
 }
 
-/// Stores the config file's templates (versions already stored are left alone).
 /// A stage's connection for its template watch, with the configured templates stored (waiting
 /// for PostgreSQL at start like [`crate::schema::migrated`]).
 pub async fn seeded(
@@ -36,6 +40,7 @@ pub async fn seeded(
     .await
 }
 
+/// Stores the config file's templates (versions already stored are left alone).
 pub async fn seed(db: &Client, templates: &[TemplateConfig]) -> Result<(), tokio_postgres::Error> {
     for t in templates {
         db.execute(
@@ -91,20 +96,87 @@ pub async fn get(
     }))
 }
 
+/// Why a template was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    #[error("the template is {size} bytes, over the store's limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("app {app} already has {max} template codes, the store's limit")]
+    TooManyCodes { app: String, max: usize },
+    #[error("{}", herald_core::runtime::pg_error_ref(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// A template's size as the store bounds it: its subject, texts and provider fields.
+pub fn size(t: &TemplateConfig) -> usize {
+    [
+        &t.subject,
+        &t.text,
+        &t.html,
+        &t.markdown,
+        &t.provider_template,
+    ]
+    .into_iter()
+    .flatten()
+    .map(String::len)
+    .chain(t.provider_params.iter().map(|(k, v)| k.len() + v.len()))
+    .chain(t.provider_templates.iter().map(|(k, v)| k.len() + v.len()))
+    .sum()
+}
+
+/// Refuses a template over the store's size limit.
+pub fn check_size(t: &TemplateConfig, bounds: &TemplateStoreConfig) -> Result<(), PutError> {
+    let size = size(t);
+    if size > bounds.max_bytes {
+        return Err(PutError::TooLarge {
+            size,
+            max: bounds.max_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Stores `t` as `app`'s next version of its code (numbered after the shared versions too, so
-/// the app's view only ever moves forward); answers it with its version set.
+/// the app's view only ever moves forward); answers it with its version set. Within the store's
+/// bounds: its size, the app's number of codes; versions of the code older than the newest
+/// `versions_kept` are deleted.
 pub async fn put(
     db: &mut Client,
     app: &str,
     mut t: TemplateConfig,
-) -> Result<TemplateConfig, tokio_postgres::Error> {
+    bounds: &TemplateStoreConfig,
+) -> Result<TemplateConfig, PutError> {
+    check_size(&t, bounds)?;
     t.app = Some(app.to_owned());
     let tx = db.transaction().await?;
+    // One writer per app at a time: the code count below cannot be raced past.
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 11))",
-        &[&app, &t.code],
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 11))",
+        &[&app],
     )
     .await?;
+    let known: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM templates WHERE app_id = $1 AND code = $2)",
+            &[&app, &t.code],
+        )
+        .await?
+        .get(0);
+    if !known {
+        let codes: i64 = tx
+            .query_one(
+                "SELECT count(DISTINCT code) FROM templates WHERE app_id = $1",
+                &[&app],
+            )
+            .await?
+            .get(0);
+        if codes as usize >= bounds.codes_per_app {
+            return Err(PutError::TooManyCodes {
+                app: app.to_owned(),
+                max: bounds.codes_per_app,
+            });
+        }
+    }
     let next: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) + 1 FROM templates WHERE code = $1 AND app_id IN ($2, '')",
@@ -118,8 +190,40 @@ pub async fn put(
         &[&app, &t.code, &t.version, &to_json(&t)],
     )
     .await?;
+    let keep = i32::try_from(bounds.versions_kept).unwrap_or(i32::MAX);
+    tx.execute(
+        "DELETE FROM templates WHERE app_id = $1 AND code = $2 AND version <= $3::int - $4::int",
+        &[&app, &t.code, &t.version, &keep],
+    )
+    .await?;
     tx.commit().await?;
     Ok(t)
+}
+
+/// The newest version of each (app, code) stored since `since` (Unix seconds; all with `None`),
+/// with a few seconds of overlap: a transaction that committed after a later one started is not
+/// missed.
+async fn latest_since(
+    db: &Client,
+    since: Option<f64>,
+) -> Result<Vec<TemplateConfig>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT DISTINCT ON (app_id, code) app_id, body FROM templates
+             WHERE $1::float8 IS NULL OR created_at > to_timestamp($1::float8) - interval '10 seconds'
+             ORDER BY app_id, code, version DESC",
+            &[&since],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+            let app: String = r.get(0);
+            t.app = (!app.is_empty()).then_some(app);
+            Some(t)
+        })
+        .collect())
 }
 
 /// A change marker of the store: (row count, newest row time).
@@ -133,11 +237,20 @@ async fn stamp(db: &Client) -> Result<(i64, Option<f64>), tokio_postgres::Error>
     Ok((r.get(0), r.get(1)))
 }
 
-/// A process's view of the store, refreshed at most once a second.
+/// How often a watcher reads the whole store again (what renders of it), whatever changed.
+const FULL_RELOAD: Duration = Duration::from_secs(600);
+
+/// A process's view of the store, refreshed at most once a second: the newest version of each
+/// (app, code), read incrementally.
 pub struct Watch {
     db: herald_core::db::Db,
     stamp: Option<(i64, Option<f64>)>,
     checked: Option<Instant>,
+    /// (app, code) → its newest version.
+    latest: std::collections::HashMap<(String, String), TemplateConfig>,
+    /// The newest row time read so far, and when the whole store was last read.
+    seen: Option<f64>,
+    full_at: Option<Instant>,
 }
 
 impl Watch {
@@ -151,14 +264,20 @@ impl Watch {
             db,
             stamp: None,
             checked: None,
+            latest: Default::default(),
+            seen: None,
+            full_at: None,
         }
     }
 
-    /// The templates when they changed since the last call (always on the first call).
+    /// The templates (the newest version of each) when they changed since the last call
+    /// (always on the first call).
     pub async fn changed(
         &mut self,
     ) -> Result<Option<Vec<TemplateConfig>>, herald_core::db::PoolFailure> {
-        self.db.reconnect_if_closed().await?;
+        if self.db.reconnect_if_closed().await? {
+            self.full_at = None;
+        }
         if self
             .checked
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
@@ -167,11 +286,39 @@ impl Watch {
         }
         self.checked = Some(Instant::now());
         let now = stamp(&self.db).await?;
-        if self.stamp == Some(now) {
+        let full = self.full_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD);
+        if self.stamp == Some(now) && !full {
             return Ok(None);
         }
-        let all = load_all(&self.db).await?;
+        let rows = latest_since(&self.db, if full { None } else { self.seen }).await?;
+        let mut changed = full && self.stamp.is_none();
+        if full {
+            let fresh: std::collections::HashMap<_, _> = rows
+                .into_iter()
+                .map(|t| ((owner(&t).to_owned(), t.code.clone()), t))
+                .collect();
+            changed |= fresh.len() != self.latest.len()
+                || fresh
+                    .iter()
+                    .any(|(k, t)| self.latest.get(k).is_none_or(|o| o.version != t.version));
+            self.latest = fresh;
+            self.full_at = Some(Instant::now());
+        } else {
+            for t in rows {
+                let key = (owner(&t).to_owned(), t.code.clone());
+                if self.latest.get(&key).is_none_or(|o| o.version < t.version) {
+                    self.latest.insert(key, t);
+                    changed = true;
+                }
+            }
+        }
         self.stamp = Some(now);
+        self.seen = now.1;
+        if !changed {
+            return Ok(None);
+        }
+        let mut all: Vec<TemplateConfig> = self.latest.values().cloned().collect();
+        all.sort_by(|a, b| (owner(a), &a.code).cmp(&(owner(b), &b.code)));
         Ok(Some(all))
     }
 }
