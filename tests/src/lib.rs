@@ -204,6 +204,10 @@ pub const SECRET: &str = "pipeline-test-secret";
 /// The server secret Herald runs with in tests (`HERALD_SERVER_SECRET`).
 pub const SERVER_SECRET: &str = "test-server-secret-0123456789";
 
+/// The secret receipts to the `smtp-local` and `webhook-sim` callbacks are signed with
+/// (`HERALD_CALLBACK_SECRET`): never the one Herald signs outgoing webhooks with.
+pub const CALLBACK_SECRET: &str = "whsec_aGVyYWxkLXRlc3QtY2FsbGJhY2stc2VjcmV0LTAxMjM=";
+
 pub fn config_path() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/herald.toml"))
 }
@@ -223,6 +227,7 @@ pub fn herald_env(api: u16, admin: u16) -> Vec<(&'static str, String)> {
             "HERALD_WEBHOOK_SECRET",
             "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
         ),
+        ("HERALD_CALLBACK_SECRET", CALLBACK_SECRET.to_owned()),
         ("HERALD_INSTANCE", unique("it")),
         ("RUST_LOG", "info,rdkafka=warn".to_owned()),
     ]

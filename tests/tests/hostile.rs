@@ -749,7 +749,7 @@ async fn tenants_stay_apart_and_a_202_is_true_at_once_and_replays_count_once() {
     let id = v["message_ids"][0].as_str().unwrap().to_owned();
     run.until(&id, "delivered", "mail for the receipt").await;
     let receipt = json!({"message_id": id, "status": "delivered", "code": "250"}).to_string();
-    let key = herald_core::util::webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let key = herald_core::util::webhook_key(CALLBACK_SECRET);
     let wid = unique("wh");
     let mut answers = Vec::new();
     for _ in 0..2 {

@@ -480,3 +480,38 @@ async fn the_template_store_is_bounded_in_size_versions_codes_and_rate() {
     herald.signal("TERM");
     assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
 }
+
+/// Finding 8: ops/herald.toml verifies receipts with a secret of its own, and `herald config
+/// validate` refuses a callback secret equal to a secret Herald signs outgoing webhooks with
+/// (every receiver of those webhooks could forge receipts for any message).
+#[test]
+fn a_callback_secret_shared_with_outgoing_webhooks_is_refused() {
+    let validate = |callback: &str| {
+        let mut cmd = std::process::Command::new(herald_bin());
+        cmd.arg("-c")
+            .arg(config_path())
+            .args(["config", "validate"])
+            .envs(herald_env(18_640, 19_640))
+            .env("HERALD_CALLBACK_SECRET", callback);
+        cmd.output().expect("herald config validate")
+    };
+    let ok = validate(CALLBACK_SECRET);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let webhook = herald_env(18_640, 19_640)
+        .into_iter()
+        .find(|(k, _)| *k == "HERALD_WEBHOOK_SECRET")
+        .map(|(_, v)| v)
+        .unwrap();
+    let shared = validate(&webhook);
+    assert!(!shared.status.success(), "a shared secret was accepted");
+    let text = String::from_utf8_lossy(&shared.stderr).into_owned()
+        + &String::from_utf8_lossy(&shared.stdout);
+    assert!(
+        text.contains("callback_secret is the secret providers.webhook-sim signs"),
+        "{text}"
+    );
+}

@@ -178,7 +178,7 @@ async fn email_end_to_end(transport: &str, api: u16, admin: u16) {
         "status": "undelivered", "code": "MAILBOX_FULL", "attempt": 1
     })
     .to_string();
-    let key = herald_core::util::webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let key = herald_core::util::webhook_key(CALLBACK_SECRET);
     let ts = now_ms() / 1000;
     // Standard Webhooks ids are unique per receipt (a repeated one is a replay, taken once).
     let wid = format!("rcpt-{mid}");

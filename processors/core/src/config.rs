@@ -1035,6 +1035,37 @@ impl Config {
                 );
             }
         }
+        // A receipt signed with a secret Herald also signs outgoing webhooks with could be
+        // forged by every receiver of those webhooks: the two must differ.
+        let signing: Vec<(&str, &str)> = self
+            .providers
+            .iter()
+            .flat_map(|p| {
+                p.credentials
+                    .iter()
+                    .filter(|(name, v)| name.as_str() == "secret" && !v.is_empty())
+                    .map(|(_, v)| (p.code.as_str(), v.as_str()))
+            })
+            .collect();
+        for p in &self.providers {
+            let Some(callback) = p
+                .credentials
+                .get("callback_secret")
+                .filter(|v| !v.is_empty())
+            else {
+                continue;
+            };
+            for (signer, secret) in &signing {
+                if callback == secret {
+                    problems.push(format!(
+                        "providers.{}: callback_secret is the secret providers.{signer} signs \
+                         outgoing webhooks with; every receiver of those could forge receipts \
+                         (use a separate secret)",
+                        p.code
+                    ));
+                }
+            }
+        }
         for r in &self.rules {
             let a = &r.action_config;
             if !r.provider.is_empty() && !codes.contains(&r.provider) {
@@ -1222,6 +1253,45 @@ mod tests {
         }
         assert_eq!(cfg.providers[1].channel, Some(Channel::Sms));
         assert_eq!(cfg.providers_for(Channel::Email).len(), 1);
+    }
+
+    #[test]
+    fn a_callback_secret_equal_to_an_outbound_signing_secret_is_refused() {
+        let text = r#"
+            [[providers]]
+            code = "hooks"
+            kind = "smtp"
+            endpoint = "127.0.0.1:2525"
+            credentials_env = { secret = "OUT", callback_secret = "IN" }
+            [[providers]]
+            code = "relay"
+            kind = "smtp"
+            endpoint = "127.0.0.1:2525"
+            credentials_env = { callback_secret = "SAME" }
+        "#;
+        let env = |same: &'static str| {
+            move |k: &str| match k {
+                "OUT" => Some("whsec_out".to_owned()),
+                "IN" => Some("whsec_in".to_owned()),
+                "SAME" => Some(same.to_owned()),
+                "HERALD_SERVER_SECRET" => Some("a-server-secret-of-some-length".to_owned()),
+                _ => None,
+            }
+        };
+        let mut cfg = Config::parse(text).unwrap();
+        cfg.apply_env(env("whsec_out"));
+        let ConfigError::Invalid(p) = cfg.validate(&Kinds).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert!(
+            p.iter().any(|m| m.starts_with(
+                "providers.relay: callback_secret is the secret providers.hooks signs"
+            )),
+            "{p:?}"
+        );
+        let mut cfg = Config::parse(text).unwrap();
+        cfg.apply_env(env("whsec_other"));
+        cfg.validate(&Kinds).unwrap();
     }
 
     #[test]
