@@ -515,3 +515,63 @@ fn a_callback_secret_shared_with_outgoing_webhooks_is_refused() {
         "{text}"
     );
 }
+
+/// Finding 11: dead device tokens page by a unique cursor. Five tokens marked in the same
+/// microsecond, read two at a time: every one comes exactly once (paging by `since` = the last
+/// `at` skipped the ones sharing its millisecond). A cursor that is not one is a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_device_tokens_page_without_skipping_tokens_that_share_a_time() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_650, 19_650);
+    let cfg = std::env::temp_dir().join("herald-hostile-surface-tokens.toml");
+    std::fs::copy(config_path(), &cfg).unwrap();
+    let mut herald = Herald::start(&cfg, &herald_env(api, admin));
+    api_up(api).await;
+    let db = herald_core::runtime::connect_postgres(&postgres())
+        .await
+        .unwrap();
+    // A time of their own, far ahead of any other test's marks.
+    let year = 2090 + (herald_core::util::now_ms() % 50) as i32;
+    let tag = unique("tok");
+    let mut want: Vec<String> = (0..5).map(|i| format!("{tag}-{i}")).collect();
+    for t in &want {
+        db.execute(
+            "INSERT INTO dead_device_tokens (app_id, channel, token, provider, reason_code, message_id, at)
+             VALUES ('demo', 'PUSH', $1, 'fcm-sim', 'UNREGISTERED', 'm', make_timestamptz($2, 1, 1, 0, 0, 0.123456))",
+            &[t, &year],
+        )
+        .await
+        .unwrap();
+    }
+    let since = (year as i64 - 1970) * 365 * 86_400_000;
+    let mut got = Vec::new();
+    let mut path = format!("/v1/device-tokens/dead?since={since}&limit=2");
+    for _ in 0..10 {
+        let v = api_json(&path, api).await.expect("a page");
+        for t in v["tokens"].as_array().unwrap() {
+            got.push(t["token"].as_str().unwrap().to_owned());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/device-tokens/dead?cursor={c}&limit=2"),
+            None => break,
+        }
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every token once");
+    let r = signed_get("/v1/device-tokens/dead?cursor=not-a-cursor", api)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_cursor", "{v}");
+    db.execute(
+        "DELETE FROM dead_device_tokens WHERE token LIKE $1",
+        &[&format!("{tag}-%")],
+    )
+    .await
+    .unwrap();
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+}

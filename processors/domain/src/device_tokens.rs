@@ -21,6 +21,9 @@ pub struct Dead {
     pub message_id: String,
     /// Unix ms.
     pub at: i64,
+    /// Unix µs, as stored: the paging cursor's position.
+    #[serde(skip)]
+    pub at_us: i64,
 }
 
 /// Records dead tokens (idempotent: a token marked again keeps its first mark's time).
@@ -70,23 +73,81 @@ pub async fn dead(
         .collect())
 }
 
-/// An app's dead tokens marked after `since_ms`, oldest first, at most `limit`.
+/// Where a page of dead tokens starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// Tokens marked after this Unix ms (the first page; tokens sharing that millisecond with
+    /// the last one seen are skipped: page with [`After::Cursor`]).
+    Since(i64),
+    /// Strictly after this token in the list's order (mark time in µs, channel, token): no
+    /// token is skipped or repeated, whatever times they share.
+    Cursor {
+        at_us: i64,
+        channel: String,
+        token: String,
+    },
+}
+
+impl After {
+    /// The opaque cursor that continues after `d`: `<at µs>.<channel>.<token as hex>`.
+    pub fn cursor_after(d: &Dead) -> String {
+        format!("{}.{}.{}", d.at_us, d.channel, hex::encode(&d.token))
+    }
+
+    /// Reads a cursor made by [`After::cursor_after`]; `None` when it is not one.
+    pub fn parse_cursor(s: &str) -> Option<After> {
+        let mut parts = s.splitn(3, '.');
+        let at_us = parts.next()?.parse().ok()?;
+        let channel = parts.next()?.to_owned();
+        let token = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+        Some(After::Cursor {
+            at_us,
+            channel,
+            token,
+        })
+    }
+}
+
+/// An app's dead tokens after `after`, oldest first (by mark time, channel, token), at most
+/// `limit`.
 pub async fn list(
     db: &impl GenericClient,
     app: &str,
-    since_ms: i64,
+    after: &After,
     limit: i64,
 ) -> Result<Vec<Dead>, tokio_postgres::Error> {
-    Ok(db
-        .query(
-            "SELECT app_id, channel, token, provider, reason_code, message_id,
-                    (EXTRACT(EPOCH FROM at) * 1000)::bigint
-             FROM dead_device_tokens
-             WHERE app_id = $1 AND at > to_timestamp($2::bigint / 1000.0)
-             ORDER BY at, channel, token LIMIT $3",
-            &[&app, &since_ms, &limit],
-        )
-        .await?
+    const COLUMNS: &str = "SELECT app_id, channel, token, provider, reason_code, message_id,
+                    (EXTRACT(EPOCH FROM at) * 1000)::bigint,
+                    (EXTRACT(EPOCH FROM at) * 1000000)::bigint
+             FROM dead_device_tokens";
+    let rows = match after {
+        After::Since(ms) => {
+            db.query(
+                &format!(
+                    "{COLUMNS} WHERE app_id = $1 AND at > to_timestamp($2::bigint / 1000.0)
+                     ORDER BY at, channel, token LIMIT $3"
+                ),
+                &[&app, ms, &limit],
+            )
+            .await?
+        }
+        After::Cursor {
+            at_us,
+            channel,
+            token,
+        } => {
+            db.query(
+                &format!(
+                    "{COLUMNS} WHERE app_id = $1
+                       AND (at, channel, token) > (to_timestamp($2::bigint / 1000000.0), $3, $4)
+                     ORDER BY at, channel, token LIMIT $5"
+                ),
+                &[&app, at_us, channel, token, &limit],
+            )
+            .await?
+        }
+    };
+    Ok(rows
         .iter()
         .map(|r| Dead {
             app_id: r.get(0),
@@ -96,6 +157,7 @@ pub async fn list(
             reason_code: r.get(4),
             message_id: r.get(5),
             at: r.get(6),
+            at_us: r.get(7),
         })
         .collect())
 }

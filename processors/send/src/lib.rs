@@ -392,6 +392,7 @@ impl BatchHandler for Send {
                             reason_code: r.response_code.clone().unwrap_or_default(),
                             message_id: m.header.message_id.clone(),
                             at: 0,
+                            at_us: 0,
                         })
                 })
                 .collect();
