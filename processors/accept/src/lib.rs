@@ -216,7 +216,12 @@ impl BatchHandler for Accept {
                 let counted = input
                     .header(herald_domain::quota::COUNTED_HEADER)
                     .is_some_and(|mark| {
-                        herald_domain::quota::verify_mark(&self.deps.config, &req.request_id, mark)
+                        herald_domain::quota::verify_mark(
+                            &self.deps.config,
+                            &req.app_id,
+                            &req.request_id,
+                            mark,
+                        )
                     });
                 let over_quota = match quota {
                     Some(q) if !counted => !herald_domain::quota::take(

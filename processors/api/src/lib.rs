@@ -510,7 +510,7 @@ pub(crate) async fn prepare(
     // with a keyed mark, so accept does not count it again.
     rec.headers.push((
         herald_domain::quota::COUNTED_HEADER.into(),
-        herald_domain::quota::mark(cfg, request_id),
+        herald_domain::quota::mark(cfg, &req.app_id, request_id),
     ));
     Ok(rec)
 }

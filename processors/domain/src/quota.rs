@@ -7,23 +7,26 @@ use tokio_postgres::Client;
 
 use herald_core::config::Config;
 
-/// Header on requests the gateway already counted. Its value is a keyed mark of the request id
-/// ([`mark`]): an outside producer that copies the header name cannot skip the quota.
+/// Header on requests the gateway already counted. Its value is a keyed mark of the app and the
+/// request id ([`mark`]): an outside producer that copies the header name cannot skip the quota,
+/// nor can one copy a mark from another app's request onto its own with the same request id.
 pub const COUNTED_HEADER: &str = "herald-quota-counted";
 
-/// The gateway's mark for `request_id`: HMAC-SHA256 under the server secret, hex.
-pub fn mark(config: &Config, request_id: &str) -> Vec<u8> {
+/// The gateway's mark for `app`'s `request_id`: HMAC-SHA256 under the server secret, hex.
+pub fn mark(config: &Config, app: &str, request_id: &str) -> Vec<u8> {
     use hmac::{Hmac, Mac};
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(config.security.secret.as_bytes())
         .expect("HMAC takes any key length");
     mac.update(b"quota-counted\0");
+    mac.update(app.as_bytes());
+    mac.update(b"\0");
     mac.update(request_id.as_bytes());
     hex::encode(mac.finalize().into_bytes()).into_bytes()
 }
 
-/// Whether `value` is the gateway's mark for `request_id`.
-pub fn verify_mark(config: &Config, request_id: &str, value: &[u8]) -> bool {
-    let want = mark(config, request_id);
+/// Whether `value` is the gateway's mark for `app`'s `request_id`.
+pub fn verify_mark(config: &Config, app: &str, request_id: &str, value: &[u8]) -> bool {
+    let want = mark(config, app, request_id);
     std::str::from_utf8(value)
         .is_ok_and(|v| herald_core::sign::ct_eq(v, std::str::from_utf8(&want).unwrap_or_default()))
 }
@@ -74,3 +77,23 @@ pub const PURGE: crate::retention::Purge = crate::retention::Purge {
             WHERE day < current_date - $2::int
             LIMIT $1)",
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_vouches_for_one_app_and_one_request() {
+        let mut config = Config::default();
+        config.security.secret = "a-server-secret-of-some-length".into();
+        let m = mark(&config, "shop", "r-1");
+        assert!(verify_mark(&config, "shop", "r-1", &m));
+        assert!(
+            !verify_mark(&config, "other", "r-1", &m),
+            "another app's request"
+        );
+        assert!(!verify_mark(&config, "shop", "r-2", &m), "another request");
+        // No confusion where the app ends and the request id begins.
+        assert!(!verify_mark(&config, "sho", "pr-1", &m));
+    }
+}
