@@ -26,8 +26,10 @@ impl Drop for Driver {
     /// Ends chromedriver and the browsers it started (its process group), even when the test
     /// failed before closing the session.
     fn drop(&mut self) {
+        // `--` first: procps-ng 4.0.2's kill reads `kill -KILL -PGID` as `kill(-1, SIGKILL)`,
+        // which (as root) ends every process on the machine.
         let _ = Command::new("kill")
-            .arg("-KILL")
+            .args(["-KILL", "--"])
             .arg(format!("-{}", self.0.id()))
             .status();
         let _ = self.0.kill();
