@@ -7,6 +7,10 @@
 //! without the session's CSRF token or from another origin is refused; logout ends the session
 //! for good. `herald dlq` lists, shows and redrives through the same code. A screenshot of every
 //! page is written to `target/console-screenshots/` (the test prints the folder).
+//!
+//! Failed logins are throttled per name and per client address (429 with `Retry-After`, the
+//! right password refused during a lock) and audited, over plain HTTP from two loopback
+//! addresses.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -626,6 +630,228 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
             .contains("Forbidden")
     );
     c.close().await.unwrap();
+}
+
+/// One login form post from `http` (which does not follow redirects).
+async fn post_login(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    password: &str,
+) -> reqwest::Response {
+    // Form-encoded by hand (every byte but [A-Za-z0-9-] escaped).
+    let enc = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    http.post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("name={}&password={}", enc(name), enc(password)))
+        .send()
+        .await
+        .expect("the console answers")
+}
+
+/// A loopback HTTP client whose connections come from `ip` (any 127.x address is this host).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(Some(ip.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a Retry-After in seconds: {:?}", r.headers()))
+}
+
+/// Failed logins are throttled before the password is checked: after five wrong passwords a
+/// name answers 429 with `Retry-After`, even to its right password and from another address;
+/// an address that failed ten times (across names) is refused for any name; another address
+/// still logs in. Every failure and every lock is in the audit log with the name and the
+/// address, and no password is; `herald_console_logins_total` counts the refusals.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_are_throttled_per_name_and_per_client_and_audited() {
+    let (api, admin_port, console) = (18_870, 19_870, 18_875);
+    // Operator names of this run only, so that other runs' audit rows do not count here.
+    let tag = unique("throttle");
+    let (admin, viewer) = (format!("{tag}-admin"), format!("{tag}-viewer"));
+    let base_cfg = std::fs::read_to_string(config_path()).unwrap();
+    let cfg_text = base_cfg
+        .replacen(
+            "name = \"admin\"\nrole = \"admin\"",
+            &format!("name = \"{admin}\"\nrole = \"admin\""),
+            1,
+        )
+        .replacen(
+            "name = \"viewer\"\nrole = \"viewer\"",
+            &format!("name = \"{viewer}\"\nrole = \"viewer\""),
+            1,
+        );
+    assert_eq!(
+        cfg_text.matches(&tag).count(),
+        2,
+        "ops/herald.toml's console operators moved"
+    );
+    let cfg = std::env::temp_dir().join("herald-console-throttle.toml");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let mut env = herald_env(api, admin_port);
+    env.push(("HERALD_CONSOLE_LISTEN", format!("127.0.0.1:{console}")));
+    env.push(("HERALD_CONSOLE_ADMIN_HASH", hash(ADMIN_PASSWORD)));
+    env.push(("HERALD_CONSOLE_VIEWER_HASH", hash(VIEWER_PASSWORD)));
+    let _herald = Herald::start_with(&cfg, &env, &["--stages", "console"], "");
+    eventually(Duration::from_secs(60), "console up", || async {
+        port_open(console).await.then_some(())
+    })
+    .await;
+    let (db, conn) = tokio_postgres::connect(&postgres(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let base = format!("http://127.0.0.1:{console}");
+    let here = client_from("127.0.0.1");
+    let elsewhere = client_from("127.0.0.2");
+
+    // Five wrong passwords are refused as usual; the sixth attempt is not even checked.
+    for i in 1..=5 {
+        let r = post_login(&here, &base, &admin, &format!("wrong-password-{i}")).await;
+        assert_eq!(r.status(), 303, "wrong password {i}");
+        assert_eq!(r.headers()["location"], "/login?failed=true");
+    }
+    let r = post_login(&here, &base, &admin, "wrong-password-6").await;
+    assert_eq!(r.status(), 429, "the sixth attempt is throttled");
+    let wait = retry_after(&r);
+    assert!(
+        (1..=60).contains(&wait),
+        "a first lock of at most a minute: {wait}"
+    );
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("id=\"login-throttled\"") && page.contains("Too many failed logins"),
+        "the form says why: {page}"
+    );
+    // The right password waits for the lock too, from this address and from another.
+    for (client, from) in [(&here, "here"), (&elsewhere, "elsewhere")] {
+        let r = post_login(client, &base, &admin, ADMIN_PASSWORD).await;
+        assert_eq!(
+            r.status(),
+            429,
+            "the right password during the lock, {from}"
+        );
+        assert!(retry_after(&r) >= 1);
+        assert!(r.headers().get("set-cookie").is_none(), "no session");
+    }
+
+    // The same address trying other names: five more failures make ten, and then even a
+    // name that never failed is refused from here.
+    let sprayed: Vec<String> = (1..=5).map(|i| format!("{tag}-nobody-{i}")).collect();
+    for name in &sprayed {
+        let r = post_login(&here, &base, name, "a-guess").await;
+        assert_eq!(r.status(), 303, "{name}");
+    }
+    let r = post_login(&here, &base, &viewer, VIEWER_PASSWORD).await;
+    assert_eq!(r.status(), 429, "the address is locked for every name");
+    assert!((1..=60).contains(&retry_after(&r)));
+
+    // Another operator at another address logs in and works.
+    let r = post_login(&elsewhere, &base, &viewer, VIEWER_PASSWORD).await;
+    assert_eq!(r.status(), 303, "the viewer logs in from elsewhere");
+    assert_eq!(r.headers()["location"], "/");
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("herald_console="), "{cookie}");
+    let page = elsewhere
+        .get(format!("{base}/messages"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "the viewer reads the messages page");
+
+    // The audit log: every failure and each lock, with the name and the address.
+    let rows = db
+        .query(
+            "SELECT action, target, detail FROM console_audit \
+             WHERE target LIKE $1 || '-%' ORDER BY id",
+            &[&tag],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, Value)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let of = |action: &str, target: &str| -> Vec<&Value> {
+        rows.iter()
+            .filter(|(a, t, _)| a == action && t == target)
+            .map(|(_, _, d)| d)
+            .collect()
+    };
+    let failed = of("login.failed", &admin);
+    assert_eq!(failed.len(), 5, "five failures of {admin}: {rows:?}");
+    assert!(
+        failed.iter().all(|d| d["client"] == "127.0.0.1"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        failed[4]["locked_name_secs"], 60,
+        "the fifth locked the name"
+    );
+    for name in &sprayed {
+        let f = of("login.failed", name);
+        assert_eq!(f.len(), 1, "{name}: {rows:?}");
+        assert_eq!(f[0]["known_operator"], false);
+    }
+    let locked = of("login.throttled", &admin);
+    assert_eq!(locked.len(), 1, "one row per lock: {rows:?}");
+    assert_eq!(locked[0]["by"], "name");
+    assert_eq!(locked[0]["client"], "127.0.0.1");
+    let locked = of("login.throttled", &viewer);
+    assert_eq!(locked.len(), 1, "{rows:?}");
+    assert_eq!(locked[0]["by"], "client");
+    let logins = of("login", &viewer);
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0]["client"], "127.0.0.2");
+    let all = format!("{rows:?}");
+    for secret in ["wrong-password", "a-guess", ADMIN_PASSWORD, VIEWER_PASSWORD] {
+        assert!(!all.contains(secret), "no password in the audit log");
+    }
+
+    // The refusals are counted: the sixth try, the right password twice, the sprayed viewer.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "herald_console_logins_total{{outcome=\"{outcome}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("throttled"), 4.0, "{metrics}");
+    assert_eq!(count("failed"), 10.0);
+    assert_eq!(count("ok"), 1.0);
 }
 
 /// The `#overview-data` block's text.

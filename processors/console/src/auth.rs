@@ -1,21 +1,30 @@
 //! Operators: login, sessions, roles, CSRF.
+//!
+//! A login is throttled before its password is checked (per name and per client, see
+//! [`crate::throttle`]): a locked one gets 429 with `Retry-After`. The check itself runs on the
+//! console's own verification pool ([`crate::verify_pool`]). Every failed and every throttled
+//! attempt is in the audit log with the name tried and the client's address (throttled ones
+//! once per lock), never the password.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use axum::extract::{Form, FromRequestParts, Query, State};
+use axum::extract::{ConnectInfo, Form, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use base64::Engine;
 use herald_core::config::CONSOLE_ROLES;
+use herald_core::telemetry::names;
 use serde::Deserialize;
 use sha2::Digest;
 
 use crate::Console;
+use crate::throttle::{self, Locks, Throttled};
 
 const COOKIE: &str = "herald_console";
 
@@ -234,10 +243,15 @@ pub async fn login_page(
     State(console): State<Arc<Console>>,
     Query(q): Query<LoginQuery>,
 ) -> Response {
+    login_form(&console, q.failed, None, false)
+}
+
+/// The login form, saying why the last attempt did not get in.
+fn login_form(console: &Console, failed: bool, wait: Option<String>, busy: bool) -> Response {
     crate::pages::render(
-        &console,
+        console,
         "login.html",
-        minijinja::context! { failed => q.failed },
+        minijinja::context! { failed => failed, wait => wait, busy => busy },
     )
 }
 
@@ -247,35 +261,183 @@ pub struct LoginForm {
     password: String,
 }
 
+/// The address a request came from (`herald_core::serve` records it for every connection).
+pub struct Client(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Without it (a router served elsewhere) every client shares one counter: stricter,
+        // never looser.
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        Ok(Client(ip))
+    }
+}
+
+/// An attempt counted as in flight by the throttle; one that ends without a verdict (the
+/// verifier was busy, the client went away mid-check) is taken back when this is dropped.
+struct InFlight<'a> {
+    console: &'a Console,
+    name: &'a str,
+    client: IpAddr,
+    open: bool,
+}
+
+impl InFlight<'_> {
+    fn failed(mut self) -> Locks {
+        self.open = false;
+        self.console
+            .throttle()
+            .failed(self.name, self.client, Instant::now())
+    }
+
+    fn succeeded(mut self) {
+        self.open = false;
+        self.console
+            .throttle()
+            .succeeded(self.name, self.client, Instant::now());
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.console
+                .throttle()
+                .abandoned(self.name, self.client, Instant::now());
+        }
+    }
+}
+
+/// Whether `password` is the one `hash` (a PHC string) was made from. Without a hash (an unknown
+/// name, an operator without one) it is checked against a hash of nothing, so that the answer
+/// takes as long, and is no. Runs on the verification pool, never on the runtime.
+fn verify(hash: Option<&str>, password: &str) -> bool {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let decoy = DECOY.get_or_init(|| hash_password(&random_token()).unwrap_or_default());
+    let ok = PasswordHash::new(hash.unwrap_or(decoy)).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    });
+    ok && hash.is_some()
+}
+
+fn logins(outcome: &'static str) {
+    metrics::counter!(names::CONSOLE_LOGINS, "outcome" => outcome).increment(1);
+}
+
+/// A login attempt's audit row (never the password). The login answers either way: an audit
+/// log that is down must not let more guesses through, nor lock operators out.
+async fn audit_attempt(console: &Console, name: &str, action: &str, detail: serde_json::Value) {
+    let written = match console.api.db().await {
+        Ok(db) => herald_domain::dead_letters::audit(&**db, name, action, name, &detail)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, action, "console audit not written");
+    }
+}
+
+/// "45 seconds", "3 minutes".
+fn wait_text(secs: u64) -> String {
+    match secs {
+        1 => "a second".into(),
+        s if s < 90 => format!("{s} seconds"),
+        s => format!("{} minutes", s.div_ceil(60)),
+    }
+}
+
+/// 429 with `Retry-After` and the form saying how long to wait. Audited once per lock: refusals
+/// cost no argon2 run, so writing a row for each would hand a flood the database instead.
+async fn throttled(console: &Console, name: &str, client: IpAddr, t: Throttled) -> Response {
+    logins("throttled");
+    let secs = t.lock.retry_after_secs;
+    if t.lock.first {
+        tracing::warn!(%name, %client, by = t.by.as_str(), retry_after_secs = secs,
+            "console login throttled");
+        audit_attempt(
+            console,
+            name,
+            "login.throttled",
+            serde_json::json!({"client": client.to_string(), "by": t.by.as_str(),
+                               "retry_after_secs": secs}),
+        )
+        .await;
+    }
+    let mut resp = login_form(console, false, Some(wait_text(secs)), false);
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
 pub async fn login(
     State(console): State<Arc<Console>>,
+    Client(client): Client,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
     if let Err(r) = same_origin(&headers) {
         return r.into_response();
     }
+    // Names are counted, logged and audited by their first NAME_CHARS chars.
+    let name = throttle::name_key(&f.name);
+    // Throttled before any argon2 run: a locked name or client costs nothing to refuse.
+    let begun = console.throttle().begin(&name, client, Instant::now());
+    if let Err(t) = begun {
+        return throttled(&console, &name, client, t).await;
+    }
+    let attempt = InFlight {
+        console: &console,
+        name: &name,
+        client,
+        open: true,
+    };
     let cfg = &console.deps().config.console;
     let operator = cfg.operators.iter().find(|o| o.name == f.name);
-    // Unknown names take as long as wrong passwords: checked against a hash of nothing.
-    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let decoy = DECOY.get_or_init(|| hash_password(&random_token()).unwrap_or_default());
-    let hash = operator.map_or(decoy.as_str(), |o| o.password_hash.as_str());
-    let password = f.password.clone();
-    let hash = hash.to_owned();
-    let ok = tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash).is_ok_and(|h| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-    })
-    .await
-    .unwrap_or(false);
+    let hash = operator
+        .map(|o| o.password_hash.clone())
+        .filter(|h| !h.is_empty());
+    let password = f.password;
+    let Ok(ok) = console
+        .verifier
+        .run(move || verify(hash.as_deref(), &password))
+        .await
+    else {
+        drop(attempt);
+        logins("busy");
+        tracing::warn!(%client, "console login: verification pool busy");
+        let mut resp = login_form(&console, false, None, true);
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        return resp;
+    };
     let Some(op) = operator.filter(|_| ok) else {
-        tracing::warn!(name = %f.name.chars().take(64).collect::<String>(), "console login refused");
+        let locks = attempt.failed();
+        logins("failed");
+        tracing::warn!(%name, %client, locked_name = locks.name.is_some(),
+            locked_client = locks.client.is_some(), "console login refused");
+        audit_attempt(
+            &console,
+            &name,
+            "login.failed",
+            serde_json::json!({"client": client.to_string(), "known_operator": operator.is_some(),
+                               "locked_name_secs": locks.name.map(|d| d.as_secs()),
+                               "locked_client_secs": locks.client.map(|d| d.as_secs())}),
+        )
+        .await;
         return Redirect::to("/login?failed=true").into_response();
     };
+    attempt.succeeded();
+    logins("ok");
     let id = random_token();
     let db = match console.api.db().await {
         Ok(db) => db,
@@ -297,7 +459,7 @@ pub async fn login(
         &op.name,
         "login",
         &op.name,
-        &serde_json::json!({}),
+        &serde_json::json!({"client": client.to_string()}),
     )
     .await;
     let mut cookie = format!(
@@ -352,7 +514,7 @@ pub async fn logout(
     resp
 }
 
-/// Expired sessions are deleted every ten minutes.
+/// Expired sessions are deleted every ten minutes, and forgotten login counters dropped.
 pub fn spawn_session_purge(console: Arc<Console>, stop: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         loop {
@@ -360,6 +522,7 @@ pub fn spawn_session_purge(console: Arc<Console>, stop: tokio_util::sync::Cancel
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(600)) => {}
             }
+            console.throttle().purge(Instant::now());
             if let Ok(db) = console.api.db().await {
                 let _ = db
                     .execute("DELETE FROM console_sessions WHERE expires_at < now()", &[])

@@ -4,6 +4,9 @@
 //! - Login: operators and their roles come from the config, each password as an argon2 hash in
 //!   an environment variable. A session is a random id in an `HttpOnly`, `SameSite=Strict`
 //!   cookie; PostgreSQL keeps only its hash, with an expiry, and logout deletes it.
+//! - Failed logins are throttled per name and per client address (429 with `Retry-After`,
+//!   checked before the password), audited, and passwords are checked on the console's own
+//!   thread, off the runtime's blocking pool the stages share.
 //! - Every change (cancel, redrive, resolve, template publish, opt-out) needs a role that may
 //!   make it, passes a CSRF check (the session's token in the form or the `X-CSRF-Token` header,
 //!   and a same-origin `Origin` / `Sec-Fetch-Site`), and is written to the audit log.
@@ -14,8 +17,10 @@
 mod auth;
 mod pages;
 mod reads;
+mod throttle;
+mod verify_pool;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -34,11 +39,34 @@ pub const STAGE: &str = "console";
 pub struct Console {
     pub api: Arc<ApiState>,
     pub pages: Environment<'static>,
+    /// Failed logins per name and per client, in memory.
+    throttle: Mutex<throttle::LoginThrottle>,
+    /// Where passwords are checked: the console's own threads.
+    verifier: verify_pool::VerifyPool,
 }
 
 impl Console {
+    pub fn new(api: Arc<ApiState>, pages: Environment<'static>) -> std::io::Result<Console> {
+        Ok(Console {
+            api,
+            pages,
+            throttle: Mutex::new(throttle::LoginThrottle::default()),
+            verifier: verify_pool::VerifyPool::new(
+                "console-argon2",
+                verify_pool::THREADS,
+                verify_pool::QUEUED,
+                verify_pool::WAIT,
+            )?,
+        })
+    }
+
     pub fn deps(&self) -> &Deps {
         &self.api.deps
+    }
+
+    /// Held only for a few map operations, never across an await.
+    fn throttle(&self) -> MutexGuard<'_, throttle::LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -201,7 +229,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     let pages = environment().map_err(StageError::Fatal)?;
     let listen = deps.config.console.listen.clone();
     let api = herald_api::build_state(deps).await?;
-    let console = Arc::new(Console { api, pages });
+    let console = Arc::new(
+        Console::new(api, pages)
+            .map_err(|e| StageError::Fatal(format!("console verification threads: {e}")))?,
+    );
     auth::spawn_session_purge(console.clone(), shutdown.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
