@@ -575,3 +575,65 @@ async fn dead_device_tokens_page_without_skipping_tokens_that_share_a_time() {
     herald.signal("TERM");
     assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
 }
+
+/// Finding 9: the dead-letter topic is public, so a redrive trusts neither a dead letter's
+/// `source_topic` nor its payload. A forged letter that names a topic its stage does not read
+/// (accept → a dispatch topic) is refused, and so is one whose payload is no message Herald
+/// accepted for its app (send → a dispatch topic, bytes of the forger's choosing); nothing is
+/// published. (The console test redrives a real dead letter of accept's.)
+#[test]
+fn a_forged_dead_letter_is_not_redriven() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt
+        .block_on(herald_core::runtime::connect_postgres(&postgres()))
+        .unwrap();
+    let forge = |stage: &str, topic: &str| {
+        let id = unique("forged");
+        rt.block_on(db.execute(
+            "INSERT INTO dead_letters (event_id, at, stage, source_topic, source_partition, \
+             source_offset, record_key, payload, reason_code, reason_message, message_id, request_id) \
+             VALUES ($1, now(), $2, $3, 0, 0, NULL, $4, 'x', 'forged', NULL, NULL)",
+            &[&id, &stage, &topic, &b"\x00\x00\x00\x00\x01forged bytes".to_vec()],
+        ))
+        .unwrap();
+        id
+    };
+    let redrive = |id: &str| {
+        let out = std::process::Command::new(herald_bin())
+            .arg("-c")
+            .arg(config_path())
+            .args(["dlq", "redrive", id, "--operator", "hostile-test"])
+            .envs(herald_env(18_660, 19_660))
+            .output()
+            .expect("herald dlq redrive");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let wrong_topic = forge("accept", "herald.dispatch.sms");
+    let (ok, text) = redrive(&wrong_topic);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("which its stage accept does not read"),
+        "{text}"
+    );
+    let not_ours = forge("send", "herald.dispatch.sms");
+    let (ok, text) = redrive(&not_ours);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("carries no message Herald accepted"),
+        "{text}"
+    );
+    for id in [&wrong_topic, &not_ours] {
+        let n: i32 = rt
+            .block_on(db.query_one(
+                "SELECT redrives FROM dead_letters WHERE event_id = $1",
+                &[id],
+            ))
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "nothing was redriven");
+    }
+}

@@ -405,7 +405,10 @@ pub async fn redrive(
     }
     let db = db!(console);
     let publisher = tri!(console.deps().transport.publisher());
-    let msg = match herald_domain::dead_letters::redrive(&**db, &*publisher, &id, &op.name).await {
+    let codec = &console.deps().codec;
+    let msg = match herald_domain::dead_letters::redrive(&**db, &*publisher, codec, &id, &op.name)
+        .await
+    {
         Ok(d) => format!(
             "redriven to {} ({} times in all)",
             d.source_topic, d.redrives

@@ -147,18 +147,43 @@ pub enum Refused {
     Empty(String),
     #[error("dead letter {0} came from {1}, not one of Herald's topics")]
     Foreign(String, String),
+    #[error("dead letter {0} names {1}, which its stage {2} does not read")]
+    NotTheStagesTopic(String, String, String),
+    #[error("dead letter {0} carries no message Herald accepted for its app ({1})")]
+    NotOwned(String, String),
     #[error("publishing: {0}")]
     Transport(String),
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
 }
 
+/// Whether `stage` consumes `topic`: a dead letter goes back only to a topic its stage reads
+/// (the projector's, notify's and the callback's are not redriven: they read facts).
+pub fn stage_reads(stage: &str, topic: &str) -> bool {
+    use herald_schemas::topics;
+    match stage {
+        "accept" => topic == topics::REQUESTS,
+        "render" => topic == topics::ACCEPTED,
+        "route" => topic == topics::RENDERED,
+        "send" => topic.starts_with(topics::DISPATCH_PREFIX),
+        "delay" => topic.starts_with(topics::DELAY_PREFIX),
+        _ => false,
+    }
+}
+
 /// Publishes a dead letter's original key and bytes to the topic they came from (again through
 /// every check: a request accept refused is refused again, and a replayed request id is
 /// deduplicated there), then records who redrove it. Returns the row as updated.
+///
+/// The dead-letter topic is public, so a row's `source_topic` and payload are not trusted: the
+/// topic must be one the row's stage reads, and a record for a topic past the gateway
+/// (everything but the requests topic, which any producer may write) must carry a message
+/// Herald accepted, for the app that owns it — else a forged dead letter would put a message
+/// past accept's checks, quota and idempotency.
 pub async fn redrive(
     db: &impl GenericClient,
     publisher: &dyn Publisher,
+    codec: &herald_core::codec::Codec,
     id: &str,
     operator: &str,
 ) -> Result<Row, Refused> {
@@ -170,6 +195,31 @@ pub async fn redrive(
     };
     if !d.source_topic.starts_with("herald.") {
         return Err(Refused::Foreign(id.to_owned(), d.source_topic));
+    }
+    if !stage_reads(&d.stage, &d.source_topic) {
+        return Err(Refused::NotTheStagesTopic(
+            id.to_owned(),
+            d.source_topic,
+            d.stage,
+        ));
+    }
+    if d.source_topic != herald_schemas::topics::REQUESTS {
+        let header = codec
+            .header(&payload)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| Refused::NotOwned(id.to_owned(), "undecodable".into()))?;
+        let owner: Option<String> = db
+            .query_opt(
+                "SELECT app_id FROM messages WHERE message_id = $1",
+                &[&header.message_id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if owner.as_deref() != Some(header.app_id.as_str()) {
+            return Err(Refused::NotOwned(id.to_owned(), header.app_id));
+        }
     }
     publisher
         .publish(vec![OutRecord {

@@ -197,7 +197,7 @@ async fn dlq(deps: &Deps, cmd: DlqCmd) -> anyhow::Result<()> {
         }
         DlqCmd::Redrive { id, operator } => {
             let publisher = deps.transport.publisher()?;
-            let d = dl::redrive(&db, &*publisher, &id, &operator).await?;
+            let d = dl::redrive(&db, &*publisher, &deps.codec, &id, &operator).await?;
             println!(
                 "redriven {id} to {} ({} time(s) in all)",
                 d.source_topic, d.redrives
