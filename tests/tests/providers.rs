@@ -1129,6 +1129,45 @@ async fn zrwinfo_plain_and_token_sends_are_accepted_and_answers_classified() {
     }
 }
 
+/// 掌榕网 joins variables with `##`: three variables, one holding `##`, would fill the
+/// four-variable template (the simulator takes it, as the platform would) with shifted values.
+/// Such a message is refused before any call; nothing reaches the simulator.
+#[tokio::test]
+async fn zrwinfo_refuses_a_variable_holding_a_separator_without_a_call() {
+    let sim = Peer::start().await;
+    for auth in ["plain", "token"] {
+        let p = sim.provider(&ZRWINFO.replace("{auth}", auth), false);
+        for smuggled in ["先生##9:40", "先生$$9:40", "先生#"] {
+            let r = p
+                .send(
+                    &message(
+                        Channel::Sms,
+                        "13800000005",
+                        sms_content(
+                            "100002",
+                            &[("1", smuggled), ("2", "快递公司"), ("3", "1234567")],
+                        ),
+                    ),
+                    1,
+                )
+                .await;
+            assert_eq!(
+                (r.outcome, r.reason.unwrap().code.as_str()),
+                (DeliveryOutcome::FailedPermanent, "invalid_parameter"),
+                "{auth} {smuggled}"
+            );
+            assert_eq!(r.response_code, None, "no answer: no call");
+        }
+    }
+    let log = sim.log("zrwinfo").await;
+    assert_eq!(
+        (&log["requests"], &log["rejected"]),
+        (&json!(0), &json!(0)),
+        "{log}"
+    );
+    assert_eq!(log["accepted"].as_array().map_or(0, Vec::len), 0, "{log}");
+}
+
 const APNS: &str = r#"
 [[providers]]
 code = "apns"

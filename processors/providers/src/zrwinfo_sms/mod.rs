@@ -3,6 +3,10 @@
 //! documented scheme has no signature), or, with `auth = "token"`, to `/api/v2/send` with the
 //! 2.0 token (`token` = MD5 hex of secret + random + timestamp, no secret on the wire).
 //! `content` is the template's variables joined by `##`, in the order of their keys (`1`, `2`, …).
+//! The platform splits `content` on `##` (and, per the reference client, on `$$`), so a variable
+//! that holds either separator, or puts `#` next to a joining `##` (making `###`), would
+//! move the other variables or add one: such a message is refused before any call, permanently,
+//! with `invalid_parameter` (no escape is documented).
 //! `{"code":"0", "smUuid"}` is accepted; any other `code` is an error from the (secondary) code
 //! table; a bare HTTP error is classed by its status (5xx transient), which is then the code;
 //! a timeout is unknown.
@@ -16,9 +20,12 @@
 //! `{"code":"0","msg":"SUCCESS"}`; a report names the send by `smUuid` (single send) or
 //! `batchId` (token send).
 //!
-//! Config: `endpoint` (`http://api.1cloudsp.com`); credentials `access_key`, `secret`,
-//! `callback_token`; settings `sign` (the signature text `【…】` or its id), `auth`
-//! (`plain` | `token`). Templates need `provider_template` (the `templateId`).
+//! Config: `endpoint` (default [`DEFAULT_ENDPOINT`], `https://api.1cloudsp.com`: the official page
+//! says "HTTP(S)", and the default `plain` auth puts the account secret in the form, so it never
+//! goes over plain HTTP unless an operator names an `http://` endpoint, as the simulator's tests
+//! do); credentials `access_key`, `secret`, `callback_token`; settings `sign` (the signature text
+//! `【…】` or its id), `auth` (`plain` | `token`). Templates need `provider_template` (the
+//! `templateId`).
 
 use futures::future::BoxFuture;
 use herald_core::config::ProviderConfig;
@@ -50,6 +57,11 @@ pub const SINGLE_SEND: &str = "/api/v2/single_send";
 pub const SEND: &str = "/api/v2/send";
 /// The documented separator of template variables in `content`.
 pub const SEPARATOR: &str = "##";
+/// The separator the reference client says the platform also splits `content` on.
+pub const OTHER_SEPARATOR: &str = "$$";
+/// Where requests go when the config names no endpoint: HTTPS, since the default `plain` auth
+/// sends the account secret in the form.
+pub const DEFAULT_ENDPOINT: &str = "https://api.1cloudsp.com";
 
 pub struct ZrwinfoSms {
     client: reqwest::Client,
@@ -69,15 +81,49 @@ pub fn token(secret: &str, random: &str, timestamp_ms: i64) -> String {
     hex::encode(h.finalize())
 }
 
-/// The `content` field: the template's variables in key order, joined by `##`.
-pub fn content(params: &std::collections::HashMap<String, String>) -> String {
-    template_param_set(params).join(SEPARATOR)
+/// The `content` field: the template's variables in key order, joined by `##`; or, when a
+/// variable would change how the platform splits it, why not (naming the variables' keys, never
+/// their values). A variable may not hold `##` or `$$`, nor start with `#` (unless first) or end
+/// with `#` (unless last), where joining would make `###`.
+pub fn content(params: &std::collections::HashMap<String, String>) -> Result<String, String> {
+    let values = template_param_set(params);
+    let last = values.len().saturating_sub(1);
+    let splitting = |i: usize, v: &str| {
+        v.contains(SEPARATOR)
+            || v.contains(OTHER_SEPARATOR)
+            || (i > 0 && v.starts_with('#'))
+            || (i < last && v.ends_with('#'))
+    };
+    if values.iter().enumerate().any(|(i, v)| splitting(i, v)) {
+        // Keys in the order of `values` (the same order template_param_set sorts by).
+        let mut keys: Vec<&str> = params.keys().map(String::as_str).collect();
+        keys.sort_by(|a, b| match (a.parse::<u32>(), b.parse::<u32>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => a.cmp(b),
+        });
+        let bad: Vec<&str> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| splitting(*i, &params[**k]))
+            .map(|(_, k)| *k)
+            .collect();
+        return Err(format!(
+            "template variables {bad:?} would shift 掌榕网's variables (content joins them with \
+             {SEPARATOR}; a variable may not hold {SEPARATOR} or {OTHER_SEPARATOR}, nor put # next \
+             to a separator)"
+        ));
+    }
+    Ok(values.join(SEPARATOR))
 }
 
 impl ZrwinfoSms {
     pub fn new(p: &ProviderConfig) -> Result<Self, ProviderError> {
         let mut n = Needs::new(p);
-        let endpoint = n.endpoint();
+        let endpoint = if p.endpoint.is_empty() {
+            DEFAULT_ENDPOINT.to_owned()
+        } else {
+            n.endpoint()
+        };
         let access_key = n.credential("access_key");
         let secret = n.credential("secret");
         let sign = n.setting("sign");
@@ -101,7 +147,7 @@ impl ZrwinfoSms {
     }
 
     /// The form body and the path it goes to.
-    fn form(&self, m: &MessageRouted, template: &str) -> (String, &'static str) {
+    fn form(&self, m: &MessageRouted, template: &str, content: String) -> (String, &'static str) {
         let mut fields = vec![
             ("accesskey", self.access_key.clone()),
             ("sign", self.sign.clone()),
@@ -114,7 +160,7 @@ impl ZrwinfoSms {
                     .trim_start_matches("+86")
                     .to_owned(),
             ),
-            ("content", content(&m.content.provider_params)),
+            ("content", content),
         ];
         let path = if self.token_auth {
             let random = uuid::Uuid::new_v4().simple().to_string();
@@ -204,7 +250,17 @@ impl Provider for ZrwinfoSms {
                     ),
                 );
             };
-            let (body, path) = self.form(m, &template);
+            let content = match content(&m.content.provider_params) {
+                Ok(c) => c,
+                Err(e) => {
+                    return CallResult::fail(
+                        DeliveryOutcome::FailedPermanent,
+                        None,
+                        Reason::new("invalid_parameter", e),
+                    );
+                }
+            };
+            let (body, path) = self.form(m, &template, content);
             let req = self
                 .client
                 .post(format!("{}{path}", self.endpoint))
@@ -255,7 +311,129 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-        assert_eq!(content(&params), "先生##9:40##快递公司##1234567");
+        assert_eq!(content(&params).unwrap(), "先生##9:40##快递公司##1234567");
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_variable_that_would_move_the_separators_is_refused() {
+        for v in ["zz##b", "##", "zz$$b", "#zz", "zz#", "#", "zz###b"] {
+            let err = content(&params(&[("1", "ok"), ("2", v), ("3", "ok")])).unwrap_err();
+            assert!(err.contains(r#"["2"]"#), "{v}: {err}");
+            assert!(
+                !err.contains("zz"),
+                "the value stays out of the reason: {err}"
+            );
+        }
+        // A lone `#` or `$` inside a variable cannot form a separator, nor a `#` at the very
+        // start or end of the content.
+        assert_eq!(
+            content(&params(&[
+                ("1", "#1"),
+                ("2", "a#b"),
+                ("3", "$5"),
+                ("4", "x$#")
+            ]))
+            .unwrap(),
+            "#1##a#b##$5##x$#"
+        );
+        let err = content(&params(&[("1", "a#"), ("2", "b"), ("10", "#c")])).unwrap_err();
+        assert!(err.contains(r#"["1", "10"]"#), "{err}");
+    }
+
+    /// A provider whose endpoint is a loopback listener counting its connections.
+    async fn provider_at_counter(
+        endpoint: Option<String>,
+    ) -> (ZrwinfoSms, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let mut p: ProviderConfig = serde_json::from_value(json!({
+            "code": "zrwinfo",
+            "kind": "zrwinfo_sms",
+            "endpoint": endpoint.unwrap_or_else(|| format!("http://{addr}")),
+            "timeout_ms": 500,
+            "settings": {"sign": "【Herald】"},
+        }))
+        .unwrap();
+        p.credentials = [("access_key", "k"), ("secret", "s")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        (ZrwinfoSms::new(&p).unwrap(), seen)
+    }
+
+    fn sms(pairs: &[(&str, &str)]) -> MessageRouted {
+        MessageRouted {
+            header: herald_schemas::EventHeader {
+                event_id: "e".into(),
+                event_time: 0,
+                stage: "route".into(),
+                trace_id: "t".into(),
+                message_id: "m-1".into(),
+                request_id: "r".into(),
+                app_id: "a".into(),
+                channel: herald_schemas::Channel::Sms,
+                attempt: 1,
+                metadata: Default::default(),
+            },
+            recipient: herald_schemas::Recipient {
+                address: "13800000001".into(),
+                params: Default::default(),
+                timezone: None,
+            },
+            priority: herald_schemas::Priority::High,
+            expires_at: None,
+            template: None,
+            template_version: None,
+            content: herald_schemas::RenderedContent {
+                provider_template: Some("100002".into()),
+                provider_params: params(pairs),
+                ..Default::default()
+            },
+            provider: "zrwinfo".into(),
+            provider_kind: "zrwinfo_sms".into(),
+            tried_providers: vec![],
+            due_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_injected_separator_is_refused_before_any_call() {
+        let (p, seen) = provider_at_counter(None).await;
+        let r = p
+            .send(&sms(&[("1", "先生"), ("2", "9:40##x"), ("3", "y")]), 1)
+            .await;
+        assert_eq!(r.outcome, DeliveryOutcome::FailedPermanent);
+        assert_eq!(r.response_code, None, "no provider answered");
+        assert_eq!(r.reason.unwrap().code, "invalid_parameter");
+        // The listener would have counted a connection by now had the call been made; prove it
+        // counts by making one that is (its answer is lost: the listener never replies).
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let made = p.send(&sms(&[("1", "先生")]), 1).await;
+        assert_eq!(made.outcome, DeliveryOutcome::Unknown, "{made:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_is_https_unless_configured() {
+        let (p, _) = provider_at_counter(Some(String::new())).await;
+        assert_eq!(p.endpoint, DEFAULT_ENDPOINT);
+        assert!(DEFAULT_ENDPOINT.starts_with("https://"));
+        let (p, _) = provider_at_counter(Some("http://127.0.0.1:18100/zrwinfo/".into())).await;
+        assert_eq!(p.endpoint, "http://127.0.0.1:18100/zrwinfo");
     }
 
     #[test]
