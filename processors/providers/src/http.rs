@@ -1,5 +1,10 @@
 //! What the HTTP providers share: one pooled client per provider, a JSON call classified at the
 //! edge, answers read up to a cap, errors carrying the provider's own code.
+//!
+//! Every client connects directly: `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` (and the system's
+//! proxy settings) are ignored. A proxy from the environment would receive the destination's
+//! name and connect to it on Herald's behalf, so the outbound guard (which checks the addresses
+//! Herald itself connects to) would only ever see the proxy; Herald has no proxy setting.
 
 use std::time::Duration;
 
@@ -15,9 +20,11 @@ pub fn http_client(p: &ProviderConfig) -> Result<reqwest::Client, ProviderError>
         .map_err(|e| ProviderError::one(p, e.to_string()))
 }
 
-/// The provider's client settings, before building.
+/// The provider's client settings, before building: direct connections only (no proxy from
+/// the environment), no redirects.
 pub fn http_client_builder(p: &ProviderConfig) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_millis(p.timeout_ms))
         .connect_timeout(Duration::from_millis(p.timeout_ms.min(3000)))
         .pool_max_idle_per_host(64)

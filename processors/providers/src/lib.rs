@@ -7,6 +7,11 @@
 //! Each sender classifies its answer once, at the edge: success, permanent failure, transient
 //! failure, rate-limited, or unknown (the request may have left and the answer was lost).
 //!
+//! Every HTTP client here is built by [`http::http_client_builder`], which ignores proxies from
+//! the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`): calls go straight to the
+//! provider, and guarded ones (webhook recipients) straight to an address the outbound guard
+//! permitted. Herald has no proxy setting.
+//!
 //! Adding a provider: a folder here with a `KIND`, one line in [`REGISTRY`], its `[[providers]]`
 //! entry in the config, and its simulator in `tests/simulators` (README, "Adding a provider").
 
