@@ -15,7 +15,8 @@ fn shipped_config() -> Config {
     cfg
 }
 
-/// The environment of a deployment: every secret variable set, nothing else overridden.
+/// The environment of a deployment: every secret variable set (each to a different value),
+/// nothing else overridden.
 fn any_secret(name: &str) -> Option<String> {
     if name.ends_with("AUTH_KEY") {
         // An APNs .p8 key must be a P-256 key.
@@ -36,7 +37,8 @@ fn any_secret(name: &str) -> Option<String> {
     ((!name.starts_with("HERALD_") && !name.starts_with("OTEL_"))
         || name.contains("SECRET")
         || name.contains("SIM_"))
-    .then(|| "a-value-for-every-secret-0123456789".into())
+    // A value of its own per variable: validation refuses a receipt secret equal to a signing one.
+    .then(|| format!("a-value-for-{name}-0123456789"))
 }
 
 /// Building the SMTP client's pool needs a runtime, as in the send stage.
