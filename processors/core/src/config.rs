@@ -1040,6 +1040,7 @@ impl Config {
         let signing: Vec<(&str, &str)> = self
             .providers
             .iter()
+            .filter(|p| p.kind == "webhook")
             .flat_map(|p| {
                 p.credentials
                     .iter()
@@ -1192,6 +1193,7 @@ mod tests {
             match kind {
                 "smtp" => Some(Channel::Email),
                 "aliyun_sms" => Some(Channel::Sms),
+                "webhook" => Some(Channel::Webhook),
                 _ => None,
             }
         }
@@ -1260,8 +1262,8 @@ mod tests {
         let text = r#"
             [[providers]]
             code = "hooks"
-            kind = "smtp"
-            endpoint = "127.0.0.1:2525"
+            kind = "webhook"
+            endpoint = "-"
             credentials_env = { secret = "OUT", callback_secret = "IN" }
             [[providers]]
             code = "relay"

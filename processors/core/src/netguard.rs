@@ -187,9 +187,12 @@ impl Guard {
     }
 
     /// A client builder whose every connection goes through the guard: names resolve only to
-    /// permitted addresses, and redirects are not followed.
+    /// permitted addresses, redirects are not followed, and proxies named in the environment
+    /// (`HTTP(S)_PROXY`, `ALL_PROXY`) are ignored — through one, the guard would only ever see
+    /// the proxy's address, never the destination's.
     pub fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         builder
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver {
                 guard: self.clone(),
             }))
