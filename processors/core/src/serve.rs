@@ -19,7 +19,6 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tower::ServiceExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -27,6 +26,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tracing::{debug, warn};
 
 /// What one listener allows.
@@ -113,12 +113,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let with_peer = router
-            .clone()
-            .map_request(move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
+        let with_peer =
+            router
+                .clone()
+                .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req
+                });
         let service = TowerToHyperService::new(with_peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -168,7 +169,11 @@ struct BodyTimedOut(Duration);
 
 impl std::fmt::Display for BodyTimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the request body did not arrive within {} ms", self.0.as_millis())
+        write!(
+            f,
+            "the request body did not arrive within {} ms",
+            self.0.as_millis()
+        )
     }
 }
 
@@ -321,7 +326,9 @@ mod tests {
         let mut quick = TcpStream::connect(addr).await.unwrap();
         let me = quick.local_addr().unwrap();
         quick
-            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc")
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc",
+            )
             .await
             .unwrap();
         let mut out = String::new();
