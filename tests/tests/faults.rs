@@ -890,22 +890,19 @@ async fn redis_entries_of_a_dead_worker_are_taken_over_after_redis_and_registry_
     eventually(
         Duration::from_secs(30),
         "the oldest pending entry's age reported",
-        || {
-            let route_admin = route_admin;
-            async move {
-                let m = reqwest::get(format!("http://127.0.0.1:{route_admin}/metrics"))
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
-                m.lines()
-                    .any(|l| {
-                        l.starts_with("herald_stage_pending_oldest_seconds{")
-                            && l.contains("group=\"herald-route\"")
-                    })
-                    .then_some(())
-            }
+        || async move {
+            let m = reqwest::get(format!("http://127.0.0.1:{route_admin}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            m.lines()
+                .any(|l| {
+                    l.starts_with("herald_stage_pending_oldest_seconds{")
+                        && l.contains("group=\"herald-route\"")
+                })
+                .then_some(())
         },
     )
     .await;
