@@ -824,7 +824,23 @@ async fn main() -> anyhow::Result<()> {
 
     // The read model equals a rebuild of it.
     // The read model settles first: redeliveries after the last kill may still add facts
-    // (the same outcome again, a receipt pushed twice) after every message is terminal.
+    // (the same outcome again, a receipt pushed twice) after every message is terminal, and a
+    // receipt wait still open ends with its own fact at its deadline.
+    let waits_open = Instant::now();
+    while waits_open.elapsed() < Duration::from_secs(receipt_timeout + 60) {
+        let open: i64 = db
+            .query_one(
+                "SELECT count(*) FROM receipt_waits w JOIN send_ledger l USING (message_id, attempt)
+                 WHERE NOT w.received AND l.request_id LIKE $1",
+                &[&like],
+            )
+            .await
+            .map_or(0, |r| r.get(0));
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let mut before = checksum(&db, &like).await?;
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(180) {

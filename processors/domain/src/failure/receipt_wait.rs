@@ -26,9 +26,11 @@ pub const TIMEOUT_CODE: &str = "receipt_timeout";
 /// Waits past due handled per round.
 const ROUND: i64 = 500;
 
-/// The receipts of these attempts came: they wait no longer. A receipt can overtake the send
-/// stage's record of its attempt; then a marker stays in the wait's place, so the wait the record
-/// would start never starts (markers are swept a day later).
+/// The receipts of these attempts came: they wait no longer. The wait becomes a marker, whether
+/// it had started or not (a receipt can overtake the send stage's record of its attempt, and a
+/// send batch delivered again records its attempts again): the wait that record would start
+/// never starts, so no `receipt_timeout` follows a receipt that came. Markers are swept a day
+/// later.
 pub async fn received(db: &Client, keys: &[(&str, i32)]) -> Result<u64, tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(0);
@@ -36,14 +38,10 @@ pub async fn received(db: &Client, keys: &[(&str, i32)]) -> Result<u64, tokio_po
     let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
     db.execute(
-        "WITH gone AS (
-             DELETE FROM receipt_waits w USING UNNEST($1::text[], $2::int[]) AS k(m, a)
-             WHERE w.message_id = k.m AND w.attempt = k.a AND NOT w.received
-             RETURNING w.message_id, w.attempt)
-         INSERT INTO receipt_waits (message_id, attempt, due_at, received)
+        "INSERT INTO receipt_waits (message_id, attempt, due_at, received)
          SELECT k.m, k.a, now(), true FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
-         WHERE NOT EXISTS (SELECT 1 FROM gone g WHERE g.message_id = k.m AND g.attempt = k.a)
-         ON CONFLICT DO NOTHING",
+         ON CONFLICT (message_id, attempt) DO UPDATE SET received = true, due_at = now()
+         WHERE NOT receipt_waits.received",
         &[&ids, &attempts],
     )
     .await
