@@ -455,3 +455,22 @@ pub fn form_body(pairs: &[(&str, &str)]) -> String {
         .collect::<Vec<_>>()
         .join("&")
 }
+
+/// An argon2id hash of `password` made by `herald console hash-password` (for
+/// `[[console.operators]]` in tests).
+pub fn console_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(herald_bin())
+        .args(["console", "hash-password"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald console hash-password");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password written");
+    let out = child.wait_with_output().expect("hash-password ends");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}

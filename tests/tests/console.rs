@@ -42,17 +42,7 @@ impl Drop for Driver {
 }
 
 fn hash(password: &str) -> String {
-    let mut child = Command::new(herald_bin())
-        .args(["console", "hash-password"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("herald console hash-password");
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    console_hash(password)
 }
 
 fn shots() -> PathBuf {

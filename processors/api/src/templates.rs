@@ -76,18 +76,7 @@ pub async fn put_template(
     fields.insert("code".into(), json!(code));
     let t: TemplateConfig = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| invalid(e.to_string()))?;
-    let texts = [
-        &t.subject,
-        &t.text,
-        &t.html,
-        &t.markdown,
-        &t.provider_template,
-    ]
-    .into_iter()
-    .flatten()
-    .chain(t.provider_params.iter().flat_map(|(k, v)| [k, v]))
-    .chain(t.provider_templates.iter().flat_map(|(k, v)| [k, v]));
-    if texts.into_iter().any(|v| v.contains('\0')) {
+    if herald_domain::templates::texts(&t).any(|v| v.contains('\0')) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_character",

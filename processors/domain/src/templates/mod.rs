@@ -53,6 +53,30 @@ pub async fn seed(db: &Client, templates: &[TemplateConfig]) -> Result<(), tokio
     Ok(())
 }
 
+/// A stored template from a row of (app_id, body); the shared owner "" is no app.
+fn from_row(r: &tokio_postgres::Row) -> Option<TemplateConfig> {
+    let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+    let app: String = r.get(0);
+    t.app = (!app.is_empty()).then_some(app);
+    Some(t)
+}
+
+/// Every text a template carries (subject, bodies, provider template and parameters): what the
+/// store measures and what may hold no NUL.
+pub fn texts(t: &TemplateConfig) -> impl Iterator<Item = &String> {
+    [
+        &t.subject,
+        &t.text,
+        &t.html,
+        &t.markdown,
+        &t.provider_template,
+    ]
+    .into_iter()
+    .flatten()
+    .chain(t.provider_params.iter().flat_map(|(k, v)| [k, v]))
+    .chain(t.provider_templates.iter().flat_map(|(k, v)| [k, v]))
+}
+
 /// Every stored version of every template, of every app.
 pub async fn load_all(db: &Client) -> Result<Vec<TemplateConfig>, tokio_postgres::Error> {
     let rows = db
@@ -61,15 +85,7 @@ pub async fn load_all(db: &Client) -> Result<Vec<TemplateConfig>, tokio_postgres
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
-            let app: String = r.get(0);
-            t.app = (!app.is_empty()).then_some(app);
-            Some(t)
-        })
-        .collect())
+    Ok(rows.iter().filter_map(from_row).collect())
 }
 
 /// The latest (or a given) version of template `code` as `app` sees it: its own, else the
@@ -88,12 +104,7 @@ pub async fn get(
             &[&code, &app, &version],
         )
         .await?;
-    Ok(row.and_then(|r| {
-        let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
-        let owner: String = r.get(0);
-        t.app = (!owner.is_empty()).then_some(owner);
-        Some(t)
-    }))
+    Ok(row.as_ref().and_then(from_row))
 }
 
 /// Why a template was not stored.
@@ -109,19 +120,7 @@ pub enum PutError {
 
 /// A template's size as the store bounds it: its subject, texts and provider fields.
 pub fn size(t: &TemplateConfig) -> usize {
-    [
-        &t.subject,
-        &t.text,
-        &t.html,
-        &t.markdown,
-        &t.provider_template,
-    ]
-    .into_iter()
-    .flatten()
-    .map(String::len)
-    .chain(t.provider_params.iter().map(|(k, v)| k.len() + v.len()))
-    .chain(t.provider_templates.iter().map(|(k, v)| k.len() + v.len()))
-    .sum()
+    texts(t).map(String::len).sum()
 }
 
 /// Refuses a template over the store's size limit.
@@ -215,15 +214,7 @@ async fn latest_since(
             &[&since],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            let mut t: TemplateConfig = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
-            let app: String = r.get(0);
-            t.app = (!app.is_empty()).then_some(app);
-            Some(t)
-        })
-        .collect())
+    Ok(rows.iter().filter_map(from_row).collect())
 }
 
 /// A change marker of the store: (row count, newest row time).
