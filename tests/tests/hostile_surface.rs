@@ -626,3 +626,94 @@ fn a_forged_dead_letter_is_not_redriven() {
         assert_eq!(n, 0, "nothing was redriven");
     }
 }
+
+/// Finding 15: a receipt's bytes never stall the status tables, and a receipt counts once.
+/// A signed receipt whose code holds a NUL is taken (PostgreSQL refuses NUL in text: kept, the
+/// projector's transaction failed for ever and every later message stayed where it was); one
+/// whose message id holds a NUL is a 400, not an endless 503. The same undelivered receipt
+/// pushed four times (fresh `webhook-id`s: a provider's retries) counts once toward the
+/// provider's receipt breaker, which would open at three failures.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_with_a_nul_byte_or_pushed_again_neither_stalls_nor_counts_twice() {
+    let _serial = SERIAL.lock().await;
+    let (api, admin) = (18_690, 19_690);
+    let cfg = std::env::temp_dir().join("herald-hostile-surface-receipts.toml");
+    let base = std::fs::read_to_string(config_path()).unwrap();
+    let smtp = "code = \"smtp-local\"\nkind = \"smtp\"\n";
+    assert!(base.contains(smtp), "config layout changed");
+    let text = base.replacen(
+        smtp,
+        &format!(
+            "{smtp}breaker = {{ failure_rate = 0.5, min_calls = 3, window_secs = 120, open_secs = 120 }}\n"
+        ),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut herald = Herald::start(&cfg, &herald_env(api, admin));
+    api_up(api).await;
+    let mail = |to: &str| {
+        json!({"channel": "EMAIL", "template": "welcome",
+            "params": {"name": "Ada", "product": "Herald"},
+            "recipients": [{"address": format!("{}@example.com", unique(to))}]})
+    };
+    let id = send_message(api, &mail("nul-receipt")).await;
+    await_status(api, &id, "delivered").await;
+
+    let http = reqwest::Client::new();
+    let key = herald_core::util::webhook_key(CALLBACK_SECRET);
+    let push = |body: String| {
+        let (http, key) = (http.clone(), key.clone());
+        async move {
+            let wid = unique("wh");
+            let ts = herald_core::util::now_ms() / 1000;
+            let sig =
+                herald_core::util::standard_webhook_signature(&key, &wid, ts, body.as_bytes());
+            let r = http
+                .post(format!("http://127.0.0.1:{}/callbacks/smtp-local", api + 1))
+                .header("webhook-id", &wid)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", sig)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let bounced = json!({"message_id": id, "status": "undelivered", "code": "5.1.1\u{0}NUL"});
+    for _ in 0..4 {
+        let (status, v) = push(bounced.to_string()).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let forged = json!({"message_id": format!("{id}\u{0}x"), "status": "undelivered", "code": "X"});
+    let (status, v) = push(forged.to_string()).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_body", "{v}");
+
+    // The status tables still move: a normal message is delivered after them.
+    let after = send_message(api, &mail("after-nul")).await;
+    await_status(api, &after, "delivered").await;
+    let timeline = api_json(&format!("/v1/messages/{id}"), api).await.unwrap();
+    assert!(
+        timeline.to_string().contains("5.1.1NUL"),
+        "the receipt is projected without its NUL: {timeline}"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open = metrics.lines().find(|l| {
+        l.starts_with("herald_send_breaker_open")
+            && l.contains("\"smtp-local\"")
+            && l.contains("\"receipts\"")
+    });
+    assert!(
+        open.is_none_or(|l| l.ends_with(" 0")),
+        "one receipt pushed four times is one failure: {open:?}"
+    );
+    herald.signal("TERM");
+    assert!(herald.wait_exit(Duration::from_secs(20)).is_some());
+}

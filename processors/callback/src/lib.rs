@@ -285,7 +285,10 @@ impl CallbackState {
             } else {
                 "undelivered"
             };
-            observed.push((provider.to_owned(), !rep.delivered));
+            observed.push((
+                (row.message_id.clone(), row.attempt),
+                (provider.to_owned(), !rep.delivered),
+            ));
             metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.to_owned(), "result" => status).increment(1);
             let trace = herald_core::trace::new_root();
             let mut reason =
@@ -370,14 +373,23 @@ impl CallbackState {
         // These attempts wait for their receipt no longer (else the deadline would end a
         // message a receipt rule is sending again). A failure here is a 503: the provider
         // pushes again and the same facts are published again.
-        if !arrived.is_empty() {
+        let first = if arrived.is_empty() {
+            Vec::new()
+        } else {
             let mut g = self.db.lock().await;
             let db = Self::connected(&self.deps, &mut g).await?;
             let keys: Vec<(&str, i32)> = arrived.iter().map(|(m, a)| (m.as_str(), *a)).collect();
             herald_domain::failure::receipt_wait::received(db, &keys)
                 .await
-                .map_err(Unavailable::from)?;
-        }
+                .map_err(Unavailable::from)?
+        };
+        // Only an attempt's first receipt counts toward its provider's receipt breaker: the
+        // same receipt pushed again (a retry after a 503, a replayed SMS push) is the same fact.
+        let observed: Vec<(String, bool)> = observed
+            .into_iter()
+            .filter(|(key, _)| first.contains(key))
+            .map(|(_, o)| o)
+            .collect();
         let changes = self.breakers.record_failed(&observed);
         if !changes.is_empty() {
             let g = self.db.lock().await;
@@ -411,10 +423,27 @@ async fn sms_receipt(
             format!("no receipts for {provider}"),
         );
     }
-    let reports = match (format.parse)(&body) {
+    let parsed = match (format.parse)(&body) {
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
+    // A report naming no usable id is refused on its own (it matches nothing we sent, and
+    // asking for it again would bring it back for ever); the others in the push go on.
+    let mut reports = Vec::with_capacity(parsed.len());
+    let mut refused = None;
+    for r in parsed {
+        match r.checked() {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                metrics::counter!(herald_core::telemetry::names::RECEIPTS, "provider" => provider.clone(), "result" => "invalid").increment(1);
+                tracing::warn!(%provider, error = %e, "receipt report refused");
+                refused = Some(e);
+            }
+        }
+    }
+    if let (true, Some(e)) = (reports.is_empty(), refused) {
+        return err(StatusCode::BAD_REQUEST, "invalid_body", e);
+    }
     let rows = match st.lookup(&provider, &reports).await {
         Ok(r) => r,
         Err(e) => {
@@ -544,12 +573,17 @@ async fn receipt(
         Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
     // Only a message this provider really sent can get its receipt.
-    let report = Report {
+    let report = match (Report {
         message_id: Some(r.message_id.clone()),
         provider_message_id: r.provider_message_id.clone(),
         delivered: r.status == "delivered",
         code: r.code.clone(),
         message: "provider reported undelivered".into(),
+    })
+    .checked()
+    {
+        Ok(r) => r,
+        Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e),
     };
     let row = match st.lookup(&provider, std::slice::from_ref(&report)).await {
         Ok(mut rows) => match rows.pop().flatten() {

@@ -108,7 +108,7 @@ impl Projector {
             }
             _ => {}
         }
-        Ok(Some(f))
+        Ok(Some(f.without_nul()))
     }
 
     async fn apply(

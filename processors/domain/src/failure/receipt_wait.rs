@@ -31,20 +31,29 @@ const ROUND: i64 = 500;
 /// send batch delivered again records its attempts again): the wait that record would start
 /// never starts, so no `receipt_timeout` follows a receipt that came. Markers are swept a day
 /// later.
-pub async fn received(db: &Client, keys: &[(&str, i32)]) -> Result<u64, tokio_postgres::Error> {
+///
+/// Answers the attempts whose first receipt this is: a receipt pushed again (a provider's
+/// retry, a replay) finds the marker, so it counts once toward the provider's health.
+pub async fn received(
+    db: &Client,
+    keys: &[(&str, i32)],
+) -> Result<Vec<(String, i32)>, tokio_postgres::Error> {
     if keys.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    db.execute(
-        "INSERT INTO receipt_waits (message_id, attempt, due_at, received)
-         SELECT k.m, k.a, now(), true FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
-         ON CONFLICT (message_id, attempt) DO UPDATE SET received = true, due_at = now()
-         WHERE NOT receipt_waits.received",
-        &[&ids, &attempts],
-    )
-    .await
+    let rows = db
+        .query(
+            "INSERT INTO receipt_waits (message_id, attempt, due_at, received)
+             SELECT DISTINCT k.m, k.a, now(), true FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
+             ON CONFLICT (message_id, attempt) DO UPDATE SET received = true, due_at = now()
+             WHERE NOT receipt_waits.received
+             RETURNING message_id, attempt",
+            &[&ids, &attempts],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Runs the sweeper until `shutdown`: every few seconds, the waits past due end `unknown`.

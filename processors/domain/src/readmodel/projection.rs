@@ -57,6 +57,48 @@ impl Fact {
     }
 }
 
+impl Fact {
+    /// The fact without NUL characters, which PostgreSQL refuses in text: one NUL from a
+    /// provider's answer or receipt would fail the batch's transaction again and again, and
+    /// every message behind it would wait in its last status.
+    pub fn without_nul(mut self) -> Fact {
+        fn clean(s: &mut String) {
+            if s.contains('\0') {
+                s.retain(|c| c != '\0');
+            }
+        }
+        for s in [
+            &mut self.event_id,
+            &mut self.message_id,
+            &mut self.request_id,
+            &mut self.app_id,
+            &mut self.channel,
+            &mut self.status,
+            &mut self.stage,
+        ] {
+            clean(s);
+        }
+        for s in [
+            &mut self.provider,
+            &mut self.recipient_masked,
+            &mut self.recipient_key,
+            &mut self.template,
+            &mut self.provider_code,
+            &mut self.outcome,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(s);
+        }
+        if let Some(r) = &mut self.reason {
+            clean(&mut r.code);
+            clean(&mut r.message);
+        }
+        self
+    }
+}
+
 /// The row a batch writes for one message: the highest-ranked fact, with every field any fact
 /// of the batch knew.
 #[derive(Debug, Clone, PartialEq)]
