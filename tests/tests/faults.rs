@@ -542,9 +542,9 @@ async fn retention_purges_what_expired_and_nothing_an_unfinished_message_needs()
     .unwrap();
     let (alert_sent, alert_pending) = (unique("rt-alert-sent"), unique("rt-alert-pending"));
     db.execute(
-        "INSERT INTO alert_outbox (id, rule, url, payload, created_at, delivered_at) VALUES
-           ($1, 'r', 'http://127.0.0.1:1/', '{}', now() - interval '9 days', now() - interval '8 days'),
-           ($2, 'r', 'http://127.0.0.1:1/', '{}', now() - interval '1 day', NULL)",
+        "INSERT INTO webhook_outbox (kind, id, destination, payload, created_at, delivered_at) VALUES
+           ('alert', $1, 'r', '{}', now() - interval '9 days', now() - interval '8 days'),
+           ('alert', $2, 'r', '{}', now() - interval '1 day', NULL)",
         &[&alert_sent, &alert_pending],
     )
     .await
@@ -576,7 +576,7 @@ async fn retention_purges_what_expired_and_nothing_an_unfinished_message_needs()
     let ledger = "SELECT count(*) FROM send_ledger WHERE message_id = $1";
     let gate = "SELECT count(*) FROM message_gate WHERE message_id = $1";
     let keys = "SELECT count(*) FROM request_keys WHERE key = $1";
-    let alerts = "SELECT count(*) FROM alert_outbox WHERE id = $1";
+    let alerts = "SELECT count(*) FROM webhook_outbox WHERE id = $1";
     // Expired and finished: gone, with its timeline, attempts and ledger.
     for sql in [messages, events, attempts, ledger] {
         assert_eq!(count(sql, done.clone()).await, 0, "{sql} for {done}");

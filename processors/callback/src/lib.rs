@@ -19,7 +19,7 @@
 //! - Writes: `herald.receipts.v1` (`ReceiptReceived`), the next attempt (`herald.dispatch.*` or
 //!   `herald.delay.<n>s`).
 //! - Tables: owns `receipt_ids` (replayed signed receipts); reads `send_ledger` through the send
-//!   ledger's lookup, ends `receipt_waits`, feeds `provider_health`, enqueues `alert_outbox`
+//!   ledger's lookup, ends `receipt_waits`, feeds `provider_health`, enqueues alerts in the webhook outbox
 //!   (owners in `herald-domain`).
 //! - Promise: a provider is acknowledged only for receipts published; each is matched to an
 //!   attempt that provider really made.
@@ -345,13 +345,13 @@ impl CallbackState {
         if !alerts.is_empty() {
             let alerts: Vec<Alert> = alerts
                 .into_iter()
-                .map(|(rule, url, m, attempt, rep)| {
+                .map(|(rule, _url, m, attempt, rep)| {
                     let r = CallResult::fail(
                         DeliveryOutcome::FailedPermanent,
                         Some(rep.code.clone()),
                         Reason::new(rep.code, rep.message),
                     );
-                    Alert::new(Scene::CallbackFailure, &rule, &url, &m, attempt, &r)
+                    Alert::new(Scene::CallbackFailure, &rule, &m, attempt, &r)
                 })
                 .collect();
             let mut g = self.db.lock().await;
@@ -713,7 +713,7 @@ pub async fn run(
     herald_domain::failure::alert::spawn_dispatcher(
         &herald_core::netguard::Guard::new(&deps.config.security.outbound_allow),
         deps.stage_db().await?,
-        herald_domain::failure::alert::keys(&deps.config),
+        &deps.config,
         shutdown.clone(),
     );
     let limits = deps.config.api.limits();

@@ -283,22 +283,27 @@ pub async fn provider_attempts(db: &impl GenericClient) -> Res<Vec<Value>> {
         .collect())
 }
 
-/// Per app: today's usage and the status-webhook backlog.
+/// Per app: today's usage and the status-webhook backlog (the outbox's own read).
 pub async fn app_usage(db: &impl GenericClient) -> Res<Vec<(String, i64, i64, i64)>> {
-    Ok(db
+    let mut rows: Vec<(String, i64, i64, i64)> = db
         .query(
-            "SELECT a.app_id, coalesce(u.messages, 0), coalesce(n.due, 0), coalesce(n.failing, 0) \
-             FROM (SELECT app_id FROM app_usage UNION SELECT app_id FROM status_notifications) a \
-             LEFT JOIN app_usage u ON u.app_id = a.app_id AND u.day = current_date \
-             LEFT JOIN (SELECT app_id, count(*) AS due, count(*) FILTER (WHERE attempts > 0) \
-                          AS failing FROM status_notifications WHERE delivered_at IS NULL \
-                        GROUP BY app_id) n ON n.app_id = a.app_id",
+            "SELECT app_id, messages FROM app_usage WHERE day = current_date",
             &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect())
+        .map(|r| (r.get(0), r.get(1), 0, 0))
+        .collect();
+    let pending =
+        herald_domain::outbox::pending_by_destination(db, herald_domain::outbox::Kind::Status)
+            .await?;
+    for (app, due, failing) in pending {
+        match rows.iter_mut().find(|r| r.0 == app) {
+            Some(r) => (r.2, r.3) = (due, failing),
+            None => rows.push((app, 0, due, failing)),
+        }
+    }
+    Ok(rows)
 }
 
 pub async fn opt_outs(db: &impl GenericClient, q: &str) -> Res<Vec<Value>> {

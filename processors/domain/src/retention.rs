@@ -45,14 +45,14 @@ pub enum Third {
 }
 
 /// The purges of the tables owned in this crate, each defined by its owning module. Tables owned
-/// by a stage (`policy_hits`, `status_notifications`) are purged by that stage's own task.
+/// by a stage (`policy_hits`) are purged by that stage's own task.
 pub const DOMAIN_PURGES: &[Purge] = &[
     crate::ledger::PURGE,
     crate::gate::PURGE,
     crate::readmodel::PURGE,
     crate::idempotency::PURGE,
     crate::inbox::PURGE,
-    crate::failure::alert::PURGE,
+    crate::outbox::PURGE,
     crate::quota::PURGE,
     crate::verification::PURGE,
 ];

@@ -8,33 +8,7 @@ use herald_domain::schema::{latest, migrate};
 use tokio_postgres::Client;
 
 mod common;
-use common::{base_url, connect};
-
-/// A new empty database; its connection string.
-async fn fresh_database(name: &str) -> String {
-    let admin = connect(&base_url()).await;
-    // Fixed names: the next run drops what this one left.
-    let db = format!("herald_migrate_{name}");
-    // One statement each: neither may run inside a transaction block.
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db}"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        admin.simple_query(&sql).await.unwrap();
-    }
-    let mut cfg: tokio_postgres::Config = base_url().parse().unwrap();
-    cfg.dbname(&db);
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        #[allow(unreachable_patterns)]
-        _ => "127.0.0.1".into(),
-    };
-    format!(
-        "host={host} port={} user={} dbname={db}",
-        cfg.get_ports().first().copied().unwrap_or(5432),
-        cfg.get_user().unwrap_or("herald")
-    )
-}
+use common::{connect, fresh_database};
 
 async fn columns(db: &Client, table: &str) -> Vec<String> {
     db.query(
@@ -62,7 +36,7 @@ async fn primary_key(db: &Client, table: &str) -> Vec<String> {
     .collect()
 }
 
-const TABLES: [&str; 19] = [
+const TABLES: [&str; 18] = [
     "templates",
     "request_keys",
     "app_usage",
@@ -78,10 +52,9 @@ const TABLES: [&str; 19] = [
     "policy_hits",
     "send_ledger",
     "provider_health",
-    "alert_outbox",
+    "webhook_outbox",
     "receipt_waits",
     "receipt_ids",
-    "status_notifications",
 ];
 
 #[tokio::test]

@@ -12,7 +12,7 @@
 //!   for a message that expired on the way), the next attempt (`herald.dispatch.*` now, or
 //!   `herald.delay.<n>s`), `herald.dead-letters.v1`.
 //! - Tables: `send_ledger` (through `herald_domain::ledger`, which also starts `receipt_waits`
-//!   in the same statement), `message_gate`, `provider_health`, `alert_outbox` through their owners in
+//!   in the same statement), `message_gate`, `provider_health`, the webhook outbox (alerts) through their owners in
 //!   `herald-domain`.
 //! - Planning is pure ([`plan`]); the waves of calls run over the ledger as a port
 //!   ([`Ledger`]: [`admit`], [`call_waves`]); the decision on an outcome is `herald_domain::failure`'s.
@@ -188,11 +188,10 @@ impl Send {
         if let Some(next) = c.next {
             out.push(next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?);
         }
-        if let Some((rule, url)) = &c.alert {
+        if let Some((rule, _url)) = &c.alert {
             alerts.push(alert::Alert::new(
                 alert::Scene::SendFailure,
                 rule,
-                url,
                 m,
                 attempt,
                 &r,
@@ -422,7 +421,7 @@ impl BatchHandler for Send {
                     .await?;
             }
             // Alerts leave through the outbox, with the batch: never a call in this path.
-            alert::enqueue(&self.db, &alerts)
+            alert::enqueue(&*self.db, &alerts)
                 .await
                 .map_err(|e| StageError::postgres("alert outbox", e))?;
             Ok(out)
@@ -801,7 +800,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     alert::spawn_dispatcher(
         &guard,
         deps.stage_db().await?,
-        alert::keys(&deps.config),
+        &deps.config,
         shutdown.clone(),
     );
     let channels: Vec<Channel> = Channel::ALL

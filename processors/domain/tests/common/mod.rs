@@ -14,3 +14,29 @@ pub async fn connect(url: &str) -> Client {
     tokio::spawn(conn);
     client
 }
+
+/// A new empty database; its connection string.
+pub async fn fresh_database(name: &str) -> String {
+    let admin = connect(&base_url()).await;
+    // Fixed names: the next run drops what this one left.
+    let db = format!("herald_test_{name}");
+    // One statement each: neither may run inside a transaction block.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        admin.simple_query(&sql).await.unwrap();
+    }
+    let mut cfg: tokio_postgres::Config = base_url().parse().unwrap();
+    cfg.dbname(&db);
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".into(),
+    };
+    format!(
+        "host={host} port={} user={} dbname={db}",
+        cfg.get_ports().first().copied().unwrap_or(5432),
+        cfg.get_user().unwrap_or("herald")
+    )
+}
