@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn a_report_with_an_unusable_id_is_refused() {
-        for id in ["p\01", "", "p\n1", &"p".repeat(MAX_ID + 1)] {
+        for id in ["p\u{0}1", "", "p\n1", &"p".repeat(MAX_ID + 1)] {
             assert!(report(id, "E", "m").checked().is_err(), "{id:?}");
         }
         let mut none = report("p", "E", "m");

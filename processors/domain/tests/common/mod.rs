@@ -16,6 +16,7 @@ pub async fn connect(url: &str) -> Client {
 }
 
 /// A new empty database; its connection string.
+#[allow(dead_code)] // not every test file of this crate needs one
 pub async fn fresh_database(name: &str) -> String {
     let admin = connect(&base_url()).await;
     // Fixed names: the next run drops what this one left.
