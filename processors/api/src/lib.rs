@@ -144,6 +144,11 @@ impl ApiError {
         &self.message
     }
 
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -539,8 +544,12 @@ async fn opt_out(
 ) -> Result<Response, ApiError> {
     let channel = channel_param(&channel)?;
     let opted_out = method == Method::PUT;
+    // Kept in the form every per-recipient rule keys on (`13800138000` is `+8613800138000`).
+    let region = herald_domain::destination::Region::configured(&state.deps.config);
+    let normal = herald_domain::opt_out::address(channel, &address, region)
+        .map_err(|p| ApiError::new(StatusCode::BAD_REQUEST, p.code, p.message).field("address"))?;
     let db = state.db().await.map_err(db_err)?;
-    herald_domain::opt_out::set(&**db, &app, channel.as_str(), &address, opted_out)
+    herald_domain::opt_out::set(&**db, &app, channel.as_str(), &normal, &address, opted_out)
         .await
         .map_err(db_err)?;
     Ok(

@@ -50,56 +50,51 @@ pub async fn put_template(
         e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
         return Err(e);
     }
-    // The body is a template as in the config file, minus `code` (the path) and `version`
-    // (the store assigns the next one).
-    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
-    let mut fields: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-    for k in ["code", "version", "app"] {
-        if fields.contains_key(k) {
-            return Err(invalid(format!("{k} is not part of the body")).field(k));
-        }
-    }
-    if code.is_empty()
-        || code.len() > 128
-        || !code
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_code",
-            "template codes are [A-Za-z0-9_.-]{1,128}",
-        )
-        .field("code"));
-    }
-    fields.insert("code".into(), json!(code));
-    let t: TemplateConfig = serde_json::from_value(serde_json::Value::Object(fields))
-        .map_err(|e| invalid(e.to_string()))?;
-    if herald_domain::templates::texts(&t).any(|v| v.contains('\0')) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_character",
-            "a template cannot contain a NUL character",
-        ));
-    }
-    if !t.has_content() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "empty_template",
-            "no content",
-        ));
-    }
     let bounds = &state.deps.config.template_store;
-    herald_domain::templates::check_size(&t, bounds).map_err(put_error)?;
-    // The same compiler the render stage uses: a template that would not render is refused.
-    herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_template", e))?;
+    let t = submitted(&code, &body, bounds)?;
     let mut db = state.db().await.map_err(db_err)?;
     let stored = herald_domain::templates::put(&mut db, &app, t, bounds)
         .await
         .map_err(put_error)?;
     Ok((StatusCode::CREATED, Json(view(&stored))).into_response())
+}
+
+/// The template a `PUT /v1/templates/{code}` body describes, checked as every submitted
+/// template is ([`herald_domain::templates::checked`]); or the 4xx that refuses it. The body is
+/// a template as in the config file, minus `code` (the path), `version` (the store assigns the
+/// next one) and `app` (the caller).
+pub fn submitted(
+    code: &str,
+    body: &[u8],
+    bounds: &herald_core::config::TemplateStoreConfig,
+) -> Result<TemplateConfig, ApiError> {
+    use herald_domain::templates::Refusal;
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", m);
+    if !herald_domain::templates::valid_code(code) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_code",
+            Refusal::Code.to_string(),
+        )
+        .field("code"));
+    }
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    for k in ["code", "version", "app"] {
+        if fields.contains_key(k) {
+            return Err(invalid(format!("{k} is not part of the body")).field(k));
+        }
+    }
+    fields.insert("code".into(), json!(code));
+    let t: TemplateConfig = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| invalid(e.to_string()))?;
+    herald_domain::templates::checked(t, bounds).map_err(|r| {
+        let status = match r {
+            Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, r.code(), r.to_string())
+    })
 }
 
 /// The store's refusal in the JSON error shape.

@@ -257,8 +257,8 @@ fn login_form(console: &Console, failed: bool, wait: Option<String>, busy: bool)
 
 #[derive(Deserialize)]
 pub struct LoginForm {
-    name: String,
-    password: String,
+    pub(crate) name: String,
+    pub(crate) password: String,
 }
 
 /// The address a request came from (`herald_core::serve` records it for every connection).

@@ -15,6 +15,7 @@
 //!   (`assets/vendor/SHA256SUMS`) and compiled in.
 
 mod auth;
+pub mod forms;
 mod pages;
 mod reads;
 mod throttle;

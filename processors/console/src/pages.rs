@@ -9,12 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use herald_api::cancel::Key;
 use herald_core::config::TemplateConfig;
-use herald_schemas::{Channel, EventHeader, MessageAccepted, Priority, Recipient};
+use herald_schemas::Channel;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Console;
 use crate::auth::{Operator, Refusal, check_csrf, unavailable};
+use crate::forms::{self, Edit, OptOutChange, TestSend};
 use crate::reads;
 
 /// Renders a page; an error in a template is a 500 with the reason in the log.
@@ -78,18 +79,6 @@ fn template_page(code: &str, app: &str, msg: &str) -> Response {
         &format!("/templates/{}?app={}", url_encode(code), url_encode(app)),
         msg,
     )
-}
-
-/// Sample parameters typed as a JSON object; values that are not strings are used as JSON text.
-fn sample(params: &str) -> Result<std::collections::HashMap<String, String>, String> {
-    if params.trim().is_empty() {
-        return Ok(Default::default());
-    }
-    let v: BTreeMap<String, Value> =
-        serde_json::from_str(params).map_err(|e| format!("sample parameters: {e}"))?;
-    Ok(v.into_iter()
-        .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-        .collect())
 }
 
 fn flash_to(path: &str, msg: &str) -> Response {
@@ -589,58 +578,6 @@ fn sample_params(t: &TemplateConfig) -> BTreeMap<String, String> {
     out
 }
 
-#[derive(Deserialize)]
-pub struct Edit {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    app: String,
-    #[serde(default)]
-    channel: String,
-    #[serde(default)]
-    subject: String,
-    #[serde(default)]
-    text: String,
-    #[serde(default)]
-    html: String,
-    #[serde(default)]
-    markdown: String,
-    #[serde(default)]
-    params: String,
-}
-
-fn edited(code: &str, e: &Edit) -> Result<TemplateConfig, String> {
-    let field = |s: &str| Some(s.replace("\r\n", "\n")).filter(|s| !s.is_empty());
-    let channel = Channel::ALL
-        .into_iter()
-        .find(|c| c.as_str().eq_ignore_ascii_case(&e.channel))
-        .ok_or_else(|| format!("unknown channel {:?}", e.channel))?;
-    let t = TemplateConfig {
-        code: code.to_owned(),
-        app: None,
-        channel,
-        version: 0,
-        subject: field(&e.subject),
-        text: field(&e.text),
-        html: field(&e.html),
-        markdown: field(&e.markdown),
-        provider_template: None,
-        provider_params: Default::default(),
-        provider_templates: Default::default(),
-    };
-    if [&t.subject, &t.text, &t.html, &t.markdown]
-        .into_iter()
-        .flatten()
-        .any(|s| s.contains('\0'))
-    {
-        return Err("a template cannot contain a NUL character".into());
-    }
-    if !t.has_content() {
-        return Err("no content".into());
-    }
-    Ok(t)
-}
-
 /// The provider fields of `prev` (the version an edit replaces) on `t`, which the form has none of.
 fn keep_provider_fields(t: &mut TemplateConfig, prev: TemplateConfig) {
     if t.channel != prev.channel {
@@ -662,7 +599,8 @@ pub async fn preview(
     if let Err(r) = check_csrf(&op, &e.csrf) {
         return r.into_response();
     }
-    let out = match preview_text(&code, &e).await {
+    let bounds = &_console.deps().config.template_store;
+    let out = match preview_text(&code, &e, bounds).await {
         Ok(v) => v,
         Err(msg) => json!({"error": msg}),
     };
@@ -702,9 +640,13 @@ static PREVIEWS: tokio::sync::Mutex<Option<herald_render::sandbox::Sandbox>> =
 /// Longest a preview waits for its turn at the render child before answering "busy".
 const PREVIEW_TURN: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn preview_text(code: &str, e: &Edit) -> Result<Value, String> {
+async fn preview_text(
+    code: &str,
+    e: &Edit,
+    bounds: &herald_core::config::TemplateStoreConfig,
+) -> Result<Value, String> {
     use herald_render::sandbox::{Limits, Sandbox};
-    let (t, m) = preview_input(code, e)?;
+    let (t, m) = forms::preview_input(code, e, bounds)?;
     let mut child = tokio::time::timeout(PREVIEW_TURN, PREVIEWS.lock())
         .await
         .map_err(|_| "the preview renderer is busy with another preview; try again".to_owned())?;
@@ -729,40 +671,6 @@ async fn preview_text(code: &str, e: &Edit) -> Result<Value, String> {
     Ok(json!({"subject": c.subject, "text": c.text, "html": c.html, "markdown": c.markdown}))
 }
 
-/// The edited template and the message a preview renders it for.
-fn preview_input(code: &str, e: &Edit) -> Result<(TemplateConfig, MessageAccepted), String> {
-    let t = edited(code, e)?;
-    let params = sample(&e.params)?;
-    let m = MessageAccepted {
-        header: EventHeader {
-            event_id: "preview".into(),
-            event_time: 0,
-            stage: "console".into(),
-            trace_id: String::new(),
-            message_id: "preview".into(),
-            request_id: "preview".into(),
-            app_id: String::new(),
-            channel: t.channel,
-            attempt: 0,
-            metadata: Default::default(),
-        },
-        recipient: Recipient {
-            address: "preview@example.invalid".into(),
-            params: Default::default(),
-            timezone: None,
-        },
-        recipient_index: 0,
-        template: Some(code.to_owned()),
-        params,
-        content: None,
-        send_at: None,
-        priority: Priority::Normal,
-        expires_at: None,
-        requested_at: 0,
-    };
-    Ok((t, m))
-}
-
 /// Publishes the edited template as the next version (admin), after the same checks as
 /// `PUT /v1/templates/{code}`.
 pub async fn publish(
@@ -775,18 +683,11 @@ pub async fn publish(
         return r.into_response();
     }
     let back = |msg: &str| template_page(&code, &e.app, msg);
-    let mut t = match edited(&code, &e) {
+    let bounds = &console.deps().config.template_store;
+    let mut t = match forms::edited(&code, &e, bounds) {
         Ok(t) => t,
         Err(m) => return back(&format!("not published: {m}")),
     };
-    let bounds = &console.deps().config.template_store;
-    if let Err(m) = herald_domain::templates::check_size(&t, bounds) {
-        return back(&format!("not published: {m}"));
-    }
-    if let Err(m) = herald_domain::templates::compile::Templates::compile(std::slice::from_ref(&t))
-    {
-        return back(&format!("not published: {m}"));
-    }
     let mut db = tri!(console.deps().postgres().await);
     // The form edits the texts; what the provider needs (an SMS or WeChat template id and its
     // parameters) is carried over from the version it replaces, or SMS sent with the new
@@ -808,15 +709,6 @@ pub async fn publish(
     )
     .await;
     back(&format!("published version {}", stored.version))
-}
-
-#[derive(Deserialize)]
-pub struct TestSend {
-    csrf: String,
-    app: String,
-    address: String,
-    #[serde(default)]
-    params: String,
 }
 
 /// Sends the template's latest version to one address as an app (operator): a real request
@@ -845,34 +737,12 @@ pub async fn test_send(
     let Some(t) = tri!(herald_domain::templates::get(&db, app, &code, None).await) else {
         return back("not sent: no such template");
     };
-    let params = match sample(&f.params) {
-        Ok(p) => p,
+    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
+    let now = herald_core::util::now_ms();
+    let req = match forms::test_request(&f, app, &code, t.channel, &op.name, &limits, now) {
+        Ok(r) => r,
         Err(e) => return back(&format!("not sent: {e}")),
     };
-    let now = herald_core::util::now_ms();
-    let req = herald_schemas::SendRequested {
-        request_id: herald_core::util::random_id(),
-        app_id: app.to_owned(),
-        idempotency_key: None,
-        channel: t.channel,
-        template: Some(code.clone()),
-        params,
-        recipients: vec![Recipient {
-            address: f.address.trim().to_owned(),
-            params: Default::default(),
-            timezone: None,
-        }],
-        content: None,
-        send_at: None,
-        priority: Priority::High,
-        expires_at: None,
-        metadata: [("console_test_send".to_owned(), op.name.clone())].into(),
-        requested_at: now,
-    };
-    let limits = herald_domain::validate::Limits::from_config(&cfg.pipeline);
-    if let Err(p) = herald_domain::validate::all(&req, &limits, now) {
-        return back(&format!("not sent: {}: {}", p.code, p.message));
-    }
     let trace = herald_core::trace::new_root();
     let rec = match herald_core::worker::record(
         &console.deps().codec,
@@ -954,16 +824,6 @@ pub async fn opt_outs(
     )
 }
 
-#[derive(Deserialize)]
-pub struct OptOutChange {
-    csrf: String,
-    app: String,
-    channel: String,
-    address: String,
-    /// "add" or "remove".
-    action: String,
-}
-
 pub async fn opt_out_change(
     State(console): State<Arc<Console>>,
     op: Operator,
@@ -972,29 +832,26 @@ pub async fn opt_out_change(
     if let Err(r) = allowed(&op, &f.csrf, "operator") {
         return r.into_response();
     }
-    let known_app = console.deps().config.apps.iter().any(|a| a.id == f.app);
-    let channel = Channel::ALL
-        .into_iter()
-        .find(|c| c.as_str().eq_ignore_ascii_case(&f.channel));
-    let address = f.address.trim();
-    let (Some(channel), true, false) = (
-        channel,
-        known_app,
-        address.is_empty() || address.len() > 320 || address.contains('\0'),
-    ) else {
-        return flash_to(
-            "/opt-outs",
-            "not changed: unknown app or channel, or a bad address",
-        );
+    let cfg = &console.deps().config;
+    let apps: Vec<&str> = cfg.apps.iter().map(|a| a.id.as_str()).collect();
+    let (channel, address, out) = match forms::opt_out(
+        &f,
+        &apps,
+        herald_domain::destination::Region::configured(cfg),
+    ) {
+        Ok(v) => v,
+        Err(e) => return flash_to("/opt-outs", &format!("not changed: {e}")),
     };
-    let out = f.action == "add";
     let db = db!(console);
-    tri!(herald_domain::opt_out::set(&**db, &f.app, channel.as_str(), address, out).await);
+    tri!(
+        herald_domain::opt_out::set(&**db, &f.app, channel.as_str(), &address, &f.address, out)
+            .await
+    );
     let _ = herald_domain::dead_letters::audit(
         &**db,
         &op.name,
         if out { "opt_out.add" } else { "opt_out.remove" },
-        &herald_core::util::mask_address(address),
+        &herald_core::util::mask_address(&address),
         &json!({"app": f.app, "channel": channel.as_str()}),
     )
     .await;
@@ -1021,25 +878,8 @@ mod tests {
         assert_eq!(kinds, " -+ ");
     }
 
-    #[test]
-    fn a_preview_renders_the_edited_template_with_the_sample_parameters() {
-        // Rendering itself runs in the render child: tests/tests/hostile.rs previews through a
-        // running Herald (escaping, a missing parameter, a template that exhausts the child).
-        let e = |params: &str| Edit {
-            csrf: String::new(),
-            app: String::new(),
-            channel: "EMAIL".into(),
-            subject: "Hi {{ name }}".into(),
-            text: String::new(),
-            html: "<p>{{ name }}</p>".into(),
-            markdown: String::new(),
-            params: params.into(),
-        };
-        let (t, m) = preview_input("t", &e(r#"{"name": "<b>Ann</b>"}"#)).unwrap();
-        assert_eq!(t.code, "t");
-        assert_eq!(m.template.as_deref(), Some("t"));
-        assert_eq!(m.params["name"], "<b>Ann</b>");
-        assert!(preview_input("t", &e("not json")).is_err());
+    fn edited(code: &str, e: &Edit) -> Result<TemplateConfig, String> {
+        forms::edited(code, e, &Default::default())
     }
 
     #[test]

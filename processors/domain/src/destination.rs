@@ -25,6 +25,13 @@ impl Region {
             .ok()
             .map(Region)
     }
+
+    /// The configured `[verifications] default_region` (validated when the configuration is
+    /// loaded; `CN` should it not be one).
+    pub fn configured(cfg: &herald_core::config::Config) -> Region {
+        Region::parse(&cfg.verifications.default_region)
+            .unwrap_or(Region(phonenumber::country::Id::CN))
+    }
 }
 
 /// `address` (for `channel`) in the form every per-destination rule keys on, or why it is not

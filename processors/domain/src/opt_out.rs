@@ -1,25 +1,49 @@
 //! Opt-outs (`opt_outs`): a recipient who gets nothing more on a channel from an app. Set and
-//! cleared through the API (`PUT`/`DELETE /v1/opt-outs/{channel}/{address}`), read by the route
-//! stage's policies (the message is `suppressed`, policy `opt_out`). This module owns the table.
+//! cleared through the API (`PUT`/`DELETE /v1/opt-outs/{channel}/{address}`) and the console,
+//! read by the route stage's policies (the message is `suppressed`, policy `opt_out`). This
+//! module owns the table.
+//!
+//! Addresses are kept in their normalised form ([`address`]): an opt-out of `13800138000`
+//! holds for `+8613800138000`, one of `Ann@Example.com` for `ann@example.com`. Rows written
+//! before normalisation hold the address as written, so a lookup asks for both forms.
 
 use std::collections::HashSet;
 
 use tokio_postgres::GenericClient;
 
-/// Opts `address` out of `channel` for `app` (`opted_out`), or back in.
+/// The form an opt-out of `raw` on `channel` is kept and looked up in
+/// ([`crate::destination::normalise`]), or why `raw` is no address of that channel.
+pub fn address(
+    channel: herald_schemas::Channel,
+    raw: &str,
+    region: crate::destination::Region,
+) -> Result<String, crate::validate::Problem> {
+    crate::destination::normalise(channel, raw, region, "address")
+}
+
+/// Opts `address` (in the form [`address`] gives) out of `channel` for `app` (`opted_out`), or
+/// back in; clearing also clears the form it was written in before normalisation.
 pub async fn set(
     db: &impl GenericClient,
     app: &str,
     channel: &str,
     address: &str,
+    as_written: &str,
     opted_out: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let sql = if opted_out {
-        "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+    if opted_out {
+        db.execute(
+            "INSERT INTO opt_outs (app_id, channel, address) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&app, &channel, &address],
+        )
+        .await?;
     } else {
-        "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address = $3"
-    };
-    db.execute(sql, &[&app, &channel, &address]).await?;
+        db.execute(
+            "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address IN ($3, $4)",
+            &[&app, &channel, &address, &as_written],
+        )
+        .await?;
+    }
     Ok(())
 }
 

@@ -42,6 +42,9 @@ struct Route {
     kinds: HashMap<String, String>,
     health: Health,
     policies: HashMap<Channel, PolicyConfig>,
+    /// Where phone numbers without a country code belong (per-recipient policies key on the
+    /// normalised address).
+    region: herald_domain::destination::Region,
     policy_db: herald_core::db::Db,
 }
 
@@ -152,9 +155,10 @@ impl BatchHandler for Route {
                 .filter(|i| verdicts[*i] == Verdict::Send)
                 .collect();
             let refs: Vec<&MessageRendered> = sendable.iter().map(|i| &live[*i].0).collect();
-            let stateful = policy::stateful(&mut self.policy_db, &refs, &self.policies)
-                .await
-                .map_err(|e| StageError::postgres("route policies", e))?;
+            let stateful =
+                policy::stateful(&mut self.policy_db, &refs, &self.policies, self.region)
+                    .await
+                    .map_err(|e| StageError::postgres("route policies", e))?;
             for (i, v) in sendable.into_iter().zip(stateful) {
                 verdicts[i] = v;
             }
@@ -282,6 +286,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         db: None,
         open: Default::default(),
     };
+    let region = herald_domain::destination::Region::configured(&deps.config);
     run_worker(
         STAGE,
         transport,
@@ -292,6 +297,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
             kinds,
             health,
             policies,
+            region,
             policy_db,
         },
         shutdown,

@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use herald_core::config::{PolicyConfig, QuietHours, QuietMode};
+use herald_domain::destination::Region;
 use herald_schemas::{MessageRendered, Priority};
 use jiff::Timestamp;
 use jiff::civil::Time;
@@ -121,13 +122,16 @@ pub fn content_hash(m: &MessageRendered) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-fn scope(m: &MessageRendered) -> String {
-    format!(
-        "{}:{}:{}",
-        m.header.app_id,
-        m.header.channel.as_str(),
-        m.recipient.address
-    )
+/// The address every per-recipient policy keys on: the normalised form
+/// ([`herald_domain::opt_out::address`]), so `13800138000` and `+8613800138000` share one
+/// frequency cap and one opt-out; an address that does not normalise keys as written.
+fn normal(m: &MessageRendered, region: Region) -> String {
+    herald_domain::opt_out::address(m.header.channel, &m.recipient.address, region)
+        .unwrap_or_else(|_| m.recipient.address.trim().to_owned())
+}
+
+fn scope(m: &MessageRendered, normal: &str) -> String {
+    format!("{}:{}:{normal}", m.header.app_id, m.header.channel.as_str())
 }
 
 /// Applies opt-out, dedup and frequency caps to `msgs` (those quiet hours let through), in one
@@ -136,8 +140,10 @@ pub async fn stateful(
     db: &mut Client,
     msgs: &[&MessageRendered],
     policies: &HashMap<herald_schemas::Channel, PolicyConfig>,
+    region: Region,
 ) -> Result<Vec<Verdict>, tokio_postgres::Error> {
     let mut verdicts = vec![Verdict::Send; msgs.len()];
+    let normals: Vec<String> = msgs.iter().map(|m| normal(m, region)).collect();
     // Opt-outs apply to every channel unless its policy turns them off; dead device tokens to
     // mobile push.
     let relevant: Vec<usize> = (0..msgs.len())
@@ -164,7 +170,21 @@ pub async fn stateful(
             )
         })
         .collect();
-    let opted = herald_domain::opt_out::opted_out(&tx, &keys).await?;
+    // Each address in its normalised form and as written (opt-outs stored before
+    // normalisation hold the latter).
+    let lookups: Vec<(&str, &str, &str)> = relevant
+        .iter()
+        .map(|i| {
+            let m = msgs[*i];
+            (
+                m.header.app_id.as_str(),
+                m.header.channel.as_str(),
+                normals[*i].as_str(),
+            )
+        })
+        .chain(keys.iter().copied())
+        .collect();
+    let opted = herald_domain::opt_out::opted_out(&tx, &lookups).await?;
     let push: Vec<(&str, &str, &str)> = keys
         .iter()
         .filter(|k| k.1 == herald_schemas::Channel::Push.as_str())
@@ -180,7 +200,10 @@ pub async fn stateful(
                 .is_some_and(|p| p.frequency_cap.is_some() || p.dedup_window_secs.is_some())
         })
         .collect();
-    let scopes: BTreeSet<String> = counted.iter().map(|i| scope(msgs[*i])).collect();
+    let scopes: BTreeSet<String> = counted
+        .iter()
+        .map(|i| scope(msgs[*i], &normals[*i]))
+        .collect();
     for s in &scopes {
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))",
@@ -241,12 +264,15 @@ pub async fn stateful(
             };
             continue;
         }
-        if policy.is_none_or(|p| p.opt_out)
-            && opted.contains(&(
+        let opted_out = |address: &str| {
+            opted.contains(&(
                 m.header.app_id.clone(),
                 m.header.channel.as_str().to_owned(),
-                m.recipient.address.clone(),
+                address.to_owned(),
             ))
+        };
+        if policy.is_none_or(|p| p.opt_out)
+            && (opted_out(&normals[i]) || opted_out(&m.recipient.address))
         {
             verdicts[i] = Verdict::Suppress {
                 policy: "opt_out",
@@ -259,7 +285,7 @@ pub async fn stateful(
         else {
             continue;
         };
-        let sc = scope(m);
+        let sc = scope(m, &normals[i]);
         let hash = content_hash(m);
         let seen = hits.entry(sc.clone()).or_default();
         if let Some(w) = p.dedup_window_secs

@@ -553,3 +553,138 @@ fn templates_compile_and_render() {
         exhausted.load(Ordering::Relaxed)
     );
 }
+
+// --- The console's forms and the template store ------------------------------------------
+
+/// A form body: raw bytes, or `name=value` pairs of the form's own field names (and others)
+/// with hostile values, percent-encoded as a browser would, or not.
+fn form_body() -> impl Strategy<Value = Vec<u8>> {
+    let name = prop_oneof![
+        prop::sample::select(vec![
+            "csrf", "app", "channel", "subject", "text", "html", "markdown", "params", "address",
+            "action", "name", "password",
+        ])
+        .prop_map(str::to_owned),
+        hostile(),
+    ];
+    let value = prop_oneof![
+        hostile(),
+        template_source(),
+        prop::sample::select(vec![
+            "EMAIL",
+            "sms",
+            "demo",
+            "add",
+            "remove",
+            "13800138000",
+            "a@example.com",
+            "{\"name\": \"Ann\"}",
+            "{",
+            "[]",
+        ])
+        .prop_map(str::to_owned),
+    ];
+    prop_oneof![
+        1 => vec(any::<u8>(), 0..256),
+        4 => (vec((name, value), 0..10), any::<bool>()).prop_map(|(pairs, encode)| {
+            if encode {
+                let pairs: Vec<(String, String)> = pairs;
+                serde_urlencoded::to_string(&pairs).unwrap_or_default().into_bytes()
+            } else {
+                pairs
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+                    .into_bytes()
+            }
+        }),
+    ]
+}
+
+/// Every console form (login, the template editor's preview and publish, a test send, an
+/// opt-out change) parsed as its handler parses it and checked as it checks it: never a panic,
+/// and what is accepted holds what the API would accept (a template that compiles within the
+/// store's size and has no NUL; an opt-out address in its normal form).
+#[test]
+fn console_forms() {
+    let strategy = (
+        prop::sample::select(herald_console::forms::FORMS.to_vec()),
+        prop_oneof![Just("welcome".to_owned()), hostile()],
+        form_body(),
+    );
+    fuzz("console_forms", strategy, |(form, code, body)| {
+        if let Ok(out) = herald_console::forms::check(form, &code, &body) {
+            prop_assert!(!out.contains('\0'), "{form}: NUL accepted: {out:?}");
+            if form == "edit" {
+                prop_assert!(
+                    herald_domain::templates::valid_code(&code),
+                    "edit accepted code {code:?}"
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+fn template_body() -> impl Strategy<Value = Vec<u8>> {
+    let text = prop_oneof![template_source(), hostile()];
+    let fields = (
+        prop::sample::select(vec![
+            "EMAIL",
+            "SMS",
+            "WECHAT",
+            "PUSH",
+            "email",
+            "carrier-pigeon",
+        ]),
+        proptest::option::of(text.clone()),
+        proptest::option::of(text.clone()),
+        proptest::option::of(text),
+        proptest::option::of(hostile()),
+        hash_map(hostile(), hostile(), 0..3),
+        prop::sample::select(vec!["", "code", "version", "app", "extra"]),
+    )
+        .prop_map(
+            |(channel, subject, text, html, provider_template, params, extra)| {
+                let mut v = serde_json::json!({"channel": channel, "subject": subject,
+                "text": text, "html": html, "provider_template": provider_template,
+                "provider_params": params});
+                if !extra.is_empty() {
+                    v[extra] = serde_json::json!(1);
+                }
+                serde_json::to_vec(&v).unwrap_or_default()
+            },
+        );
+    prop_oneof![1 => vec(any::<u8>(), 0..256), 4 => fields]
+}
+
+/// `PUT /v1/templates/{code}`'s body as the API checks it before the store is asked: never a
+/// panic, a refusal is a 4xx, and what is accepted is within the store's bounds — a valid code,
+/// no NUL in any text, no larger than `max_bytes`, and compiling.
+#[test]
+fn template_store() {
+    let bounds = herald_core::config::TemplateStoreConfig {
+        max_bytes: 2_048,
+        ..Default::default()
+    };
+    let strategy = (
+        prop_oneof![Just("welcome".to_owned()), hostile()],
+        template_body(),
+    );
+    fuzz("template_store", strategy, |(code, body)| {
+        match herald_api::templates::submitted(&code, &body, &bounds) {
+            Ok(t) => {
+                prop_assert!(herald_domain::templates::valid_code(&t.code), "{t:?}");
+                prop_assert!(herald_domain::templates::size(&t) <= bounds.max_bytes);
+                prop_assert!(
+                    !herald_domain::templates::texts(&t).any(|s| s.contains('\0')),
+                    "NUL stored: {t:?}"
+                );
+                prop_assert!(t.has_content());
+            }
+            Err(e) => prop_assert!(e.status().is_client_error(), "{}", e.code()),
+        }
+        Ok(())
+    });
+}

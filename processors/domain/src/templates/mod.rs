@@ -123,6 +123,65 @@ pub fn size(t: &TemplateConfig) -> usize {
     texts(t).map(String::len).sum()
 }
 
+/// Why a submitted template (`PUT /v1/templates/{code}`, the console's publish) is refused
+/// before the store is asked.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refusal {
+    #[error("template codes are [A-Za-z0-9_.-]{{1,128}}")]
+    Code,
+    #[error("a template cannot contain a NUL character")]
+    Nul,
+    #[error("no content")]
+    Empty,
+    #[error("the template is {size} bytes, over the store's limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    /// It would not compile in the render stage's compiler.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Refusal {
+    /// The error code the API answers it with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Code => "invalid_code",
+            Refusal::Nul => "invalid_character",
+            Refusal::Empty => "empty_template",
+            Refusal::TooLarge { .. } => "template_too_large",
+            Refusal::Invalid(_) => "invalid_template",
+        }
+    }
+}
+
+/// Whether `code` is a template code: `[A-Za-z0-9_.-]{1,128}`.
+pub fn valid_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= 128
+        && code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
+
+/// The one check of a submitted template, for every way one is submitted: its code, no NUL in
+/// any text, some content, within the store's size, and compiling in the render stage's
+/// compiler (a template that would not render is refused now, not after a 202).
+pub fn checked(t: TemplateConfig, bounds: &TemplateStoreConfig) -> Result<TemplateConfig, Refusal> {
+    if !valid_code(&t.code) {
+        return Err(Refusal::Code);
+    }
+    if texts(&t).any(|v| v.contains('\0')) {
+        return Err(Refusal::Nul);
+    }
+    if !t.has_content() {
+        return Err(Refusal::Empty);
+    }
+    if let Err(PutError::TooLarge { size, max }) = check_size(&t, bounds) {
+        return Err(Refusal::TooLarge { size, max });
+    }
+    compile::Templates::compile(std::slice::from_ref(&t)).map_err(Refusal::Invalid)?;
+    Ok(t)
+}
+
 /// Refuses a template over the store's size limit.
 pub fn check_size(t: &TemplateConfig, bounds: &TemplateStoreConfig) -> Result<(), PutError> {
     let size = size(t);
