@@ -209,7 +209,7 @@ pub async fn overview(db: &impl GenericClient, minutes: i32) -> Res<Value> {
             slot[i] += n;
         }
     }
-    // p99 of request → final status per minute, per channel (ms).
+    // p99 of the last attempt's provider call per minute, per channel (ms).
     let rows = db
         .query(
             "SELECT (extract(epoch FROM date_trunc('minute', created_at)))::bigint, channel, \

@@ -658,8 +658,9 @@ pub enum UnknownOutcomePolicy {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub channel: Channel,
+    /// Unset: the channel's default ([`Config::unknown_outcome`]).
     #[serde(default)]
-    pub unknown_outcome: UnknownOutcomePolicy,
+    pub unknown_outcome: Option<UnknownOutcomePolicy>,
     /// No sending in this local-time window (the recipient's time zone, else `timezone`).
     #[serde(default)]
     pub quiet_hours: Option<QuietHours>,
@@ -1151,13 +1152,18 @@ impl Config {
         self.policies.iter().find(|p| p.channel == channel)
     }
 
-    /// The unknown-outcome policy of a channel.
+    /// The unknown-outcome policy of a channel: the configured one, else `resend` for INAPP
+    /// (Herald's own inbox: an insert is keyed by the message id, so a second one adds
+    /// nothing and resending is always safe) and `fail` for every other channel.
     pub fn unknown_outcome(&self, channel: Channel) -> UnknownOutcomePolicy {
         self.policies
             .iter()
             .find(|p| p.channel == channel)
-            .map(|p| p.unknown_outcome)
-            .unwrap_or_default()
+            .and_then(|p| p.unknown_outcome)
+            .unwrap_or(match channel {
+                Channel::Inapp => UnknownOutcomePolicy::Resend,
+                _ => UnknownOutcomePolicy::Fail,
+            })
     }
 
     /// How long a message of `channel` waits in `sent` for its receipt.

@@ -539,6 +539,22 @@ mod tests {
             Decision::Retry { .. }
         ));
 
+        // INAPP resends an unknown outcome by default (the inbox insert is keyed by the
+        // message id); a policy may still say otherwise.
+        let mut inbox = msg("inbox", None);
+        inbox.header.channel = Channel::Inapp;
+        assert!(matches!(
+            rules.decide(&inbox, 1, &unknown, true, 0, |_| true),
+            Decision::Retry { .. }
+        ));
+        let strict = Rules::new(&cfg(
+            "[[policies]]\nchannel = \"INAPP\"\nunknown_outcome = \"fail\"",
+        ));
+        assert_eq!(
+            strict.decide(&inbox, 1, &unknown, true, 0, |_| true),
+            Decision::Unknown
+        );
+
         // A retry due after expiry is not made.
         let expiring = msg("ali", Some(3_000));
         let transient = failed(DeliveryOutcome::FailedTransient, "x", "y");

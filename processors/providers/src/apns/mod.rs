@@ -20,6 +20,12 @@
 //! `TooManyProviderTokenUpdates` rate-limited; 5xx, `IdleTimeout`, `Shutdown` transient; the
 //! rest permanent. No receipts: accepted by APNs is `delivered`.
 //!
+//! 400 `BadDeviceToken` fails the message (permanent) but does not mark the token dead: Apple
+//! answers it for a token of the other environment (a development token sent to production,
+//! or the reverse) as well as for a malformed one, and the first is a configuration mistake
+//! the operator fixes by pointing the provider at the right `endpoint` — the app's token is
+//! fine, and suppressing it would lose every later message to that device.
+//!
 //! Config: `endpoint` (`https://api.push.apple.com`, or `https://api.sandbox.push.apple.com`);
 //! credential `auth_key` (the `.p8` file's PEM); settings `team_id`, `key_id`, `topic`.
 
