@@ -105,6 +105,30 @@ pub const TERMINAL: [&str; 7] = [
     Status::Unknown.as_str(),
 ];
 
+/// The terminal statuses from the lowest precedence to the highest: which of two terminal facts
+/// of one message recorded at the same instant the read model keeps (the earlier one wins
+/// otherwise). Evidence beats its absence (`unknown` lowest), a provider's word beats
+/// Herald's own decisions, and delivery beats everything.
+pub const PRECEDENCE: [&str; 7] = [
+    Status::Unknown.as_str(),
+    Status::Suppressed.as_str(),
+    Status::Canceled.as_str(),
+    Status::Expired.as_str(),
+    Status::Failed.as_str(),
+    Status::Undelivered.as_str(),
+    Status::Delivered.as_str(),
+];
+
+impl Status {
+    /// Position in [`PRECEDENCE`] (0 for a status that is not terminal).
+    pub fn precedence(self) -> usize {
+        PRECEDENCE
+            .iter()
+            .position(|s| *s == self.as_str())
+            .map_or(0, |p| p + 1)
+    }
+}
+
 /// [`Status::rank`] of a status string; 0 for a string that names no status.
 pub fn rank(s: &str) -> i16 {
     Status::parse(s).map_or(0, Status::rank)
@@ -125,6 +149,7 @@ mod tests {
             assert_eq!(Status::parse(s.as_str()), Some(s));
             assert_eq!(TERMINAL.contains(&s.as_str()), s.is_terminal());
             assert_eq!(s.is_terminal(), s.rank() == 6);
+            assert_eq!(s.is_terminal(), s.precedence() > 0);
         }
         assert_eq!(Status::parse("bogus"), None);
         assert!(!is_terminal("bogus"));

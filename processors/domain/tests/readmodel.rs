@@ -102,3 +102,28 @@ async fn a_fact_that_brings_nothing_new_writes_no_row_version() {
         .get(0);
     assert_eq!(updated, 2.5);
 }
+
+/// Two terminal facts of one message at one instant, written in separate batches in either
+/// order (the topics read in either order), end as the same row: the fixed precedence decides.
+#[tokio::test]
+async fn terminal_facts_of_one_instant_end_the_same_whatever_the_order() {
+    let mut db = connect(&common::fresh_database("readmodel_precedence").await).await;
+    migrate(&mut db).await.unwrap();
+    let with_id = |id: &str, event: &str, status: &str| {
+        let mut f = fact(event, status, 1_700_000_000_123);
+        f.message_id = id.into();
+        f
+    };
+    write(&mut db, &[with_id("m-a", "a1", "unknown")]).await;
+    write(&mut db, &[with_id("m-a", "a2", "delivered")]).await;
+    write(&mut db, &[with_id("m-b", "b1", "delivered")]).await;
+    write(&mut db, &[with_id("m-b", "b2", "unknown")]).await;
+    for id in ["m-a", "m-b"] {
+        let status: String = db
+            .query_one("SELECT status FROM messages WHERE message_id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, "delivered", "{id}");
+    }
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use herald_schemas::{EventHeader, Reason};
 
+use crate::status::Status;
 pub use crate::status::rank;
 
 /// One status fact about one message.
@@ -145,9 +146,16 @@ pub fn fold(facts: &[Fact]) -> Vec<MessageRow> {
             }
         });
         // Order-independent (so a rebuild reproduces the rows whatever order the topics are
-        // replayed in): a higher rank wins; at equal rank the earlier fact wins.
+        // replayed in): a higher rank wins; at equal rank the earlier fact wins; at the same
+        // instant the higher precedence (the same rule as the table's upsert).
         let fr = rank(&f.status);
-        if fr > r.rank || (fr == r.rank && f.at < r.updated_at) {
+        let precedence = |s: &str| Status::parse(s).map_or(0, Status::precedence);
+        if fr > r.rank
+            || (fr == r.rank && f.at < r.updated_at)
+            || (fr == r.rank
+                && f.at == r.updated_at
+                && precedence(&f.status) > precedence(&r.status))
+        {
             r.rank = fr;
             r.status = f.status.clone();
             r.updated_at = f.at;
@@ -205,5 +213,31 @@ mod tests {
     fn first_terminal_state_wins() {
         let rows = fold(&[fact("failed", 5), fact("delivered", 6)]);
         assert_eq!(rows[0].status, "failed");
+    }
+
+    /// Two terminal facts of one instant (a receipt and a deadline, topics read in either
+    /// order): the fixed precedence decides, so every order folds to the same row.
+    #[test]
+    fn terminal_facts_of_one_instant_fold_the_same_in_every_order() {
+        use crate::status::TERMINAL;
+        for a in TERMINAL {
+            for b in TERMINAL {
+                let one = fold(&[fact(a, 7), fact(b, 7)]);
+                let other = fold(&[fact(b, 7), fact(a, 7)]);
+                assert_eq!(one[0].status, other[0].status, "{a} / {b}");
+                let want = if Status::parse(a).unwrap().precedence()
+                    >= Status::parse(b).unwrap().precedence()
+                {
+                    a
+                } else {
+                    b
+                };
+                assert_eq!(one[0].status, want, "{a} / {b}");
+            }
+        }
+        assert_eq!(
+            fold(&[fact("unknown", 7), fact("delivered", 7)])[0].status,
+            "delivered"
+        );
     }
 }

@@ -7,6 +7,56 @@ use tokio_postgres::GenericClient;
 
 use super::projection::{Fact, MessageRow, fold};
 
+/// When a fact's status replaces the row's: a higher rank, or at the same rank an earlier fact,
+/// or at the same rank and time the higher [`crate::status::Status::precedence`] (`$16`, the
+/// terminal statuses from lowest to highest) — so the row is the same whatever order the
+/// topics are read in.
+const WINS: &str = "(EXCLUDED.status_rank > m.status_rank
+    OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
+    OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at = m.updated_at
+        AND array_position($16::text[], EXCLUDED.status) > array_position($16::text[], m.status)))";
+
+static UPSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO messages AS m (message_id, request_id, app_id, channel, status, status_rank, provider,
+                                        attempts, recipient_masked, template, template_version, created_at, updated_at,
+                                        recipient_key, latency_ms)
+             SELECT u.id, u.req, u.app, u.ch, u.st, u.rk, u.pr, u.at, u.ma, u.tp, u.tv,
+                    to_timestamp(u.cr / 1000.0), to_timestamp(u.up / 1000.0), u.rkey, u.lat
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
+                         $8::int[], $9::text[], $10::text[], $11::int[], $12::bigint[], $13::bigint[],
+                         $14::text[], $15::bigint[])
+                  AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up, rkey, lat)
+             ON CONFLICT (message_id) DO UPDATE SET
+                status = CASE WHEN {WINS} THEN EXCLUDED.status ELSE m.status END,
+                status_rank = GREATEST(m.status_rank, EXCLUDED.status_rank),
+                updated_at = CASE WHEN {WINS} THEN EXCLUDED.updated_at ELSE m.updated_at END,
+                created_at = LEAST(m.created_at, EXCLUDED.created_at),
+                provider = CASE WHEN EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                                THEN EXCLUDED.provider ELSE m.provider END,
+                attempts = GREATEST(m.attempts, EXCLUDED.attempts),
+                recipient_masked = COALESCE(m.recipient_masked, EXCLUDED.recipient_masked),
+                template = COALESCE(m.template, EXCLUDED.template),
+                template_version = COALESCE(m.template_version, EXCLUDED.template_version),
+                recipient_key = COALESCE(m.recipient_key, EXCLUDED.recipient_key),
+                latency_ms = CASE WHEN EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                                  THEN EXCLUDED.latency_ms ELSE m.latency_ms END
+             -- Only where a column above changes: a fact that brings nothing new (a delay-tier
+             -- hop, a redelivered event) writes no new row version and no WAL.
+             WHERE {WINS}
+                OR EXCLUDED.created_at < m.created_at
+                OR (EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                    AND EXCLUDED.provider IS DISTINCT FROM m.provider)
+                OR EXCLUDED.attempts > m.attempts
+                OR (m.recipient_masked IS NULL AND EXCLUDED.recipient_masked IS NOT NULL)
+                OR (m.template IS NULL AND EXCLUDED.template IS NOT NULL)
+                OR (m.template_version IS NULL AND EXCLUDED.template_version IS NOT NULL)
+                OR (m.recipient_key IS NULL AND EXCLUDED.recipient_key IS NOT NULL)
+                OR (EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
+                    AND EXCLUDED.latency_ms IS DISTINCT FROM m.latency_ms)",
+    )
+});
+
 /// Writes a batch of facts: message rows (a status only moves up in rank), delivery attempts
 /// (the earliest record of each), timeline events (one per event id, its earliest time) and,
 /// with `positions`, the next position of every (topic, partition) read.
@@ -34,48 +84,25 @@ pub async fn write(
         let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
         let updated: Vec<i64> = rows.iter().map(|r| r.updated_at).collect();
         tx.execute(
-            "INSERT INTO messages AS m (message_id, request_id, app_id, channel, status, status_rank, provider,
-                                        attempts, recipient_masked, template, template_version, created_at, updated_at,
-                                        recipient_key, latency_ms)
-             SELECT u.id, u.req, u.app, u.ch, u.st, u.rk, u.pr, u.at, u.ma, u.tp, u.tv,
-                    to_timestamp(u.cr / 1000.0), to_timestamp(u.up / 1000.0), u.rkey, u.lat
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::text[],
-                         $8::int[], $9::text[], $10::text[], $11::int[], $12::bigint[], $13::bigint[],
-                         $14::text[], $15::bigint[])
-                  AS u(id, req, app, ch, st, rk, pr, at, ma, tp, tv, cr, up, rkey, lat)
-             ON CONFLICT (message_id) DO UPDATE SET
-                status = CASE WHEN EXCLUDED.status_rank > m.status_rank
-                                OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
-                              THEN EXCLUDED.status ELSE m.status END,
-                status_rank = GREATEST(m.status_rank, EXCLUDED.status_rank),
-                updated_at = CASE WHEN EXCLUDED.status_rank > m.status_rank
-                                    OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
-                                  THEN EXCLUDED.updated_at ELSE m.updated_at END,
-                created_at = LEAST(m.created_at, EXCLUDED.created_at),
-                provider = CASE WHEN EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
-                                THEN EXCLUDED.provider ELSE m.provider END,
-                attempts = GREATEST(m.attempts, EXCLUDED.attempts),
-                recipient_masked = COALESCE(m.recipient_masked, EXCLUDED.recipient_masked),
-                template = COALESCE(m.template, EXCLUDED.template),
-                template_version = COALESCE(m.template_version, EXCLUDED.template_version),
-                recipient_key = COALESCE(m.recipient_key, EXCLUDED.recipient_key),
-                latency_ms = CASE WHEN EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
-                                  THEN EXCLUDED.latency_ms ELSE m.latency_ms END
-             -- Only where a column above changes: a fact that brings nothing new (a delay-tier
-             -- hop, a redelivered event) writes no new row version and no WAL.
-             WHERE EXCLUDED.status_rank > m.status_rank
-                OR (EXCLUDED.status_rank = m.status_rank AND EXCLUDED.updated_at < m.updated_at)
-                OR EXCLUDED.created_at < m.created_at
-                OR (EXCLUDED.provider IS NOT NULL AND EXCLUDED.attempts >= m.attempts
-                    AND EXCLUDED.provider IS DISTINCT FROM m.provider)
-                OR EXCLUDED.attempts > m.attempts
-                OR (m.recipient_masked IS NULL AND EXCLUDED.recipient_masked IS NOT NULL)
-                OR (m.template IS NULL AND EXCLUDED.template IS NOT NULL)
-                OR (m.template_version IS NULL AND EXCLUDED.template_version IS NOT NULL)
-                OR (m.recipient_key IS NULL AND EXCLUDED.recipient_key IS NOT NULL)
-                OR (EXCLUDED.latency_ms IS NOT NULL AND EXCLUDED.attempts >= m.attempts
-                    AND EXCLUDED.latency_ms IS DISTINCT FROM m.latency_ms)",
-            &[&ids, &reqs, &apps, &chans, &statuses, &ranks, &providers, &attempts, &masked, &tpls, &tvs, &created, &updated, &rkeys, &lats],
+            &*UPSERT,
+            &[
+                &ids,
+                &reqs,
+                &apps,
+                &chans,
+                &statuses,
+                &ranks,
+                &providers,
+                &attempts,
+                &masked,
+                &tpls,
+                &tvs,
+                &created,
+                &updated,
+                &rkeys,
+                &lats,
+                &crate::status::PRECEDENCE.as_slice(),
+            ],
         )
         .await?;
         // Delivery attempts (latency, provider response code): one row per attempt, the
