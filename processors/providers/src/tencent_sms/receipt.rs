@@ -1,5 +1,11 @@
 //! Tencent SMS status callback (PROVIDERS.md §2.5): a JSON array, unsigned (the callback path
 //! carries a secret token instead). `sid` is the per-number `SerialNo` the send recorded.
+//!
+//! The callback echoes neither `SessionContext` nor anything else Herald chose, so a receipt
+//! matches only an attempt whose answer (with its `SerialNo`) was recorded. When the answer was
+//! lost (a timeout after the request left: the outcome is unknown), no receipt can find the
+//! attempt: under `hold_for_receipt` it ends `unknown` at its receipt deadline, and the receipt
+//! is answered 503 (unmatched) until Tencent stops pushing it.
 
 use serde::Deserialize;
 
