@@ -142,8 +142,8 @@ impl FromRequestParts<Arc<Console>> for Operator {
             return Err(LoggedOut(page).into_response());
         };
         let db = console
-            .api
-            .db()
+            .db
+            .get()
             .await
             .map_err(|e| unavailable(&e.to_string()))?;
         let row = db
@@ -334,7 +334,7 @@ fn logins(outcome: &'static str) {
 /// A login attempt's audit row (never the password). The login answers either way: an audit
 /// log that is down must not let more guesses through, nor lock operators out.
 async fn audit_attempt(console: &Console, name: &str, action: &str, detail: serde_json::Value) {
-    let written = match console.api.db().await {
+    let written = match console.db.get().await {
         Ok(db) => herald_domain::dead_letters::audit(&**db, name, action, name, &detail)
             .await
             .map_err(|e| e.to_string()),
@@ -439,7 +439,7 @@ pub async fn login(
     attempt.succeeded();
     logins("ok");
     let id = random_token();
-    let db = match console.api.db().await {
+    let db = match console.db.get().await {
         Ok(db) => db,
         Err(e) => return unavailable(&e.to_string()),
     };
@@ -490,7 +490,7 @@ pub async fn logout(
     if let Err(r) = check_csrf(&op, &f.csrf) {
         return r.into_response();
     }
-    if let (Some(id), Ok(db)) = (cookie_value(&headers), console.api.db().await) {
+    if let (Some(id), Ok(db)) = (cookie_value(&headers), console.db.get().await) {
         let _ = db
             .execute(
                 "DELETE FROM console_sessions WHERE id_hash = $1",
@@ -523,7 +523,7 @@ pub fn spawn_session_purge(console: Arc<Console>, stop: tokio_util::sync::Cancel
                 _ = tokio::time::sleep(Duration::from_secs(600)) => {}
             }
             console.throttle().purge(Instant::now());
-            if let Ok(db) = console.api.db().await {
+            if let Ok(db) = console.db.get().await {
                 let _ = db
                     .execute("DELETE FROM console_sessions WHERE expires_at < now()", &[])
                     .await;

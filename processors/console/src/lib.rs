@@ -17,7 +17,6 @@
 mod auth;
 pub mod forms;
 mod pages;
-mod reads;
 mod throttle;
 mod verify_pool;
 
@@ -27,7 +26,6 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use herald_api::ApiState;
 use herald_core::runtime::Deps;
 use herald_core::worker::StageError;
 use minijinja::Environment;
@@ -38,7 +36,9 @@ pub use auth::hash_password;
 pub const STAGE: &str = "console";
 
 pub struct Console {
-    pub api: Arc<ApiState>,
+    deps: Deps,
+    /// The console's own connections (reads, sessions, audit, cancel).
+    pub db: herald_core::db::SharedDb,
     pub pages: Environment<'static>,
     /// Failed logins per name and per client, in memory.
     throttle: Mutex<throttle::LoginThrottle>,
@@ -47,9 +47,14 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(api: Arc<ApiState>, pages: Environment<'static>) -> std::io::Result<Console> {
+    pub fn new(
+        deps: Deps,
+        db: herald_core::db::SharedDb,
+        pages: Environment<'static>,
+    ) -> std::io::Result<Console> {
         Ok(Console {
-            api,
+            deps,
+            db,
             pages,
             throttle: Mutex::new(throttle::LoginThrottle::default()),
             verifier: verify_pool::VerifyPool::new(
@@ -62,7 +67,7 @@ impl Console {
     }
 
     pub fn deps(&self) -> &Deps {
-        &self.api.deps
+        &self.deps
     }
 
     /// Held only for a few map operations, never across an await.
@@ -229,9 +234,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     }
     let pages = environment().map_err(StageError::Fatal)?;
     let listen = deps.config.console.listen.clone();
-    let api = herald_api::build_state(deps).await?;
+    // The console may start before any other stage: the schema is brought up to date first.
+    drop(herald_domain::schema::migrated(&deps).await?);
+    let db = deps.shared_db().await?;
     let console = Arc::new(
-        Console::new(api, pages)
+        Console::new(deps, db, pages)
             .map_err(|e| StageError::Fatal(format!("console verification threads: {e}")))?,
     );
     auth::spawn_session_purge(console.clone(), shutdown.clone());

@@ -7,8 +7,8 @@ use axum::Json;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use herald_api::cancel::Key;
 use herald_core::config::TemplateConfig;
+use herald_domain::cancel::Key;
 use herald_schemas::Channel;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::Console;
 use crate::auth::{Operator, Refusal, check_csrf, unavailable};
 use crate::forms::{self, Edit, OptOutChange, TestSend};
-use crate::reads;
+use herald_domain::readmodel::operator as reads;
 
 /// Renders a page; an error in a template is a 500 with the reason in the log.
 pub fn render(console: &Console, name: &str, ctx: minijinja::Value) -> Response {
@@ -51,7 +51,7 @@ fn page(console: &Console, name: &str, op: &Operator, section: &str, data: Value
 
 macro_rules! db {
     ($console:expr) => {
-        match $console.api.db().await {
+        match $console.db.get().await {
             Ok(db) => db,
             Err(e) => return unavailable(&e.to_string()),
         }
@@ -201,38 +201,40 @@ async fn cancel(console: &Console, op: &Operator, key: Key, id: &str, app: &str)
         Key::Message => (format!("message {id}"), "message.cancel"),
         Key::Request => (format!("request {id}"), "request.cancel"),
     };
-    let result = herald_api::cancel::by(&console.api, key, id, app, &why).await;
+    let deps = console.deps();
+    let ports = herald_domain::cancel::Ports {
+        db: &console.db,
+        codec: &deps.codec,
+        transport: deps.transport.as_ref(),
+        stage: crate::STAGE,
+    };
+    let result = herald_domain::cancel::cancel(&ports, key, id, app, &why).await;
     let (msg, detail) = match &result {
         Ok((canceled, too_late)) => (
             format!("{target}: {canceled} canceled, {too_late} too late"),
             json!({"canceled": canceled, "too_late": too_late}),
         ),
-        Err(e) => (
-            format!("{target}: not canceled ({}: {})", e.code(), e.message()),
-            json!({"error": e.code()}),
-        ),
+        Err(e) => {
+            let code = match e {
+                herald_domain::cancel::CancelError::NotFound { .. } => "not_found",
+                herald_domain::cancel::CancelError::TooLate => "too_late",
+                _ => "unavailable",
+            };
+            (
+                format!("{target}: not canceled ({code}: {e})"),
+                json!({"error": code}),
+            )
+        }
     };
-    if let Ok(db) = console.api.db().await {
+    if let Ok(db) = console.db.get().await {
         let _ = herald_domain::dead_letters::audit(&**db, &op.name, action, id, &detail).await;
     }
     msg
 }
 
-async fn app_of(console: &Console, column: &str, id: &str) -> Option<String> {
-    let db = console.api.db().await.ok()?;
-    let sql = format!("SELECT app_id FROM messages WHERE {column} = $1 LIMIT 1");
-    let from_messages = db.query_opt(&sql, &[&id]).await.ok()?.map(|r| r.get(0));
-    match from_messages {
-        Some(app) => Some(app),
-        None => db
-            .query_opt(
-                &format!("SELECT app_id FROM intake WHERE {column} = $1 LIMIT 1"),
-                &[&id],
-            )
-            .await
-            .ok()?
-            .map(|r| r.get(0)),
-    }
+async fn app_of(console: &Console, key: Key, id: &str) -> Option<String> {
+    let db = console.db.get().await.ok()?;
+    reads::owner(&**db, key, id).await.ok()?
 }
 
 pub async fn cancel_message(
@@ -244,7 +246,7 @@ pub async fn cancel_message(
     if let Err(r) = allowed(&op, &f.csrf, "operator") {
         return r.into_response();
     }
-    let Some(app) = app_of(&console, "message_id", &id).await else {
+    let Some(app) = app_of(&console, Key::Message, &id).await else {
         return (StatusCode::NOT_FOUND, "no such message").into_response();
     };
     let msg = cancel(&console, &op, Key::Message, &id, &app).await;
@@ -273,7 +275,7 @@ pub async fn cancel_request(
     if let Err(r) = allowed(&op, &f.csrf, "operator") {
         return r.into_response();
     }
-    let Some(app) = app_of(&console, "request_id", &id).await else {
+    let Some(app) = app_of(&console, Key::Request, &id).await else {
         return (StatusCode::NOT_FOUND, "no such request").into_response();
     };
     let msg = cancel(&console, &op, Key::Request, &id, &app).await;
@@ -634,7 +636,7 @@ pub async fn preview(
 /// process (`herald_render::sandbox`), never in Herald's own — a template that builds a huge
 /// string kills the child, which is started again, and the preview says so. One child per
 /// process; previews take turns.
-static PREVIEWS: tokio::sync::Mutex<Option<herald_render::sandbox::Sandbox>> =
+static PREVIEWS: tokio::sync::Mutex<Option<herald_domain::templates::sandbox::Sandbox>> =
     tokio::sync::Mutex::const_new(None);
 
 /// Longest a preview waits for its turn at the render child before answering "busy".
@@ -645,7 +647,7 @@ async fn preview_text(
     e: &Edit,
     bounds: &herald_core::config::TemplateStoreConfig,
 ) -> Result<Value, String> {
-    use herald_render::sandbox::{Limits, Sandbox};
+    use herald_domain::templates::sandbox::{Limits, Sandbox};
     let (t, m) = forms::preview_input(code, e, bounds)?;
     let mut child = tokio::time::timeout(PREVIEW_TURN, PREVIEWS.lock())
         .await

@@ -17,6 +17,7 @@
 //! - [`verification`]: verification codes: generation, the keyed MAC they are stored as, their
 //!   seal in transit, and the checks and limits.
 
+pub mod cancel;
 pub mod dead_letters;
 pub mod destination;
 pub mod device_tokens;

@@ -8,7 +8,8 @@
 //! - Tables (through `herald_domain::templates`): `templates` (read, seeded). Owns none.
 //! - Promise: a hostile template costs one message (memory-limited child, fuel), never the stage.
 
-pub mod sandbox;
+/// The render child (moved to the domain, where the console's previews use it too).
+pub use herald_domain::templates::sandbox;
 
 use futures::future::BoxFuture;
 use herald_core::runtime::Deps;

@@ -4,6 +4,7 @@
 //! [`projection`] turns events into facts and rows (pure), [`write`] writes them, the functions
 //! below read them.
 
+pub mod operator;
 pub mod projection;
 mod write;
 

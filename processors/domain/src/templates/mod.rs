@@ -10,6 +10,7 @@
 //! the rows added since they last looked (plus a full reload every few minutes).
 
 pub mod compile;
+pub mod sandbox;
 
 use std::time::{Duration, Instant};
 

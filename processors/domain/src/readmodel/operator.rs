@@ -1,6 +1,10 @@
-//! The console's reads, across apps, as JSON for the pages.
+//! What the operators' console reads, across apps, as JSON for its pages: the read model
+//! (`messages`, `delivery_attempts`, `message_events`) and, read only, the tables other modules
+//! of this crate own (`app_usage`, `request_keys`, `provider_health`, `opt_outs`, `templates`,
+//! `console_audit`, the outbox's backlog, `intake`). Here, in the crate that owns them, so no
+//! other crate names a table it does not own.
 
-use herald_domain::readmodel;
+use crate::readmodel;
 use serde_json::{Value, json};
 use tokio_postgres::GenericClient;
 
@@ -90,7 +94,7 @@ pub async fn message(db: &impl GenericClient, id: &str) -> Res<Option<Value>> {
         })
         .collect();
     let cancelable = !(m["status"] == "sent"
-        || herald_domain::status::TERMINAL.contains(&m["status"].as_str().unwrap_or("")));
+        || crate::status::TERMINAL.contains(&m["status"].as_str().unwrap_or("")));
     m["timeline"] = json!(timeline);
     m["delivery_attempts"] = json!(attempts);
     m["cancelable"] = json!(cancelable);
@@ -294,9 +298,7 @@ pub async fn app_usage(db: &impl GenericClient) -> Res<Vec<(String, i64, i64, i6
         .iter()
         .map(|r| (r.get(0), r.get(1), 0, 0))
         .collect();
-    let pending =
-        herald_domain::outbox::pending_by_destination(db, herald_domain::outbox::Kind::Status)
-            .await?;
+    let pending = crate::outbox::pending_by_destination(db, crate::outbox::Kind::Status).await?;
     for (app, due, failing) in pending {
         match rows.iter_mut().find(|r| r.0 == app) {
             Some(r) => (r.2, r.3) = (due, failing),
@@ -355,4 +357,27 @@ pub async fn template_versions(db: &impl GenericClient, code: &str) -> Res<Vec<V
                    "body": r.get::<_, String>(2), "created_ms": r.get::<_, i64>(3)})
         })
         .collect())
+}
+
+/// Which app owns the message (`Key::Message`) or request (`Key::Request`) `id`: from the read
+/// model, else from `intake` (accepted, not projected yet).
+pub async fn owner(
+    db: &impl GenericClient,
+    key: crate::cancel::Key,
+    id: &str,
+) -> Res<Option<String>> {
+    let (messages, intake) = match key {
+        crate::cancel::Key::Message => (
+            "SELECT app_id FROM messages WHERE message_id = $1 LIMIT 1",
+            "SELECT app_id FROM intake WHERE message_id = $1 LIMIT 1",
+        ),
+        crate::cancel::Key::Request => (
+            "SELECT app_id FROM messages WHERE request_id = $1 LIMIT 1",
+            "SELECT app_id FROM intake WHERE request_id = $1 LIMIT 1",
+        ),
+    };
+    if let Some(r) = db.query_opt(messages, &[&id]).await? {
+        return Ok(Some(r.get(0)));
+    }
+    Ok(db.query_opt(intake, &[&id]).await?.map(|r| r.get(0)))
 }

@@ -10,7 +10,7 @@
 //! fails that message with `render_resource_limit`, and renders the rest. Answers are framed JSON
 //! on the child's stdin/stdout; the child holds the compiled templates.
 //!
-//! [`MAX_RENDERED_BYTES`]: herald_domain::templates::compile::MAX_RENDERED_BYTES
+//! [`MAX_RENDERED_BYTES`]: super::compile::MAX_RENDERED_BYTES
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use herald_domain::templates::compile::{RENDER_FUEL, Templates};
+use super::compile::{RENDER_FUEL, Templates};
 
 /// The argument that makes a Herald executable serve renders on stdin/stdout.
 pub const CHILD_ARG: &str = "__render-sandbox";
