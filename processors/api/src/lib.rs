@@ -224,7 +224,14 @@ async fn authenticate(
         .nonce_writes
         .submit((app.clone(), nonce.to_owned()))
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e))?;
+        .map_err(|e| {
+            tracing::warn!(error = %e, "nonce not stored");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; try again",
+            )
+        })?;
     if !fresh {
         return Err(refused(auth::AuthError::ReusedNonce));
     }
@@ -558,13 +565,19 @@ async fn opt_out(
     )
 }
 
-/// A database problem: 503, the client may retry.
+/// A database problem, by its class ([`herald_domain::store`]): 503 `database_unavailable`
+/// (transient: retry), 409 `conflict`, 500 `database_error`; never the database's text.
 pub(crate) fn db_err(e: impl Into<herald_core::db::PoolFailure>) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "database_unavailable",
-        e.into().to_string(),
-    )
+    use herald_domain::store::{Class, StoreError};
+    let e = StoreError::from(e.into());
+    // The database's text names tables, columns and values: the log has it, the answer not.
+    tracing::warn!(class = ?e.class, error = %e.detail(), "database call failed");
+    let (status, code) = match e.class {
+        Class::Transient => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+        Class::Conflict => (StatusCode::CONFLICT, "conflict"),
+        Class::Permanent => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
+    };
+    ApiError::new(status, code, e.to_string())
 }
 
 /// A `<created_ms>:<id>` cursor (newest-first pages); no cursor starts at the newest.

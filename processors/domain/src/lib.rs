@@ -36,6 +36,7 @@ pub mod redact;
 pub mod retention;
 pub mod schema;
 pub mod status;
+pub mod store;
 pub mod templates;
 pub mod validate;
 pub mod verification;
