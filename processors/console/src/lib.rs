@@ -10,9 +10,17 @@
 //! - Every change (cancel, redrive, resolve, template publish, opt-out) needs a role that may
 //!   make it, passes a CSRF check (the session's token in the form or the `X-CSRF-Token` header,
 //!   and a same-origin `Origin` / `Sec-Fetch-Site`), and is written to the audit log.
-//! - Pages read the same tables and call the same code as the API (cancel, templates, dead
-//!   letters), across apps. Assets (htmx, uPlot) are vendored from npm, pinned by hash
-//!   (`assets/vendor/SHA256SUMS`) and compiled in.
+//! - Pages call the same domain code as the API (cancel, templates, dead letters), across
+//!   apps; what they show comes from the domain's reads
+//!   ([`herald_domain::readmodel::operator`]). Assets (htmx, uPlot) are vendored from npm,
+//!   pinned by hash (`assets/vendor/SHA256SUMS`) and compiled in.
+//!
+//! - Reads: the read model and the domain's tables, through `herald_domain`.
+//! - Writes: `herald.requests` (test sends), `herald.status` (cancels), redriven dead letters'
+//!   topics; templates, opt-outs, dead-letter resolutions and the audit log through the domain.
+//! - Tables: owns `console_sessions`.
+//! - Promise: no change without a role, a CSRF check and an audit entry; a preview renders only
+//!   in the memory-limited render child.
 
 mod auth;
 pub mod forms;
