@@ -51,6 +51,16 @@ fn herald_dependencies(manifest: &str) -> Vec<String> {
     let mut section = "";
     for line in manifest.lines() {
         let line = line.trim();
+        // `[dependencies.herald-x]` names one in its header.
+        if let Some(name) = line
+            .strip_prefix("[dependencies.")
+            .and_then(|l| l.strip_suffix(']'))
+            .filter(|n| n.starts_with("herald-"))
+        {
+            out.push(name.to_owned());
+            section = "[dependency]";
+            continue;
+        }
         if line.starts_with('[') {
             section = line;
             continue;
@@ -132,12 +142,20 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The tables a source text names in SQL (after `FROM`, `INTO`, `UPDATE`, `JOIN`, `TABLE`).
+/// The tables a source text names in SQL (after `FROM`, `INTO`, `UPDATE`, `JOIN`, `TABLE` and
+/// any whitespace; SQL here is written in upper case, prose is not).
 fn named_tables(source: &str, tables: &[String]) -> Vec<String> {
     let mut out = Vec::new();
-    for keyword in ["FROM ", "INTO ", "UPDATE ", "JOIN ", "TABLE "] {
+    for keyword in ["FROM", "INTO", "UPDATE", "JOIN", "TABLE"] {
         for (at, _) in source.match_indices(keyword) {
-            let name = identifier(source[at + keyword.len()..].trim_start());
+            let rest = &source[at + keyword.len()..];
+            let before = source[..at].chars().next_back();
+            if !rest.starts_with(char::is_whitespace)
+                || before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                continue;
+            }
+            let name = identifier(rest.trim_start());
             if tables.contains(&name) && !out.contains(&name) {
                 out.push(name);
             }
@@ -190,7 +208,7 @@ fn the_checks_see_what_they_look_for() {
     let tables = vec!["messages".to_owned(), "intake".to_owned()];
     assert_eq!(
         named_tables(
-            "SELECT app_id FROM messages WHERE x IN (SELECT 1 FROM  intake)",
+            "SELECT app_id FROM\n messages WHERE x IN (SELECT 1 FROM  intake) AND y_FROM messages",
             &tables
         ),
         ["messages", "intake"]
@@ -198,8 +216,8 @@ fn the_checks_see_what_they_look_for() {
     assert!(named_tables("messages from intake", &tables).is_empty());
     assert_eq!(
         herald_dependencies(
-            "[dependencies]\nherald-core.workspace = true\nherald-api = { path = \"x\" }\n\n[dev-dependencies]\nherald-send.workspace = true\n"
+            "[dependencies]\nherald-core.workspace = true\nherald-api = { path = \"x\" }\n\n[dev-dependencies]\nherald-send.workspace = true\n\n[dependencies.herald-route]\npath = \"r\"\n"
         ),
-        ["herald-core", "herald-api"]
+        ["herald-core", "herald-api", "herald-route"]
     );
 }

@@ -556,9 +556,18 @@ async fn opt_out(
     let normal = herald_domain::opt_out::address(channel, &address, region)
         .map_err(|p| ApiError::new(StatusCode::BAD_REQUEST, p.code, p.message).field("address"))?;
     let db = state.db().await.map_err(db_err)?;
-    herald_domain::opt_out::set(&**db, &app, channel.as_str(), &normal, &address, opted_out)
-        .await
-        .map_err(db_err)?;
+    let mut spellings = herald_domain::destination::spellings(channel, &normal, region);
+    spellings.push(address.trim().to_owned());
+    herald_domain::opt_out::set(
+        &**db,
+        &app,
+        channel.as_str(),
+        &normal,
+        &spellings,
+        opted_out,
+    )
+    .await
+    .map_err(db_err)?;
     Ok(
         Json(json!({"channel": channel.as_str(), "address": address, "opted_out": opted_out}))
             .into_response(),
@@ -566,7 +575,8 @@ async fn opt_out(
 }
 
 /// A database problem, by its class ([`herald_domain::store`]): 503 `database_unavailable`
-/// (transient: retry), 409 `conflict`, 500 `database_error`; never the database's text.
+/// (transient: retry), 409 `conflict`, 400 `invalid_input` (a value from the request the
+/// database cannot take, e.g. a NUL), 500 `database_error`; never the database's text.
 pub(crate) fn db_err(e: impl Into<herald_core::db::PoolFailure>) -> ApiError {
     use herald_domain::store::{Class, StoreError};
     let e = StoreError::from(e.into());
@@ -575,6 +585,7 @@ pub(crate) fn db_err(e: impl Into<herald_core::db::PoolFailure>) -> ApiError {
     let (status, code) = match e.class {
         Class::Transient => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
         Class::Conflict => (StatusCode::CONFLICT, "conflict"),
+        Class::Invalid => (StatusCode::BAD_REQUEST, "invalid_input"),
         Class::Permanent => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
     };
     ApiError::new(status, code, e.to_string())

@@ -385,9 +385,10 @@ impl CallbackState {
         };
         // Only an attempt's first receipt counts toward its provider's receipt breaker: the
         // same receipt pushed again (a retry after a 503, a replayed SMS push) is the same fact.
+        let mut counted = std::collections::HashSet::new();
         let observed: Vec<(String, bool)> = observed
             .into_iter()
-            .filter(|(key, _)| first.contains(key))
+            .filter(|(key, _)| first.contains(key) && counted.insert(key.clone()))
             .map(|(_, o)| o)
             .collect();
         let changes = self.breakers.record_failed(&observed);
@@ -715,7 +716,7 @@ pub async fn run(
         deps.stage_db().await?,
         &deps.config,
         shutdown.clone(),
-    );
+    )?;
     let limits = deps.config.api.limits();
     herald_core::serve::serve(listener, router(deps), limits, shutdown)
         .await

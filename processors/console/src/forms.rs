@@ -173,6 +173,7 @@ pub struct OptOutChange {
 
 /// What an opt-out change is about: (channel, address as opt-outs key it, opted out), checked
 /// as the API checks one (a configured app, a channel, an address of that channel, an action).
+/// Opting back in clears the address's [`herald_domain::destination::spellings`] too.
 pub fn opt_out(
     f: &OptOutChange,
     apps: &[&str],

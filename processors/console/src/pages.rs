@@ -836,17 +836,16 @@ pub async fn opt_out_change(
     }
     let cfg = &console.deps().config;
     let apps: Vec<&str> = cfg.apps.iter().map(|a| a.id.as_str()).collect();
-    let (channel, address, out) = match forms::opt_out(
-        &f,
-        &apps,
-        herald_domain::destination::Region::configured(cfg),
-    ) {
+    let region = herald_domain::destination::Region::configured(cfg);
+    let (channel, address, out) = match forms::opt_out(&f, &apps, region) {
         Ok(v) => v,
         Err(e) => return flash_to("/opt-outs", &format!("not changed: {e}")),
     };
+    let mut spellings = herald_domain::destination::spellings(channel, &address, region);
+    spellings.push(f.address.trim().to_owned());
     let db = db!(console);
     tri!(
-        herald_domain::opt_out::set(&**db, &f.app, channel.as_str(), &address, &f.address, out)
+        herald_domain::opt_out::set(&**db, &f.app, channel.as_str(), &address, &spellings, out)
             .await
     );
     let _ = herald_domain::dead_letters::audit(

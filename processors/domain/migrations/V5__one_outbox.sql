@@ -2,6 +2,11 @@
 -- the rule's name) and apps' status webhooks (kind 'status', id = the message id, destination =
 -- the app). Rows name their destination, never its URL: the dispatcher looks the URL up when it
 -- posts. What the two outboxes it replaces held is carried over.
+--
+-- The old tables are locked first (this migration runs in one transaction): a row an older
+-- process commits while the copy runs is not dropped with its table; the older process's next
+-- write waits for the lock, then fails and is retried until the process is replaced.
+LOCK TABLE alert_outbox, status_notifications IN ACCESS EXCLUSIVE MODE;
 CREATE TABLE IF NOT EXISTS webhook_outbox (
     kind text NOT NULL,
     id text NOT NULL,

@@ -83,6 +83,39 @@ pub fn normalise(
     }
 }
 
+/// The ways `normal` (a [`normalise`]d address) may have been written before addresses were
+/// normalised, itself first: for a phone, its E.164 form, the same without `+`, with `00`, and
+/// its national forms in `region`; for any other channel, itself. Opt-outs stored before
+/// normalisation are found and cleared by these.
+pub fn spellings(channel: Channel, normal: &str, region: Region) -> Vec<String> {
+    let mut out = vec![normal.to_owned()];
+    if channel != Channel::Sms {
+        return out;
+    }
+    let Ok(number) = phonenumber::parse(Some(region.0), normal) else {
+        return out;
+    };
+    let digits = |s: String| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    let code = number.code().value();
+    let national = number.national().value().to_string();
+    for s in [
+        format!("{code}{national}"),
+        format!("00{code}{national}"),
+        national,
+        digits(
+            number
+                .format()
+                .mode(phonenumber::Mode::National)
+                .to_string(),
+        ),
+    ] {
+        if !s.is_empty() && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
 /// The key of a destination: the recipient key (HMAC under the server secret) of its
 /// [`normalise`]d form, so no table holds the address itself.
 #[derive(Clone, Copy)]
@@ -119,6 +152,22 @@ mod tests {
 
     fn norm(channel: Channel, a: &str) -> Result<String, Problem> {
         normalise(channel, a, cn(), "to")
+    }
+
+    #[test]
+    fn a_normal_number_has_the_spellings_it_was_written_in() {
+        let s = spellings(Channel::Sms, "+8613800138000", cn());
+        for want in [
+            "+8613800138000",
+            "8613800138000",
+            "008613800138000",
+            "13800138000",
+        ] {
+            assert!(s.contains(&want.to_owned()), "{want}: {s:?}");
+        }
+        let uk = spellings(Channel::Sms, "+447700900123", Region::parse("GB").unwrap());
+        assert!(uk.contains(&"07700900123".to_owned()), "{uk:?}");
+        assert_eq!(spellings(Channel::Email, "a@b.c", cn()), ["a@b.c"]);
     }
 
     #[test]

@@ -11,24 +11,35 @@ use std::collections::HashSet;
 
 use tokio_postgres::GenericClient;
 
-/// The form an opt-out of `raw` on `channel` is kept and looked up in
-/// ([`crate::destination::normalise`]), or why `raw` is no address of that channel.
+/// The form an opt-out of `raw` on `channel` is kept and looked up in: its normalised form
+/// ([`crate::destination::normalise`]), or as written (trimmed) when it has none — an address
+/// the gateway takes can always be opted out. Refused only when it is no address of the
+/// channel at all ([`crate::validate::address`]).
 pub fn address(
     channel: herald_schemas::Channel,
     raw: &str,
     region: crate::destination::Region,
 ) -> Result<String, crate::validate::Problem> {
-    crate::destination::normalise(channel, raw, region, "address")
+    crate::validate::address(channel, raw).map_err(|p| crate::validate::Problem {
+        field: "address".into(),
+        ..p
+    })?;
+    Ok(
+        crate::destination::normalise(channel, raw, region, "address")
+            .unwrap_or_else(|_| raw.trim().to_owned()),
+    )
 }
 
 /// Opts `address` (in the form [`address`] gives) out of `channel` for `app` (`opted_out`), or
-/// back in; clearing also clears the form it was written in before normalisation.
+/// back in. Opting back in clears every row that means this address: each of its `spellings`
+/// ([`crate::destination::spellings`]), and for e-mail any case of it — rows stored before
+/// normalisation included.
 pub async fn set(
     db: &impl GenericClient,
     app: &str,
     channel: &str,
     address: &str,
-    as_written: &str,
+    spellings: &[String],
     opted_out: bool,
 ) -> Result<(), tokio_postgres::Error> {
     if opted_out {
@@ -38,9 +49,11 @@ pub async fn set(
         )
         .await?;
     } else {
+        let email = (channel == herald_schemas::Channel::Email.as_str()).then_some(address);
         db.execute(
-            "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2 AND address IN ($3, $4)",
-            &[&app, &channel, &address, &as_written],
+            "DELETE FROM opt_outs WHERE app_id = $1 AND channel = $2
+               AND (address = $3 OR address = ANY($4) OR lower(address) = $5)",
+            &[&app, &channel, &address, &spellings, &email],
         )
         .await?;
     }

@@ -10,7 +10,8 @@
 //! can run one and no two post the same row at once; a row is posted, signed (Standard
 //! Webhooks, its stable `webhook-id` lets a receiver drop a retry it already took), and either
 //! marked delivered or moved on by back-off (2 s, 4 s … up to 10 min) until it is given up
-//! after 24 h. Enqueuing twice keeps the first row (`ON CONFLICT DO NOTHING`): a batch
+//! after 24 h. At least once: a row posted whose result could not be recorded (PostgreSQL
+//! went away mid-round) is posted again when its lease ends. Enqueuing twice keeps the first row (`ON CONFLICT DO NOTHING`): a batch
 //! processed again adds nothing, and a message's first terminal status is its only one.
 //!
 //! - Owns: `webhook_outbox`. Metrics: [`names::OUTBOX_BACKLOG`] per kind, and each kind's own
@@ -120,23 +121,24 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher of `kind` posting through the outbound guard, each post bounded by
-    /// `timeout`.
+    /// `timeout`; or why its HTTP client cannot be built (never a client without the guard or
+    /// the timeout: the lease relies on the one, the allow-list on the other).
     pub fn new(
         kind: Kind,
         endpoints: HashMap<String, Endpoint>,
         guard: &herald_core::netguard::Guard,
         timeout: Duration,
-    ) -> Dispatcher {
+    ) -> Result<Dispatcher, String> {
         let http = guard
             .client(reqwest::Client::builder().timeout(timeout))
             .build()
-            .unwrap_or_default();
-        Dispatcher {
+            .map_err(|e| format!("{} outbox HTTP client: {e}", kind.as_str()))?;
+        Ok(Dispatcher {
             kind,
             endpoints: Arc::new(endpoints),
             http,
             lease: timeout * 6,
-        }
+        })
     }
 
     /// Posts due rows until `shutdown`.

@@ -37,6 +37,24 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, St
         .collect())
 }
 
+/// Brings the database to schema version `version` only (tests of a migration start from the
+/// version before it).
+pub async fn migrate_to(
+    client: &mut tokio_postgres::Client,
+    version: i32,
+) -> Result<Vec<i32>, String> {
+    let report = embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(client)
+        .await
+        .map_err(|e| format!("migration: {e}"))?;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.version())
+        .collect())
+}
+
 /// The newest schema version this build knows.
 pub fn latest() -> i32 {
     embedded::migrations::runner()

@@ -6,8 +6,10 @@
 //!   transaction lost a serialization race or a deadlock — the same call later may succeed.
 //! - **Conflict**: the call contradicts what is stored (a unique or foreign key) — the same call
 //!   will fail again until the data changes.
-//! - **Permanent**: the call itself is wrong (a value the column cannot hold, a statement the
-//!   schema does not know) — a bug or bad input; retrying does not help.
+//! - **Invalid**: a value the database cannot take (a NUL in text, a number out of range) —
+//!   from the caller's input; the same input fails again.
+//! - **Permanent**: anything else — a statement the schema does not know, a violated check — a
+//!   bug; retrying does not help.
 
 use herald_core::db::PoolFailure;
 
@@ -16,6 +18,7 @@ use herald_core::db::PoolFailure;
 pub enum Class {
     Transient,
     Conflict,
+    Invalid,
     Permanent,
 }
 
@@ -35,12 +38,16 @@ impl Class {
         let Some(code) = sqlstate else {
             return Class::Transient;
         };
-        match code.get(..2).unwrap_or("") {
+        match (code, code.get(..2).unwrap_or("")) {
+            // lock not available (NOWAIT)
+            ("55P03", _) => Class::Transient,
             // connection, insufficient resources, operator intervention (shutdown, statement
             // timeout), system error, transaction rollback (serialization, deadlock)
-            "08" | "53" | "57" | "58" | "40" => Class::Transient,
-            // integrity constraint violation
-            "23" => Class::Conflict,
+            (_, "08" | "53" | "57" | "58" | "40") => Class::Transient,
+            // unique and foreign key violations (not-null and check violations are bugs)
+            ("23505" | "23503", _) => Class::Conflict,
+            // data exception
+            (_, "22") => Class::Invalid,
             _ => Class::Permanent,
         }
     }
@@ -49,6 +56,7 @@ impl Class {
         match self {
             Class::Transient => "the database is unavailable; try again",
             Class::Conflict => "the change conflicts with what is stored",
+            Class::Invalid => "a value in the request cannot be stored or searched for",
             Class::Permanent => "the database refused the request",
         }
     }
@@ -93,8 +101,11 @@ mod tests {
             (Some("40P01"), Class::Transient), // deadlock
             (Some("23505"), Class::Conflict),  // unique violation
             (Some("23503"), Class::Conflict),  // foreign key
-            (Some("22021"), Class::Permanent), // a NUL in text
-            (Some("22P02"), Class::Permanent), // invalid text representation
+            (Some("23502"), Class::Permanent), // not null
+            (Some("23514"), Class::Permanent), // check
+            (Some("55P03"), Class::Transient), // lock not available
+            (Some("22021"), Class::Invalid),   // a NUL in text
+            (Some("22P02"), Class::Invalid),   // invalid text representation
             (Some("42P01"), Class::Permanent), // undefined table
             (Some(""), Class::Permanent),
         ] {

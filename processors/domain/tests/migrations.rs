@@ -173,3 +173,91 @@ async fn processes_starting_together_migrate_a_fresh_database_once() {
         assert!(!columns(&db, t).await.is_empty(), "table {t} missing");
     }
 }
+
+/// (kind, id, destination, payload, attempts, delivered, last error)
+type OutboxRow = (String, String, String, String, i32, bool, Option<String>);
+
+/// V5 carries what the two outboxes it replaces held into `webhook_outbox` — pending, delivered
+/// and given-up rows, attempts and errors — and drops them.
+#[tokio::test]
+async fn the_two_outboxes_are_carried_into_one() {
+    let url = fresh_database("outboxes").await;
+    let mut db = connect(&url).await;
+    assert_eq!(
+        herald_domain::schema::migrate_to(&mut db, 4).await.unwrap(),
+        [1, 2, 3, 4]
+    );
+    db.batch_execute(
+        "INSERT INTO alert_outbox (id, rule, url, payload, attempts, last_error)
+             VALUES ('a-1', 'page', 'http://127.0.0.1:9/old', '{\"n\":1}', 3, 'HTTP 500');
+         INSERT INTO alert_outbox (id, rule, url, payload, delivered_at)
+             VALUES ('a-2', 'page', 'http://127.0.0.1:9/old', '{\"n\":2}', now());
+         INSERT INTO status_notifications (message_id, app_id, payload)
+             VALUES ('m-1', 'shop', '{\"status\":\"delivered\"}');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        migrate(&mut db).await.unwrap(),
+        (5..=latest()).collect::<Vec<_>>()
+    );
+    let rows: Vec<OutboxRow> = db
+        .query(
+            "SELECT kind, id, destination, payload, attempts, delivered_at IS NOT NULL, last_error
+             FROM webhook_outbox ORDER BY kind, id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect();
+    let row = |k: &str, id: &str, to: &str, p: &str, n: i32, done: bool, e: Option<&str>| {
+        (
+            k.to_owned(),
+            id.to_owned(),
+            to.to_owned(),
+            p.to_owned(),
+            n,
+            done,
+            e.map(str::to_owned),
+        )
+    };
+    assert_eq!(
+        rows,
+        [
+            row(
+                "alert",
+                "a-1",
+                "page",
+                "{\"n\":1}",
+                3,
+                false,
+                Some("HTTP 500")
+            ),
+            row("alert", "a-2", "page", "{\"n\":2}", 0, true, None),
+            row(
+                "status",
+                "m-1",
+                "shop",
+                "{\"status\":\"delivered\"}",
+                0,
+                false,
+                None
+            ),
+        ]
+    );
+    for gone in ["alert_outbox", "status_notifications"] {
+        assert!(columns(&db, gone).await.is_empty(), "{gone} dropped");
+    }
+}

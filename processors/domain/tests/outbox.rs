@@ -76,6 +76,7 @@ async fn two_dispatchers_on_one_backlog_post_every_row_once() {
             &guard,
             Duration::from_secs(5),
         )
+        .unwrap()
         .spawn(
             herald_core::db::Db::connect(&url).await.unwrap(),
             stop.clone(),
@@ -147,10 +148,12 @@ async fn a_queued_row_goes_to_the_url_its_destination_has_when_posted() {
     )]
     .into();
     let stop = CancellationToken::new();
-    Dispatcher::new(Kind::Alert, endpoints, &guard, Duration::from_secs(5)).spawn(
-        herald_core::db::Db::connect(&url).await.unwrap(),
-        stop.clone(),
-    );
+    Dispatcher::new(Kind::Alert, endpoints, &guard, Duration::from_secs(5))
+        .unwrap()
+        .spawn(
+            herald_core::db::Db::connect(&url).await.unwrap(),
+            stop.clone(),
+        );
     let started = Instant::now();
     while new.lock().unwrap().is_empty() {
         assert!(started.elapsed() < Duration::from_secs(30), "not posted");

@@ -42,13 +42,22 @@ struct Notify {
     apps: Arc<HashMap<String, Endpoint>>,
 }
 
-/// A terminal fact worth notifying: (message id, app, JSON body).
+/// A terminal fact worth notifying.
+struct Terminal {
+    message_id: String,
+    app: String,
+    body: String,
+    at: i64,
+    precedence: usize,
+}
+
+/// A terminal fact worth notifying.
 fn terminal(
     header: &herald_schemas::EventHeader,
     status: &str,
     provider: Option<&str>,
     reason: Option<&herald_schemas::Reason>,
-) -> Option<(String, String, String)> {
+) -> Option<Terminal> {
     if !is_terminal(status) {
         return None;
     }
@@ -65,11 +74,34 @@ fn terminal(
         "at": header.event_time,
         "metadata": header.metadata,
     });
-    Some((
-        header.message_id.clone(),
-        header.app_id.clone(),
-        body.to_string(),
-    ))
+    Some(Terminal {
+        message_id: header.message_id.clone(),
+        app: header.app_id.clone(),
+        body: body.to_string(),
+        at: header.event_time,
+        precedence: herald_domain::status::Status::parse(status)
+            .map_or(0, herald_domain::status::Status::precedence),
+    })
+}
+
+/// Of a batch's terminal facts, the one per message the read model keeps too: the earliest,
+/// and at the same instant the higher precedence ([`herald_domain::status::PRECEDENCE`]) — so
+/// the status webhook says what `GET /v1/messages/{id}` says, whatever order the topics are
+/// read in within a batch. In the order messages first appear.
+fn first_per_message(facts: Vec<Terminal>) -> Vec<Terminal> {
+    let mut out: Vec<Terminal> = Vec::with_capacity(facts.len());
+    for f in facts {
+        match out.iter_mut().find(|t| t.message_id == f.message_id) {
+            Some(t) => {
+                if (f.at, std::cmp::Reverse(f.precedence)) < (t.at, std::cmp::Reverse(t.precedence))
+                {
+                    *t = f;
+                }
+            }
+            None => out.push(f),
+        }
+    }
+    out
 }
 
 impl Notify {
@@ -77,7 +109,7 @@ impl Notify {
         &self,
         input: &InRecord,
         out: &mut Vec<OutRecord>,
-    ) -> Result<Option<(String, String, String)>, StageError> {
+    ) -> Result<Option<Terminal>, StageError> {
         // The projector dead-letters records whose type cannot be read.
         let event =
             StatusEvent::decode(&self.deps.codec, STAGE, input, out, Unreadable::Skip).await?;
@@ -101,18 +133,22 @@ impl BatchHandler for Notify {
         Box::pin(async move {
             self.db.ensure().await?;
             let mut out = Vec::new();
-            let mut rows = Vec::new();
+            let mut facts = Vec::new();
             for input in batch {
-                if let Some((id, app, payload)) = self.fact(input, &mut out).await?
-                    && self.apps.contains_key(&app)
+                if let Some(t) = self.fact(input, &mut out).await?
+                    && self.apps.contains_key(&t.app)
                 {
-                    rows.push(outbox::Row {
-                        id,
-                        destination: app,
-                        payload,
-                    });
+                    facts.push(t);
                 }
             }
+            let rows: Vec<outbox::Row> = first_per_message(facts)
+                .into_iter()
+                .map(|t| outbox::Row {
+                    id: t.message_id,
+                    destination: t.app,
+                    payload: t.body,
+                })
+                .collect();
             // The first terminal state of a message wins; later ones are not notified.
             outbox::enqueue(&*self.db, Kind::Status, &rows)
                 .await
@@ -143,7 +179,8 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         return Ok(());
     }
     let guard = herald_core::netguard::Guard::new(&deps.config.security.outbound_allow);
-    let dispatcher = outbox::Dispatcher::new(Kind::Status, apps.clone(), &guard, POST_TIMEOUT);
+    let dispatcher = outbox::Dispatcher::new(Kind::Status, apps.clone(), &guard, POST_TIMEOUT)
+        .map_err(StageError::Fatal)?;
     let apps = Arc::new(apps);
     let db = herald_domain::schema::migrated(&deps).await?;
     dispatcher.spawn(deps.stage_db().await?, shutdown.clone());
@@ -161,4 +198,55 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     spec.from_end = true;
     let transport = deps.transport.clone();
     run_worker(STAGE, transport, spec, Notify { deps, db, apps }, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fact(id: &str, status: &str, at: i64) -> Terminal {
+        Terminal {
+            message_id: id.into(),
+            app: "shop".into(),
+            body: status.into(),
+            at,
+            precedence: herald_domain::status::Status::parse(status)
+                .map_or(0, herald_domain::status::Status::precedence),
+        }
+    }
+
+    #[test]
+    fn a_batch_announces_what_the_read_model_keeps_in_every_order() {
+        let pick = |facts: Vec<Terminal>| {
+            first_per_message(facts)
+                .into_iter()
+                .map(|t| (t.message_id, t.body))
+                .collect::<Vec<_>>()
+        };
+        let want = vec![
+            ("m".to_owned(), "delivered".to_owned()),
+            ("n".to_owned(), "failed".to_owned()),
+        ];
+        assert_eq!(
+            pick(vec![
+                fact("m", "unknown", 5),
+                fact("m", "delivered", 5),
+                fact("n", "failed", 1)
+            ]),
+            want
+        );
+        assert_eq!(
+            pick(vec![
+                fact("m", "delivered", 5),
+                fact("m", "unknown", 5),
+                fact("n", "failed", 1)
+            ]),
+            want
+        );
+        // The earlier fact wins whatever its precedence.
+        assert_eq!(
+            pick(vec![fact("m", "delivered", 6), fact("m", "unknown", 5)]),
+            [("m".to_owned(), "unknown".to_owned())]
+        );
+    }
 }

@@ -25,23 +25,25 @@ pub const MAX_MESSAGE: usize = 512;
 impl Report {
     /// The report as Herald keeps it, or why it cannot be used. A provider's bytes reach
     /// PostgreSQL and the status topics from here, and PostgreSQL refuses a NUL in text: an id
-    /// with a NUL, a control character or past [`MAX_ID`] matches nothing we sent and is refused
-    /// (kept, it would fail every lookup and be pushed again for ever); the code and description
-    /// lose their NULs and are cut to [`MAX_CODE`] and [`MAX_MESSAGE`] characters.
+    /// that is empty, holds a control character or is longer than [`MAX_ID`] matches nothing we
+    /// sent and is dropped (kept, it would fail every lookup and be pushed again for ever); a
+    /// report left with no usable id is refused. The code and description lose their NULs and
+    /// are cut to [`MAX_CODE`] and [`MAX_MESSAGE`] characters.
     pub fn checked(mut self) -> Result<Report, String> {
-        for id in [&self.message_id, &self.provider_message_id]
-            .into_iter()
-            .flatten()
-        {
-            if id.is_empty() || id.chars().count() > MAX_ID || id.chars().any(char::is_control) {
-                return Err(format!(
-                    "report id {:?} is empty, longer than {MAX_ID} characters or holds a control character",
-                    id.chars().take(MAX_ID).collect::<String>()
-                ));
-            }
-        }
+        let usable = |id: &String| {
+            !id.is_empty() && id.chars().count() <= MAX_ID && !id.chars().any(char::is_control)
+        };
+        let shown = |id: &Option<String>| {
+            id.as_deref()
+                .map(|i| i.chars().take(MAX_ID).collect::<String>())
+        };
+        let given = (shown(&self.message_id), shown(&self.provider_message_id));
+        self.message_id = self.message_id.filter(usable);
+        self.provider_message_id = self.provider_message_id.filter(usable);
         if self.message_id.is_none() && self.provider_message_id.is_none() {
-            return Err("report names no message".into());
+            return Err(format!(
+                "report names no usable id (ids are 1 to {MAX_ID} characters without control characters): {given:?}"
+            ));
         }
         self.code = scrub(&self.code, MAX_CODE);
         self.message = scrub(&self.message, MAX_MESSAGE);
@@ -89,9 +91,17 @@ mod tests {
     }
 
     #[test]
-    fn a_report_with_an_unusable_id_is_refused() {
+    fn a_report_with_no_usable_id_is_refused_and_an_unusable_one_dropped() {
         for id in ["p\u{0}1", "", "p\n1", &"p".repeat(MAX_ID + 1)] {
             assert!(report(id, "E", "m").checked().is_err(), "{id:?}");
+            // Beside a usable message id, the unusable provider id is dropped.
+            let mut both = report(id, "E", "m");
+            both.message_id = Some("m-1".into());
+            let r = both.checked().unwrap();
+            assert_eq!(
+                (r.message_id.as_deref(), r.provider_message_id),
+                (Some("m-1"), None)
+            );
         }
         let mut none = report("p", "E", "m");
         none.provider_message_id = None;

@@ -170,21 +170,50 @@ pub async fn stateful(
             )
         })
         .collect();
-    // Each address in its normalised form and as written (opt-outs stored before
-    // normalisation hold the latter).
-    let lookups: Vec<(&str, &str, &str)> = relevant
+    // Each address in its normalised form, as written, and in every spelling of it (opt-outs
+    // stored before normalisation hold the address as it was written then).
+    let spelled: Vec<Vec<String>> = relevant
         .iter()
         .map(|i| {
+            herald_domain::destination::spellings(msgs[*i].header.channel, &normals[*i], region)
+        })
+        .collect();
+    let lookups: Vec<(&str, &str, &str)> = relevant
+        .iter()
+        .zip(&spelled)
+        .flat_map(|(i, spellings)| {
             let m = msgs[*i];
-            (
-                m.header.app_id.as_str(),
-                m.header.channel.as_str(),
-                normals[*i].as_str(),
-            )
+            spellings.iter().map(move |s| {
+                (
+                    m.header.app_id.as_str(),
+                    m.header.channel.as_str(),
+                    s.as_str(),
+                )
+            })
         })
         .chain(keys.iter().copied())
         .collect();
     let opted = herald_domain::opt_out::opted_out(&tx, &lookups).await?;
+    // Which messages one of those rows names.
+    let opted_out_at: std::collections::HashSet<usize> = relevant
+        .iter()
+        .zip(&spelled)
+        .filter(|(i, spellings)| {
+            let m = msgs[**i];
+            spellings
+                .iter()
+                .map(String::as_str)
+                .chain([m.recipient.address.as_str()])
+                .any(|s| {
+                    opted.contains(&(
+                        m.header.app_id.clone(),
+                        m.header.channel.as_str().to_owned(),
+                        s.to_owned(),
+                    ))
+                })
+        })
+        .map(|(i, _)| *i)
+        .collect();
     let push: Vec<(&str, &str, &str)> = keys
         .iter()
         .filter(|k| k.1 == herald_schemas::Channel::Push.as_str())
@@ -264,16 +293,7 @@ pub async fn stateful(
             };
             continue;
         }
-        let opted_out = |address: &str| {
-            opted.contains(&(
-                m.header.app_id.clone(),
-                m.header.channel.as_str().to_owned(),
-                address.to_owned(),
-            ))
-        };
-        if policy.is_none_or(|p| p.opt_out)
-            && (opted_out(&normals[i]) || opted_out(&m.recipient.address))
-        {
+        if policy.is_none_or(|p| p.opt_out) && opted_out_at.contains(&i) {
             verdicts[i] = Verdict::Suppress {
                 policy: "opt_out",
                 code: "opted_out",

@@ -802,7 +802,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         deps.stage_db().await?,
         &deps.config,
         shutdown.clone(),
-    );
+    )?;
     let channels: Vec<Channel> = Channel::ALL
         .into_iter()
         .filter(|c| !deps.config.providers_for(*c).is_empty())

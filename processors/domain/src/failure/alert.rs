@@ -112,6 +112,9 @@ pub fn spawn_dispatcher(
     db: herald_core::db::Db,
     cfg: &Config,
     shutdown: CancellationToken,
-) {
-    outbox::Dispatcher::new(Kind::Alert, endpoints(cfg), guard, POST_TIMEOUT).spawn(db, shutdown);
+) -> Result<(), herald_core::worker::StageError> {
+    outbox::Dispatcher::new(Kind::Alert, endpoints(cfg), guard, POST_TIMEOUT)
+        .map_err(herald_core::worker::StageError::Fatal)?
+        .spawn(db, shutdown);
+    Ok(())
 }

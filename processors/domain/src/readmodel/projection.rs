@@ -215,6 +215,19 @@ mod tests {
         assert_eq!(rows[0].status, "failed");
     }
 
+    #[test]
+    fn a_fact_loses_every_nul_postgres_would_refuse() {
+        let mut f = fact("undelivered", 1);
+        f.provider_code = Some("5.1.1\u{0}".into());
+        f.reason = Some(Reason::new("E\u{0}1", "bad\u{0}box"));
+        f.provider = Some("p\u{0}".into());
+        let f = f.without_nul();
+        assert_eq!(f.provider_code.as_deref(), Some("5.1.1"));
+        assert_eq!(f.provider.as_deref(), Some("p"));
+        let r = f.reason.unwrap();
+        assert_eq!((r.code.as_str(), r.message.as_str()), ("E1", "badbox"));
+    }
+
     /// Two terminal facts of one instant (a receipt and a deadline, topics read in either
     /// order): the fixed precedence decides, so every order folds to the same row.
     #[test]
