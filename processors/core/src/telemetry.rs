@@ -34,6 +34,8 @@ pub mod names {
     pub const BREAKER_STATE: &str = "herald_send_breaker_open";
     pub const RECEIPTS: &str = "herald_callback_receipts_total";
     pub const DUPLICATE_REQUESTS: &str = "herald_accept_duplicate_requests_total";
+    /// Copies of an attempt the send stage left to the worker that started it.
+    pub const COPIES_SKIPPED: &str = "herald_send_copies_skipped_total";
     pub const SUPPRESSED: &str = "herald_route_suppressed_total";
     pub const STATUS_WEBHOOKS: &str = "herald_notify_status_webhooks_total";
     /// Alerts posted by the alert outbox, by result (sent, retry, given_up).
@@ -87,6 +89,7 @@ pub const ALL: &[&str] = &[
     names::BREAKER_STATE,
     names::RECEIPTS,
     names::DUPLICATE_REQUESTS,
+    names::COPIES_SKIPPED,
     names::SUPPRESSED,
     names::STATUS_WEBHOOKS,
     names::ALERTS,

@@ -111,21 +111,30 @@ pub async fn claim(
         .collect())
 }
 
-/// Marks attempts as started, durably, before their provider calls are made.
-pub async fn start(db: &Client, keys: &[(&str, i32)]) -> Result<(), tokio_postgres::Error> {
+/// Marks attempts as started, durably, before their provider calls are made; answers the ones
+/// this call started. An attempt another process started meanwhile is not among them: two
+/// copies of one attempt (a message routed again after a transport lost an acknowledgement,
+/// read by two workers at once) both find it claimed but not started, and only the one that
+/// marks it started may call the provider — the other leaves it to that one.
+pub async fn start(
+    db: &Client,
+    keys: &[(&str, i32)],
+) -> Result<std::collections::HashSet<(String, i32)>, tokio_postgres::Error> {
     if keys.is_empty() {
-        return Ok(());
+        return Ok(Default::default());
     }
     let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    db.execute(
-        "UPDATE send_ledger l SET started_at = now()
-         FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
-         WHERE l.message_id = k.m AND l.attempt = k.a",
-        &[&ids, &attempts],
-    )
-    .await?;
-    Ok(())
+    let rows = db
+        .query(
+            "UPDATE send_ledger l SET started_at = now()
+             FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
+             WHERE l.message_id = k.m AND l.attempt = k.a AND l.started_at IS NULL
+             RETURNING l.message_id, l.attempt",
+            &[&ids, &attempts],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Records the outcomes of a batch's calls and, in the same statement, which of them now wait

@@ -443,8 +443,11 @@ pub trait Ledger: Sync {
         keys: &'a [ledger::ClaimKey<'a>],
     ) -> BoxFuture<'a, Result<Vec<Prior>, StageError>>;
     /// Durably marks these attempts started; no call of the wave begins before it returns.
-    fn start<'a>(&'a self, attempts: &'a [(&'a str, i32)])
-    -> BoxFuture<'a, Result<(), StageError>>;
+    /// Answers the ones this call started (another worker may have started a copy of one).
+    fn start<'a>(
+        &'a self,
+        attempts: &'a [(&'a str, i32)],
+    ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>>;
     /// Records the outcomes of calls made (and, per attempt, when its receipt wait ends).
     fn finish<'a>(
         &'a self,
@@ -479,7 +482,7 @@ impl Ledger for herald_core::db::Db {
     fn start<'a>(
         &'a self,
         attempts: &'a [(&'a str, i32)],
-    ) -> BoxFuture<'a, Result<(), StageError>> {
+    ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
         Box::pin(async move {
             ledger::start(self, attempts)
                 .await
@@ -584,7 +587,21 @@ pub async fn call_waves<L: Ledger + ?Sized>(
                         .record(waited.elapsed().as_secs_f64());
                 }
             }
-            ledger.start(&starting).await?;
+            let started = ledger.start(&starting).await?;
+            // A copy of an attempt another worker started meanwhile is that worker's: no call
+            // here, and no outcome (it publishes the one it gets).
+            let wave: Vec<(usize, Prior)> = wave
+                .into_iter()
+                .filter(|(i, p)| {
+                    let mine = *p != Prior::Fresh
+                        || started.contains(&(msgs[*i].0.header.message_id.clone(), msgs[*i].1));
+                    if !mine {
+                        metrics::counter!(names::COPIES_SKIPPED).increment(1);
+                        debug!(message_id = %msgs[*i].0.header.message_id, "attempt started by another worker");
+                    }
+                    mine
+                })
+                .collect();
             // Fresh messages of a provider that takes batches go out in batch calls; the
             // rest one call each.
             let mut batched: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -910,14 +927,22 @@ mod tests {
         fn start<'a>(
             &'a self,
             attempts: &'a [(&'a str, i32)],
-        ) -> BoxFuture<'a, Result<(), StageError>> {
+        ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
             Box::pin(async move {
                 if self.refuse {
                     return Err(StageError::Transient("ledger away".into()));
                 }
                 let mut s = self.started.lock().unwrap();
-                s.extend(attempts.iter().map(|(m, a)| (m.to_string(), *a)));
-                Ok(())
+                // Like the table: an attempt started before is not started again.
+                let mut now = HashSet::new();
+                for (m, a) in attempts {
+                    let key = (m.to_string(), *a);
+                    if !s.contains(&key) {
+                        s.push(key.clone());
+                        now.insert(key);
+                    }
+                }
+                Ok(now)
             })
         }
 
@@ -1083,6 +1108,46 @@ mod tests {
             "an interrupted attempt's unknown outcome is recorded"
         );
         assert!(done[0].3 && done[3].3);
+    }
+
+    /// Two copies of one attempt (routed again after the transport lost an acknowledgement)
+    /// read by two workers at once both find the attempt claimed and not started: only the
+    /// worker that marks it started calls the provider; the other makes no call and reports
+    /// nothing (issue 29: on Redis, 200 SMS went out twice this way).
+    #[tokio::test]
+    async fn a_copy_of_an_attempt_another_worker_started_is_not_called() {
+        let provider = std::sync::Arc::new(Counting::default());
+        let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
+            "p".to_owned(),
+            Box::new(SharedCounting(provider.clone())) as Box<dyn Provider>,
+        )]);
+        let msgs = vec![(routed("m0"), 1, "t".to_owned())];
+        // The two workers share one ledger; each sees the attempt as fresh.
+        let marks = Marks::default();
+        let limiters = HashMap::new();
+        let (a, b) = tokio::join!(
+            call_waves(
+                &marks,
+                &providers,
+                &limiters,
+                &msgs,
+                plan::waves(vec![Prior::Fresh], 4)
+            ),
+            call_waves(
+                &marks,
+                &providers,
+                &limiters,
+                &msgs,
+                plan::waves(vec![Prior::Fresh], 4)
+            ),
+        );
+        assert!(a.failed.is_none() && b.failed.is_none());
+        assert_eq!(
+            provider.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one provider call for the attempt"
+        );
+        assert_eq!(a.done.len() + b.done.len(), 1, "one outcome reported");
     }
 
     /// A wave whose start cannot be marked makes no call, and the failure is reported.
