@@ -137,6 +137,23 @@ async fn a_postgres_crash_and_restart_needs_no_operator_action() {
     assert_eq!(body["services"]["postgres"]["status"], "DOWN", "{body}");
     let (live, _) = health(&format!("http://127.0.0.1:{admin}/health/live")).await;
     assert_eq!(live, 200);
+    // The registry keeps its schemas in PostgreSQL too, and answers 500 while it cannot read
+    // them: a process meeting a schema id for the first time now must wait, not take the id
+    // for unknown and dead-letter a good record (what a chaos run caught).
+    let schema_id = u32::from_be_bytes(encoded[0].payload[1..5].try_into().unwrap());
+    let fresh = herald_core::codec::RegistryResolver::new(&registry()).unwrap();
+    let refused = eventually(Duration::from_secs(10), "the registry failing", || {
+        let fresh = &fresh;
+        async move {
+            use herald_core::codec::SchemaResolver;
+            fresh.fetch(schema_id).await.err()
+        }
+    })
+    .await;
+    assert!(
+        refused.is_transient(),
+        "a registry that cannot read its store is waited for: {refused}"
+    );
     // A request published straight to Kafka while PostgreSQL is down waits; it is not ended.
     publish_records("kafka", encoded).await;
     assert!(restart.join().unwrap().success(), "postgres restarted");

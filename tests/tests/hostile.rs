@@ -505,6 +505,13 @@ async fn hostile_records_on_kafka_end_failed_or_dead_lettered_and_nothing_stalls
         )],
     ));
     let nul_rid_bytes = recs[4].1.clone();
+    // Framed for a schema id the registry (answering normally) has never issued.
+    let no_schema_key = unique("noschema");
+    recs.push((
+        no_schema_key.clone(),
+        [&[0u8, 0x7f, 0xff, 0x00, 0x01][..], b"\x02\x04ab"].concat(),
+        Vec::new(),
+    ));
     produce(topics::REQUESTS, recs).await;
 
     // A poison record on an internal topic: PostgreSQL refuses its address in the route stage's
@@ -583,6 +590,7 @@ async fn hostile_records_on_kafka_end_failed_or_dead_lettered_and_nothing_stalls
     let letters = eventually(Duration::from_secs(60), "dead letters", || {
         let codec = &codec;
         let (a, b) = (unknown_app.request_id.clone(), nul_rid.request_id.clone());
+        let c = no_schema_key.clone();
         async move {
             let all = dead_letters(codec);
             let find = |key: &str, code: &str| {
@@ -590,7 +598,11 @@ async fn hostile_records_on_kafka_end_failed_or_dead_lettered_and_nothing_stalls
                     .find(|(k, c, _)| k.as_slice() == key.as_bytes() && c == code)
                     .cloned()
             };
-            Some((find(&a, "unknown_app")?, find(&b, "invalid_identifier")?))
+            Some((
+                find(&a, "unknown_app")?,
+                find(&b, "invalid_identifier")?,
+                find(&c, "unknown_schema")?,
+            ))
         }
     })
     .await;

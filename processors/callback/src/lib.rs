@@ -220,6 +220,8 @@ impl CallbackState {
         };
         let m = match self.deps.codec.decode::<MessageRouted>(kept).await {
             Ok(m) => m,
+            // The registry is away: the receipt waits for it rather than skip its rules.
+            Err(e) if e.is_transient() => return Err(e.into()),
             // The kept record is ours; unreadable, the receipt still stands.
             Err(e) => {
                 tracing::warn!(message_id = %row.message_id, error = %e, "kept message unreadable; no callback rules");

@@ -32,7 +32,7 @@ pub enum CodecError {
     /// A valid record of another type than the stage expects. Permanent.
     #[error("expected {expected}, got {got}")]
     WrongType { expected: &'static str, got: String },
-    /// The registry does not know the id. Permanent.
+    /// The registry, answering normally, said it does not know the id. Permanent.
     #[error("schema id {0} unknown to the registry")]
     UnknownSchema(u32),
     /// The registry could not be reached or answered badly. Transient: retry the batch.
@@ -128,8 +128,12 @@ impl SchemaResolver for RegistryResolver {
         Box::pin(async move {
             match get_schema_by_id(id, &self.settings).await {
                 Ok(r) => Ok(r.schema),
-                Err(e) if e.retriable => Err(CodecError::Registry(e.to_string())),
-                Err(_) => Err(CodecError::UnknownSchema(id)),
+                // A 404 is believed only from a registry whose storage answers: one restarting
+                // over an empty or unreachable store must not dead-letter good records.
+                Err(e) if said_not_found(&e) && self.reachable().await => {
+                    Err(CodecError::UnknownSchema(id))
+                }
+                Err(e) => Err(CodecError::Registry(format!("schema {id}: {e}"))),
             }
         })
     }
@@ -140,6 +144,15 @@ impl SchemaResolver for RegistryResolver {
             r.is_ok_and(|r| r.status().is_success())
         })
     }
+}
+
+/// Whether the registry itself answered that it has no such schema (HTTP 404). Every other
+/// failure — refused or cut connections, a 500 while the registry's database is down (Apicurio
+/// with SQL storage does that), a body that does not parse — says nothing about the id, so the
+/// record is retried rather than dead-lettered. (The client marks only 502/503 and transport
+/// errors retriable.)
+fn said_not_found(e: &schema_registry_converter::error::SRCError) -> bool {
+    !e.retriable && e.error.contains("status 404")
 }
 
 /// An in-process registry for unit and stage tests (no network).
@@ -483,6 +496,29 @@ mod tests {
             let err = codec.decode::<SendRequested>(bad).await.unwrap_err();
             assert!(!err.is_transient(), "{err}");
         }
+    }
+
+    #[test]
+    fn only_a_registry_that_answers_404_makes_a_schema_unknown() {
+        use schema_registry_converter::error::SRCError;
+        let answered = |status: &str| {
+            SRCError::non_retryable_with_cause(
+                "registry said so",
+                &format!("HTTP request to schema registry failed with status {status}"),
+            )
+        };
+        assert!(said_not_found(&answered("404 Not Found")));
+        // Apicurio answers 500 while its PostgreSQL is down; a cut body does not parse; a
+        // refused connection or a 503 is retriable in the client already.
+        assert!(!said_not_found(&answered("500 Internal Server Error")));
+        assert!(!said_not_found(&SRCError::non_retryable_with_cause(
+            "EOF while parsing",
+            "could not parse to RawRegisteredSchema"
+        )));
+        assert!(!said_not_found(&SRCError::retryable_with_cause(
+            "connection refused",
+            "http call to schema registry failed"
+        )));
     }
 
     #[tokio::test]

@@ -491,7 +491,13 @@ pub async fn fail_message(
     reason: Reason,
 ) -> Result<Vec<OutRecord>, StageError> {
     let header = match input.payload.as_deref() {
-        Some(p) => codec.header(p).await.ok().flatten(),
+        Some(p) => match codec.header(p).await {
+            Ok(h) => h,
+            // The registry is away: fail the message once it is back, rather than
+            // dead-lettering a record whose message then never ends.
+            Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
+            Err(_) => None,
+        },
         None => None,
     };
     let Some(header) = header else {
