@@ -15,10 +15,27 @@ use crate::failure::{CallResult, outcome_from_str, outcome_str};
 pub enum Prior {
     /// Never claimed, or claimed and never started: call the provider.
     Fresh,
-    /// Finished before: re-emit this.
-    Finished(CallResult, i64),
-    /// Claimed but never finished: the call may have happened.
-    InFlight,
+    /// Finished before: re-emit this. `provider` is the one the ledger says was called; a copy
+    /// of the message routed again (to another provider, maybe) speaks of that one.
+    Finished {
+        result: CallResult,
+        latency: i64,
+        provider: String,
+    },
+    /// Started and never finished: the call may have happened, with `provider` where the
+    /// ledger knows it.
+    InFlight { provider: Option<String> },
+}
+
+impl Prior {
+    /// The provider the ledger says this attempt was made with, if it was (or may have been).
+    pub fn called(&self) -> Option<&str> {
+        match self {
+            Prior::Fresh => None,
+            Prior::Finished { provider, .. } => Some(provider),
+            Prior::InFlight { provider } => provider.as_deref(),
+        }
+    }
 }
 
 /// One attempt to claim. The request, app and channel let receipt callbacks find the message
@@ -70,7 +87,8 @@ pub async fn claim(
         let rows = db
             .query(
                 "SELECT l.message_id, l.attempt, l.outcome, l.response_code, l.provider_message_id,
-                        l.reason_code, l.reason_message, l.latency_ms, l.started_at IS NOT NULL
+                        l.reason_code, l.reason_message, l.latency_ms, l.started_at IS NOT NULL,
+                        l.provider
                  FROM send_ledger l JOIN UNNEST($1::text[], $2::int[]) AS k(m, a)
                    ON l.message_id = k.m AND l.attempt = k.a",
                 &[&ids, &attempts],
@@ -82,18 +100,21 @@ pub async fn claim(
                 Some(outcome) => {
                     let code: Option<String> = r.get(5);
                     let msg: Option<String> = r.get(6);
-                    Prior::Finished(
-                        CallResult {
+                    Prior::Finished {
+                        result: CallResult {
                             outcome,
                             response_code: r.get(3),
                             provider_message_id: r.get(4),
                             reason: code
                                 .map(|c| herald_schemas::Reason::new(c, msg.unwrap_or_default())),
                         },
-                        r.get::<_, Option<i64>>(7).unwrap_or_default(),
-                    )
+                        latency: r.get::<_, Option<i64>>(7).unwrap_or_default(),
+                        provider: r.get(9),
+                    }
                 }
-                None if r.get::<_, bool>(8) => Prior::InFlight,
+                None if r.get::<_, bool>(8) => Prior::InFlight {
+                    provider: Some(r.get(9)),
+                },
                 None => Prior::Fresh,
             };
             prior.insert((r.get::<_, String>(0), r.get::<_, i32>(1)), p);
@@ -105,7 +126,9 @@ pub async fn claim(
             if fresh.contains(&(k.0.clone(), k.1)) {
                 Prior::Fresh
             } else {
-                prior.remove(&(k.0.clone(), k.1)).unwrap_or(Prior::InFlight)
+                prior
+                    .remove(&(k.0.clone(), k.1))
+                    .unwrap_or(Prior::InFlight { provider: None })
             }
         })
         .collect())
@@ -116,22 +139,27 @@ pub async fn claim(
 /// copies of one attempt (a message routed again after a transport lost an acknowledgement,
 /// read by two workers at once) both find it claimed but not started, and only the one that
 /// marks it started may call the provider — the other leaves it to that one.
+///
+/// `keys` are (message, attempt, provider to call): the row takes the provider of the copy
+/// that starts it, so receipts and re-emitted outcomes name the provider actually called even
+/// when the copy that claimed first was routed elsewhere.
 pub async fn start(
     db: &Client,
-    keys: &[(&str, i32)],
+    keys: &[(&str, i32, &str)],
 ) -> Result<std::collections::HashSet<(String, i32)>, tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(Default::default());
     }
     let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
+    let providers: Vec<&str> = keys.iter().map(|k| k.2).collect();
     let rows = db
         .query(
-            "UPDATE send_ledger l SET started_at = now()
-             FROM UNNEST($1::text[], $2::int[]) AS k(m, a)
+            "UPDATE send_ledger l SET started_at = now(), provider = k.p
+             FROM UNNEST($1::text[], $2::int[], $3::text[]) AS k(m, a, p)
              WHERE l.message_id = k.m AND l.attempt = k.a AND l.started_at IS NULL
              RETURNING l.message_id, l.attempt",
-            &[&ids, &attempts],
+            &[&ids, &attempts, &providers],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -446,7 +446,7 @@ pub trait Ledger: Sync {
     /// Answers the ones this call started (another worker may have started a copy of one).
     fn start<'a>(
         &'a self,
-        attempts: &'a [(&'a str, i32)],
+        attempts: &'a [(&'a str, i32, &'a str)],
     ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>>;
     /// Records the outcomes of calls made (and, per attempt, when its receipt wait ends).
     fn finish<'a>(
@@ -481,7 +481,7 @@ impl Ledger for herald_core::db::Db {
 
     fn start<'a>(
         &'a self,
-        attempts: &'a [(&'a str, i32)],
+        attempts: &'a [(&'a str, i32, &'a str)],
     ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
         Box::pin(async move {
             ledger::start(self, attempts)
@@ -539,7 +539,20 @@ pub async fn admit<L: Ledger + ?Sized>(
             routed: kept.get(&m.header.message_id).copied(),
         })
         .collect();
-    ledger.claim(&keys).await
+    let priors = ledger.claim(&keys).await?;
+    drop(keys);
+    // An attempt the ledger says was made (or may have been) with another provider than this
+    // copy names — the message was routed again after a lost acknowledgement — is spoken of
+    // under the provider called: its outcome, receipts and rules are that provider's.
+    for ((m, _, _), p) in msgs.iter_mut().zip(&priors) {
+        if let Some(called) = p.called()
+            && called != m.provider
+        {
+            debug!(message_id = %m.header.message_id, copy = %m.provider, called, "attempt made with another provider");
+            m.provider = called.to_owned();
+        }
+    }
+    Ok(priors)
 }
 
 /// The calls of a batch: each message's result, and the first wave failure (a wave whose start
@@ -564,10 +577,13 @@ pub async fn call_waves<L: Ledger + ?Sized>(
     let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
     for wave in waves {
         wave_futs.push(Box::pin(async move {
-            let starting: Vec<(&str, i32)> = wave
+            let starting: Vec<(&str, i32, &str)> = wave
                 .iter()
                 .filter(|(_, p)| *p == Prior::Fresh)
-                .map(|(i, _)| (msgs[*i].0.header.message_id.as_str(), msgs[*i].1))
+                .map(|(i, _)| {
+                    let (m, attempt, _) = &msgs[*i];
+                    (m.header.message_id.as_str(), *attempt, m.provider.as_str())
+                })
                 .collect();
             // Provider rate limits pause here, before anything is marked started:
             // backpressure on consumption, never a failed message.
@@ -734,8 +750,10 @@ async fn call_one(
 ) -> (usize, CallResult, i64, bool) {
     let (m, attempt) = (&msg.0, msg.1);
     match prior {
-        Prior::Finished(r, latency) => (i, r, latency, false),
-        Prior::InFlight => (
+        Prior::Finished {
+            result, latency, ..
+        } => (i, result, latency, false),
+        Prior::InFlight { .. } => (
             i,
             CallResult::fail(
                 DeliveryOutcome::Unknown,
@@ -926,7 +944,7 @@ mod tests {
 
         fn start<'a>(
             &'a self,
-            attempts: &'a [(&'a str, i32)],
+            attempts: &'a [(&'a str, i32, &'a str)],
         ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
             Box::pin(async move {
                 if self.refuse {
@@ -935,7 +953,7 @@ mod tests {
                 let mut s = self.started.lock().unwrap();
                 // Like the table: an attempt started before is not started again.
                 let mut now = HashSet::new();
-                for (m, a) in attempts {
+                for (m, a, _) in attempts {
                     let key = (m.to_string(), *a);
                     if !s.contains(&key) {
                         s.push(key.clone());
@@ -967,11 +985,12 @@ mod tests {
             canceled: HashSet::from(["m1".to_owned()]),
             ..Default::default()
         };
-        marks
-            .priors
-            .lock()
-            .unwrap()
-            .insert("m2".into(), Prior::InFlight);
+        marks.priors.lock().unwrap().insert(
+            "m2".into(),
+            Prior::InFlight {
+                provider: Some("p".into()),
+            },
+        );
         let mut msgs: Vec<(MessageRouted, i32, String)> = ["m0", "m1", "m2"]
             .iter()
             .map(|id| (routed(id), 1, "t".to_owned()))
@@ -983,7 +1002,15 @@ mod tests {
             .collect();
         assert_eq!(left, ["m0", "m2"]);
         assert_eq!(*marks.claimed.lock().unwrap(), ["m0", "m2"]);
-        assert_eq!(priors, [Prior::Fresh, Prior::InFlight]);
+        assert_eq!(
+            priors,
+            [
+                Prior::Fresh,
+                Prior::InFlight {
+                    provider: Some("p".into())
+                }
+            ]
+        );
         let counting = std::sync::Arc::new(Counting::default());
         let providers: HashMap<String, Box<dyn Provider>> = HashMap::from([(
             "p".to_owned(),
@@ -1056,6 +1083,43 @@ mod tests {
         }
     }
 
+    /// A copy of a message routed again — to another provider — after its attempt was made
+    /// speaks of the provider the ledger says was called, so its re-emitted outcome, receipts
+    /// and rules are that provider's (issue 29: the read model and its rebuild disagreed).
+    #[tokio::test]
+    async fn a_late_copy_is_answered_under_the_provider_called() {
+        let marks = Marks::default();
+        let earlier = CallResult::ok("200", Some("biz-1".into()));
+        {
+            let mut p = marks.priors.lock().unwrap();
+            p.insert(
+                "m1".into(),
+                Prior::Finished {
+                    result: earlier,
+                    latency: 5,
+                    provider: "aliyun".into(),
+                },
+            );
+            p.insert(
+                "m2".into(),
+                Prior::InFlight {
+                    provider: Some("aliyun".into()),
+                },
+            );
+        }
+        let mut msgs: Vec<(MessageRouted, i32, String)> = ["m0", "m1", "m2"]
+            .iter()
+            .map(|id| {
+                let mut m = routed(id);
+                m.provider = "tencent".into();
+                (m, 1, "t".to_owned())
+            })
+            .collect();
+        admit(&marks, &mut msgs, &HashMap::new()).await.unwrap();
+        let providers: Vec<&str> = msgs.iter().map(|(m, _, _)| m.provider.as_str()).collect();
+        assert_eq!(providers, ["tencent", "aliyun", "aliyun"]);
+    }
+
     /// Promise 2 in the wave logic, without PostgreSQL: only fresh attempts are marked started
     /// and called, once each; an attempt the ledger finished is answered from the ledger; one
     /// started before a crash is `unknown` (interrupted), never called again.
@@ -1073,8 +1137,12 @@ mod tests {
         let earlier = CallResult::ok("202", Some("x".into()));
         let priors = vec![
             Prior::Fresh,
-            Prior::Finished(earlier.clone(), 7),
-            Prior::InFlight,
+            Prior::Finished {
+                result: earlier.clone(),
+                latency: 7,
+                provider: "p".into(),
+            },
+            Prior::InFlight { provider: None },
             Prior::Fresh,
         ];
         let marks = Marks::default();
