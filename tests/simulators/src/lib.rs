@@ -122,7 +122,10 @@ struct Inner {
     accepted: HashMap<String, Vec<Value>>,
     requests: HashMap<String, u64>,
     rejected: HashMap<String, u64>,
+    /// Nonce → when it may be used again.
     nonces: HashMap<String, i64>,
+    /// The nonces in the order they were seen, with when they expire.
+    nonce_order: VecDeque<(i64, String)>,
     windows: HashMap<String, VecDeque<i64>>,
     limits: HashMap<String, (u32, i64)>,
     tokens: HashMap<String, Vec<String>>,
@@ -176,10 +179,26 @@ impl Sim {
     pub fn fresh_nonce(&self, provider: &str, nonce: &str, window_ms: i64) -> bool {
         let now = now_ms();
         let mut g = self.lock();
-        g.nonces.retain(|_, t| now - *t < window_ms);
-        g.nonces
-            .insert(format!("{provider}/{nonce}"), now)
-            .is_none()
+        // Forgotten as they expire, a few per call: a scan of every nonce of the window on
+        // each call, under the lock every handler shares, made the simulators slower the
+        // longer a chaos run went.
+        while let Some((expires, _)) = g.nonce_order.front() {
+            if *expires > now {
+                break;
+            }
+            if let Some((expires, key)) = g.nonce_order.pop_front()
+                && g.nonces.get(&key) == Some(&expires)
+            {
+                g.nonces.remove(&key);
+            }
+        }
+        let key = format!("{provider}/{nonce}");
+        if g.nonces.get(&key).is_some_and(|expires| *expires > now) {
+            return false;
+        }
+        g.nonces.insert(key.clone(), now + window_ms);
+        g.nonce_order.push_back((now + window_ms, key));
+        true
     }
 
     /// Sliding window (60 s unless a test shortened it): false when `key` is over its
@@ -514,4 +533,26 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_log/{provider}", get(log))
         .route("/_reset", post(reset))
         .with_state(sim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_refused_within_its_window_and_forgotten_after() {
+        let sim = Sim::new(HashMap::new());
+        assert!(sim.fresh_nonce("p", "n1", 60_000));
+        assert!(!sim.fresh_nonce("p", "n1", 60_000), "a replay is refused");
+        assert!(sim.fresh_nonce("q", "n1", 60_000), "per provider");
+        assert!(sim.fresh_nonce("p", "short", 1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(sim.fresh_nonce("p", "short", 1), "expired: usable again");
+        assert!(
+            !sim.fresh_nonce("p", "n1", 60_000),
+            "the long one is still held"
+        );
+        let g = sim.lock();
+        assert_eq!(g.nonces.len(), 3, "the expired entry was forgotten once");
+    }
 }

@@ -372,8 +372,8 @@ async fn inject_poison(transport: &str) {
     publish_records(transport, recs).await;
 }
 
-/// Records on the dead-letter topic now (a fresh group reads it from the start).
-async fn dead_letters(transport: &str) -> anyhow::Result<u64> {
+/// Records on the dead-letter topic now (a fresh group reads it from the start), oldest first.
+async fn dead_letters(transport: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let t: Box<dyn Transport> = if transport == "redis" {
         Box::new(herald_core::transport::redis::RedisTransport::new(
             herald_core::transport::redis::RedisSettings::new(redis_url()),
@@ -387,7 +387,7 @@ async fn dead_letters(transport: &str) -> anyhow::Result<u64> {
     // Short polls (a Redis client's answer timeout is shorter than a long block).
     spec.max_wait = Duration::from_millis(200);
     let mut source = t.source(spec).await?;
-    let mut n = 0u64;
+    let mut letters = Vec::new();
     let mut empty = 0;
     while empty < 25 {
         let batch = source.poll().await?;
@@ -395,11 +395,47 @@ async fn dead_letters(transport: &str) -> anyhow::Result<u64> {
             empty += 1;
         } else {
             empty = 0;
-            n += batch.len() as u64;
+            letters.extend(batch.into_iter().map(|r| r.payload.unwrap_or_default()));
         }
     }
     source.close().await;
-    Ok(n)
+    Ok(letters)
+}
+
+/// What a run that is not clean leaves to look at: each dead letter it did not inject (stage,
+/// reason, key), printed, since CI shows only the output; and the simulators' logs, saved
+/// beside the stage logs.
+async fn explain_failure(letters: &[Vec<u8>], logs: &Path, seed: u64) {
+    let codec = herald_core::codec::Codec::new(Arc::new(
+        herald_core::codec::RegistryResolver::new(&registry()).expect("registry url"),
+    ));
+    for bytes in letters {
+        match codec.decode::<herald_schemas::DeadLettered>(bytes).await {
+            Ok(d) if d.key.as_deref().is_some_and(|k| k.starts_with(b"poison-")) => {}
+            Ok(d) => println!(
+                "chaos: dead letter from {} ({}@{}): {} {} key={}",
+                d.stage,
+                d.source_topic,
+                d.source_offset,
+                d.reason.code,
+                d.reason.message,
+                String::from_utf8_lossy(d.key.as_deref().unwrap_or_default())
+            ),
+            Err(e) => println!("chaos: a dead letter that does not decode: {e}"),
+        }
+    }
+    for provider in ["aliyun", "tencent"] {
+        let path = logs.join(format!("chaos-{seed}-sim-{provider}.json"));
+        let log = sim_log(provider).await;
+        match serde_json::to_vec(&log).map(|b| std::fs::write(&path, b)) {
+            Ok(Ok(())) => println!(
+                "chaos: {} calls to {provider} kept in {}",
+                log.len(),
+                path.display()
+            ),
+            _ => println!("chaos: could not keep {}", path.display()),
+        }
+    }
 }
 
 async fn statuses(db: &tokio_postgres::Client, like: &str) -> anyhow::Result<Vec<(String, i64)>> {
@@ -619,7 +655,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     // Counted once the stages have made the topics (on a fresh cluster they do not exist yet).
-    let dlq_before = dead_letters(&transport).await?;
+    let dlq_before = dead_letters(&transport).await?.len();
     let token = herald_simulators::credential("HERALD_SIM_CALLBACK_TOKEN");
     for (sim, code) in [("aliyun", "aliyun-sim"), ("tencent", "tencent-sim")] {
         let url = format!("http://127.0.0.1:{}/callbacks/{code}/{token}", API + 1);
@@ -905,7 +941,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let dlq_after = dead_letters(&transport).await?;
-    let unexpected_dead = dlq_after.saturating_sub(dlq_before) as i64 - POISON as i64;
+    let unexpected_dead = dlq_after.len().saturating_sub(dlq_before) as i64 - POISON as i64;
     let exited = {
         let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
         f.stop_all();
@@ -931,5 +967,9 @@ async fn main() -> anyhow::Result<()> {
         && canceled_sent == 0
         && unexpected_dead == 0
         && exited == 0;
+    if !ok {
+        let logs = fleet.lock().unwrap_or_else(|p| p.into_inner()).logs.clone();
+        explain_failure(dlq_after.get(dlq_before..).unwrap_or_default(), &logs, seed).await;
+    }
     std::process::exit(if ok { 0 } else { 1 });
 }
