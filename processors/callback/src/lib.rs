@@ -38,6 +38,7 @@ use herald_core::util::{event_id, now_ms, standard_webhook_verify};
 use herald_core::worker::{StageError, record};
 use herald_domain::failure::alert::{Alert, Scene};
 use herald_domain::failure::breaker::{Breakers, OpenSet, Signal};
+use herald_domain::failure::eligible::Eligible;
 use herald_domain::failure::outcome::consequence;
 use herald_domain::failure::rules::Rules;
 use herald_domain::failure::{CallResult, next_attempt};
@@ -78,6 +79,8 @@ struct CallbackState {
     rules: Rules,
     /// Receipt breakers per provider.
     breakers: Breakers,
+    /// Provider code → kind (where a rule may move a message on).
+    kinds: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -228,7 +231,9 @@ impl CallbackState {
                 return Ok(None);
             }
         };
-        let available = |c: &str| self.breakers.available(c) && !open.is_open(c);
+        let eligible = Eligible::new(&self.kinds, &herald_providers::REGISTRY, open)
+            .with_breakers(&self.breakers);
+        let available = |c: &str| eligible.now(c, &m.recipient.address);
         let now = now_ms();
         let Some(d) =
             self.rules
@@ -688,6 +693,7 @@ pub fn router(deps: Deps) -> Router {
         .route("/callbacks/{provider}", post(receipt))
         .route("/callbacks/{provider}/{token}", post(sms_receipt))
         .with_state(Arc::new(CallbackState {
+            kinds: deps.config.provider_kinds(),
             deps,
             secrets,
             sms,

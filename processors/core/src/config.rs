@@ -1175,6 +1175,14 @@ impl Config {
         )
     }
 
+    /// Provider code → kind, for every provider configured.
+    pub fn provider_kinds(&self) -> std::collections::HashMap<String, String> {
+        self.providers
+            .iter()
+            .map(|p| (p.code.clone(), p.kind.clone()))
+            .collect()
+    }
+
     /// Providers of a channel in routing order (priority, then config order).
     pub fn providers_for(&self, channel: Channel) -> Vec<&ProviderConfig> {
         let mut v: Vec<&ProviderConfig> = self

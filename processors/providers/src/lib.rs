@@ -134,6 +134,12 @@ impl Registry {
     }
 }
 
+impl herald_domain::failure::eligible::Reach for Registry {
+    fn accepts(&self, kind: &str, address: &str) -> bool {
+        Registry::accepts(self, kind, address)
+    }
+}
+
 impl ProviderKinds for Registry {
     fn channel(&self, kind: &str) -> Option<Channel> {
         self.find(kind).map(|k| k.channel)

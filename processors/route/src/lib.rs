@@ -31,6 +31,8 @@ use herald_schemas::{
 use tokio_util::sync::CancellationToken;
 
 use handler::{Balancer, expired};
+use herald_domain::failure::eligible::Eligible;
+use herald_providers::REGISTRY;
 use policy::Verdict;
 
 pub const STAGE: &str = "route";
@@ -213,13 +215,10 @@ impl BatchHandler for Route {
                     // for a health state.
                     // Only providers that reach the address (mobile push: its platform).
                     .and_then(|b| {
-                        let reaches = |code: &str| {
-                            self.kinds.get(code).is_some_and(|k| {
-                                herald_providers::REGISTRY.accepts(k, &m.recipient.address)
-                            })
-                        };
-                        b.pick(|code| reaches(code) && !open.is_open(code))
-                            .or_else(|| b.pick(reaches))
+                        let eligible = Eligible::new(&self.kinds, &REGISTRY, open);
+                        let address = &m.recipient.address;
+                        b.pick(|code| eligible.now(code, address))
+                            .or_else(|| b.pick(|code| eligible.reaches(code, address)))
                     });
                 let Some((provider, kind)) = choice else {
                     let ev = MessageFailed {
@@ -260,12 +259,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         .iter()
         .map(|c| (*c, Balancer::new(&deps.config.providers_for(*c))))
         .collect();
-    let kinds = deps
-        .config
-        .providers
-        .iter()
-        .map(|p| (p.code.clone(), p.kind.clone()))
-        .collect();
+    let kinds = deps.config.provider_kinds();
     let spec = deps.spec(STAGE, vec![topics::RENDERED.into()], true);
     let transport = deps.transport.clone();
     let policies: HashMap<Channel, PolicyConfig> = deps

@@ -38,6 +38,7 @@ use herald_schemas::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use herald_domain::failure::eligible::Eligible;
 use herald_domain::failure::outcome::consequence;
 use herald_domain::failure::rules::Rules;
 use herald_domain::failure::{alert, breaker, next_attempt, outcome_str};
@@ -59,6 +60,8 @@ struct Send {
     breakers: Arc<breaker::Breakers>,
     /// Providers open by either signal in any process (`switch_provider` skips them).
     health: breaker::OpenSet,
+    /// Provider code → kind (where a rule may move a message on).
+    kinds: Arc<HashMap<String, String>>,
     redactor: herald_domain::redact::Redactor,
     /// Opens verification codes for the provider call (they travel sealed).
     keys: herald_domain::verification::Keys,
@@ -143,15 +146,10 @@ impl Send {
             .get(&m.provider)
             .is_some_and(|p| p.has_receipts());
         let now = now_ms();
+        let eligible =
+            Eligible::new(&self.kinds, &REGISTRY, &self.health).with_breakers(&self.breakers);
         let decision = self.rules.decide(m, attempt, &r, has_receipts, now, |c| {
-            self.breakers.available(c)
-                && !self.health.is_open(c)
-                && self
-                    .deps
-                    .config
-                    .providers
-                    .iter()
-                    .any(|p| p.code == c && REGISTRY.accepts(&p.kind, &m.recipient.address))
+            eligible.now(c, &m.recipient.address)
         });
         metrics::counter!(names::RULE_ACTIONS, "provider" => m.provider.clone(), "action" => decision.label())
             .increment(1);
@@ -846,6 +844,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
     // connection and view of provider health.
     let redactor = herald_domain::redact::Redactor::new(&deps.config);
     let keys = herald_domain::verification::Keys::new(&deps.config.security.secret);
+    let kinds = Arc::new(deps.config.provider_kinds());
     let handler = |db| Send {
         deps: deps.clone(),
         db,
@@ -854,6 +853,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StageErr
         limiters: limiters.clone(),
         breakers: breakers.clone(),
         health: Default::default(),
+        kinds: kinds.clone(),
         redactor: redactor.clone(),
         keys: keys.clone(),
     };

@@ -276,6 +276,14 @@ impl OpenSet {
     pub fn is_open(&self, provider: &str) -> bool {
         self.open.contains(provider)
     }
+
+    /// A set as if just read with these providers open (tests, and callers that know).
+    pub fn with_open<'a>(providers: impl IntoIterator<Item = &'a str>) -> Self {
+        OpenSet {
+            open: providers.into_iter().map(str::to_owned).collect(),
+            read_at: None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! - [`rules`]: the rule engine (CONTRACT.md §4), configured as data.
 //! - [`breaker`]: circuit breakers per provider, fed by call outcomes and by receipts, and the
 //!   `provider_health` table the route and send stages read.
+//! - [`eligible`]: whether a provider may take a message now, asked one way by route, send and
+//!   callback.
 //! - [`alert`]: the `alert` action's signed operator webhook.
 //! - [`receipt_wait`]: how long a message waits in `sent` for its receipt.
 //! - [`outcome`]: what the decision on one attempt leads to (both scenes).
@@ -12,6 +14,7 @@
 
 pub mod alert;
 pub mod breaker;
+pub mod eligible;
 pub mod outcome;
 pub mod receipt_wait;
 pub mod rules;
