@@ -98,8 +98,8 @@ struct Follow<'a> {
     alerts: &'a mut Vec<PendingAlert>,
 }
 
-/// An alert for the outbox: rule, url, message, attempt, report.
-type PendingAlert = (String, String, MessageRouted, i32, Report);
+/// An alert for the outbox: rule, message, attempt, report.
+type PendingAlert = (String, MessageRouted, i32, Report);
 
 /// A report matched to the attempt it is about.
 struct Matched {
@@ -250,8 +250,8 @@ impl CallbackState {
                 next_attempt(&self.deps.codec, STAGE, &m, row.attempt, next, trace, now).await?,
             );
         }
-        if let Some((rule, url)) = c.alert {
-            follow.alerts.push((rule, url, m, row.attempt, rep.clone()));
+        if let Some(rule) = c.alert {
+            follow.alerts.push((rule, m, row.attempt, rep.clone()));
         }
         Ok(Some(c.name))
     }
@@ -352,7 +352,7 @@ impl CallbackState {
         if !alerts.is_empty() {
             let alerts: Vec<Alert> = alerts
                 .into_iter()
-                .map(|(rule, _url, m, attempt, rep)| {
+                .map(|(rule, m, attempt, rep)| {
                     let r = CallResult::fail(
                         DeliveryOutcome::FailedPermanent,
                         Some(rep.code.clone()),

@@ -186,7 +186,7 @@ impl Send {
         if let Some(next) = c.next {
             out.push(next_attempt(&self.deps.codec, STAGE, m, attempt, next, trace, now).await?);
         }
-        if let Some((rule, _url)) = &c.alert {
+        if let Some(rule) = &c.alert {
             alerts.push(alert::Alert::new(
                 alert::Scene::SendFailure,
                 rule,

@@ -17,8 +17,8 @@ pub struct Consequence {
     pub reason: Option<Reason>,
     /// The next attempt, now or after a delay.
     pub next: Option<Next>,
-    /// The operator alert to send: (rule, webhook URL).
-    pub alert: Option<(String, String)>,
+    /// The operator alert to send, by the rule that called for it.
+    pub alert: Option<String>,
 }
 
 /// The consequence of `decision` for an attempt through `provider` that ended with `reason`.
@@ -29,7 +29,7 @@ pub fn consequence(decision: &Decision, reason: Option<Reason>, provider: &str) 
         d => d.label(),
     };
     let alert = match decision {
-        Decision::Alert { rule, url, .. } => Some((rule.clone(), url.clone())),
+        Decision::Alert { rule } => Some(rule.clone()),
         _ => None,
     };
     Consequence {
@@ -81,7 +81,7 @@ mod tests {
     }
 
     #[test]
-    fn terminal_decisions_have_no_next_attempt_and_alerts_name_their_webhook() {
+    fn terminal_decisions_have_no_next_attempt_and_alerts_name_their_rule() {
         let fail = consequence(&Decision::Fail { rule: "f".into() }, reason(), "a");
         assert_eq!(fail.name, "fail");
         assert!(fail.next.is_none() && fail.alert.is_none());
@@ -89,14 +89,9 @@ mod tests {
 
         let alert = Decision::Alert {
             rule: "page".into(),
-            url: "http://127.0.0.1:9/alert".into(),
-            secret: String::new(),
         };
         let c = consequence(&alert, reason(), "a");
-        assert_eq!(
-            c.alert,
-            Some(("page".to_owned(), "http://127.0.0.1:9/alert".to_owned()))
-        );
+        assert_eq!(c.alert.as_deref(), Some("page"));
         assert!(c.next.is_none());
 
         for d in [

@@ -28,12 +28,9 @@ pub enum Decision {
     },
     /// Terminal `failed`.
     Fail { rule: String },
-    /// Terminal `failed`, and the operator is told.
-    Alert {
-        rule: String,
-        url: String,
-        secret: String,
-    },
+    /// Terminal `failed`, and the operator is told (the alert is addressed by its rule when it
+    /// is posted: `alert::endpoints`).
+    Alert { rule: String },
     /// Terminal `unknown`: the outcome cannot be known and the policy is not to resend.
     Unknown,
     /// The outcome is unknown; the message waits in `sent` for the provider's receipt.
@@ -318,8 +315,6 @@ impl Rules {
             },
             RuleAction::Alert => Decision::Alert {
                 rule: rule.name.clone(),
-                url: a.webhook_url.clone().unwrap_or_default(),
-                secret: a.secret.clone(),
             },
         }
     }
@@ -624,7 +619,7 @@ mod tests {
         );
         assert!(matches!(
             rules.decide_receipt(&m, 1, "MK:0001", "", 0, |_| true),
-            Some(Decision::Alert { ref url, .. }) if url == "http://ops/alerts"
+            Some(Decision::Alert { ref rule }) if !rule.is_empty()
         ));
         // No callback rule matches: the receipt stands.
         assert_eq!(
