@@ -51,6 +51,16 @@ pub struct ClaimKey<'a> {
     pub routed: Option<&'a [u8]>,
 }
 
+/// One attempt to mark started: the copy about to call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartKey<'a> {
+    pub message_id: &'a str,
+    pub attempt: i32,
+    pub provider: &'a str,
+    /// The consumed `MessageRouted` record, where the ledger keeps one for a resend.
+    pub routed: Option<&'a [u8]>,
+}
+
 /// Claims each (message, attempt); answers in input order.
 pub async fn claim(
     db: &Client,
@@ -140,26 +150,27 @@ pub async fn claim(
 /// read by two workers at once) both find it claimed but not started, and only the one that
 /// marks it started may call the provider — the other leaves it to that one.
 ///
-/// `keys` are (message, attempt, provider to call): the row takes the provider of the copy
-/// that starts it, so receipts and re-emitted outcomes name the provider actually called even
-/// when the copy that claimed first was routed elsewhere.
+/// The row takes the provider (and the kept `MessageRouted`, where there is one) of the copy
+/// that starts it, so receipts, their rules and re-emitted outcomes speak of the provider
+/// actually called even when the copy that claimed first was routed elsewhere.
 pub async fn start(
     db: &Client,
-    keys: &[(&str, i32, &str)],
+    keys: &[StartKey<'_>],
 ) -> Result<std::collections::HashSet<(String, i32)>, tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(Default::default());
     }
-    let ids: Vec<&str> = keys.iter().map(|k| k.0).collect();
-    let attempts: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    let providers: Vec<&str> = keys.iter().map(|k| k.2).collect();
+    let ids: Vec<&str> = keys.iter().map(|k| k.message_id).collect();
+    let attempts: Vec<i32> = keys.iter().map(|k| k.attempt).collect();
+    let providers: Vec<&str> = keys.iter().map(|k| k.provider).collect();
+    let routed: Vec<Option<&[u8]>> = keys.iter().map(|k| k.routed).collect();
     let rows = db
         .query(
-            "UPDATE send_ledger l SET started_at = now(), provider = k.p
-             FROM UNNEST($1::text[], $2::int[], $3::text[]) AS k(m, a, p)
+            "UPDATE send_ledger l SET started_at = now(), provider = k.p, routed = coalesce(k.r, l.routed)
+             FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bytea[]) AS k(m, a, p, r)
              WHERE l.message_id = k.m AND l.attempt = k.a AND l.started_at IS NULL
              RETURNING l.message_id, l.attempt",
-            &[&ids, &attempts, &providers],
+            &[&ids, &attempts, &providers, &routed],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

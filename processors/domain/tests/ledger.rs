@@ -3,7 +3,7 @@
 //! call, and everything said of the attempt afterwards names the provider called.
 
 use herald_domain::failure::CallResult;
-use herald_domain::ledger::{self, ClaimKey, Prior};
+use herald_domain::ledger::{self, ClaimKey, Prior, StartKey};
 
 mod common;
 use common::{connect, fresh_database};
@@ -16,7 +16,16 @@ fn key<'a>(message_id: &'a str, provider: &'a str) -> ClaimKey<'a> {
         request_id: "r",
         app_id: "demo",
         channel: "SMS",
-        routed: None,
+        routed: Some(b"first copy"),
+    }
+}
+
+fn start<'a>(message_id: &'a str, provider: &'a str, routed: &'a [u8]) -> StartKey<'a> {
+    StartKey {
+        message_id,
+        attempt: 1,
+        provider,
+        routed: Some(routed),
     }
 }
 
@@ -33,10 +42,14 @@ async fn two_copies_routed_to_two_providers_make_one_call_named_for_the_provider
     // and the copy that marks it started is the one that calls.
     let second = ledger::claim(&db, &[key("m1", "tencent")]).await.unwrap();
     assert_eq!(second, [Prior::Fresh]);
-    let started = ledger::start(&db, &[("m1", 1, "tencent")]).await.unwrap();
+    let started = ledger::start(&db, &[start("m1", "tencent", b"tencent copy")])
+        .await
+        .unwrap();
     assert!(started.contains(&("m1".to_owned(), 1)));
     // The first copy, come back, may not start it again.
-    let again = ledger::start(&db, &[("m1", 1, "aliyun")]).await.unwrap();
+    let again = ledger::start(&db, &[start("m1", "aliyun", b"aliyun copy")])
+        .await
+        .unwrap();
     assert!(again.is_empty(), "an attempt is started once");
 
     // While the call is out, a third copy is told it may have happened, with tencent.
@@ -67,6 +80,11 @@ async fn two_copies_routed_to_two_providers_make_one_call_named_for_the_provider
         .await
         .unwrap();
     assert_eq!(tencent.len(), 1);
+    assert_eq!(
+        tencent[0].routed.as_deref(),
+        Some(&b"tencent copy"[..]),
+        "a resend after tencent's receipt starts from the copy tencent was called with"
+    );
     let aliyun = ledger::receipt_candidates(&db, "aliyun", &["m1"], &["tencent-serial-1"])
         .await
         .unwrap();

@@ -333,6 +333,7 @@ impl BatchHandler for Send {
                 &providers,
                 &self.limiters,
                 calling,
+                &kept,
                 plan::waves(priors, wave_size),
             )
             .await;
@@ -444,7 +445,7 @@ pub trait Ledger: Sync {
     /// Answers the ones this call started (another worker may have started a copy of one).
     fn start<'a>(
         &'a self,
-        attempts: &'a [(&'a str, i32, &'a str)],
+        attempts: &'a [ledger::StartKey<'a>],
     ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>>;
     /// Records the outcomes of calls made (and, per attempt, when its receipt wait ends).
     fn finish<'a>(
@@ -479,7 +480,7 @@ impl Ledger for herald_core::db::Db {
 
     fn start<'a>(
         &'a self,
-        attempts: &'a [(&'a str, i32, &'a str)],
+        attempts: &'a [ledger::StartKey<'a>],
     ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
         Box::pin(async move {
             ledger::start(self, attempts)
@@ -565,22 +566,29 @@ pub struct Calls {
 /// the provider takes them); a message the ledger knows (finished, or started before a crash) is
 /// answered from the ledger and never called again. Every wave runs to its end even when another
 /// fails: calls made are answers known, and they are recorded before the failure is reported.
+/// `kept`: the consumed records the ledger keeps for a resend, by message id.
 pub async fn call_waves<L: Ledger + ?Sized>(
     ledger: &L,
     providers: &HashMap<String, Box<dyn Provider>>,
     limiters: &HashMap<String, (u32, Limiter)>,
     msgs: &[(MessageRouted, i32, String)],
+    kept: &HashMap<String, &[u8]>,
     waves: Vec<Vec<(usize, Prior)>>,
 ) -> Calls {
     let mut wave_futs: Vec<BoxFuture<'_, WaveResult>> = Vec::new();
     for wave in waves {
         wave_futs.push(Box::pin(async move {
-            let starting: Vec<(&str, i32, &str)> = wave
+            let starting: Vec<ledger::StartKey> = wave
                 .iter()
                 .filter(|(_, p)| *p == Prior::Fresh)
                 .map(|(i, _)| {
                     let (m, attempt, _) = &msgs[*i];
-                    (m.header.message_id.as_str(), *attempt, m.provider.as_str())
+                    ledger::StartKey {
+                        message_id: &m.header.message_id,
+                        attempt: *attempt,
+                        provider: &m.provider,
+                        routed: kept.get(&m.header.message_id).copied(),
+                    }
                 })
                 .collect();
             // Provider rate limits pause here, before anything is marked started:
@@ -944,7 +952,7 @@ mod tests {
 
         fn start<'a>(
             &'a self,
-            attempts: &'a [(&'a str, i32, &'a str)],
+            attempts: &'a [ledger::StartKey<'a>],
         ) -> BoxFuture<'a, Result<HashSet<(String, i32)>, StageError>> {
             Box::pin(async move {
                 if self.refuse {
@@ -953,8 +961,8 @@ mod tests {
                 let mut s = self.started.lock().unwrap();
                 // Like the table: an attempt started before is not started again.
                 let mut now = HashSet::new();
-                for (m, a, _) in attempts {
-                    let key = (m.to_string(), *a);
+                for k in attempts {
+                    let key = (k.message_id.to_owned(), k.attempt);
                     if !s.contains(&key) {
                         s.push(key.clone());
                         now.insert(key);
@@ -1021,6 +1029,7 @@ mod tests {
             &providers,
             &HashMap::new(),
             &msgs,
+            &HashMap::new(),
             plan::waves(priors, 8),
         )
         .await;
@@ -1151,6 +1160,7 @@ mod tests {
             &providers,
             &HashMap::new(),
             &msgs,
+            &HashMap::new(),
             plan::waves(priors, 2),
         )
         .await;
@@ -1193,12 +1203,14 @@ mod tests {
         // The two workers share one ledger; each sees the attempt as fresh.
         let marks = Marks::default();
         let limiters = HashMap::new();
+        let kept = HashMap::new();
         let (a, b) = tokio::join!(
             call_waves(
                 &marks,
                 &providers,
                 &limiters,
                 &msgs,
+                &kept,
                 plan::waves(vec![Prior::Fresh], 4)
             ),
             call_waves(
@@ -1206,6 +1218,7 @@ mod tests {
                 &providers,
                 &limiters,
                 &msgs,
+                &kept,
                 plan::waves(vec![Prior::Fresh], 4)
             ),
         );
@@ -1235,6 +1248,7 @@ mod tests {
             &providers,
             &HashMap::new(),
             &msgs,
+            &HashMap::new(),
             plan::waves(vec![Prior::Fresh], 4),
         )
         .await;
