@@ -282,7 +282,7 @@ impl BatchHandler for Send {
                 out.push(record(&self.deps.codec, topics::STATUS, &mid, &trace, &ev).await?);
             }
             // The gate (a message canceled before its first call is never sent), then the claim.
-            let priors = admit(&self.db, &mut msgs, &kept).await?;
+            let priors = admit(&self.db, &mut msgs, &kept, &self.kinds).await?;
             if msgs.is_empty() {
                 return Ok(out);
             }
@@ -504,11 +504,12 @@ impl Ledger for herald_core::db::Db {
 
 /// The gate and the claim of a batch: messages canceled before their first call are dropped
 /// from `msgs` (never sent), the rest are claimed in the ledger; what it knows of each, in
-/// `msgs`' order.
+/// `msgs`' order. `kinds`: provider code → kind.
 pub async fn admit<L: Ledger + ?Sized>(
     ledger: &L,
     msgs: &mut Vec<(MessageRouted, i32, String)>,
     kept: &HashMap<String, &[u8]>,
+    kinds: &HashMap<String, String>,
 ) -> Result<Vec<Prior>, StageError> {
     if msgs.is_empty() {
         return Ok(Vec::new());
@@ -549,6 +550,9 @@ pub async fn admit<L: Ledger + ?Sized>(
         {
             debug!(message_id = %m.header.message_id, copy = %m.provider, called, "attempt made with another provider");
             m.provider = called.to_owned();
+            if let Some(kind) = kinds.get(called) {
+                m.provider_kind = kind.clone();
+            }
         }
     }
     Ok(priors)
@@ -1003,7 +1007,9 @@ mod tests {
             .iter()
             .map(|id| (routed(id), 1, "t".to_owned()))
             .collect();
-        let priors = admit(&marks, &mut msgs, &HashMap::new()).await.unwrap();
+        let priors = admit(&marks, &mut msgs, &HashMap::new(), &HashMap::new())
+            .await
+            .unwrap();
         let left: Vec<&str> = msgs
             .iter()
             .map(|(m, _, _)| m.header.message_id.as_str())
@@ -1124,9 +1130,25 @@ mod tests {
                 (m, 1, "t".to_owned())
             })
             .collect();
-        admit(&marks, &mut msgs, &HashMap::new()).await.unwrap();
-        let providers: Vec<&str> = msgs.iter().map(|(m, _, _)| m.provider.as_str()).collect();
-        assert_eq!(providers, ["tencent", "aliyun", "aliyun"]);
+        let kinds = HashMap::from([
+            ("aliyun".to_owned(), "aliyun_sms".to_owned()),
+            ("tencent".to_owned(), "tencent_sms".to_owned()),
+        ]);
+        admit(&marks, &mut msgs, &HashMap::new(), &kinds)
+            .await
+            .unwrap();
+        let providers: Vec<(&str, &str)> = msgs
+            .iter()
+            .map(|(m, _, _)| (m.provider.as_str(), m.provider_kind.as_str()))
+            .collect();
+        assert_eq!(
+            providers,
+            [
+                ("tencent", "webhook"),
+                ("aliyun", "aliyun_sms"),
+                ("aliyun", "aliyun_sms")
+            ]
+        );
     }
 
     /// Promise 2 in the wave logic, without PostgreSQL: only fresh attempts are marked started
