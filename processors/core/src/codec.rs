@@ -128,8 +128,8 @@ impl SchemaResolver for RegistryResolver {
         Box::pin(async move {
             match get_schema_by_id(id, &self.settings).await {
                 Ok(r) => Ok(r.schema),
-                // A 404 is believed only from a registry whose storage answers: one restarting
-                // over an empty or unreachable store must not dead-letter good records.
+                // A 404 is believed only from a registry that also answers `GET /subjects`
+                // (which reads its store): one whose store is unreachable answers 500 there.
                 Err(e) if said_not_found(&e) && self.reachable().await => {
                     Err(CodecError::UnknownSchema(id))
                 }

@@ -494,8 +494,12 @@ pub async fn fail_message(
         Some(p) => match codec.header(p).await {
             Ok(h) => h,
             // The registry is away: fail the message once it is back, rather than
-            // dead-lettering a record whose message then never ends.
-            Err(e) if e.is_transient() => return Err(StageError::Transient(e.to_string())),
+            // dead-lettering a record whose message then never ends. One that answers yet
+            // keeps failing this record's schema (the worker isolated it while the registry
+            // answered) does not hold the partition: the record is dead-lettered.
+            Err(e) if e.is_transient() && !codec.registry_reachable().await => {
+                return Err(StageError::Transient(e.to_string()));
+            }
             Err(_) => None,
         },
         None => None,
@@ -612,6 +616,69 @@ mod tests {
         ];
         assert!(join_until_failure("test", ok, &stop).await.is_ok());
         assert!(!stop.is_cancelled());
+    }
+
+    /// A registry that registers, but answers lookups of ids from 1000 on with a failure that
+    /// says nothing about the id (a 500), while `GET /subjects` answers or not (`up`).
+    struct Flaky {
+        inner: MemoryResolver,
+        up: bool,
+    }
+
+    impl crate::codec::SchemaResolver for Flaky {
+        fn register<'a>(
+            &'a self,
+            subject: &'a str,
+            full_name: &'a str,
+            schema: &'a str,
+        ) -> BoxFuture<'a, Result<u32, CodecError>> {
+            self.inner.register(subject, full_name, schema)
+        }
+        fn fetch(&self, id: u32) -> BoxFuture<'_, Result<String, CodecError>> {
+            if id >= 1000 {
+                return Box::pin(async { Err(CodecError::Registry("500".into())) });
+            }
+            self.inner.fetch(id)
+        }
+        fn reachable(&self) -> BoxFuture<'_, bool> {
+            let up = self.up;
+            Box::pin(async move { up })
+        }
+    }
+
+    /// A record isolated while its schema cannot be looked up: while the registry is away the
+    /// stage waits (no dead letter for a message that would then never end); while it answers
+    /// but keeps failing this one id, the record is dead-lettered rather than holding the
+    /// partition for ever.
+    #[tokio::test]
+    async fn failing_a_record_whose_schema_lookup_fails_waits_only_for_an_absent_registry() {
+        let input = InRecord {
+            topic: "herald.rendered".into(),
+            partition: 0,
+            offset: 7,
+            entry_id: None,
+            key: Some(b"k".to_vec()),
+            payload: Some(b"\x00\x00\x00\x03\xe8rest".to_vec()),
+            headers: vec![],
+        };
+        let reason = || Reason::new("stage_retries_exhausted", "refused");
+        let away = Codec::new(Arc::new(Flaky {
+            inner: MemoryResolver::default(),
+            up: false,
+        }));
+        assert!(matches!(
+            fail_message(&away, "route", &input, reason()).await,
+            Err(StageError::Transient(_))
+        ));
+        let answering = Codec::new(Arc::new(Flaky {
+            inner: MemoryResolver::default(),
+            up: true,
+        }));
+        let out = fail_message(&answering, "route", &input, reason())
+            .await
+            .expect("dead-lettered");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, herald_schemas::topics::DEAD_LETTERS);
     }
 
     /// Fails a batch holding a `poison` record for good, one holding a `sticky` record

@@ -150,8 +150,8 @@ pub async fn claim(
 /// read by two workers at once) both find it claimed but not started, and only the one that
 /// marks it started may call the provider — the other leaves it to that one.
 ///
-/// The row takes the provider (and the kept `MessageRouted`, where there is one) of the copy
-/// that starts it, so receipts, their rules and re-emitted outcomes speak of the provider
+/// The row takes the provider and the kept `MessageRouted` (none where no receipt rule could
+/// act on this provider's receipts) of the copy that starts it, so receipts, their rules and re-emitted outcomes speak of the provider
 /// actually called even when the copy that claimed first was routed elsewhere.
 pub async fn start(
     db: &Client,
@@ -166,7 +166,7 @@ pub async fn start(
     let routed: Vec<Option<&[u8]>> = keys.iter().map(|k| k.routed).collect();
     let rows = db
         .query(
-            "UPDATE send_ledger l SET started_at = now(), provider = k.p, routed = coalesce(k.r, l.routed)
+            "UPDATE send_ledger l SET started_at = now(), provider = k.p, routed = k.r
              FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bytea[]) AS k(m, a, p, r)
              WHERE l.message_id = k.m AND l.attempt = k.a AND l.started_at IS NULL
              RETURNING l.message_id, l.attempt",

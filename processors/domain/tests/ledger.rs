@@ -89,4 +89,22 @@ async fn two_copies_routed_to_two_providers_make_one_call_named_for_the_provider
         .await
         .unwrap();
     assert!(aliyun.is_empty());
+
+    // A copy that keeps nothing (no receipt rule could act on its provider's receipts) and
+    // starts an attempt another copy claimed leaves no other provider's copy behind.
+    ledger::claim(&db, &[key("m2", "aliyun")]).await.unwrap();
+    let none = StartKey {
+        routed: None,
+        ..start("m2", "tencent", b"")
+    };
+    ledger::start(&db, &[none]).await.unwrap();
+    let result = CallResult::ok("Ok", Some("tencent-serial-2".into()));
+    ledger::finish(&db, &[("m2".into(), 1, result, 9)], &[None])
+        .await
+        .unwrap();
+    let m2 = ledger::receipt_candidates(&db, "tencent", &["m2"], &[])
+        .await
+        .unwrap();
+    assert_eq!(m2.len(), 1);
+    assert_eq!(m2[0].routed, None, "aliyun's copy is not kept for tencent");
 }

@@ -1,7 +1,7 @@
 //! "May this provider take this message now?" — asked one way by the route stage (to pick a
 //! provider), the send stage (where a failed call's rule moves the message on) and the callback
-//! stage (where an undelivered receipt's rule moves it on): the provider is configured for the
-//! channel, its kind reaches the address (mobile push: the token's platform), and its breaker is
+//! stage (where an undelivered receipt's rule moves it on): the provider is configured (the
+//! callers ask only among their channel's providers), its kind reaches the address (mobile push: the token's platform), and its breaker is
 //! closed, in this process and as the other processes last wrote it.
 
 use std::collections::HashMap;

@@ -619,7 +619,7 @@ mod tests {
         );
         assert!(matches!(
             rules.decide_receipt(&m, 1, "MK:0001", "", 0, |_| true),
-            Some(Decision::Alert { ref rule }) if !rule.is_empty()
+            Some(Decision::Alert { ref rule }) if rule == "anything else undelivered: alert"
         ));
         // No callback rule matches: the receipt stands.
         assert_eq!(
