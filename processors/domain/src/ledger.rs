@@ -47,8 +47,6 @@ pub struct ClaimKey<'a> {
     pub request_id: &'a str,
     pub app_id: &'a str,
     pub channel: &'a str,
-    /// The consumed `MessageRouted` record, kept where a receipt may lead to a resend.
-    pub routed: Option<&'a [u8]>,
 }
 
 /// One attempt to mark started: the copy about to call.
@@ -76,13 +74,12 @@ pub async fn claim(
     let requests: Vec<&str> = claims.iter().map(|k| k.request_id).collect();
     let apps: Vec<&str> = claims.iter().map(|k| k.app_id).collect();
     let channels: Vec<&str> = claims.iter().map(|k| k.channel).collect();
-    let routed: Vec<Option<&[u8]>> = claims.iter().map(|k| k.routed).collect();
     let fresh = db
         .query(
-            "INSERT INTO send_ledger (message_id, attempt, provider, request_id, app_id, channel, routed)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+            "INSERT INTO send_ledger (message_id, attempt, provider, request_id, app_id, channel)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
              ON CONFLICT DO NOTHING RETURNING message_id, attempt",
-            &[&ids, &attempts, &providers, &requests, &apps, &channels, &routed],
+            &[&ids, &attempts, &providers, &requests, &apps, &channels],
         )
         .await?;
     let fresh: std::collections::HashSet<(String, i32)> =

@@ -16,7 +16,6 @@ fn key<'a>(message_id: &'a str, provider: &'a str) -> ClaimKey<'a> {
         request_id: "r",
         app_id: "demo",
         channel: "SMS",
-        routed: Some(b"first copy"),
     }
 }
 

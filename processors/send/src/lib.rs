@@ -282,7 +282,7 @@ impl BatchHandler for Send {
                 out.push(record(&self.deps.codec, topics::STATUS, &mid, &trace, &ev).await?);
             }
             // The gate (a message canceled before its first call is never sent), then the claim.
-            let priors = admit(&self.db, &mut msgs, &kept, &self.kinds).await?;
+            let priors = admit(&self.db, &mut msgs, &self.kinds).await?;
             if msgs.is_empty() {
                 return Ok(out);
             }
@@ -508,7 +508,6 @@ impl Ledger for herald_core::db::Db {
 pub async fn admit<L: Ledger + ?Sized>(
     ledger: &L,
     msgs: &mut Vec<(MessageRouted, i32, String)>,
-    kept: &HashMap<String, &[u8]>,
     kinds: &HashMap<String, String>,
 ) -> Result<Vec<Prior>, StageError> {
     if msgs.is_empty() {
@@ -536,7 +535,6 @@ pub async fn admit<L: Ledger + ?Sized>(
             request_id: &m.header.request_id,
             app_id: &m.header.app_id,
             channel: m.header.channel.as_str(),
-            routed: kept.get(&m.header.message_id).copied(),
         })
         .collect();
     let priors = ledger.claim(&keys).await?;
@@ -1007,9 +1005,7 @@ mod tests {
             .iter()
             .map(|id| (routed(id), 1, "t".to_owned()))
             .collect();
-        let priors = admit(&marks, &mut msgs, &HashMap::new(), &HashMap::new())
-            .await
-            .unwrap();
+        let priors = admit(&marks, &mut msgs, &HashMap::new()).await.unwrap();
         let left: Vec<&str> = msgs
             .iter()
             .map(|(m, _, _)| m.header.message_id.as_str())
@@ -1134,9 +1130,7 @@ mod tests {
             ("aliyun".to_owned(), "aliyun_sms".to_owned()),
             ("tencent".to_owned(), "tencent_sms".to_owned()),
         ]);
-        admit(&marks, &mut msgs, &HashMap::new(), &kinds)
-            .await
-            .unwrap();
+        admit(&marks, &mut msgs, &kinds).await.unwrap();
         let providers: Vec<(&str, &str)> = msgs
             .iter()
             .map(|(m, _, _)| (m.provider.as_str(), m.provider_kind.as_str()))
